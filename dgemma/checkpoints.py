@@ -1,0 +1,270 @@
+"""Checkpoints in the layout transformers writes for `DiffusionGemmaForBlockDiffusion`.
+
+Design choices:
+- Safetensors only. Anything pickled (`.bin`, `.pt`, `.pth`, `.ckpt`) is refused before it is opened.
+- Tensors are memory-mapped: the file is mapped copy-on-write and each tensor is a view into the mapping; a
+  tensor is copied only when its dtype must change. The model is built on the meta device and takes those
+  tensors by assignment, so nothing is allocated twice.
+- One mapping between checkpoint names and module names. The checkpoint stores the decoder's weights; the
+  encoder's are tied to them (omitted) except its per-layer scalars. Vision weights are skipped with one notice.
+- Every missing, unexpected and mis-shaped tensor is reported in one error, by name, with both shapes.
+- Saves write to a temporary directory that replaces the target in one rename, so a crash never leaves a
+  half-written checkpoint; large models are sharded with a `model.safetensors.index.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import mmap
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .model import DiffusionGemma
+
+logger = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+SKIPPED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded as it is."""
+
+
+# ---- reading safetensors ---------------------------------------------------------------------------------------
+
+class SafetensorsFile:
+    """A safetensors file mapped into memory; `tensor(name)` returns views into the mapping."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size < 8:
+                raise CheckpointError(f"{path} is too short to be a safetensors file")
+            header_len = int.from_bytes(handle.read(8), "little")
+            if header_len > size - 8:
+                raise CheckpointError(f"{path} is not a safetensors file (header length {header_len} > file size)")
+            try:
+                header = json.loads(handle.read(header_len))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise CheckpointError(f"{path} is not a safetensors file: bad header ({err})") from err
+            # Copy-on-write: tensors may be written by the model later without touching the file.
+            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + header_len else None
+        self.metadata = header.pop("__metadata__", {}) or {}
+        self.entries: dict[str, dict[str, Any]] = header
+        self._data_start = 8 + header_len
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        code = self.entries[name]["dtype"]
+        if code not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {code}")
+        return _SAFETENSORS_DTYPES[code]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        entry = self.entries[name]
+        begin, end = entry["data_offsets"]
+        dtype, shape = self.dtype(name), tuple(entry["shape"])
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        flat = torch.frombuffer(self._map, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                offset=self._data_start + begin)
+        return flat.view(shape)
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    index = directory / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted(set(weight_map.values()))
+        missing = [name for name in files if not (directory / name).is_file()]
+        if missing:
+            raise CheckpointError(f"{index} lists shard(s) that are missing: {', '.join(missing)}")
+        return [directory / name for name in files]
+    if (directory / SINGLE_FILE).is_file():
+        return [directory / SINGLE_FILE]
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{directory} holds only pickled weights ({', '.join(pickles)}); dgemma loads safetensors only, because "
+            "unpickling can run arbitrary code. Convert them with a tool you trust to model.safetensors.")
+    found = sorted(p.name for p in directory.iterdir())
+    raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory} (found: {', '.join(found) or 'nothing'})")
+
+
+def read_tensors(directory: str | Path) -> Iterator[tuple[str, SafetensorsFile]]:
+    """(checkpoint name, file holding it) for every tensor of a checkpoint directory."""
+    for path in _weight_files(Path(directory)):
+        shard = SafetensorsFile(path)
+        for name in shard.entries:
+            yield name, shard
+
+
+# ---- names -----------------------------------------------------------------------------------------------------
+
+_PREFIXES = (("model.encoder.language_model.", "encoder."), ("model.decoder.", "decoder."), ("lm_head.", "lm_head."))
+
+
+def module_name(name: str) -> str | None:
+    """Module state name of a checkpoint tensor (None if it belongs to no text-model module)."""
+    for checkpoint_prefix, module_prefix in _PREFIXES:
+        if name.startswith(checkpoint_prefix):
+            return module_prefix + name.removeprefix(checkpoint_prefix)
+    return None
+
+
+def checkpoint_name(name: str) -> str:
+    for checkpoint_prefix, module_prefix in _PREFIXES:
+        if name.startswith(module_prefix):
+            return checkpoint_prefix + name.removeprefix(module_prefix)
+    raise KeyError(name)
+
+
+def to_checkpoint_names(model: DiffusionGemma) -> dict[str, torch.Tensor]:
+    """The model's tensors under the names transformers uses, tied copies omitted as transformers omits them."""
+    tied = {"encoder." + name for name in model.tied_parameter_names()}
+    return {checkpoint_name(name): tensor for name, tensor in model.state_dict().items() if name not in tied}
+
+
+# ---- loading -----------------------------------------------------------------------------------------------------
+
+def checkpoint_dtype(directory: str | Path) -> torch.dtype:
+    """The dtype most of a checkpoint's floating-point tensors are stored in."""
+    sizes: dict[torch.dtype, int] = {}
+    for name, shard in read_tensors(directory):
+        dtype = shard.dtype(name)
+        if dtype.is_floating_point:
+            sizes[dtype] = sizes.get(dtype, 0) + math.prod(shard.shape(name))
+    if not sizes:
+        raise CheckpointError(f"{directory} holds no floating-point tensors")
+    return max(sizes, key=sizes.get)
+
+
+def load_model(directory: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+               config: ModelConfig | None = None) -> DiffusionGemma:
+    """Build a DiffusionGemma from a checkpoint directory, converting weights to `dtype` (default: as stored)."""
+    directory = Path(directory)
+    config = config or ModelConfig.from_file(directory)
+    dtype = dtype or checkpoint_dtype(directory)
+    with torch.device("meta"):
+        model = DiffusionGemma(config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    tied = {"encoder." + name: "decoder." + name for name in model.tied_parameter_names()}
+    loaded: dict[str, torch.Tensor] = {}
+    unexpected, misshaped, skipped = [], [], 0
+    for name, shard in read_tensors(directory):
+        if name.startswith(SKIPPED_PREFIXES):
+            skipped += 1
+            continue
+        target = module_name(name)
+        if target in tied or (target == "lm_head.weight" and config.tie_word_embeddings):
+            continue  # a tied copy: the decoder's tensor is the one that counts, as in transformers
+        shape = shard.shape(name)
+        if target not in expected:
+            unexpected.append(f"{name} {shape}")
+        elif expected[target] != shape:
+            misshaped.append(f"{name}: expected {expected[target]}, found {shape}")
+        else:
+            loaded[target] = shard.tensor(name)
+    missing = [f"{checkpoint_name(name)} {shape}" for name, shape in expected.items()
+               if name not in loaded and name not in tied]
+    if missing or unexpected or misshaped:
+        lines = [f"checkpoint {directory} does not match its config.json:"]
+        lines += [f"  missing: {m}" for m in missing]
+        lines += [f"  unexpected: {u}" for u in unexpected]
+        lines += [f"  wrong shape: {s}" for s in misshaped]
+        raise CheckpointError("\n".join(lines))
+    if skipped:
+        logger.warning("skipped %d vision tensors: dgemma runs the text model only", skipped)
+    state = {name: _convert(tensor, dtype, device, checkpoint_name(name)) for name, tensor in loaded.items()}
+    state.update({encoder: state[decoder] for encoder, decoder in tied.items()})
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()  # assignment gave tied names separate Parameter objects
+    model.inv_freq = {kind: inv.to(device) for kind, inv in model.inv_freq.items()}
+    return model.eval()
+
+
+def _convert(tensor: torch.Tensor, dtype: torch.dtype, device: str | torch.device, name: str) -> torch.Tensor:
+    # Layer scalars and weights alike take the model dtype, as from_pretrained(dtype=...) gives them.
+    if not tensor.dtype.is_floating_point:
+        raise CheckpointError(f"tensor {name} is stored as {tensor.dtype}; expected a floating-point type")
+    return tensor.to(device=device, dtype=dtype)
+
+
+# ---- saving ------------------------------------------------------------------------------------------------------
+
+def save_model(model: DiffusionGemma, directory: str | Path, max_shard_bytes: int = 5 * 2**30,
+               extra_files: dict[str, str | bytes] | None = None) -> Path:
+    """Write config.json and safetensors (sharded above `max_shard_bytes`) atomically into `directory`."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().contiguous().cpu() for name, t in to_checkpoint_names(model).items()}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        model.config.save(tmp)
+        shards = _plan_shards(tensors, max_shard_bytes)
+        if len(shards) == 1:
+            save_file(tensors, tmp / SINGLE_FILE, metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, names in enumerate(shards, start=1):
+                file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file({n: tensors[n] for n in names}, tmp / file, metadata={"format": "pt"})
+                weight_map.update({n: file for n in names})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
+                                                      "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        for name, content in (extra_files or {}).items():
+            path = tmp / name
+            path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+        _replace_directory(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _plan_shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def _replace_directory(new: Path, target: Path) -> None:
+    """Put `new` at `target`; an existing target is moved aside first and removed only after the swap."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

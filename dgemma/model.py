@@ -1,0 +1,370 @@
+"""The DiffusionGemma text network: one layer stack run two ways.
+
+- `encode` runs the stack causally over new tokens (the prompt, then each committed canvas) and hands every
+  layer's keys and values to a KV store, which appends them.
+- `decode` runs the same weights over a canvas that attends bidirectionally to the cached prefix and to itself;
+  it reads the store and never commits to it. It adds the self-conditioning block on its input.
+
+Design choices:
+- Module names follow the checkpoint (`layers.N.self_attn.q_proj`, ...), so loading is one key mapping.
+- Attention does not know about caches or masks: an `AttentionPlan` built once per forward (or once per canvas,
+  for all its denoising steps) carries the RoPE tables, the boolean masks per layer kind and the function that
+  joins new keys/values with the stored prefix. Inference and training differ only in that plan.
+- The encoder and decoder each keep their own `layer_scalar` per layer (the checkpoint stores both); with
+  `tie_word_embeddings=False` the encoder also gets its own copy of the stack, as in the reference.
+- Numerics follow the reference operation by operation (fp32 norms, RoPE tables cast to the activation dtype,
+  fp32 router softmax, experts accumulated in expert order), so that fp32 logits agree to 1e-5 and bf16 ones
+  to bf16 rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LayerSpec, ModelConfig
+
+# (layer index, new keys, new values) -> (all visible keys, all visible values), each [B, H_kv, S, D]
+KVJoin = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name in ("gelu_pytorch_tanh", "gelu_new"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu
+    if name == "silu":
+        return F.silu
+    return F.relu
+
+
+class RMSNorm(nn.Module):
+    """RMS norm in fp32; `with_scale=False` gives the reference's scale-free variant (v-norm, router, ...)."""
+
+    def __init__(self, dim: int, eps: float, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if self.weight is not None:
+            h = h * self.weight.float()
+        return h.type_as(x)
+
+
+def rms_norm_without_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.float()
+    return (h * torch.pow(h.pow(2).mean(-1, keepdim=True) + eps, -0.5)).type_as(x)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [B, 1, T, D] for integer positions [B, T], computed in fp32 and cast like the reference."""
+    freqs = positions[..., None].float() * inv_freq.to(device=positions.device, dtype=torch.float)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+@dataclass
+class AttentionPlan:
+    """Everything attention needs besides the activations, built before the layer loop."""
+
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer kind -> (cos, sin)
+    masks: dict[str, torch.Tensor | None]  # layer kind -> bool [B, 1, T, S] (True = attend) or None for all
+    join: KVJoin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, spec: LayerSpec):
+        super().__init__()
+        self.spec = spec
+        self.eps = config.rms_norm_eps
+        heads, kv_heads, dim, bias = config.num_attention_heads, spec.num_kv_heads, spec.head_dim, config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, heads * dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_heads * dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_heads * dim, bias=bias) if spec.has_v_proj else None
+        self.o_proj = nn.Linear(heads * dim, config.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(dim, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, layer: int, plan: AttentionPlan) -> torch.Tensor:
+        batch, length, _ = x.shape
+        dim = self.spec.head_dim
+        cos, sin = plan.rope[self.spec.kind]
+        q = self.q_norm(self.q_proj(x).view(batch, length, -1, dim)).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        raw_k = self.k_proj(x).view(batch, length, -1, dim)
+        # Layers without v_proj use the raw key projection as values (before k-norm and RoPE).
+        v = self.v_proj(x).view(batch, length, -1, dim) if self.v_proj is not None else raw_k
+        k = self.k_norm(raw_k).transpose(1, 2)
+        k = k * cos + rotate_half(k) * sin
+        v = rms_norm_without_scale(v, self.eps).transpose(1, 2)
+        keys, values = plan.join(layer, k, v)
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=plan.masks[self.spec.kind], scale=1.0,
+            enable_gqa=keys.shape[1] != q.shape[1])
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class MLP(nn.Module):
+    """The gated MLP: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int, act: str):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Top-k expert choice from the raw residual: scale-free norm, learned scale, softmax, renormalised top-k."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.eps = config.rms_norm_eps
+        self.top_k = config.top_k_experts
+        self.root_size = config.hidden_size**-0.5
+        self.proj = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(config.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(config.num_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = rms_norm_without_scale(x, self.eps) * self.scale * self.root_size
+        probs = F.softmax(self.proj(h), dim=-1, dtype=torch.float32)
+        weights, index = torch.topk(probs, k=self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.per_expert_scale[index], index  # [N, K] fp32, [N, K]
+
+
+class Experts(nn.Module):
+    """All experts' weights as packed 3-D tensors, as the checkpoint stores them, run as grouped matmuls."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        e, h, m = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.num_experts = e
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * m, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, m))
+        self.act = activation(config.hidden_activation)
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        tokens, top_k = index.shape
+        expert_of, order = torch.sort(index.reshape(-1))  # (token, choice) pairs grouped by expert
+        rows = x[order // top_k]
+        ends = torch.cumsum(torch.bincount(expert_of, minlength=self.num_experts), dim=0).to(torch.int32)
+        gate, up = grouped_linear(rows, self.gate_up_proj, ends).chunk(2, dim=-1)
+        out = grouped_linear(self.act(gate) * up, self.down_proj, ends)
+        weighted = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+        weighted[order] = out * weights.reshape(-1)[order, None]  # fp32, back in (token, choice) order
+        # The k contributions are summed in fp32 and rounded once, as the reference's grouped path does.
+        return weighted.view(tokens, top_k, -1).sum(dim=1).to(x.dtype)
+
+
+def grouped_linear(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """rows [S, in] grouped by expert (group e ends at ends[e]) times weight[e].T, [E, out, in] -> [S, out]."""
+    weight_t = weight.transpose(-2, -1)
+    aligned = all(stride * rows.element_size() % 16 == 0 for stride in (rows.stride(0), weight_t.stride(1),
+                                                                         weight_t.stride(0)))
+    if aligned and rows.dtype == weight.dtype:
+        return F.grouped_mm(rows, weight_t, offs=ends)
+    # grouped_mm needs 16-byte-aligned strides; odd sizes take one matmul per expert instead.
+    out = rows.new_empty(rows.shape[0], weight.shape[1])
+    begin = 0
+    for expert, end in enumerate(ends.tolist()):
+        if end > begin:
+            out[begin:end] = F.linear(rows[begin:end], weight[expert])
+        begin = end
+    return out
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, spec: LayerSpec):
+        super().__init__()
+        h, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = Attention(config, spec)
+        self.mlp = MLP(h, config.intermediate_size, config.hidden_activation)
+        self.input_layernorm = RMSNorm(h, eps)
+        self.post_attention_layernorm = RMSNorm(h, eps)
+        self.pre_feedforward_layernorm = RMSNorm(h, eps)
+        self.post_feedforward_layernorm = RMSNorm(h, eps)
+        self.has_experts = config.has_experts
+        if self.has_experts:
+            self.router = Router(config)
+            self.experts = Experts(config)
+            self.post_feedforward_layernorm_1 = RMSNorm(h, eps)
+            self.post_feedforward_layernorm_2 = RMSNorm(h, eps)
+            self.pre_feedforward_layernorm_2 = RMSNorm(h, eps)
+        self.register_buffer("layer_scalar", torch.ones(1))
+
+    def forward(self, x: torch.Tensor, layer: int, plan: AttentionPlan) -> torch.Tensor:
+        residual = x
+        x = residual + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), layer, plan))
+        residual = x
+        h = self.mlp(self.pre_feedforward_layernorm(x))
+        if self.has_experts:
+            # The router reads the raw residual; the experts read a separately normed copy.
+            flat = residual.reshape(-1, residual.shape[-1])
+            weights, index = self.router(flat)
+            moe = self.experts(self.pre_feedforward_layernorm_2(flat), index, weights).reshape(residual.shape)
+            h = self.post_feedforward_layernorm_1(h) + self.post_feedforward_layernorm_2(moe)
+        x = residual + self.post_feedforward_layernorm(h)
+        return x * self.layer_scalar
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Token embeddings times sqrt(hidden), the scale rounded to the weight dtype as in the reference."""
+
+    def __init__(self, vocab: int, hidden: int, padding_idx: int | None):
+        super().__init__(vocab, hidden, padding_idx=padding_idx)
+        self.scale = hidden**0.5
+
+    def scale_as(self, dtype: torch.dtype) -> torch.Tensor:
+        # fp32 -> weight dtype -> dtype: the roundings the reference's fp32 buffer goes through.
+        return torch.tensor(self.scale, dtype=torch.float32).to(self.weight.dtype).to(dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * self.scale_as(self.weight.dtype)
+
+
+class SelfConditioning(nn.Module):
+    """Adds an MLP of the previous step's soft embeddings to the canvas embeddings, then a scale-free norm."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h = config.hidden_size
+        self.eps = config.rms_norm_eps
+        self.pre_norm = RMSNorm(h, config.rms_norm_eps)
+        self.gate_proj = nn.Linear(h, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(h, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, h, bias=False)
+        self.act = activation(config.hidden_activation)
+
+    def forward(self, embeds: torch.Tensor, soft_embeddings: torch.Tensor | None) -> torch.Tensor:
+        if soft_embeddings is not None:
+            h = self.pre_norm(soft_embeddings)
+            embeds = embeds + self.down_proj(self.act(self.gate_proj(h)) * self.up_proj(h))
+        # With no signal the MLP's output is exactly zero (no biases, act(0) = 0), so it is skipped.
+        return rms_norm_without_scale(embeds, self.eps)
+
+
+class Stack(nn.Module):
+    """Embeddings, layers and final norm; the decoder's stack also holds the self-conditioning block."""
+
+    def __init__(self, config: ModelConfig, self_conditioning: bool):
+        super().__init__()
+        self.embed_tokens = ScaledEmbedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList([Block(config, spec) for spec in config.layers])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(config) if self_conditioning else None
+
+    def run(self, x: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+        for i, block in enumerate(self.layers):
+            x = block(x, i, plan)
+        return self.norm(x)
+
+
+class DiffusionGemma(nn.Module):
+    """Encoder and decoder stacks named as in the checkpoint (`model.encoder.language_model.*`, `model.decoder.*`).
+
+    With `tie_word_embeddings` (the released model) the encoder's parameters are the decoder's, except what the
+    reference leaves untied: attention biases and the per-layer scalars (buffers). The head is the embedding.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if not config.encoder_is_causal:
+            # transformers 5.23 cannot run such a config either (its attention gets `is_causal` twice), so there
+            # is no reference to be exact to; refuse rather than guess.
+            raise ValueError("use_bidirectional_attention='all' (a bidirectional encoder) is not supported: the "
+                             "encoder must be causal to build the KV cache the decoder reads")
+        self.config = config
+        self.encoder = Stack(config, self_conditioning=False)
+        self.decoder = Stack(config, self_conditioning=True)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+                                                                        bias=False)
+        self.tie_weights()
+        # Plain fp32 tensors rather than buffers, so that casting the module never rounds them.
+        self.inv_freq = {kind: config.rope_inv_freq(kind) for kind in sorted(set(config.layer_types))}
+        from .generation import GenerationConfig  # generation builds on this module
+        self.generation_config = GenerationConfig()
+
+    def tied_parameter_names(self) -> list[str]:
+        """Encoder parameters that are the decoder's (same name under `encoder.`), as the reference ties them."""
+        if not self.config.tie_word_embeddings:
+            return []
+        return [name for name, _ in self.encoder.named_parameters(remove_duplicate=False)
+                if not name.endswith(".bias")]
+
+    def tie_weights(self) -> None:
+        """Make the tied encoder parameters the decoder's objects (again, e.g. after loading by assignment)."""
+        for name in self.tied_parameter_names():
+            owner_path, _, attr = name.rpartition(".")
+            setattr(self.encoder.get_submodule(owner_path), attr,
+                    self.decoder.get_submodule(owner_path).get_parameter(attr))
+
+    # ---- helpers ------------------------------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.embed_tokens.weight.device
+
+    @property
+    def embedding_matrix(self) -> torch.Tensor:
+        return self.decoder.embed_tokens.weight
+
+    @property
+    def head_matrix(self) -> torch.Tensor:
+        return self.lm_head.weight if self.lm_head is not None else self.decoder.embed_tokens.weight
+
+    def rope(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """RoPE tables for each layer kind at the given positions [B, T]."""
+        return {kind: rope_tables(inv, positions, self.dtype) for kind, inv in self.inv_freq.items()}
+
+    def soft_embeddings(self, logits: torch.Tensor) -> torch.Tensor:
+        """Self-conditioning input from previous logits: softmax(logits) @ E * sqrt(hidden), as the reference."""
+        embed = self.decoder.embed_tokens
+        probs = logits.softmax(dim=-1, dtype=torch.float32).to(embed.weight.dtype)
+        return (probs @ embed.weight) * embed.scale_as(embed.weight.dtype)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 soft-capped logits from final hidden states."""
+        logits = F.linear(hidden, self.head_matrix).float()
+        cap = self.config.final_logit_softcapping
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    # ---- the two passes -----------------------------------------------------------------------------------
+
+    def encode(self, input_ids: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+        """Run the encoder over new tokens [B, T]; the plan's join stores their keys/values. Returns normed hidden."""
+        return self.encoder.run(self.encoder.embed_tokens(input_ids), plan)
+
+    def decode(self, canvas_ids: torch.Tensor, plan: AttentionPlan,
+               soft_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the decoder over a canvas [B, L] with the previous step's soft embeddings (None on the first step)."""
+        x = self.decoder.self_conditioning(self.decoder.embed_tokens(canvas_ids), soft_embeddings)
+        return self.decoder.run(x, plan)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """See `dgemma.generation.generate`."""
+        from .generation import generate
+        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)

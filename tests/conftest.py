@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny random DiffusionGemma checkpoints written by transformers itself (the oracle)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import (DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion,  # noqa: E402
+                          DiffusionGemmaTextConfig, Gemma4VisionConfig)
+
+S, F = "sliding_attention", "full_attention"
+
+# Each config exercises something: sliding + full layers with their own head dims and KV heads, MoE with
+# top-k > 1, attention biases, untied weights, the `vision` attention flag (causal for text).
+TINY_CONFIGS: dict[str, dict] = {
+    "moe": dict(num_hidden_layers=4, layer_types=[S, F, S, F], num_experts=4, top_k_experts=2),
+    "moe_top3_bias": dict(num_hidden_layers=3, layer_types=[S, S, F], num_experts=8, top_k_experts=3,
+                          attention_bias=True, num_key_value_heads=1, global_head_dim=8),
+    "untied": dict(num_hidden_layers=2, layer_types=[S, F], num_experts=4, top_k_experts=2,
+                   tie_word_embeddings=False),
+    "vision_flag": dict(num_hidden_layers=2, layer_types=[S, F], num_experts=4, top_k_experts=2,
+                        use_bidirectional_attention="vision", sliding_window=6),
+    # Untied, with a decoder that cannot tell canvas tokens apart: its predictions depend on the prefix and the
+    # position only, so canvases become stable and confident and adaptive stopping really happens.
+    "stable": dict(num_hidden_layers=2, layer_types=[S, F], num_experts=4, top_k_experts=2,
+                   tie_word_embeddings=False),
+}
+
+
+def _blind_decoder(model) -> None:
+    embed = model.model.decoder.embed_tokens.weight
+    embed.copy_(embed[0:1] + 0.01 * torch.randn_like(embed))
+    model.lm_head.weight.mul_(2.0)
+
+
+TWEAKS = {"stable": _blind_decoder}
+
+
+def text_config(**overrides) -> DiffusionGemmaTextConfig:
+    values = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=8, global_head_dim=16, num_global_key_value_heads=1, sliding_window=8,
+                  moe_intermediate_size=16, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    values.update(overrides)
+    tie = values.pop("tie_word_embeddings", True)
+    return DiffusionGemmaTextConfig(**values), tie
+
+
+def build_reference(name: str, canvas_length: int = 16, seed: int = 0) -> DiffusionGemmaForBlockDiffusion:
+    """A reference model with every weight random and large enough that its predictions are peaked."""
+    text, tie = text_config(**TINY_CONFIGS[name])
+    vision = Gemma4VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                num_key_value_heads=2, head_dim=8)
+    config = DiffusionGemmaConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                  canvas_length=canvas_length, tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    model = DiffusionGemmaForBlockDiffusion(config).eval()
+    with torch.no_grad():
+        for pname, param in model.named_parameters():
+            if "norm" in pname or pname.endswith(".scale") or "per_expert_scale" in pname:
+                param.uniform_(0.5, 1.5)
+            elif "bias" in pname:
+                param.normal_(0.0, 0.1)
+            else:
+                param.normal_(0.0, 0.5 / param.shape[-1] ** 0.5 * 4)
+        for bname, buf in model.named_buffers():
+            if bname.endswith("layer_scalar"):
+                buf.uniform_(0.5, 1.5)
+        if name in TWEAKS:
+            TWEAKS[name](model)
+    return model
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory):
+    """checkpoint_dir(name) -> path of a reference checkpoint saved with save_pretrained (built once)."""
+    made: dict[str, Path] = {}
+
+    def make(name: str) -> Path:
+        if name not in made:
+            path = tmp_path_factory.mktemp(f"ckpt-{name}")
+            build_reference(name).save_pretrained(path)
+            made[name] = path
+        return made[name]
+
+    return make
+
+
+def load_reference(path: Path, dtype: torch.dtype = torch.float32) -> DiffusionGemmaForBlockDiffusion:
+    return DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=dtype).eval()
