@@ -306,9 +306,12 @@ class ModelConfig:
         for spec in self.layers:
             q = self.num_attention_heads * spec.head_dim
             kv = spec.num_kv_heads * spec.head_dim
-            attention += h * q + h * kv * (2 if spec.has_v_proj else 1) + q * h + 2 * spec.head_dim
+            projections = kv * (2 if spec.has_v_proj else 1)
+            attention += h * (q + projections) + q * h + 2 * spec.head_dim
+            if self.attention_bias:
+                attention += q + projections + h
         dense_mlp = 3 * h * self.intermediate_size
-        norms = 4 * h + 1
+        norms = 4 * h
         per_layer_common = dense_mlp + norms
         experts_total = experts_active = 0
         if self.has_experts:

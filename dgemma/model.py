@@ -316,6 +316,25 @@ class DiffusionGemma(nn.Module):
             setattr(self.encoder.get_submodule(owner_path), attr,
                     self.decoder.get_submodule(owner_path).get_parameter(attr))
 
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Fresh weights as the reference initialises them: N(0, initializer_range) for matrices, embeddings (the
+        padding row zero) and experts, ones for norm weights, router scales and layer scalars, zeros for biases."""
+        std = self.config.initializer_range
+        for name, param in self.named_parameters():
+            if name.endswith("bias"):
+                param.zero_()
+            elif param.dim() == 1:
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, std, generator=generator)
+        for name, buffer in self.named_buffers():
+            if name.endswith("layer_scalar"):
+                buffer.fill_(1.0)
+        for stack in (self.encoder, self.decoder):
+            if stack.embed_tokens.padding_idx is not None:
+                stack.embed_tokens.weight[stack.embed_tokens.padding_idx].zero_()
+
     # ---- helpers ------------------------------------------------------------------------------------------
 
     @property

@@ -1,0 +1,201 @@
+"""The `dgemma` command: a small dispatcher; each command's options live next to its handler."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def bundled_model_dir() -> Path:
+    return Path(__file__).parent / "bundled"
+
+
+def resolve_model_dir(value: str | None) -> Path:
+    path = Path(value) if value else bundled_model_dir()
+    if not (path / "config.json").is_file():
+        where = f"--model {value}" if value else "the bundled model (dgemma/bundled)"
+        raise SystemExit(f"dgemma: no config.json in {path} ({where}); pass --model DIR with a DiffusionGemma "
+                         "checkpoint")
+    return path
+
+
+def add_generation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="checkpoint directory (default: the bundled model)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: as stored)")
+    parser.add_argument("--max-new-tokens", type=int, help="exact token budget (default: generation_config)")
+    parser.add_argument("--steps", type=int, dest="max_denoising_steps", help="max denoising steps per canvas")
+    parser.add_argument("--entropy-bound", type=float, help="entropy bound of the acceptance rule")
+    parser.add_argument("--t-min", type=float)
+    parser.add_argument("--t-max", type=float)
+    parser.add_argument("--confidence-threshold", type=float)
+    parser.add_argument("--no-adaptive-stopping", action="store_true", help="always run every denoising step")
+    parser.add_argument("--sampling", choices=("fast", "reference"), default="fast")
+    parser.add_argument("--seed", type=int, help="random seed (default: nondeterministic)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads")
+
+
+def generation_overrides(args: argparse.Namespace) -> dict:
+    overrides = {key: getattr(args, key) for key in ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min",
+                                                     "t_max", "confidence_threshold")
+                 if getattr(args, key) is not None}
+    if args.no_adaptive_stopping:
+        overrides["stability_threshold"] = None
+    return overrides
+
+
+def load_for_generation(args: argparse.Namespace):
+    from . import load
+    from .tokenizer import Tokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    directory = resolve_model_dir(args.model)
+    model = load(directory, dtype=DTYPES[args.dtype] if args.dtype else None)
+    return model, Tokenizer.from_directory(directory)
+
+
+class CanvasView:
+    """Redraws, in place, the committed text and the canvas being denoised (accepted tokens bright)."""
+
+    def __init__(self, tokenizer, stream=None):
+        self.tokenizer, self.stream = tokenizer, stream or sys.stdout
+        self.committed: list[int] = []
+        self.lines_drawn = 0
+
+    def draw(self, draft=None) -> None:
+        text = self.tokenizer.decode(self.committed)
+        if draft is not None:
+            pieces = []
+            for token, accepted in zip(draft.argmax[0].tolist(), draft.accepted[0].tolist()):
+                piece = self.tokenizer.decode([token])
+                pieces.append(piece if accepted else f"\x1b[2m{piece}\x1b[22m")
+            text += "\x1b[36m" + "".join(pieces) + "\x1b[39m"
+            status = f"\n\x1b[2m[canvas {draft.canvas_index + 1}, step {draft.step}, " \
+                     f"{int(draft.accepted[0].sum())} accepted]\x1b[22m"
+        else:
+            status = ""
+        # Move to where the last frame started and clear to the end of the screen.
+        if self.lines_drawn:
+            self.stream.write(f"\x1b[{self.lines_drawn}F")
+        self.stream.write("\x1b[J" + text + status + "\n")
+        self.stream.flush()
+        self.lines_drawn = (text + status).count("\n") + 1
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generation import CanvasCommitted, DraftStep, GenerationOutput, generate_steps
+
+    model, tokenizer = load_for_generation(args)
+    if args.chat:
+        ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+    else:
+        ids = tokenizer.encode(args.prompt)
+    config = model.generation_config.updated(**generation_overrides(args))
+    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+    view = CanvasView(tokenizer) if args.show_denoising else None
+    started = time.perf_counter()
+    output = None
+    for event in generate_steps(model, torch.tensor([ids]), config, sampling=args.sampling, generator=generator):
+        if view is not None and isinstance(event, DraftStep):
+            view.draw(event)
+        elif view is not None and isinstance(event, CanvasCommitted):
+            view.committed += event.tokens[0].tolist()
+            view.draw()
+        elif isinstance(event, GenerationOutput):
+            output = event
+    new_ids = output.sequences[0, len(ids):].tolist()
+    eos = set(config.eos_token_ids)
+    end = next((i for i, t in enumerate(new_ids) if t in eos), len(new_ids))
+    text = tokenizer.decode(new_ids[:end])
+    if view is None:
+        print(text if args.chat else args.prompt + text)
+    if args.stats:
+        elapsed = time.perf_counter() - started
+        print(json.dumps({"new_tokens": end, "seconds": round(elapsed, 3), "tokens_per_second": round(end / elapsed, 2),
+                          "decoder_passes": int(output.decoder_forward_passes[0]),
+                          "tokens_per_forward": round(float(output.tokens_per_forward[0]), 2)}), file=sys.stderr)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .checkpoints import checkpoint_dtype
+    from .config import SLIDING, ModelConfig
+    from .generation import GenerationConfig
+
+    directory = resolve_model_dir(args.model_dir)
+    config = ModelConfig.from_file(directory)
+    counts = config.parameter_counts()
+    dtype = checkpoint_dtype(directory)
+    weight_bytes = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+    generation = GenerationConfig.from_file(directory)
+    kinds = config.layer_types
+    info = {
+        "directory": str(directory),
+        "parameters": counts["total"],
+        "active_parameters_per_token": counts["active"],
+        "layers": len(kinds),
+        "sliding_layers": kinds.count(SLIDING),
+        "full_layers": len(kinds) - kinds.count(SLIDING),
+        "hidden_size": config.hidden_size,
+        "vocab_size": config.vocab_size,
+        "experts": config.num_experts or 0,
+        "experts_per_token": config.top_k_experts or 0,
+        "canvas_length": config.canvas_length,
+        "sliding_window": config.sliding_window,
+        "dtype": str(dtype).removeprefix("torch."),
+        "weights_bytes": weight_bytes,
+        "memory_bytes_at_stored_dtype": counts["total"] * dtype.itemsize,
+        "generation": {k: v for k, v in generation.to_dict().items() if v is not None},
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(len(k) for k in info)
+        for key, value in info.items():
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 10_000:
+                value = f"{value:,}"
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dgemma", description="DiffusionGemma block text diffusion")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete a prompt")
+    gen.add_argument("prompt")
+    add_generation_options(gen)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
+    gen.add_argument("--show-denoising", action="store_true", help="redraw the canvas live as it denoises")
+    gen.add_argument("--stats", action="store_true", help="print speed and tokens per forward to stderr")
+    gen.set_defaults(handler=cmd_generate)
+
+    info = sub.add_parser("info", help="summarise a checkpoint")
+    info.add_argument("model_dir", nargs="?", help="checkpoint directory (default: the bundled model)")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(handler=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="dgemma: %(message)s")
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"dgemma: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

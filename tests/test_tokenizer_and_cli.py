@@ -1,0 +1,119 @@
+"""Tokenizer, chat template and the `dgemma` command on a small model built here (no transformers needed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import dgemma
+from dgemma.cli import main
+from dgemma.tokenizer import Tokenizer, TokenizerError, split_thinking, strip_thinking
+from dgemma.training.bpe import train_tokenizer
+
+TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+        "want of a wife. However little known the feelings or views of such a man may be on his first entering a "
+        "neighbourhood, this truth is so well fixed in the minds of the surrounding families. ") * 20
+
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|turn>{{ 'model' if m.role == 'assistant' else m.role }}\n"
+            "{{ m.content }}<turn|>\n{% endfor %}{% if add_generation_prompt %}<|turn>model\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("cli-model")
+    train_tokenizer([TEXT], 320, directory)
+    tokenizer = Tokenizer.from_directory(directory)
+    (directory / "chat_template.jinja").write_text(TEMPLATE)
+    config = dgemma.ModelConfig.from_dict({
+        "model_type": "diffusion_gemma", "canvas_length": 8,
+        "text_config": dict(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=48,
+                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                            layer_types=["sliding_attention", "full_attention"], sliding_window=16,
+                            per_layer_config={"1": {"head_dim": 16, "num_key_value_heads": 1}},
+                            num_experts=4, top_k_experts=2, moe_intermediate_size=16,
+                            pad_token_id=0, eos_token_id=1, bos_token_id=2)})
+    model = dgemma.DiffusionGemma(config)
+    model.init_weights(torch.Generator().manual_seed(0))
+    model.generation_config = model.generation_config.updated(eos_token_id=1, pad_token_id=0, max_new_tokens=16,
+                                                              max_denoising_steps=4)
+    dgemma.save(model, directory)
+    train_tokenizer([TEXT], 320, directory)  # the save replaced the directory; put the tokenizer back
+    (directory / "chat_template.jinja").write_text(TEMPLATE)
+    return directory
+
+
+def test_encode_adds_bos_once_and_decode_round_trips(model_dir):
+    tok = Tokenizer.from_directory(model_dir)
+    ids = tok.encode("a truth universally acknowledged")
+    assert ids[0] == tok.bos_token_id == 2 and ids.count(2) == 1
+    assert tok.decode(ids) == "a truth universally acknowledged"
+    assert tok.encode("x", add_special_tokens=False)[0] != 2
+
+
+def test_chat_template_renders_turns_and_strips_earlier_thoughts(model_dir):
+    tok = Tokenizer.from_directory(model_dir)
+    messages = [{"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "<|channel>thought\nsecret plan<channel|>Hello!"},
+                {"role": "user", "content": "Again"}]
+    text = tok.render_chat(messages)
+    assert text == ("<bos><|turn>user\nHi<turn|>\n<|turn>model\nHello!<turn|>\n<|turn>user\nAgain<turn|>\n"
+                    "<|turn>model\n")
+    assert "secret" not in text
+    ids = tok.encode_chat(messages)
+    assert ids[0] == 2 and ids.count(2) == 1 and tok.token_id("<|turn>") in ids
+
+
+def test_thinking_is_split_from_the_answer():
+    assert split_thinking("<|channel>thought\nweigh it<channel|>The answer.") == ("weigh it", "The answer.")
+    assert split_thinking("Just an answer.") == (None, "Just an answer.")
+    assert split_thinking("<|channel>thought\nunfinished") == ("unfinished", "")
+    assert strip_thinking([{"role": "assistant", "content": "x", "reasoning_content": "y"}]) == [
+        {"role": "assistant", "content": "x"}]
+
+
+def test_template_errors_are_clear(model_dir, tmp_path):
+    tok = Tokenizer.from_directory(model_dir)
+    with pytest.raises(TokenizerError, match="messages\\[0\\]"):
+        tok.render_chat([{"content": "no role"}])
+    tok.chat_template = "{{ raise_exception('only user turns') }}"
+    tok.__dict__.pop("_template", None)
+    with pytest.raises(TokenizerError, match="only user turns"):
+        tok.render_chat([{"role": "user", "content": "x"}])
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        Tokenizer.from_directory(tmp_path)
+
+
+def test_generate_command_prints_the_completion(model_dir, capsys):
+    assert main(["generate", "--model", str(model_dir), "It is a truth", "--seed", "0"]) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("It is a truth") and len(first) > len("It is a truth\n")
+    assert main(["generate", "--model", str(model_dir), "It is a truth", "--seed", "0"]) == 0
+    assert capsys.readouterr().out == first, "a seeded run repeats"
+
+
+def test_generate_command_shows_the_canvas_denoising(model_dir, capsys):
+    assert main(["generate", "--model", str(model_dir), "It is", "--seed", "1", "--show-denoising",
+                 "--max-new-tokens", "8", "--no-adaptive-stopping", "--steps", "3", "--stats"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("step ") == 3 and "\x1b[" in captured.out  # one redraw per denoising step
+    stats = json.loads(captured.err.strip().splitlines()[-1])
+    assert stats["decoder_passes"] == 3 and stats["new_tokens"] <= 8
+
+
+def test_generate_command_reports_bad_input(model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="no config.json"):
+        main(["generate", "--model", str(tmp_path), "x"])
+    assert main(["generate", "--model", str(model_dir), "x", "--steps", "0"]) == 2
+    assert "max_denoising_steps" in capsys.readouterr().err
+
+
+def test_info_command_counts_parameters(model_dir, capsys):
+    assert main(["info", str(model_dir), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    model = dgemma.load(model_dir)
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert info["active_parameters_per_token"] == info["parameters"] - experts // 2  # top-2 of 4 experts
+    assert info["canvas_length"] == 8 and info["experts"] == 4 and info["layers"] == 2
