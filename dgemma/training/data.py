@@ -1,0 +1,137 @@
+"""Training data: plain-text windows and chat (SFT) examples, and the per-example noise of the objective.
+
+Design choices:
+- A global batch is a pure function of (seed, step): examples are drawn with a generator seeded from them, and so
+  is each example's noise (canvas choice, t, corruption, self-conditioning coin). Gradient accumulation, any
+  number of processes and resuming after a crash therefore see exactly the same batches.
+- Plain text is tokenized once into a flat token stream (cached as .npy next to the corpus). A window of
+  `window` tokens is cut at a random canvas-aligned point: the response is k whole canvases (no EOS: the text
+  goes on), the prompt is BOS plus what comes before.
+- Chat data is JSONL of {"messages": [...]}; the prompt is the conversation up to the last assistant turn
+  rendered with the model's template, the response is what the template adds for that turn (its end-of-turn
+  marker included) plus EOS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from ..tokenizer import Tokenizer
+from .objective import Batch, Example, Noise, collate, draw_noise
+
+
+def example_generator(seed: int, step: int, index: int, purpose: str) -> torch.Generator:
+    """An independent, reproducible random stream per (seed, step, example, purpose)."""
+    digest = hashlib.sha256(f"{seed}/{step}/{index}/{purpose}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+class Source(Protocol):
+    def examples(self, seed: int, step: int, count: int) -> list[Example]: ...
+
+
+# ---- plain text ---------------------------------------------------------------------------------------------
+
+def tokenize_texts(tokenizer: Tokenizer, texts: list[str], cache: Path | None = None) -> np.ndarray:
+    """All texts as one int32 token stream, each text preceded by BOS; cached when `cache` is given."""
+    if cache is not None and cache.is_file():
+        return np.load(cache)
+    bos = tokenizer.bos_token_id
+    pieces = []
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        pieces.append(np.asarray(([bos] if bos is not None else []) + ids, dtype=np.int32))
+    stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.save(cache, stream)
+    return stream
+
+
+@dataclass
+class TextWindows:
+    """Random windows of a token stream, each cut at a random canvas-aligned point into prompt and response."""
+
+    stream: np.ndarray
+    window: int
+    canvas_length: int
+    bos_id: int
+    min_prompt: int = 8
+
+    def __post_init__(self):
+        self.max_canvases = (self.window - self.min_prompt) // self.canvas_length
+        if self.max_canvases < 1:
+            raise ValueError(f"window {self.window} leaves no room for a canvas of {self.canvas_length} after "
+                             f"{self.min_prompt} prompt tokens")
+        if len(self.stream) <= self.window:
+            raise ValueError(f"the token stream ({len(self.stream)} tokens) is shorter than one window "
+                             f"({self.window})")
+
+    def example(self, gen: torch.Generator) -> Example:
+        start = int(torch.randint(0, len(self.stream) - self.window, (), generator=gen))
+        tokens = self.stream[start:start + self.window].tolist()
+        k = int(torch.randint(1, self.max_canvases + 1, (), generator=gen))
+        cut = self.window - k * self.canvas_length
+        # Every prompt starts with BOS, as prompts do at generation time.
+        prompt = [self.bos_id] + tokens[1:cut] if tokens[0] != self.bos_id else tokens[:cut]
+        return Example(prompt=prompt, response=tokens[cut:], encoder_loss_on_prompt=True)
+
+    def examples(self, seed: int, step: int, count: int) -> list[Example]:
+        return [self.example(example_generator(seed, step, i, "text")) for i in range(count)]
+
+
+# ---- chat ---------------------------------------------------------------------------------------------------
+
+def chat_example(tokenizer: Tokenizer, messages: list[dict], eos_id: int) -> Example:
+    if not messages or messages[-1].get("role") != "assistant":
+        raise ValueError("a chat example must end with an assistant message")
+    prompt = tokenizer.encode_chat(messages[:-1], add_generation_prompt=True)
+    full = tokenizer.encode_chat(messages, add_generation_prompt=False)
+    if full[:len(prompt)] != prompt or len(full) == len(prompt):
+        raise ValueError("the chat template does not render the conversation as prompt + assistant turn")
+    return Example(prompt=prompt, response=full[len(prompt):] + [eos_id], encoder_loss_on_prompt=False)
+
+
+@dataclass
+class ChatExamples:
+    examples_list: list[Example]
+
+    @classmethod
+    def from_jsonl(cls, path: Path, tokenizer: Tokenizer, eos_id: int) -> "ChatExamples":
+        out = []
+        for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                out.append(chat_example(tokenizer, record["messages"], eos_id))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+                raise ValueError(f"{path}:{number}: {err}") from err
+        if not out:
+            raise ValueError(f"{path} holds no examples")
+        return cls(out)
+
+    def examples(self, seed: int, step: int, count: int) -> list[Example]:
+        picks = [int(torch.randint(0, len(self.examples_list), (), generator=example_generator(seed, step, i, "chat")))
+                 for i in range(count)]
+        return [self.examples_list[p] for p in picks]
+
+
+def lay_out(examples: list[Example], micro_size: int, canvas_length: int, vocab_size: int, eos_id: int, pad_id: int,
+            seed: int, step: int, eps: float, self_conditioning_prob: float, first_index: int = 0
+            ) -> list[tuple[Batch, Noise]]:
+    """Consecutive micro-batches with their noise; example i's noise depends only on (seed, step, i)."""
+    out = []
+    for begin in range(0, len(examples), micro_size):
+        group = examples[begin:begin + micro_size]
+        batch = collate(group, canvas_length, eos_id, pad_id)
+        generators = [example_generator(seed, step, first_index + begin + i, "noise") for i in range(len(group))]
+        out.append((batch, draw_noise(batch, canvas_length, vocab_size, generators, eps, self_conditioning_prob)))
+    return out

@@ -1,0 +1,182 @@
+"""The block-diffusion training objective (the public SFT recipe).
+
+For each example (prompt, response):
+- the encoder reads prompt + response clean and causally; its keys/values are the decoder's prefix;
+- the response is cut into canvases of `canvas_length`; the last partial canvas is filled with EOS to its end;
+  canvases past it are padding and ignored;
+- one canvas is chosen uniformly; each of its tokens is replaced by a uniform random token with probability t,
+  t ~ U(eps, 1) per example (the network is not told t);
+- a first decoder pass without gradient gives logits; with probability `self_conditioning_prob` per example they
+  become the second pass's self-conditioning input (zeros otherwise); the loss is taken on the second pass;
+- loss = diffusion_weight * cross-entropy over all positions of the chosen canvas (corrupted or not, EOS fill
+  included, no 1/t weighting) + encoder_weight * the encoder's next-token cross-entropy on the clean sequence.
+
+Design choices: every rule above is a small function tested on its own (`canvas_layout`, `collate`, `corrupt`,
+`draw_noise`); the noise is drawn per example from its own generator, so that how examples are grouped into
+micro-batches or processes never changes them; `diffusion_loss` runs the model and returns sums, so that
+micro-batches and processes add up to exact global means. The decoder sees, per row, exactly what it sees at generation time: the prefix
+before its canvas (sliding layers: the last window - 1 positions) and the whole canvas, at the same positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..cache import attention_masks
+from ..model import AttentionPlan, DiffusionGemma
+
+
+@dataclass
+class Batch:
+    """Right-padded examples, each prompt + response laid out in whole canvases."""
+
+    input_ids: torch.Tensor  # [B, S] prompt, then response canvases (last partial one EOS-filled), then padding
+    valid: torch.Tensor  # [B, S] bool: real tokens (prompt and response canvases)
+    prompt_lengths: torch.Tensor  # [B]
+    num_canvases: torch.Tensor  # [B] response canvases (>= 1)
+    encoder_targets: torch.Tensor  # [B, S] bool: positions whose token the encoder learns to predict
+
+
+@dataclass
+class Example:
+    prompt: list[int]
+    response: list[int]
+    # Train the encoder's next-token loss on the prompt too (plain text), or on the response only (SFT).
+    encoder_loss_on_prompt: bool = True
+
+
+def canvas_layout(response: list[int], canvas_length: int, eos_id: int) -> list[int]:
+    """The response cut into whole canvases: the last partial canvas is filled with EOS to its end."""
+    if not response:
+        raise ValueError("an example needs a non-empty response")
+    fill = (-len(response)) % canvas_length
+    return list(response) + [eos_id] * fill
+
+
+def collate(examples: list[Example], canvas_length: int, eos_id: int, pad_id: int) -> Batch:
+    rows, targets = [], []
+    for ex in examples:
+        if not ex.prompt:
+            raise ValueError("an example needs a non-empty prompt (at least a BOS token)")
+        laid_out = canvas_layout(ex.response, canvas_length, eos_id)
+        rows.append(list(ex.prompt) + laid_out)
+        # The encoder predicts every token of the response up to the end of the real response (its EOS, if it
+        # has one); the EOS fill after that teaches nothing.
+        start = 1 if ex.encoder_loss_on_prompt else len(ex.prompt)
+        end = len(ex.prompt) + len(ex.response)
+        targets.append((start, end))
+    length = max(len(r) for r in rows)
+    batch = len(rows)
+    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
+    valid = torch.zeros(batch, length, dtype=torch.bool)
+    encoder_targets = torch.zeros(batch, length, dtype=torch.bool)
+    for i, (row, (start, end)) in enumerate(zip(rows, targets)):
+        input_ids[i, :len(row)] = torch.tensor(row)
+        valid[i, :len(row)] = True
+        encoder_targets[i, start:end] = True
+    prompt_lengths = torch.tensor([len(ex.prompt) for ex in examples])
+    num_canvases = torch.tensor([(len(r) - len(ex.prompt)) // canvas_length for r, ex in zip(rows, examples)])
+    return Batch(input_ids, valid, prompt_lengths, num_canvases, encoder_targets)
+
+
+@dataclass
+class Noise:
+    """The objective's random choices for a batch, drawn per example (see `draw_noise`)."""
+
+    chosen: torch.Tensor  # [B] index of the response canvas trained on
+    noisy: torch.Tensor  # [B, L] that canvas, corrupted
+    use_self_conditioning: torch.Tensor  # [B] bool
+    t: torch.Tensor  # [B] corruption probability
+
+
+def corrupt(canvas: torch.Tensor, t: float, vocab_size: int, generator: torch.Generator | None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace each token by a uniform random one with probability t. Returns (noisy canvas, replaced mask).
+    A replacement may draw the original token, as in the recipe."""
+    replaced = torch.rand(canvas.shape, generator=generator) < t
+    noise = torch.randint(0, vocab_size, canvas.shape, generator=generator)
+    return torch.where(replaced, noise, canvas), replaced
+
+
+def draw_noise(batch: Batch, canvas_length: int, vocab_size: int, generators: list[torch.Generator], eps: float,
+               self_conditioning_prob: float) -> Noise:
+    """Per example, with its own generator: a canvas uniformly among its canvases, t ~ U(eps, 1), the
+    corruption, and whether the first pass's logits feed the second pass."""
+    chosen, noisy, use_sc, ts = [], [], [], []
+    for row, gen in enumerate(generators):
+        n = int(batch.num_canvases[row])
+        k = min(int(torch.rand((), generator=gen) * n), n - 1)
+        start = int(batch.prompt_lengths[row]) + k * canvas_length
+        t = eps + (1 - eps) * float(torch.rand((), generator=gen))
+        canvas, _ = corrupt(batch.input_ids[row, start:start + canvas_length], t, vocab_size, gen)
+        chosen.append(k)
+        noisy.append(canvas)
+        use_sc.append(bool(torch.rand((), generator=gen) < self_conditioning_prob))
+        ts.append(t)
+    return Noise(torch.tensor(chosen), torch.stack(noisy), torch.tensor(use_sc), torch.tensor(ts))
+
+
+@dataclass
+class LossSums:
+    """Summed (not averaged) losses, so that micro-batches and processes combine into exact global means."""
+
+    diffusion: torch.Tensor  # sum of cross-entropy over canvas tokens
+    encoder: torch.Tensor  # sum of next-token cross-entropy over encoder targets
+    canvas_tokens: int
+    encoder_tokens: int
+
+
+class _EncoderKV:
+    """Keeps every layer's keys/values of the (gradient-carrying) encoder pass for the decoder to read."""
+
+    def __init__(self):
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def collect(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.layers[layer] = (k, v)
+        return k, v
+
+    def prefix_then(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        prefix_k, prefix_v = self.layers[layer]
+        return torch.cat([prefix_k, k], dim=2), torch.cat([prefix_v, v], dim=2)
+
+
+def diffusion_loss(model: DiffusionGemma, batch: Batch, noise: Noise) -> LossSums:
+    """Run the encoder and the two decoder passes; deterministic given the batch and its noise."""
+    config = model.config
+    canvas_length, device = config.canvas_length, model.device
+    ids, valid = batch.input_ids.to(device), batch.valid.to(device)
+    rows, length = ids.shape
+    positions = torch.arange(length, device=device).expand(rows, -1)
+
+    kv = _EncoderKV()
+    encoder_plan = AttentionPlan(rope=model.rope(positions),
+                                 masks=attention_masks(config, positions, positions, valid, encoder=True),
+                                 join=kv.collect)
+    encoder_hidden = model.encode(ids, encoder_plan)
+
+    starts = batch.prompt_lengths.to(device) + noise.chosen.to(device) * canvas_length  # [B]
+    canvas_pos = starts[:, None] + torch.arange(canvas_length, device=device)  # [B, L]
+    clean = torch.gather(ids, 1, canvas_pos)
+    noisy = noise.noisy.to(device)
+    # The canvas sees the prefix before it (as generation's cache holds it) and itself.
+    key_pos = torch.cat([positions, canvas_pos], dim=1)
+    key_ok = torch.cat([valid & (positions < starts[:, None]), torch.ones_like(canvas_pos, dtype=torch.bool)], dim=1)
+    decoder_plan = AttentionPlan(rope=model.rope(canvas_pos),
+                                 masks=attention_masks(config, canvas_pos, key_pos, key_ok, encoder=False),
+                                 join=kv.prefix_then)
+
+    with torch.no_grad():
+        first_logits = model.logits(model.decode(noisy, decoder_plan))
+        soft = model.soft_embeddings(first_logits) * noise.use_self_conditioning.to(device, model.dtype)[:, None, None]
+    logits = model.logits(model.decode(noisy, decoder_plan, soft))
+    diffusion = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), clean.reshape(-1), reduction="sum")
+
+    targets = batch.encoder_targets.to(device)[:, 1:]
+    encoder_logits = model.logits(encoder_hidden[:, :-1][targets])
+    encoder = F.cross_entropy(encoder_logits, ids[:, 1:][targets], reduction="sum")
+    return LossSums(diffusion=diffusion, encoder=encoder, canvas_tokens=clean.numel(),
+                    encoder_tokens=int(targets.sum()))
