@@ -72,10 +72,23 @@ class KVCache:
     def get_seq_length(self) -> int:
         return self.length
 
+    @classmethod
+    def over(cls, config: ModelConfig, keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor,
+             length: int) -> "KVCache":
+        """A cache over existing storage (e.g. one row of a `SlotCache`); it cannot grow."""
+        cache = cls.__new__(cls)
+        cache.config, cache.batch_size, cache.dtype = config, valid.shape[0], keys[0].dtype
+        cache.device, cache.length, cache.capacity = keys[0].device, length, keys[0].shape[2]
+        cache.keys, cache.values, cache.valid = keys, values, valid
+        cache.growable = False
+        return cache
+
     def reserve(self, capacity: int) -> None:
         """Grow the buffers to hold `capacity` slots (committed tokens plus scratch)."""
         if capacity <= self.capacity:
             return
+        if not getattr(self, "growable", True):
+            raise ValueError(f"the sequence needs {capacity} positions but its cache holds {self.capacity}")
         capacity = max(capacity, 2 * self.capacity)  # amortise repeated growth in multi-turn use
         for layer in range(len(self.keys)):
             for store in (self.keys, self.values):
@@ -122,3 +135,78 @@ class KVCache:
         end = self.length + new_valid.shape[1]
         self.valid[:, self.length:end] = new_valid.to(self.device)
         self.length = end
+
+
+class SlotCache:
+    """A KV cache of `rows` independent sequences of different lengths, for batching decoder steps across them.
+
+    Active sequences occupy rows 0 .. active - 1 (a freed row is filled by moving the last one into it), so a
+    batched decoder step reads one contiguous slice. Each row is encoded through a single-row `KVCache` view of
+    the same storage; canvases are written into each row's own scratch slots.
+    """
+
+    def __init__(self, config: ModelConfig, rows: int, capacity: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        self.config, self.rows, self.capacity = config, rows, capacity
+        self.device = torch.device(device)
+        self.keys = [torch.zeros(rows, s.num_kv_heads, capacity, s.head_dim, dtype=dtype, device=self.device)
+                     for s in config.layers]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.valid = torch.zeros(rows, capacity, dtype=torch.bool, device=self.device)
+        self.lengths = [0] * rows
+
+    def row(self, index: int) -> KVCache:
+        """A single-row view; `commit` on it must be followed by `sync(index, view)`."""
+        return KVCache.over(self.config, [k[index:index + 1] for k in self.keys],
+                            [v[index:index + 1] for v in self.values], self.valid[index:index + 1],
+                            self.lengths[index])
+
+    def sync(self, index: int, view: KVCache) -> None:
+        self.lengths[index] = view.length
+
+    def clear(self, index: int) -> None:
+        self.lengths[index] = 0
+        self.valid[index] = False
+
+    def move(self, source: int, target: int) -> None:
+        """Copy a row's sequence into another row (to keep active rows contiguous)."""
+        length = self.lengths[source]
+        for store in (self.keys, self.values):
+            for buffer in store:
+                buffer[target, :, :length] = buffer[source, :, :length]
+        self.valid[target] = self.valid[source]
+        self.lengths[target] = length
+        self.clear(source)
+
+    def decoder_plan(self, rope: dict[str, tuple[torch.Tensor, torch.Tensor]], active: int,
+                     canvas_length: int) -> AttentionPlan:
+        """Plan for one canvas per row 0 .. active - 1, each written just past its own prefix."""
+        lengths = torch.tensor(self.lengths[:active], device=self.device)
+        end = int(lengths.max()) + canvas_length
+        if end > self.capacity:
+            raise ValueError(f"a sequence needs {end} positions but the cache holds {self.capacity}")
+        window = self.config.sliding_window
+        offsets = torch.arange(canvas_length, device=self.device)
+        query_pos = lengths[:, None] + offsets
+        masks: dict[str, torch.Tensor | None] = {}
+        starts: dict[str, int] = {}
+        for kind in set(self.config.layer_types):
+            start = max(0, int(lengths.min()) - window + 1) if kind == SLIDING else 0
+            slots = torch.arange(start, end, device=self.device)
+            in_prefix = slots[None] < lengths[:, None]
+            in_canvas = (slots[None] >= lengths[:, None]) & (slots[None] < lengths[:, None] + canvas_length)
+            key_ok = (self.valid[:active, start:end] & in_prefix) | in_canvas
+            masks[kind] = attention_masks(self.config, query_pos, slots.expand(active, -1), key_ok, encoder=False)[kind]
+            starts[kind] = start
+        layer_starts = [starts[spec.kind] for spec in self.config.layers]
+        rows = torch.arange(active, device=self.device)[:, None]
+        write_slots = query_pos  # [R, L]
+
+        def join(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            keys, values = self.keys[layer], self.values[layer]
+            # [R, H, L, D] -> the rows' own scratch slots, indexed as [R, L, H, D]
+            keys[rows, :, write_slots] = k.transpose(1, 2)
+            values[rows, :, write_slots] = v.transpose(1, 2)
+            return keys[:active, :, layer_starts[layer]:end], values[:active, :, layer_starts[layer]:end]
+
+        return AttentionPlan(rope=rope, masks=masks, join=join)

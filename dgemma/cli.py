@@ -167,6 +167,63 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from .serving.app import ServerSettings, serve
+
+    settings = ServerSettings(model_name=args.model_name, api_key=args.api_key or os.environ.get("DGEMMA_API_KEY"),
+                              max_sequences=args.max_sequences, max_queue=args.max_queue,
+                              max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
+                              request_timeout=args.timeout)
+    serve(args.model, args.host, args.port, settings, DTYPES[args.dtype] if args.dtype else None, args.threads)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .generation import CanvasCommitted, DraftStep, GenerationOutput, generate_steps
+    from .tokenizer import split_thinking
+
+    model, tokenizer = load_for_generation(args)
+    config = model.generation_config.updated(**generation_overrides(args))
+    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    print("dgemma chat: an empty line or Ctrl-D ends the session; /reset clears the history.")
+    while True:
+        try:
+            line = input("\nyou> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        if line == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": line})
+        ids = tokenizer.encode_chat(history)
+        view = CanvasView(tokenizer) if not args.no_canvas else None
+        output = None
+        for event in generate_steps(model, torch.tensor([ids]), config, sampling=args.sampling, generator=generator):
+            if view is not None and isinstance(event, DraftStep):
+                view.draw(event)
+            elif view is not None and isinstance(event, CanvasCommitted):
+                view.committed += event.tokens[0].tolist()
+                view.draw()
+            elif isinstance(event, GenerationOutput):
+                output = event
+        new_ids = output.sequences[0, len(ids):].tolist()
+        eos = set(config.eos_token_ids)
+        end = next((i for i, t in enumerate(new_ids) if t in eos), len(new_ids))
+        thought, answer = split_thinking(tokenizer.decode(new_ids[:end], skip_special_tokens=False))
+        answer = tokenizer.decode(tokenizer.encode(answer, add_special_tokens=False))  # drop control tokens
+        if view is None:
+            if thought:
+                print(f"(thought) {thought}")
+            print(f"model> {answer}")
+        history.append({"role": "assistant", "content": answer})
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .training.trainer import main as train_main
 
@@ -204,6 +261,27 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model_dir", nargs="?", help="checkpoint directory (default: the bundled model)")
     info.add_argument("--json", action="store_true")
     info.set_defaults(handler=cmd_info)
+
+    serve = sub.add_parser("serve", help="serve an OpenAI-compatible API and the playground")
+    serve.add_argument("--model", help="checkpoint directory (default: the bundled model)")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require `Authorization: Bearer KEY` (or set DGEMMA_API_KEY)")
+    serve.add_argument("--model-name", default="dgemma", help="the model id clients ask for")
+    serve.add_argument("--max-sequences", type=int, default=8, help="sequences denoised together")
+    serve.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    serve.add_argument("--max-prompt-tokens", type=int, default=1536)
+    serve.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask")
+    serve.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take")
+    serve.add_argument("--dtype", choices=sorted(DTYPES))
+    serve.add_argument("--threads", type=int)
+    serve.set_defaults(handler=cmd_serve)
+
+    chat = sub.add_parser("chat", help="chat in the terminal, watching each canvas denoise")
+    add_generation_options(chat)
+    chat.add_argument("--system", help="system prompt (start it with <|think|> to ask for thinking)")
+    chat.add_argument("--no-canvas", action="store_true", help="print answers only, without the live canvas")
+    chat.set_defaults(handler=cmd_chat)
 
     train = sub.add_parser("train", help="train or fine-tune (also under torchrun -m dgemma train)")
     train.add_argument("--config", required=True, help="training config (.toml or .yaml)")

@@ -24,8 +24,8 @@ import torch
 
 from .cache import KVCache
 from .model import DiffusionGemma
-from .sampling import (StableAndConfident, entropy_bound_acceptance, fast_step, reference_step, renoise,
-                       temperature_at)
+from .sampling import (StableAndConfident, draw_uniforms, entropy_bound_acceptance, fast_step, reference_step,
+                       renoise, temperature_at)
 
 DEFAULT_MAX_NEW_TOKENS = 1024  # the reference's 256 cuts answers to one canvas
 
@@ -279,7 +279,7 @@ def generate_steps(model: DiffusionGemma, input_ids: torch.Tensor, config: Gener
             else:
                 result = fast_step(hidden, model.head_matrix, model.embedding_matrix,
                                    model.decoder.embed_tokens.scale_as(dtype), model.config.final_logit_softcapping,
-                                   temperatures[step], generator)
+                                   temperatures[step], draw_uniforms(batch * canvas_length, generator, device))
             accepted = entropy_bound_acceptance(result.entropy, config.entropy_bound)
             new_canvas = renoise(torch.where(accepted, result.sampled, canvas), accepted, vocab, generator)
             new_argmax, new_sc = result.argmax, result.self_conditioning

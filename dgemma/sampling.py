@@ -40,8 +40,9 @@ def categorical_entropy(logits: torch.Tensor) -> torch.Tensor:
     return torch.distributions.Categorical(logits=logits).entropy()
 
 
-def entropy_bound_acceptance(entropy: torch.Tensor, bound: float) -> torch.Tensor:
-    """Accept the k lowest-entropy positions while sum(entropy) - max(entropy) <= bound. Returns bool [B, L]."""
+def entropy_bound_acceptance(entropy: torch.Tensor, bound: float | torch.Tensor) -> torch.Tensor:
+    """Accept the k lowest-entropy positions while sum(entropy) - max(entropy) <= bound (a number, or one per
+    row [B, 1]). Returns bool [B, L]."""
     sorted_entropy, order = torch.sort(entropy, dim=-1)
     selected = torch.cumsum(sorted_entropy, dim=-1) - sorted_entropy <= bound
     return torch.scatter(torch.zeros_like(selected), dim=-1, index=order, src=selected)
@@ -65,10 +66,16 @@ def reference_step(logits: torch.Tensor, temperature: torch.Tensor | None, model
                       entropy=categorical_entropy(processed), self_conditioning=processed.to(model_dtype))
 
 
+def draw_uniforms(rows: int, generator: torch.Generator | None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The fast step's randomness: one uniform per position, [rows, 1] fp64."""
+    return torch.rand(rows, 1, dtype=torch.float64, device=device, generator=generator)
+
+
 def fast_step(hidden: torch.Tensor, head: torch.Tensor, embedding: torch.Tensor, embed_scale: torch.Tensor,
-              softcap: float | None, temperature: torch.Tensor | None, generator: torch.Generator | None,
+              softcap: float | None, temperature: torch.Tensor | None, uniforms: torch.Tensor,
               chunk_elements: int = 1 << 24) -> StepResult:
-    """hidden: final-normed decoder states [B, L, H]; head: [V, H]; embedding: [V, H] (tied: the same tensor).
+    """hidden: final-normed decoder states [B, L, H]; head: [V, H]; embedding: [V, H] (tied: the same tensor);
+    temperature: None, a scalar, or one per batch row [B]; uniforms: [B * L, 1] from `draw_uniforms`.
 
     Rows are processed `chunk_elements // V` at a time, so the largest temporary is about `chunk_elements` fp32.
     """
@@ -80,15 +87,16 @@ def fast_step(hidden: torch.Tensor, head: torch.Tensor, embedding: torch.Tensor,
     argmax = torch.empty_like(sampled)
     entropy = torch.empty(n, dtype=torch.float32, device=hidden.device)
     soft = torch.empty(n, width, dtype=embedding.dtype, device=hidden.device)
-    uniforms = torch.rand(n, 1, dtype=torch.float64, device=hidden.device, generator=generator)
-    inv_temperature = None if temperature is None else float(1.0 / temperature)
+    inv_temperature = None
+    if temperature is not None:  # per position, float32 as the reference's schedule
+        inv_temperature = (1.0 / temperature.float()).expand(batch).repeat_interleave(length)[:, None]
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
         logits = F.linear(rows[start:end], head).float()  # [R, V]
         if softcap:
             logits.div_(softcap).tanh_().mul_(softcap)
         if inv_temperature is not None:
-            logits.mul_(inv_temperature)
+            logits.mul_(inv_temperature[start:end])
         peak, argmax[start:end] = logits.max(dim=-1)
         logits.sub_(peak[:, None])  # shifted: the largest is 0, so exp cannot overflow
         weights = torch.exp(logits)  # unnormalised probabilities

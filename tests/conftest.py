@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,41 @@ def checkpoint_dir(tmp_path_factory):
 
 def load_reference(path: Path, dtype: torch.dtype = torch.float32) -> DiffusionGemmaForBlockDiffusion:
     return DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=dtype).eval()
+
+
+TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+        "want of a wife. However little known the feelings or views of such a man may be on his first entering a "
+        "neighbourhood, this truth is so well fixed in the minds of the surrounding families. ") * 20
+
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|turn>{{ 'model' if m.role == 'assistant' else m.role }}\n"
+            "{{ m.content }}<turn|>\n{% endfor %}{% if add_generation_prompt %}<|turn>model\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def text_model_dir(tmp_path_factory):
+    """A small random model with a real BPE tokenizer and chat template, built without transformers."""
+    import dgemma
+    from dgemma.tokenizer import Tokenizer
+    from dgemma.training.bpe import train_tokenizer
+
+    tokenizer_dir = tmp_path_factory.mktemp("text-tokenizer")
+    train_tokenizer([TEXT], 320, tokenizer_dir)
+    (tokenizer_dir / "chat_template.jinja").write_text(TEMPLATE)
+    tokenizer = Tokenizer.from_directory(tokenizer_dir)
+    config = dgemma.ModelConfig.from_dict({
+        "model_type": "diffusion_gemma", "canvas_length": 8,
+        "text_config": dict(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=48,
+                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                            layer_types=["sliding_attention", "full_attention"], sliding_window=16,
+                            per_layer_config={"1": {"head_dim": 16, "num_key_value_heads": 1}},
+                            num_experts=4, top_k_experts=2, moe_intermediate_size=16,
+                            pad_token_id=0, eos_token_id=1, bos_token_id=2)})
+    model = dgemma.DiffusionGemma(config)
+    model.init_weights(torch.Generator().manual_seed(0))
+    model.generation_config = model.generation_config.updated(eos_token_id=1, pad_token_id=0, max_new_tokens=16,
+                                                              max_denoising_steps=4)
+    directory = tmp_path_factory.mktemp("text-model") / "model"
+    dgemma.save(model, directory)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(tokenizer_dir / name, directory / name)
+    return directory

@@ -7,8 +7,8 @@ import torch
 from scipy.stats import chi2_contingency, chisquare
 
 import dgemma
-from dgemma.sampling import (StableAndConfident, categorical_entropy, entropy_bound_acceptance, fast_step,
-                             inverse_cdf_sample, reference_step, temperature_at)
+from dgemma.sampling import (StableAndConfident, categorical_entropy, draw_uniforms, entropy_bound_acceptance,
+                             fast_step, inverse_cdf_sample, reference_step, temperature_at)
 
 
 def test_entropy_bound_accepts_lowest_entropies_within_the_bound():
@@ -57,7 +57,8 @@ def test_fast_step_computes_what_the_reference_computes(vocab, temperature):
     temp = None if temperature is None else torch.tensor(temperature)
     logits = torch.tanh(hidden @ head.T / 30.0) * 30.0
     ref = reference_step(logits, temp, torch.float32, torch.Generator().manual_seed(0))
-    fast = fast_step(hidden, head, head, embed_scale, 30.0, temp, torch.Generator().manual_seed(0), chunk_elements=4096)
+    fast = fast_step(hidden, head, head, embed_scale, 30.0, temp, draw_uniforms(10, torch.Generator().manual_seed(0)),
+                     chunk_elements=4096)
     torch.testing.assert_close(fast.entropy, ref.entropy, atol=1e-5, rtol=1e-5)
     assert torch.equal(fast.argmax, ref.argmax)
     soft = (ref.self_conditioning.softmax(-1) @ head) * embed_scale
@@ -115,7 +116,7 @@ def test_fast_step_samples_the_reference_distribution_on_model_states(checkpoint
         state = hidden[:, 3:4].expand(20_000, 1, -1).contiguous()  # one position, drawn 20k times
         temp = torch.tensor(temperature)
         fast = fast_step(state, model.head_matrix, model.embedding_matrix, torch.tensor(1.0), 30.0, temp,
-                         torch.Generator().manual_seed(1))
+                         draw_uniforms(20_000, torch.Generator().manual_seed(1)))
         probs = (model.logits(hidden[0, 3]) / temp).softmax(-1)
         ref = reference_step(model.logits(state), temp, model.dtype, torch.Generator().manual_seed(2))
     assert chi_square_pvalue(fast.sampled.flatten(), probs) > 1e-3

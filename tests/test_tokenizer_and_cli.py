@@ -10,38 +10,10 @@ import torch
 import dgemma
 from dgemma.cli import main
 from dgemma.tokenizer import Tokenizer, TokenizerError, split_thinking, strip_thinking
-from dgemma.training.bpe import train_tokenizer
-
-TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
-        "want of a wife. However little known the feelings or views of such a man may be on his first entering a "
-        "neighbourhood, this truth is so well fixed in the minds of the surrounding families. ") * 20
-
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|turn>{{ 'model' if m.role == 'assistant' else m.role }}\n"
-            "{{ m.content }}<turn|>\n{% endfor %}{% if add_generation_prompt %}<|turn>model\n{% endif %}")
-
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("cli-model")
-    train_tokenizer([TEXT], 320, directory)
-    tokenizer = Tokenizer.from_directory(directory)
-    (directory / "chat_template.jinja").write_text(TEMPLATE)
-    config = dgemma.ModelConfig.from_dict({
-        "model_type": "diffusion_gemma", "canvas_length": 8,
-        "text_config": dict(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=48,
-                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                            layer_types=["sliding_attention", "full_attention"], sliding_window=16,
-                            per_layer_config={"1": {"head_dim": 16, "num_key_value_heads": 1}},
-                            num_experts=4, top_k_experts=2, moe_intermediate_size=16,
-                            pad_token_id=0, eos_token_id=1, bos_token_id=2)})
-    model = dgemma.DiffusionGemma(config)
-    model.init_weights(torch.Generator().manual_seed(0))
-    model.generation_config = model.generation_config.updated(eos_token_id=1, pad_token_id=0, max_new_tokens=16,
-                                                              max_denoising_steps=4)
-    dgemma.save(model, directory)
-    train_tokenizer([TEXT], 320, directory)  # the save replaced the directory; put the tokenizer back
-    (directory / "chat_template.jinja").write_text(TEMPLATE)
-    return directory
+def model_dir(text_model_dir):
+    return text_model_dir
 
 
 def test_encode_adds_bos_once_and_decode_round_trips(model_dir):
