@@ -224,6 +224,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import main_run
+
+    main_run(args)
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .training.trainer import main as train_main
 
@@ -282,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="system prompt (start it with <|think|> to ask for thinking)")
     chat.add_argument("--no-canvas", action="store_true", help="print answers only, without the live canvas")
     chat.set_defaults(handler=cmd_chat)
+
+    from .bench import add_arguments as add_bench_arguments
+    bench = sub.add_parser("bench", help="dgemma vs the transformers reference vs autoregressive decoding")
+    add_bench_arguments(bench)
+    bench.set_defaults(handler=cmd_bench)
 
     train = sub.add_parser("train", help="train or fine-tune (also under torchrun -m dgemma train)")
     train.add_argument("--config", required=True, help="training config (.toml or .yaml)")

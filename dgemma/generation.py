@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
@@ -26,6 +26,9 @@ from .cache import KVCache
 from .model import DiffusionGemma
 from .sampling import (StableAndConfident, draw_uniforms, entropy_bound_acceptance, fast_step, reference_step,
                        renoise, temperature_at)
+
+if TYPE_CHECKING:
+    from .constraints import CanvasControl
 
 DEFAULT_MAX_NEW_TOKENS = 1024  # the reference's 256 cuts answers to one canvas
 
@@ -212,10 +215,15 @@ def _check_inputs(model: DiffusionGemma, input_ids: torch.Tensor, attention_mask
 def generate_steps(model: DiffusionGemma, input_ids: torch.Tensor, config: GenerationConfig,
                    attention_mask: torch.Tensor | None = None, past_key_values: KVCache | None = None,
                    sampling: str = "fast", generator: torch.Generator | None = None,
+                   control: CanvasControl | None = None,
                    ) -> Iterator[DraftStep | CanvasCommitted | GenerationOutput]:
-    """Yield a DraftStep after every denoising step, a CanvasCommitted after every canvas, then the output."""
+    """Yield a DraftStep after every denoising step, a CanvasCommitted after every canvas, then the output.
+
+    `control` (fast sampling only) fixes tokens or enforces a grammar on every canvas; see constraints.py."""
     if sampling not in ("fast", "reference"):
         raise ValueError(f"`sampling` must be 'fast' or 'reference', got {sampling!r}")
+    if control is not None and sampling != "fast":
+        raise ValueError("fixed tokens and grammars need sampling='fast' (the reference has neither)")
     _check_inputs(model, input_ids, attention_mask, past_key_values)
     device, dtype = model.device, model.dtype
     canvas_length, vocab = model.config.canvas_length, model.config.vocab_size
@@ -262,6 +270,8 @@ def generate_steps(model: DiffusionGemma, input_ids: torch.Tensor, config: Gener
         canvas_positions = torch.arange(start, start + canvas_length, device=device).expand(batch, -1)
         plan = cache.plan(model.rope(canvas_positions), canvas_valid, encoder=False)
         canvas = torch.randint(0, vocab, (batch, canvas_length), device=device, generator=generator)
+        if control is not None:
+            canvas = control.begin(canvas_index, canvas)
         argmax = canvas
         self_conditioning: torch.Tensor | None = None
         finished_denoising = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -280,7 +290,13 @@ def generate_steps(model: DiffusionGemma, input_ids: torch.Tensor, config: Gener
                 result = fast_step(hidden, model.head_matrix, model.embedding_matrix,
                                    model.decoder.embed_tokens.scale_as(dtype), model.config.final_logit_softcapping,
                                    temperatures[step], draw_uniforms(batch * canvas_length, generator, device))
-            accepted = entropy_bound_acceptance(result.entropy, config.entropy_bound)
+            if control is None:
+                accepted = entropy_bound_acceptance(result.entropy, config.entropy_bound)
+                ready = None
+            else:
+                logits_at = _logits_at(model, hidden, temperatures[step])
+                result, accepted, ready = control.accept(canvas_index, canvas, result, config.entropy_bound,
+                                                         logits_at, generator)
             new_canvas = renoise(torch.where(accepted, result.sampled, canvas), accepted, vocab, generator)
             new_argmax, new_sc = result.argmax, result.self_conditioning
             if stopper is not None:
@@ -291,13 +307,17 @@ def generate_steps(model: DiffusionGemma, input_ids: torch.Tensor, config: Gener
                     new_argmax = torch.where(rows, argmax, new_argmax)
                     new_canvas = torch.where(rows, canvas, new_canvas)
                     new_sc = torch.where(rows[..., None], self_conditioning, new_sc)
-                finished_denoising = finished_denoising | stopper(new_argmax, result.entropy)
+                stopped = stopper(new_argmax, result.entropy)
+                finished_denoising = finished_denoising | (stopped if ready is None else stopped & ready)
             canvas, argmax, self_conditioning = new_canvas, new_argmax, new_sc
             steps_run += 1
             yield DraftStep(canvas_index, steps_run, argmax, accepted, result.entropy, finished_denoising.clone())
             if bool(finished_denoising.all()):
                 break
 
+        if control is not None:
+            argmax = control.complete(canvas_index, argmax, logits_at)
+            control.commit(canvas_index, argmax)
         sequences = torch.cat([sequences, argmax], dim=1)
         finished = _finalize_canvas(sequences, finished, canvas_length, eos, pad,
                                     max_length=cur_len + max_new_tokens)
@@ -313,6 +333,14 @@ def generate_steps(model: DiffusionGemma, input_ids: torch.Tensor, config: Gener
     counted = (new_tokens != pad).sum(dim=-1) if pad is not None else torch.full((batch,), new_tokens.shape[1])
     yield GenerationOutput(sequences=sequences, tokens_per_forward=counted / passes.clamp_min(1),
                            past_key_values=cache, decoder_forward_passes=passes)
+
+
+def _logits_at(model: DiffusionGemma, hidden: torch.Tensor, temperature: torch.Tensor | None):
+    """Processed logits of single canvas positions, computed on demand (the fast step keeps none)."""
+    def logits_at(row: int, position: int) -> torch.Tensor:
+        logits = model.logits(hidden[row, position])
+        return logits / temperature if temperature is not None else logits
+    return logits_at
 
 
 def _finalize_canvas(sequences: torch.Tensor, finished: torch.Tensor, canvas_length: int, eos: torch.Tensor,
@@ -336,14 +364,45 @@ def _finalize_canvas(sequences: torch.Tensor, finished: torch.Tensor, canvas_len
 
 def generate(model: DiffusionGemma, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              past_key_values: KVCache | None = None, generation_config: GenerationConfig | None = None,
-             sampling: str = "fast", generator: torch.Generator | None = None, **overrides: Any) -> GenerationOutput:
+             sampling: str = "fast", generator: torch.Generator | None = None, control: CanvasControl | None = None,
+             **overrides: Any) -> GenerationOutput:
     """Generate after `input_ids` [B, T] (left-padded, with `attention_mask`, for B > 1).
 
     `overrides` are GenerationConfig fields (plus `entropy_bound`), applied on top of `generation_config`
     or the model's `generation_config.json`. With `past_key_values`, `input_ids` holds only uncached tokens.
     """
     config = (generation_config or model.generation_config).updated(**overrides)
-    for event in generate_steps(model, input_ids, config, attention_mask, past_key_values, sampling, generator):
+    for event in generate_steps(model, input_ids, config, attention_mask, past_key_values, sampling, generator,
+                                control):
         if isinstance(event, GenerationOutput):
             return event
     raise AssertionError("generate_steps ended without an output")
+
+
+@torch.no_grad()
+def autoregressive_steps(model: DiffusionGemma, input_ids: torch.Tensor, max_new_tokens: int,
+                         eos_token_ids: list[int] | None = None, temperature: float = 1.0,
+                         generator: torch.Generator | None = None) -> Iterator[int]:
+    """Next-token decoding with the encoder alone (it is an autoregressive LM): yields each new token of a
+    single sequence [1, T]. temperature 0 is greedy. The baseline `dgemma bench` compares diffusion against."""
+    _check_inputs(model, input_ids, None, None)
+    if input_ids.shape[0] != 1:
+        raise ValueError("autoregressive decoding takes one sequence")
+    device = model.device
+    cache = KVCache(model.config, 1, model.dtype, device, capacity=input_ids.shape[1] + max_new_tokens)
+    tokens = input_ids.to(device)
+    stop = set(eos_token_ids or [])
+    for _ in range(max_new_tokens):
+        positions = torch.arange(cache.length, cache.length + tokens.shape[1], device=device)[None]
+        valid = torch.ones_like(tokens, dtype=torch.bool)
+        hidden = model.encode(tokens, cache.plan(model.rope(positions), valid, encoder=True))
+        cache.commit(valid)
+        logits = model.logits(hidden[:, -1])
+        if temperature == 0:
+            token = int(logits.argmax())
+        else:
+            token = int(torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator))
+        yield token
+        if token in stop:
+            return
+        tokens = torch.tensor([[token]], device=device)

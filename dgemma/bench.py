@@ -1,0 +1,318 @@
+"""`dgemma bench`: dgemma's fast and reference modes against transformers' generate() and against autoregressive
+decoding of the same weights, measured in one run.
+
+Design choices:
+- Every measurement runs in its own worker process (`python -m dgemma.bench worker ...`), so peak RSS is that
+  system's alone and no system warms caches for another. Workers load the model, run one short warm-up, then
+  time one generation; repetitions are interleaved (fast, reference, transformers, AR, fast, ...) so that
+  drifting machine load hits every system alike. Results are medians with min/max.
+- Random weights are fine for speed: a named config is built once with dgemma's initialiser and saved in
+  transformers' layout, so every system loads the very same checkpoint.
+- With `--adaptive`, diffusion runs with the checkpoint's own stopping settings and the interesting numbers are
+  tokens per forward and tok/s against AR decoding of the same model (e.g. on the bundled model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+S, F = "sliding_attention", "full_attention"
+
+# The "small" configuration of the performance issue: 8 layers with full attention at positions 5 and 7 (the
+# last layer is forced to full, as in the reference), 16 experts top-2, canvas 256.
+NAMED_CONFIGS = {
+    "small": dict(vocab_size=262_144, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                  layer_types=[S, S, S, S, F, S, F, S], sliding_window=512,
+                  per_layer_config={str(i): {"head_dim": 128, "num_key_value_heads": 2} for i in (4, 6, 7)},
+                  num_experts=16, top_k_experts=2, moe_intermediate_size=256),
+    "tiny": dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=32, layer_types=[S, F], sliding_window=64,
+                 per_layer_config={"1": {"head_dim": 32, "num_key_value_heads": 1}}, num_experts=4, top_k_experts=2,
+                 moe_intermediate_size=32),
+}
+SYSTEMS = ("dgemma-fast", "dgemma-reference", "transformers", "dgemma-ar")
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def build_checkpoint(name: str, vocab: int | None, canvas: int, directory: Path, seed: int = 0) -> Path:
+    """A random checkpoint of a named config in transformers' layout (reused if already built)."""
+    import dgemma
+
+    if (directory / "config.json").is_file():
+        return directory
+    text = dict(NAMED_CONFIGS[name], pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    if vocab:
+        text["vocab_size"] = vocab
+    config = dgemma.ModelConfig.from_dict({"model_type": "diffusion_gemma", "canvas_length": canvas,
+                                           "text_config": text})
+    model = dgemma.DiffusionGemma(config)
+    model.init_weights(torch.Generator().manual_seed(seed))
+    dgemma.save(model.to(torch.bfloat16), directory)
+    return directory
+
+
+def prompt_ids(vocab: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+# ---- one measurement, in a worker process ---------------------------------------------------------------------
+
+def run_worker(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    directory, dtype = Path(args.checkpoint), DTYPES[args.dtype]
+    overrides = json.loads(args.overrides)
+    started = time.perf_counter()
+    if args.system == "transformers":
+        from transformers import DiffusionGemmaForBlockDiffusion
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(directory, dtype=dtype).eval()
+        vocab = model.config.text_config.vocab_size
+    else:
+        import dgemma
+        model = dgemma.load(directory, dtype=dtype)
+        vocab = model.config.vocab_size
+    load_seconds = time.perf_counter() - started
+    ids = prompt_ids(vocab, args.prompt_length)
+    budget = args.max_new_tokens
+    run = {"transformers": _run_transformers, "dgemma-ar": _run_ar}.get(args.system, _run_dgemma)
+    run(model, ids, budget, dict(overrides, max_denoising_steps=1), args, warmup=True)
+    result = run(model, ids, budget, overrides, args, warmup=False)
+    result.update(system=args.system, load_seconds=load_seconds,
+                  peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return result
+
+
+def _run_dgemma(model, ids, budget, overrides, args, warmup: bool) -> dict:
+    from dgemma.generation import CanvasCommitted, GenerationOutput, generate_steps
+
+    torch.manual_seed(args.seed)
+    config = model.generation_config.updated(max_new_tokens=budget, **overrides)
+    sampling = "reference" if args.system == "dgemma-reference" else "fast"
+    started = time.perf_counter()
+    first = None
+    for event in generate_steps(model, ids, config, sampling=sampling):
+        if first is None and isinstance(event, CanvasCommitted):
+            first = time.perf_counter() - started
+        if isinstance(event, GenerationOutput):
+            output = event
+    seconds = time.perf_counter() - started
+    tokens = _count_tokens(output.sequences[0, ids.shape[1]:].tolist(), config.eos_token_ids)
+    return {"tokens": tokens, "seconds": seconds, "forwards": int(output.decoder_forward_passes[0]),
+            "time_to_first_token": first}
+
+
+def _run_transformers(model, ids, budget, overrides, args, warmup: bool) -> dict:
+    from transformers.generation.streamers import BaseStreamer
+
+    class FirstCanvas(BaseStreamer):
+        def __init__(self):
+            self.calls, self.first = 0, None
+
+        def put(self, value):
+            self.calls += 1
+            if self.calls == 2 and self.first is None:  # the first put is the prompt itself
+                self.first = time.perf_counter()
+
+        def end(self):
+            pass
+
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
+    kwargs = dict(overrides)
+    if "entropy_bound" in kwargs:
+        kwargs["sampler_config"] = EntropyBoundSamplerConfig(float(kwargs.pop("entropy_bound")))
+    torch.manual_seed(args.seed)
+    streamer = FirstCanvas()
+    started = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=budget, streamer=streamer, **kwargs)
+    seconds = time.perf_counter() - started
+    new = out.sequences[0, ids.shape[1]:ids.shape[1] + budget].tolist()
+    eos = model.generation_config.eos_token_id
+    forwards = round(len(out.sequences[0, ids.shape[1]:]) / float(out.tokens_per_forward[0])) \
+        if float(out.tokens_per_forward[0]) else 0
+    return {"tokens": _count_tokens(new, [eos] if isinstance(eos, int) else list(eos or [])), "seconds": seconds,
+            "forwards": forwards, "time_to_first_token": streamer.first - started if streamer.first else None}
+
+
+def _run_ar(model, ids, budget, overrides, args, warmup: bool) -> dict:
+    from dgemma.generation import autoregressive_steps
+
+    budget = 4 if warmup else budget
+    started = time.perf_counter()
+    first, tokens = None, 0
+    for _ in autoregressive_steps(model, ids, budget, model.generation_config.eos_token_ids,
+                                  generator=torch.Generator().manual_seed(args.seed)):
+        tokens += 1
+        if first is None:
+            first = time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    return {"tokens": tokens, "seconds": seconds, "forwards": tokens, "time_to_first_token": first}
+
+
+def _count_tokens(new: list[int], eos: list[int]) -> int:
+    end = next((i + 1 for i, t in enumerate(new) if t in set(eos)), len(new))
+    return end
+
+
+# ---- the run ----------------------------------------------------------------------------------------------------
+
+def spawn(system: str, checkpoint: Path, args: argparse.Namespace, overrides: dict) -> dict:
+    command = [sys.executable, "-m", "dgemma.bench", "worker", "--system", system, "--checkpoint", str(checkpoint),
+               "--dtype", args.dtype, "--threads", str(args.threads), "--prompt-length", str(args.prompt_length),
+               "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed),
+               "--overrides", json.dumps(overrides)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"{system} worker failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def summarise(runs: list[dict]) -> dict:
+    def stat(values):
+        values = [v for v in values if v is not None]
+        if not values:
+            return None
+        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+    tok_s = [r["tokens"] / r["seconds"] for r in runs]
+    step_s = [r["seconds"] / r["forwards"] for r in runs if r["forwards"]]
+    return {"runs": len(runs), "tokens_per_second": stat(tok_s), "seconds_per_forward": stat(step_s),
+            "tokens_per_forward": stat([r["tokens"] / r["forwards"] for r in runs if r["forwards"]]),
+            "time_to_first_token": stat([r["time_to_first_token"] for r in runs]),
+            "peak_rss_bytes": stat([r["peak_rss_bytes"] for r in runs]), "tokens": stat([r["tokens"] for r in runs])}
+
+
+def main_run(args: argparse.Namespace) -> dict:
+    systems = [s for s in args.systems.split(",") if s]
+    unknown = sorted(set(systems) - set(SYSTEMS))
+    if unknown:
+        raise SystemExit(f"dgemma bench: unknown systems {unknown} (choose from {', '.join(SYSTEMS)})")
+    if "transformers" in systems:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            print("transformers is not installed: skipping that baseline", file=sys.stderr)
+            systems.remove("transformers")
+    if args.model:
+        checkpoint, label = Path(args.model), Path(args.model).name
+    else:
+        work = Path(args.work_dir or tempfile.gettempdir()) / f"dgemma-bench-{args.config}-{args.vocab}-{args.canvas}"
+        checkpoint, label = build_checkpoint(args.config, args.vocab, args.canvas, work), args.config
+    overrides = {} if args.adaptive else {"max_denoising_steps": args.steps, "stability_threshold": None}
+    results: dict[str, list[dict]] = {s: [] for s in systems}
+    for repetition in range(args.repeat):
+        for system in systems:
+            run = spawn(system, checkpoint, args, overrides)
+            results[system].append(run)
+            print(f"[bench] rep {repetition + 1}/{args.repeat} {system:17s} {run['tokens'] / run['seconds']:8.2f} tok/s "
+                  f"({run['seconds']:.2f} s, {run['forwards']} forwards, RSS {run['peak_rss_bytes'] / 2**20:.0f} MiB)",
+                  file=sys.stderr, flush=True)
+    summary = {s: summarise(r) for s, r in results.items()}
+    ratios = {}
+    if "dgemma-fast" in summary:
+        fast = summary["dgemma-fast"]["tokens_per_second"]["median"]
+        for other in systems:
+            if other != "dgemma-fast":
+                ratios[f"dgemma-fast / {other}"] = fast / summary[other]["tokens_per_second"]["median"]
+    report = {"label": label, "checkpoint": str(checkpoint), "dtype": args.dtype, "threads": args.threads,
+              "prompt_length": args.prompt_length, "max_new_tokens": args.max_new_tokens,
+              "settings": overrides or "checkpoint generation_config (adaptive stopping)", "repeat": args.repeat,
+              "summary": summary, "ratios": ratios, "runs": results, "machine": _machine()}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    chart(report, out.with_suffix(".png"))
+    print(table(report))
+    print(f"wrote {out} and {out.with_suffix('.png')}", file=sys.stderr)
+    return report
+
+
+def _machine() -> dict:
+    return {"cpus": os.cpu_count(), "torch": torch.__version__, "platform": sys.platform}
+
+
+def table(report: dict) -> str:
+    lines = [f"{report['label']} ({report['dtype']}, {report['threads']} threads, prompt {report['prompt_length']}, "
+             f"{report['max_new_tokens']} new tokens, {report['repeat']} runs each, medians [min-max])",
+             f"{'system':18s} {'tok/s':>18s} {'s/forward':>10s} {'tok/forward':>11s} {'TTFT s':>8s} {'peak RSS':>9s}"]
+    for system, s in report["summary"].items():
+        t = s["tokens_per_second"]
+        ttft = s["time_to_first_token"]["median"] if s["time_to_first_token"] else float("nan")
+        lines.append(f"{system:18s} {t['median']:8.2f} [{t['min']:.1f}-{t['max']:.1f}] "
+                     f"{s['seconds_per_forward']['median']:10.3f} {s['tokens_per_forward']['median']:11.2f} "
+                     f"{ttft:8.2f} {s['peak_rss_bytes']['median'] / 2**20:6.0f} MiB")
+    lines += [f"{name}: {value:.2f}x" for name, value in report["ratios"].items()]
+    return "\n".join(lines)
+
+
+def chart(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = list(report["summary"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    medians = [report["summary"][s]["tokens_per_second"]["median"] for s in systems]
+    lows = [m - report["summary"][s]["tokens_per_second"]["min"] for s, m in zip(systems, medians)]
+    highs = [report["summary"][s]["tokens_per_second"]["max"] - m for s, m in zip(systems, medians)]
+    axes[0].bar(systems, medians, yerr=[lows, highs], color=["#2b7", "#7ab", "#c75", "#999"][:len(systems)])
+    axes[0].set_ylabel("tokens / second (median, min-max)")
+    axes[0].set_title(f"{report['label']}, {report['dtype']}")
+    rss = [report["summary"][s]["peak_rss_bytes"]["median"] / 2**20 for s in systems]
+    axes[1].bar(systems, rss, color="#889")
+    axes[1].set_ylabel("peak RSS (MiB)")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=20)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="small", choices=sorted(NAMED_CONFIGS), help="named random config")
+    parser.add_argument("--model", help="benchmark this checkpoint instead of a named random config")
+    parser.add_argument("--vocab", type=int, help="override the named config's vocabulary size")
+    parser.add_argument("--canvas", type=int, default=256)
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    parser.add_argument("--steps", type=int, default=16, help="fixed denoising steps (adaptive stopping off)")
+    parser.add_argument("--adaptive", action="store_true", help="use the checkpoint's own stopping settings")
+    parser.add_argument("--prompt-length", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}")
+    parser.add_argument("--work-dir", help="where random checkpoints are built (default: the temp dir)")
+    parser.add_argument("--out", default="bench/result.json", help="JSON report (a PNG chart goes beside it)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker"]:
+        parser = argparse.ArgumentParser()
+        for flag in ("--system", "--checkpoint", "--dtype", "--overrides"):
+            parser.add_argument(flag, required=True)
+        for flag in ("--threads", "--prompt-length", "--max-new-tokens", "--seed"):
+            parser.add_argument(flag, type=int, required=True)
+        print(json.dumps(run_worker(parser.parse_args(argv[1:]))))
+        return
+    parser = argparse.ArgumentParser(prog="dgemma bench")
+    add_arguments(parser)
+    main_run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
