@@ -94,17 +94,34 @@ class CanvasView:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generation import CanvasCommitted, DraftStep, GenerationOutput, generate_steps
 
+    from .constraints import (GrammarControl, grammar_from, grammar_tokenizer, infill_text)
+
     model, tokenizer = load_for_generation(args)
+    config = model.generation_config.updated(**generation_overrides(args))
+    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+    if args.infill:
+        text, _ = infill_text(model, tokenizer, args.prompt, generator=generator, sampling=args.sampling,
+                              **generation_overrides(args))
+        print(text)
+        return 0
     if args.chat:
         ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     else:
         ids = tokenizer.encode(args.prompt)
-    config = model.generation_config.updated(**generation_overrides(args))
-    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+    control = None
+    if args.json_schema or args.regex or args.json_object:
+        schema = args.json_schema
+        if schema and Path(schema).is_file():
+            schema = Path(schema).read_text()
+        grammar = grammar_from(json_schema=schema, regex=args.regex, json_object=args.json_object)
+        eos = (config.eos_token_ids or model.config.eos_token_ids)[0]
+        control = GrammarControl(grammar, grammar_tokenizer(tokenizer, model.config.vocab_size, eos),
+                                 model.config.vocab_size, eos, 1, model.config.canvas_length)
     view = CanvasView(tokenizer) if args.show_denoising else None
     started = time.perf_counter()
     output = None
-    for event in generate_steps(model, torch.tensor([ids]), config, sampling=args.sampling, generator=generator):
+    for event in generate_steps(model, torch.tensor([ids]), config, sampling=args.sampling, generator=generator,
+                                control=control):
         if view is not None and isinstance(event, DraftStep):
             view.draw(event)
         elif view is not None and isinstance(event, CanvasCommitted):
@@ -262,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
     gen.add_argument("--show-denoising", action="store_true", help="redraw the canvas live as it denoises")
     gen.add_argument("--stats", action="store_true", help="print speed and tokens per forward to stderr")
+    shape = gen.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", help="constrain the output to this JSON schema (a file or inline JSON)")
+    shape.add_argument("--json-object", action="store_true", help="constrain the output to any JSON object")
+    shape.add_argument("--regex", help="constrain the output to this regular expression")
+    shape.add_argument("--infill", action="store_true",
+                       help="the prompt is a template: each {{N}} is a hole of exactly N tokens filled in place")
     gen.set_defaults(handler=cmd_generate)
 
     info = sub.add_parser("info", help="summarise a checkpoint")

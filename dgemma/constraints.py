@@ -120,12 +120,11 @@ def grammar_from(json_schema: dict | str | None = None, regex: str | None = None
 class GrammarControl:
     """Keeps every committed token inside a grammar's language, one matcher per row."""
 
-    def __init__(self, grammar: str, tokenizer_json: str, vocab_size: int, eos_token_id: int, batch: int,
+    def __init__(self, grammar: str, grammar_tokenizer: Any, vocab_size: int, eos_token_id: int, batch: int,
                  canvas_length: int, force_frontier: bool = True):
-        from llguidance import LLMatcher, LLTokenizer
+        from llguidance import LLMatcher
 
-        self.tokenizer = LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=eos_token_id)
-        self.matchers = [LLMatcher(self.tokenizer, grammar, log_level=0) for _ in range(batch)]
+        self.matchers = [LLMatcher(grammar_tokenizer, grammar, log_level=0) for _ in range(batch)]
         for matcher in self.matchers:
             if matcher.is_error():
                 raise GrammarError(f"invalid grammar: {matcher.get_error()}")
@@ -301,6 +300,13 @@ def infill_text(model, tokenizer, template: str, generator: torch.Generator | No
     return prompt_text + tokenizer.decode(result.tokens), holes
 
 
+def grammar_tokenizer(tokenizer, vocab_size: int, eos_token_id: int):
+    """llguidance's view of a tokenizer (building it takes up to a second for a large vocabulary: keep it)."""
+    from llguidance import LLTokenizer
+
+    return LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size, eos_token=eos_token_id)
+
+
 def generate_structured(model, tokenizer, prompt: list[int], grammar: str, generator: torch.Generator | None = None,
                         force_frontier: bool = True, **overrides: Any):
     """Generate after `prompt` under an llguidance grammar (see `grammar_from`); returns the GenerationOutput."""
@@ -310,6 +316,6 @@ def generate_structured(model, tokenizer, prompt: list[int], grammar: str, gener
     eos = (config.eos_token_ids or model.config.eos_token_ids or [None])[0]
     if eos is None:
         raise GrammarError("structured output needs an EOS token id to end the completion")
-    control = GrammarControl(grammar, tokenizer.backend.to_str(), model.config.vocab_size, eos, 1,
-                             model.config.canvas_length, force_frontier)
+    control = GrammarControl(grammar, grammar_tokenizer(tokenizer, model.config.vocab_size, eos),
+                             model.config.vocab_size, eos, 1, model.config.canvas_length, force_frontier)
     return generate(model, torch.tensor([prompt]), generation_config=config, generator=generator, control=control)

@@ -294,7 +294,7 @@ def generate_steps(model: DiffusionGemma, input_ids: torch.Tensor, config: Gener
                 accepted = entropy_bound_acceptance(result.entropy, config.entropy_bound)
                 ready = None
             else:
-                logits_at = _logits_at(model, hidden, temperatures[step])
+                logits_at = processed_logits_at(model, hidden, temperatures[step])
                 result, accepted, ready = control.accept(canvas_index, canvas, result, config.entropy_bound,
                                                          logits_at, generator)
             new_canvas = renoise(torch.where(accepted, result.sampled, canvas), accepted, vocab, generator)
@@ -335,7 +335,7 @@ def generate_steps(model: DiffusionGemma, input_ids: torch.Tensor, config: Gener
                            past_key_values=cache, decoder_forward_passes=passes)
 
 
-def _logits_at(model: DiffusionGemma, hidden: torch.Tensor, temperature: torch.Tensor | None):
+def processed_logits_at(model: DiffusionGemma, hidden: torch.Tensor, temperature: torch.Tensor | None):
     """Processed logits of single canvas positions, computed on demand (the fast step keeps none)."""
     def logits_at(row: int, position: int) -> torch.Tensor:
         logits = model.logits(hidden[row, position])

@@ -266,3 +266,36 @@ def test_sigterm_drains_running_requests_then_exits(text_model_dir):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_response_format_json_schema_gives_valid_json(server):
+    import jsonschema
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "green"]}, "n": {"type": "integer"}},
+              "required": ["colour", "n"], "additionalProperties": False}
+    client = server.client()
+    finished = 0
+    for seed in range(4):
+        out = client.chat.completions.create(
+            model="dgemma", seed=seed, max_tokens=48, messages=[{"role": "user", "content": "A colour?"}],
+            response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema, "strict": True}})
+        if out.choices[0].finish_reason == "stop":
+            finished += 1
+            jsonschema.validate(json.loads(out.choices[0].message.content), schema)
+    assert finished >= 1
+    streamed = client.chat.completions.create(
+        model="dgemma", seed=0, max_tokens=48, stream=True, messages=[{"role": "user", "content": "A colour?"}],
+        response_format={"type": "json_object"})
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == "" or text.startswith("{")
+    bad = httpx.post(server.url + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "x"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}})
+    assert bad.status_code == 400 and "response_format" in bad.json()["error"]["message"]
+
+
+def test_infill_extension_fills_holes_between_fixed_text(server):
+    out = httpx.post(server.url + "/v1/completions", json={
+        "prompt": "It is a truth {{3}} acknowledged, that a single {{2}} in", "infill": True, "seed": 1}).json()
+    text = out["choices"][0]["text"]
+    assert " acknowledged, that a single " in text and text.endswith(" in")
+    assert httpx.post(server.url + "/v1/completions", json={"prompt": "no holes", "infill": True}).status_code == 400

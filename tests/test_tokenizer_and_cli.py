@@ -89,3 +89,14 @@ def test_info_command_counts_parameters(model_dir, capsys):
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     assert info["active_parameters_per_token"] == info["parameters"] - experts // 2  # top-2 of 4 experts
     assert info["canvas_length"] == 8 and info["experts"] == 4 and info["layers"] == 2
+
+
+def test_generate_command_structured_and_infill(model_dir, capsys):
+    assert main(["generate", "--model", str(model_dir), "Give JSON:", "--seed", "0", "--regex", "(yes|no)!",
+                 "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Give JSON:") and out.strip().removeprefix("Give JSON:") in ("yes!", "no!", "")
+    assert main(["generate", "--model", str(model_dir), "It is a {{2}} universally {{3}}.", "--infill",
+                 "--seed", "0"]) == 0
+    text = capsys.readouterr().out.strip()
+    assert text.startswith("It is a ") and " universally " in text and text.endswith(".")

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..tokenizer import Tokenizer
 from .engine import Commit, Draft, Engine, Finish, QueueFull
 from .protocol import ChatRequest, CompletionRequest
-from .service import ChoiceText, Limits, RequestError, Service, completion_tokens
+from .service import ChoiceText, Limits, Prompt, RequestError, Service, completion_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def create_app(model, tokenizer: Tokenizer, settings: ServerSettings) -> FastAPI
             return error(400, str(err), param="messages")
         return await respond(body, [prompt], request, chat=True)
 
-    async def respond(body, prompts: list[list[int]], request: Request, chat: bool):
+    async def respond(body, prompts: list[Prompt], request: Request, chat: bool):
         try:
             generation = service.start(body, prompts)
         except RequestError as err:
@@ -147,10 +147,11 @@ def create_app(model, tokenizer: Tokenizer, settings: ServerSettings) -> FastAPI
             return error(429, str(err), "rate_limit_error", "queue_full")
         except ValueError as err:  # e.g. prompt + max_tokens beyond the server's context
             return error(400, str(err))
-        texts = [ChoiceText(tokenizer, body.stops, split_thinking=chat) for _ in generation.sequences]
+        texts = [ChoiceText(tokenizer, body.stops, split_thinking=chat, skip=prompt.moved)
+                 for prompt in prompts for _ in range(body.n)]
         request_id = service.new_id("chatcmpl" if chat else "cmpl")
         created = int(time.time())
-        prompt_tokens = sum(len(p) for p in prompts) * body.n
+        prompt_tokens = sum(len(p.ids) + p.moved for p in prompts) * body.n
         if body.stream:
             return StreamingResponse(stream(body, generation, texts, request_id, created, chat, prompt_tokens),
                                      media_type="text/event-stream")

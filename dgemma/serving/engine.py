@@ -26,9 +26,11 @@ from typing import Callable
 import torch
 
 from ..cache import SlotCache
-from ..generation import GenerationConfig
+from ..generation import GenerationConfig, processed_logits_at
 from ..model import DiffusionGemma
-from ..sampling import StableAndConfident, draw_uniforms, entropy_bound_acceptance, fast_step, renoise, temperature_at
+from ..constraints import CanvasControl
+from ..sampling import (StableAndConfident, StepResult, draw_uniforms, entropy_bound_acceptance, fast_step, renoise,
+                        temperature_at)
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +77,7 @@ class Sequence:
     max_new_tokens: int
     want_drafts: bool = False
     deadline: float | None = None
+    control: CanvasControl | None = None  # fixed tokens (infilling) or a grammar, for batch 1
     id: int = field(default_factory=itertools.count().__next__)
     generated: list[int] = field(default_factory=list)
     row: int = -1
@@ -87,6 +90,7 @@ class Sequence:
     canvas_index: int = 0
     decoder_passes: int = 0
     cancelled: bool = False
+    logits_at: Callable | None = None  # the last step's logits, for a control to finish a canvas with
 
 
 class Engine:
@@ -189,6 +193,8 @@ class Engine:
         length, vocab = self.config.canvas_length, self.config.vocab_size
         sequence.canvas = torch.randint(0, vocab, (1, length), device=self.model.device,
                                         generator=sequence.generator)
+        if sequence.control is not None:
+            sequence.canvas = sequence.control.begin(sequence.canvas_index, sequence.canvas)
         sequence.argmax, sequence.soft = sequence.canvas, None
         config = sequence.config
         sequence.stopper = (StableAndConfident(config.stability_threshold, config.confidence_threshold)
@@ -229,16 +235,26 @@ class Engine:
         self.steps_run += 1
         done = []
         for i, sequence in enumerate(running):
-            entropy = result.entropy[i:i + 1]
-            accepted = entropy_bound_acceptance(entropy, sequence.config.entropy_bound)
-            sampled = torch.where(accepted, result.sampled[i:i + 1], sequence.canvas)
+            row = StepResult(result.sampled[i:i + 1], result.argmax[i:i + 1], result.entropy[i:i + 1],
+                             result.self_conditioning[i:i + 1])
+            ready = True
+            if sequence.control is None:
+                accepted = entropy_bound_acceptance(row.entropy, sequence.config.entropy_bound)
+            else:
+                sequence.logits_at = processed_logits_at(model, hidden[i:i + 1], temperatures[i])
+                row, accepted, ready_rows = sequence.control.accept(
+                    sequence.canvas_index, sequence.canvas, row, sequence.config.entropy_bound, sequence.logits_at,
+                    sequence.generator)
+                ready = bool(ready_rows[0])
+            entropy = row.entropy
+            sampled = torch.where(accepted, row.sampled, sequence.canvas)
             sequence.canvas = renoise(sampled, accepted, self.config.vocab_size, sequence.generator)
-            sequence.argmax = result.argmax[i:i + 1]
-            sequence.soft = result.self_conditioning[i:i + 1]
+            sequence.argmax = row.argmax
+            sequence.soft = row.self_conditioning
             sequence.decoder_passes += 1
             sequence.step -= 1
             sequence.steps_run += 1
-            stopped = bool(sequence.stopper(sequence.argmax, entropy)[0]) if sequence.stopper else False
+            stopped = ready and (bool(sequence.stopper(sequence.argmax, entropy)[0]) if sequence.stopper else False)
             if sequence.want_drafts:
                 sequence.on_event(Draft(sequence.steps_run, sequence.canvas_index, sequence.argmax[0].tolist(),
                                         accepted[0].tolist(), entropy[0].tolist()))
@@ -248,6 +264,9 @@ class Engine:
             self._commit(sequence)
 
     def _commit(self, sequence: Sequence) -> None:
+        if sequence.control is not None:
+            sequence.argmax = sequence.control.complete(sequence.canvas_index, sequence.argmax, sequence.logits_at)
+            sequence.control.commit(sequence.canvas_index, sequence.argmax)
         tokens = sequence.argmax[0].tolist()[:sequence.max_new_tokens - len(sequence.generated)]
         eos = set(sequence.config.eos_token_ids)
         end = next((i + 1 for i, t in enumerate(tokens) if t in eos), None)

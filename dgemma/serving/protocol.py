@@ -6,6 +6,8 @@ Design choices:
 - Diffusion extensions (`max_denoising_steps`, `entropy_bound`, `t_min`, `t_max`, `confidence_threshold`,
   `stability_threshold`) sit beside the OpenAI fields. `temperature` scales the whole t_min..t_max schedule.
 - `stream_options.include_drafts` asks for the per-step draft of the canvas as extra SSE chunks.
+- `response_format` (json_object, json_schema) constrains every canvas with a grammar; completions accept
+  `infill: true` with a `{{N}}` template prompt.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ UNSUPPORTED = {
     "tool_choice": (None, "none"), "functions": (None,), "function_call": (None, "none"),
     "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "top_p": (None, 1, 1.0),
     "best_of": (None, 1), "echo": (None, False), "suffix": (None,), "parallel_tool_calls": (None,),
-    "modalities": (None,), "audio": (None,), "prediction": (None,), "response_format": (None,),
+    "modalities": (None,), "audio": (None,), "prediction": (None,),
 }
 
 
@@ -28,6 +30,28 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
     include_drafts: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: plain text, any JSON object, or JSON valid against a schema (always strict)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs `json_schema`")
+        return self
 
 
 class DiffusionParameters(BaseModel):
@@ -68,7 +92,7 @@ class DiffusionParameters(BaseModel):
     modalities: Any = None
     audio: Any = None
     prediction: Any = None
-    response_format: Any = None
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def refuse_unsupported(self):
@@ -112,6 +136,8 @@ class DiffusionParameters(BaseModel):
 
 class CompletionRequest(DiffusionParameters):
     prompt: str | list[str] | list[int]
+    # dgemma extension: the prompt is a template whose {{N}} marks are holes of N tokens to fill in place
+    infill: bool = False
 
     @field_validator("prompt")
     @classmethod

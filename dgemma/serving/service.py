@@ -20,6 +20,8 @@ from typing import Any, AsyncIterator
 
 import torch
 
+from ..constraints import (FixedTokens, GrammarControl, GrammarError, Hole, grammar_from, grammar_tokenizer,
+                           layout_infill, parse_infill_template)
 from ..generation import GenerationConfig
 from ..tokenizer import THOUGHT_OPEN, Tokenizer
 from .engine import Commit, Draft, Engine, Finish, Sequence
@@ -51,12 +53,20 @@ def held_back(text: str, stops: list[str]) -> int:
 
 
 @dataclass
+class Prompt:
+    ids: list[int]
+    region: list[int] | None = None  # infilling: the tokens after the prompt, -1 where a hole is
+    moved: int = 0  # infilling: prompt tokens moved into the region (not part of the answer)
+
+
+@dataclass
 class ChoiceText:
     """The text of one choice so far, and what of it has been sent."""
 
     tokenizer: Tokenizer
     stops: list[str]
     split_thinking: bool
+    skip: int = 0  # leading generated tokens that are not part of the answer (infilling's moved prompt)
     ids: list[int] = field(default_factory=list)
     sent_content: int = 0
     sent_reasoning: int = 0
@@ -83,7 +93,9 @@ class ChoiceText:
 
     def add(self, tokens: list[int], final: bool) -> tuple[str, str]:
         """Append tokens; return the (reasoning, content) text that can be sent now."""
-        self.ids.extend(tokens)
+        dropped = min(self.skip, len(tokens))
+        self.skip -= dropped
+        self.ids.extend(tokens[dropped:])
         reasoning, content = self._parts()
         reasoning_delta = ""
         if reasoning is not None:
@@ -104,6 +116,7 @@ class Service:
     def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str, limits: Limits):
         self.engine, self.tokenizer, self.model_name, self.limits = engine, tokenizer, model_name, limits
         self.defaults: GenerationConfig = engine.model.generation_config
+        self._grammar_tokenizers: dict[tuple[int, int], Any] = {}
 
     # ---- requests to sequences ------------------------------------------------------------------------------
 
@@ -129,8 +142,12 @@ class Service:
         if any(not 0 <= t < vocab for t in ids):
             raise RequestError(f"the prompt holds token ids outside the vocabulary [0, {vocab})")
 
-    def completion_prompts(self, request: CompletionRequest) -> list[list[int]]:
+    def completion_prompts(self, request: CompletionRequest) -> list[Prompt]:
         prompt = request.prompt
+        if request.infill:
+            if not isinstance(prompt, str):
+                raise RequestError("`infill` needs `prompt` to be one string with {{N}} holes")
+            return [self._infill_prompt(prompt)]
         if isinstance(prompt, str):
             prompts = [self.tokenizer.encode(prompt)]
         elif all(isinstance(p, str) for p in prompt):
@@ -139,9 +156,32 @@ class Service:
             prompts = [list(prompt)]
         for ids in prompts:
             self._check_prompt(ids)
-        return prompts
+        return [Prompt(ids) for ids in prompts]
 
-    def chat_prompt(self, request: ChatRequest) -> list[int]:
+    def _infill_prompt(self, template: str) -> Prompt:
+        try:
+            parts = parse_infill_template(template)
+        except ValueError as err:
+            raise RequestError(str(err)) from err
+        prefix = parts.pop(0) if isinstance(parts[0], str) else ""
+        token_parts = [p if isinstance(p, Hole) else self.tokenizer.encode(p, add_special_tokens=False)
+                       for p in parts]
+        ids, region, moved = layout_infill(self.tokenizer.encode(prefix), token_parts, self.engine.config.canvas_length)
+        self._check_prompt(ids)
+        return Prompt(ids, region, moved)
+
+    def grammar(self, request: DiffusionParameters) -> str | None:
+        fmt = request.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        try:
+            if fmt.type == "json_object":
+                return grammar_from(json_object=True)
+            return grammar_from(json_schema=fmt.json_schema.schema_)
+        except GrammarError as err:
+            raise RequestError(f"response_format: {err}") from err
+
+    def chat_prompt(self, request: ChatRequest) -> Prompt:
         messages = [m.model_dump(exclude_none=True) for m in request.messages]
         for message in messages:
             if message["role"] == "developer":
@@ -152,23 +192,37 @@ class Service:
         except ValueError as err:
             raise RequestError(str(err)) from err
         self._check_prompt(ids)
-        return ids
+        return Prompt(ids)
 
-    def start(self, request: DiffusionParameters, prompts: list[list[int]]) -> "Generation":
+    def start(self, request: DiffusionParameters, prompts: list[Prompt]) -> "Generation":
         """Submit n sequences per prompt (raises QueueFull, with nothing left queued, if they do not fit)."""
         config, budget = self.config_for(request)
+        grammar = self.grammar(request)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         base_seed = request.seed if request.seed is not None else random.getrandbits(62)
         deadline = time.monotonic() + self.limits.request_timeout
+        canvas, vocab = self.engine.config.canvas_length, self.engine.config.vocab_size
         sequences = []
         for prompt in prompts:
             for j in range(request.n):
                 index = len(sequences)
+                choice_config, choice_budget, control = config, budget, None
+                if prompt.region is not None:
+                    # EOS must not cut off the fixed text after a hole.
+                    control = FixedTokens(torch.tensor([prompt.region]), canvas)
+                    choice_config = config.updated(eos_token_id=None, pad_token_id=None)
+                    choice_budget = len(prompt.region)
+                elif grammar is not None:
+                    eos = (config.eos_token_ids or self.engine.config.eos_token_ids or [None])[0]
+                    if eos is None:
+                        raise RequestError("response_format needs the model to have an EOS token")
+                    control = GrammarControl(grammar, self._grammar_tokenizer(vocab, eos), vocab, eos, 1, canvas)
                 # Choice j of a seeded request uses seed + j, so choices differ and each is reproducible.
                 sequences.append(Sequence(
-                    prompt=prompt, config=config, generator=torch.Generator().manual_seed(base_seed + j),
-                    max_new_tokens=budget, want_drafts=request.wants_drafts, deadline=deadline,
+                    prompt=prompt.ids, config=choice_config, generator=torch.Generator().manual_seed(base_seed + j),
+                    max_new_tokens=choice_budget, want_drafts=request.wants_drafts, deadline=deadline,
+                    control=control,
                     on_event=lambda event, i=index: loop.call_soon_threadsafe(queue.put_nowait, (i, event))))
         generation = Generation(self.engine, sequences, queue)
         try:
@@ -180,6 +234,12 @@ class Service:
         return generation
 
     # ---- responses ------------------------------------------------------------------------------------------
+
+    def _grammar_tokenizer(self, vocab: int, eos: int):
+        key = (vocab, eos)
+        if key not in self._grammar_tokenizers:
+            self._grammar_tokenizers[key] = grammar_tokenizer(self.tokenizer, vocab, eos)
+        return self._grammar_tokenizers[key]
 
     def envelope(self, kind: str, created: int, request_id: str) -> dict[str, Any]:
         return {"id": request_id, "object": kind, "created": created, "model": self.model_name}
