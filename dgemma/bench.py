@@ -67,6 +67,45 @@ def prompt_ids(vocab: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
+# ---- the roofline ---------------------------------------------------------------------------------------------
+
+def step_cost(config, prompt: int, batch: int = 1) -> dict[str, float]:
+    """FLOPs and weight bytes of one denoising step (decoder forward + sampler) from the model's shapes.
+
+    Matmuls only (2 FLOPs per multiply-add); every weight is read once per step (all experts: a canvas of
+    hundreds of tokens routes to every one of them); the vocabulary matrix is read twice (head and the
+    self-conditioning soft embedding)."""
+    h, v, canvas = config.hidden_size, config.vocab_size, config.canvas_length
+    tokens = batch * canvas
+    layer_flops = layer_params = 0.0
+    for i, spec in enumerate(config.layers):
+        q, kv = config.num_attention_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        projections = h * (q + kv * (2 if spec.has_v_proj else 1)) + q * h
+        keys = canvas + (min(prompt, config.sliding_window - 1) if spec.is_sliding else prompt)
+        attention = 2 * config.num_attention_heads * spec.head_dim * keys  # scores and values, per token
+        mlp = 3 * h * config.intermediate_size
+        experts = (config.top_k_experts * 3 * h * config.moe_intermediate_size + h * config.num_experts
+                   if config.has_experts else 0)
+        layer_flops += 2 * tokens * (projections + attention + mlp + experts)
+        layer_params += projections + mlp + (config.num_experts * 3 * h * config.moe_intermediate_size
+                                             if config.has_experts else 0)
+    self_conditioning = 3 * h * config.intermediate_size
+    layer_flops += 2 * tokens * self_conditioning
+    vocab_flops = 2 * tokens * 2 * h * v
+    itemsize = 2  # bf16 weights
+    return {"layer_flops": layer_flops, "vocab_flops": vocab_flops, "flops": layer_flops + vocab_flops,
+            "weight_bytes": itemsize * (layer_params + self_conditioning + 2 * v * h),
+            "vocab_elements": tokens * v}
+
+
+def roofline(config, prompt: int, steps: int, matmul_flops: float, bandwidth: float) -> dict[str, float]:
+    """The fastest a step can be on a machine doing `matmul_flops` FLOP/s and `bandwidth` bytes/s."""
+    cost = step_cost(config, prompt)
+    seconds = max(cost["flops"] / matmul_flops, cost["weight_bytes"] / bandwidth)
+    return {**cost, "floor_seconds_per_step": seconds,
+            "floor_tokens_per_second": config.canvas_length / (steps * seconds)}
+
+
 # ---- one measurement, in a worker process ---------------------------------------------------------------------
 
 def run_worker(args: argparse.Namespace) -> dict:

@@ -68,7 +68,7 @@ class SafetensorsFile:
                 raise CheckpointError(f"{path} is not a safetensors file: bad header ({err})") from err
             # Copy-on-write: tensors may be written by the model later without touching the file.
             self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + header_len else None
-        self.metadata = header.pop("__metadata__", {}) or {}
+        header.pop("__metadata__", None)
         self.entries: dict[str, dict[str, Any]] = header
         self._data_start = 8 + header_len
 

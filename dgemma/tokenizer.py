@@ -112,11 +112,6 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size()
 
-    @cached_property
-    def special_ids(self) -> set[int]:
-        return {self.backend.token_to_id(t.content) for t in self.backend.get_added_tokens_decoder().values()
-                if t.special}
-
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         bos = self.bos_token_id

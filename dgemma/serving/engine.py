@@ -16,7 +16,6 @@ Design choices:
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
 import threading
 import time
@@ -78,7 +77,6 @@ class Sequence:
     want_drafts: bool = False
     deadline: float | None = None
     control: CanvasControl | None = None  # fixed tokens (infilling) or a grammar, for batch 1
-    id: int = field(default_factory=itertools.count().__next__)
     generated: list[int] = field(default_factory=list)
     row: int = -1
     canvas: torch.Tensor | None = None

@@ -36,7 +36,6 @@ from torch import nn
 from .. import load as load_checkpoint
 from ..checkpoints import _replace_directory, save_model
 from ..config import ModelConfig
-from ..generation import GenerationConfig
 from ..model import DiffusionGemma
 from ..tokenizer import Tokenizer
 from .data import ChatExamples, Source, TextWindows, lay_out, tokenize_texts

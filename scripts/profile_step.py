@@ -1,0 +1,76 @@
+"""Where a denoising step's time goes: the decoder forward and each part of the fast sampler, timed separately
+on a named random config. A tool for optimising, not a benchmark (use `dgemma bench` for claims).
+
+    python scripts/profile_step.py --config small --vocab 262144 --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import dgemma
+from dgemma.bench import NAMED_CONFIGS
+from dgemma.cache import KVCache
+from dgemma.sampling import draw_uniforms, fast_step
+
+
+def timed(fn, repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="small")
+    parser.add_argument("--vocab", type=int)
+    parser.add_argument("--canvas", type=int, default=256)
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    text = dict(NAMED_CONFIGS[args.config], pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    if args.vocab:
+        text["vocab_size"] = args.vocab
+    config = dgemma.ModelConfig.from_dict({"model_type": "diffusion_gemma", "canvas_length": args.canvas,
+                                           "text_config": text})
+    model = dgemma.DiffusionGemma(config)
+    model.init_weights(torch.Generator().manual_seed(0))
+    model = model.to(dtype).eval()
+    cache = KVCache(config, 1, dtype, capacity=args.prompt + args.canvas)
+    prompt = torch.randint(3, config.vocab_size, (1, args.prompt))
+    valid = torch.ones_like(prompt, dtype=torch.bool)
+    with torch.no_grad():
+        model.encode(prompt, cache.plan(model.rope(torch.arange(args.prompt)[None]), valid, encoder=True))
+        cache.commit(valid)
+        canvas = torch.randint(0, config.vocab_size, (1, args.canvas))
+        positions = torch.arange(args.prompt, args.prompt + args.canvas)[None]
+        plan = cache.plan(model.rope(positions), torch.ones(1, args.canvas, dtype=torch.bool), encoder=False)
+        hidden = model.decode(canvas, plan)
+        soft = torch.zeros_like(hidden)
+        head, scale = model.head_matrix, model.decoder.embed_tokens.scale_as(dtype)
+        rows = hidden.reshape(-1, config.hidden_size)
+        parts = {
+            "decoder forward (with self-conditioning)": lambda: model.decode(canvas, plan, soft),
+            "fast sampler, total": lambda: fast_step(hidden, head, head, scale, 30.0, torch.tensor(0.6),
+                                                    draw_uniforms(args.canvas, None)),
+            "  logits matmul": lambda: torch.nn.functional.linear(rows, head),
+            "  soft-embedding matmul": lambda: torch.nn.functional.linear(rows, head).softmax(-1) @ head,
+        }
+        for name, fn in parts.items():
+            print(f"{name:45s} {timed(fn, args.repeat) * 1000:8.1f} ms", flush=True)
+
+
+if __name__ == "__main__":
+    main()
