@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -71,63 +73,105 @@ def draw_uniforms(rows: int, generator: torch.Generator | None, device: torch.de
     return torch.rand(rows, 1, dtype=torch.float64, device=device, generator=generator)
 
 
+def digest_logits(logits: torch.Tensor, peak: torch.Tensor, inv_softcap: float | None, scale: torch.Tensor,
+                  block: int, weights_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One fusable pass over a chunk of raw logits [R, V] (V a multiple of `block`): the processed logits
+    x = tanh(l / cap) * cap / T (or l / T), their unnormalised probabilities w = exp(x - peak), and per block of
+    `block` entries the sums of w and of w * (x - peak). Everything else the sampler needs follows from these
+    sums; `scale` is [R, 1] (cap / T, or 1 / T without soft-capping), `peak` [R, 1] the row maximum of x.
+
+    Returns (w in `weights_dtype` [R, V], block sums of w [R, V / block], block sums of w * (x - peak))."""
+    rows = logits.shape[0]
+    # Everything on the [R, V / block, block] view, so that a compiler fuses it into one loop nest.
+    x = logits.view(rows, -1, block).float()
+    scale, peak = scale[:, :, None], peak[:, :, None]
+    x = torch.tanh(x * inv_softcap) * scale if inv_softcap is not None else x * scale
+    shifted = x - peak
+    weights = torch.exp(shifted)
+    return weights.to(weights_dtype).view(rows, -1), weights.sum(dim=-1), (weights * shifted).sum(dim=-1)
+
+
+_compiled_digest = None
+
+
+def _digest(large: bool):
+    """The compiled digest for large vocabularies (one fused pass instead of a dozen), eager otherwise."""
+    global _compiled_digest
+    if not large or os.environ.get("DGEMMA_COMPILE", "1") == "0":
+        return digest_logits
+    if _compiled_digest is None:
+        _compiled_digest = torch.compile(digest_logits, dynamic=False, fullgraph=True)
+    return _compiled_digest
+
+
 def fast_step(hidden: torch.Tensor, head: torch.Tensor, embedding: torch.Tensor, embed_scale: torch.Tensor,
               softcap: float | None, temperature: torch.Tensor | None, uniforms: torch.Tensor,
-              chunk_elements: int = 1 << 24) -> StepResult:
+              matmul_elements: int = 1 << 27, digest_elements: int = 1 << 21, block: int = 1024) -> StepResult:
     """hidden: final-normed decoder states [B, L, H]; head: [V, H]; embedding: [V, H] (tied: the same tensor);
     temperature: None, a scalar, or one per batch row [B]; uniforms: [B * L, 1] from `draw_uniforms`.
 
-    Rows are processed `chunk_elements // V` at a time, so the largest temporary is about `chunk_elements` fp32.
+    The two vocabulary matmuls (logits, self-conditioning) run on up to `matmul_elements` logits at a time, in
+    the model dtype, so the vocabulary matrix is read once per step. In between, `digest_elements` at a time
+    (small enough to stay in cache) are turned into weights in place: the transforms are monotonic, so the
+    argmax and maximum of the processed logits come from the raw ones, and one pass (compiled and fused for
+    vocabularies of 64k and more; DGEMMA_COMPILE=0 disables it) gives the weights and their block sums. The
+    self-conditioning matmul is normalised afterwards, on [R, H] instead of [R, V]. No fp32 [B, L, V] tensor
+    is ever built.
     """
     batch, length, width = hidden.shape
     rows = hidden.reshape(-1, width)
     n, vocab = rows.shape[0], head.shape[0]
-    chunk = max(1, min(n, chunk_elements // vocab))
     sampled = torch.empty(n, dtype=torch.long, device=hidden.device)
     argmax = torch.empty_like(sampled)
     entropy = torch.empty(n, dtype=torch.float32, device=hidden.device)
     soft = torch.empty(n, width, dtype=embedding.dtype, device=hidden.device)
-    inv_temperature = None
-    if temperature is not None:  # per position, float32 as the reference's schedule
-        inv_temperature = (1.0 / temperature.float()).expand(batch).repeat_interleave(length)[:, None]
-    for start in range(0, n, chunk):
-        end = min(start + chunk, n)
-        logits = F.linear(rows[start:end], head).float()  # [R, V]
-        if softcap:
-            logits.div_(softcap).tanh_().mul_(softcap)
-        if inv_temperature is not None:
-            logits.mul_(inv_temperature[start:end])
-        peak, argmax[start:end] = logits.max(dim=-1)
-        logits.sub_(peak[:, None])  # shifted: the largest is 0, so exp cannot overflow
-        weights = torch.exp(logits)  # unnormalised probabilities
-        total = weights.sum(dim=-1)
-        # H = log Z - E_p[shifted logits]
-        entropy[start:end] = torch.log(total) - torch.linalg.vecdot(weights, logits) / total
-        soft[start:end] = (weights / total[:, None]).to(embedding.dtype) @ embedding
-        sampled[start:end] = inverse_cdf_sample(weights, uniforms[start:end])
+    inv_temperature = torch.ones(1) if temperature is None else 1.0 / temperature.float()
+    # per position, fp32 as the reference's schedule: cap / T with soft-capping, 1 / T without
+    scale = (inv_temperature.expand(batch).repeat_interleave(length)[:, None] * (softcap or 1.0)).to(hidden.device)
+    inv_softcap = 1.0 / softcap if softcap else None
+    block = block if vocab % block == 0 else vocab  # small or odd vocabularies: one block
+    digest = _digest(vocab >= 65_536)
+    outer, inner = max(1, matmul_elements // vocab), max(1, digest_elements // vocab)
+    for start in range(0, n, outer):
+        end = min(start + outer, n)
+        logits = F.linear(rows[start:end], head)  # [R, V] in the model dtype; becomes the weights below
+        totals = torch.empty(end - start, 1, dtype=torch.float32, device=hidden.device)
+        for first in range(0, end - start, inner):
+            last = min(first + inner, end - start)
+            part, part_scale = logits[first:last], scale[start + first:start + last]
+            top_raw, argmax[start + first:start + last] = part.max(dim=-1)
+            peak = top_raw.float()[:, None]
+            peak = torch.tanh(peak * inv_softcap) * part_scale if inv_softcap else peak * part_scale
+            weights, block_w, block_wx = digest(part, peak, inv_softcap, part_scale, block, embedding.dtype)
+            total = block_w.sum(dim=-1, keepdim=True)
+            totals[first:last] = total
+            # H = log Z - E_p[x - max]
+            entropy[start + first:start + last] = (torch.log(total)
+                                                   - block_wx.sum(dim=-1, keepdim=True) / total).squeeze(1)
+            sampled[start + first:start + last] = sample_from_blocks(
+                part, block_w.double(), peak, inv_softcap, part_scale, uniforms[start + first:start + last], block)
+            part.copy_(weights)  # the raw logits are no longer needed
+        soft[start:end] = ((logits.to(embedding.dtype) @ embedding).float() / totals).to(embedding.dtype)
     return StepResult(sampled=sampled.view(batch, length), argmax=argmax.view(batch, length),
                       entropy=entropy.view(batch, length),
                       self_conditioning=(soft * embed_scale).view(batch, length, width))
 
 
-def inverse_cdf_sample(weights: torch.Tensor, uniforms: torch.Tensor, block: int = 1024) -> torch.Tensor:
-    """One draw per row from unnormalised weights [R, V] given uniforms [R, 1] in [0, 1).
-
-    Two levels, both summed in fp64: find the block of `block` entries the uniform falls in, then the entry in
-    it. A single fp32 cumulative sum over 262k entries would drift by about a percent; fp64 over all of them
-    would double the pass's memory traffic.
-    """
-    rows, vocab = weights.shape
-    pad = (-vocab) % block
-    blocks = F.pad(weights, (0, pad)).view(rows, -1, block)
-    block_cdf = torch.cumsum(blocks.sum(dim=-1, dtype=torch.float64), dim=-1)  # [R, nb]
+def sample_from_blocks(logits: torch.Tensor, block_sums: torch.Tensor, peak: torch.Tensor, inv_softcap: float | None,
+                       scale: torch.Tensor, uniforms: torch.Tensor, block: int) -> torch.Tensor:
+    """One draw per row by inverse CDF, in two levels summed in fp64: the block the uniform falls in (from the
+    block sums of the weights), then the entry within it (its weights recomputed from the raw logits). A single
+    fp32 cumulative sum over 262k entries would drift by about a percent."""
+    block_cdf = torch.cumsum(block_sums, dim=-1)  # [R, nb]
     target = uniforms * block_cdf[:, -1:]
     chosen = torch.searchsorted(block_cdf, target, right=True).clamp_max_(block_cdf.shape[1] - 1)  # [R, 1]
     before = torch.where(chosen > 0, block_cdf.gather(1, (chosen - 1).clamp_min(0)), 0.0)
-    inner = blocks[torch.arange(rows, device=weights.device), chosen.squeeze(1)]  # [R, block]
-    inner_cdf = torch.cumsum(inner, dim=-1, dtype=torch.float64) + before
+    columns = chosen * block + torch.arange(block, device=logits.device)  # [R, block]
+    x = logits.gather(1, columns).float()
+    x = torch.tanh(x * inv_softcap) * scale if inv_softcap is not None else x * scale
+    inner_cdf = torch.cumsum(torch.exp(x - peak), dim=-1, dtype=torch.float64) + before
     offset = torch.searchsorted(inner_cdf, target, right=True).clamp_max_(block - 1)
-    return (chosen * block + offset).squeeze(1).clamp_max_(vocab - 1)
+    return (chosen * block + offset).squeeze(1)
 
 
 class StableAndConfident:

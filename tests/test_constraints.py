@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -15,42 +16,7 @@ from dgemma.generation import DraftStep, generate_steps
 from dgemma.tokenizer import Tokenizer
 
 # 24 schemas: nested objects, arrays, enums, numbers, strings with patterns, required and optional fields.
-SCHEMAS = [
-    {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]},
-    {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 130}}, "required": ["age"]},
-    {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]},
-    {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]}}, "required": ["colour"]},
-    {"type": "object", "properties": {"price": {"type": "number"}}, "required": ["price"]},
-    {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"}},
-     "required": ["code"]},
-    {"type": "array", "items": {"type": "integer"}, "minItems": 1, "maxItems": 4},
-    {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
-    {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
-     "required": ["tags"]},
-    {"type": "object", "properties": {"point": {"type": "object", "properties": {
-        "x": {"type": "integer"}, "y": {"type": "integer"}}, "required": ["x", "y"]}}, "required": ["point"]},
-    {"type": "object", "properties": {"title": {"type": "string", "maxLength": 12},
-                                      "year": {"type": "integer"}}, "required": ["title"]},
-    {"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "string"}}, "required": ["a", "b"],
-     "additionalProperties": False},
-    {"type": "object", "properties": {"status": {"const": "done"}}, "required": ["status"]},
-    {"type": "object", "properties": {"n": {"type": "integer", "enum": [1, 2, 3]}}, "required": ["n"]},
-    {"type": "object", "properties": {"email": {"type": "string", "pattern": "^[a-z]{1,8}@[a-z]{1,8}\\.com$"}},
-     "required": ["email"]},
-    {"type": "object", "properties": {"items": {"type": "array", "maxItems": 2, "items": {
-        "type": "object", "properties": {"id": {"type": "integer"}}, "required": ["id"]}}}, "required": ["items"]},
-    {"type": "object", "properties": {"maybe": {"type": ["string", "null"]}}, "required": ["maybe"]},
-    {"type": "object", "properties": {"score": {"type": "number", "minimum": 0, "maximum": 1}}, "required": ["score"]},
-    {"type": "object", "properties": {"inner": {"type": "object", "properties": {"deep": {"type": "object",
-        "properties": {"v": {"type": "boolean"}}, "required": ["v"]}}, "required": ["deep"]}}, "required": ["inner"]},
-    {"type": "string", "enum": ["yes", "no"]},
-    {"type": "integer", "minimum": 10, "maximum": 99},
-    {"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]}, "legs": {"type": "integer"}},
-     "required": ["kind", "legs"], "additionalProperties": False},
-    {"type": "object", "properties": {"word": {"type": "string", "pattern": "^[a-z]+$", "maxLength": 8}},
-     "required": ["word"]},
-    {"type": "array", "items": {"type": "boolean"}, "minItems": 2, "maxItems": 2},
-]
+SCHEMAS = json.loads((Path(__file__).parent / "data" / "schemas.json").read_text())
 
 
 @pytest.fixture(scope="module")

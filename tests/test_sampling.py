@@ -7,8 +7,8 @@ import torch
 from scipy.stats import chi2_contingency, chisquare
 
 import dgemma
-from dgemma.sampling import (StableAndConfident, categorical_entropy, draw_uniforms, entropy_bound_acceptance,
-                             fast_step, inverse_cdf_sample, reference_step, temperature_at)
+from dgemma.sampling import (StableAndConfident, categorical_entropy, digest_logits, draw_uniforms,
+                             entropy_bound_acceptance, fast_step, reference_step, sample_from_blocks, temperature_at)
 
 
 def test_entropy_bound_accepts_lowest_entropies_within_the_bound():
@@ -58,32 +58,36 @@ def test_fast_step_computes_what_the_reference_computes(vocab, temperature):
     logits = torch.tanh(hidden @ head.T / 30.0) * 30.0
     ref = reference_step(logits, temp, torch.float32, torch.Generator().manual_seed(0))
     fast = fast_step(hidden, head, head, embed_scale, 30.0, temp, draw_uniforms(10, torch.Generator().manual_seed(0)),
-                     chunk_elements=4096)
+                     matmul_elements=4 * vocab, digest_elements=vocab)
     torch.testing.assert_close(fast.entropy, ref.entropy, atol=1e-5, rtol=1e-5)
     assert torch.equal(fast.argmax, ref.argmax)
     soft = (ref.self_conditioning.softmax(-1) @ head) * embed_scale
     torch.testing.assert_close(fast.self_conditioning, soft, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("vocab", [7, 1500])
+def draws(logits: torch.Tensor, count: int, seed: int, block: int = 64) -> torch.Tensor:
+    """`count` samples from softmax(logits) through the fast sampler's digest and two-level inverse CDF."""
+    rows = logits.expand(count, -1).contiguous()
+    block = block if logits.numel() % block == 0 else logits.numel()  # as fast_step does
+    scale = torch.ones(count, 1)
+    peak = rows.max(dim=-1, keepdim=True).values
+    _, block_sums, _ = digest_logits(rows, peak, None, scale, block, torch.float32)
+    uniforms = torch.rand(count, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return sample_from_blocks(rows, block_sums.double(), peak, None, scale, uniforms, block)
+
+
+@pytest.mark.parametrize("vocab", [7, 1536])
 def test_inverse_cdf_sampling_follows_the_distribution(vocab):
     """Chi-square goodness of fit of 40k draws against the exact probabilities (fixed seed, so deterministic)."""
-    gen = torch.Generator().manual_seed(1)
-    logits = torch.randn(vocab, generator=gen) * 2
-    probs = logits.softmax(-1)
-    draws = 40_000
-    weights = torch.exp(logits - logits.max()).expand(draws, vocab).contiguous()
-    samples = inverse_cdf_sample(weights, torch.rand(draws, 1, dtype=torch.float64, generator=gen), block=64)
-    assert chi_square_pvalue(samples, probs) > 1e-3
-    assert not bool((probs[samples] == 0).any())
+    logits = torch.randn(vocab, generator=torch.Generator().manual_seed(1)) * 2
+    samples = draws(logits, 40_000, seed=2)
+    assert chi_square_pvalue(samples, logits.softmax(-1)) > 1e-3
 
 
 def test_zero_probability_tokens_are_never_drawn():
-    weights = torch.zeros(1000, 2048)
-    weights[:, 5] = 1.0
-    weights[:, 2047] = 3.0
-    samples = inverse_cdf_sample(weights, torch.rand(1000, 1, dtype=torch.float64,
-                                                     generator=torch.Generator().manual_seed(0)))
+    logits = torch.full((2048,), -1e4)
+    logits[5], logits[2047] = 0.0, 1.0  # the first entry of the first block, the last of the last
+    samples = draws(logits, 1000, seed=0, block=64)
     assert set(samples.tolist()) == {5, 2047}
 
 
@@ -154,3 +158,16 @@ def test_reference_step_matches_categorical_entropy():
     logits = torch.randn(2, 3, 11)
     result = reference_step(logits, torch.tensor(0.5), torch.float32, torch.Generator().manual_seed(0))
     assert torch.equal(result.entropy, categorical_entropy(logits / 0.5))
+
+
+def test_compiled_digest_for_large_vocabularies_matches_the_eager_one():
+    """Vocabularies from 64k on go through torch.compile: the fused kernel computes what the eager ops do."""
+    from dgemma.sampling import _digest
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(8, 65_536, generator=gen) * 4).to(torch.bfloat16)
+    scale = torch.full((8, 1), 30.0 / 0.6)
+    peak = torch.tanh(logits.float().max(dim=-1, keepdim=True).values / 30.0) * scale
+    eager = digest_logits(logits, peak, 1 / 30.0, scale, 1024, torch.bfloat16)
+    fused = _digest(large=True)(logits, peak, 1 / 30.0, scale, 1024, torch.bfloat16)
+    for a, b in zip(eager, fused):
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-4, rtol=2e-3)
