@@ -91,9 +91,24 @@ class GrammarError(ValueError):
     """A grammar, schema or regex that cannot be compiled."""
 
 
+def strict_schema(schema: Any) -> Any:
+    """A copy of a JSON schema where objects that do not say otherwise allow no properties beyond those listed,
+    as OpenAI's strict structured outputs do. Every document it accepts is valid for the original schema; it
+    stops a model from wandering off into invented keys (objects with no listed properties stay open)."""
+    if isinstance(schema, list):
+        return [strict_schema(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: strict_schema(value) for key, value in schema.items()}
+    if isinstance(out.get("properties"), dict) and out["properties"] and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def grammar_from(json_schema: dict | str | None = None, regex: str | None = None, lark: str | None = None,
-                 json_object: bool = False) -> str:
-    """An llguidance grammar from exactly one of: a JSON schema, a regex, a Lark grammar, or any JSON object."""
+                 json_object: bool = False, strict: bool = True) -> str:
+    """An llguidance grammar from exactly one of: a JSON schema (made strict, see `strict_schema`, unless
+    `strict=False`), a regex, a Lark grammar, or any JSON object."""
     from llguidance import LLMatcher
 
     given = [x for x in (json_schema, regex, lark) if x is not None] + ([True] if json_object else [])
@@ -104,6 +119,7 @@ def grammar_from(json_schema: dict | str | None = None, regex: str | None = None
     if json_schema is not None:
         try:
             schema = json.loads(json_schema) if isinstance(json_schema, str) else json_schema
+            schema = strict_schema(schema) if strict else schema
             grammar = LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
         except (ValueError, TypeError) as err:
             raise GrammarError(f"invalid JSON schema: {err}") from err

@@ -62,20 +62,23 @@ def main() -> None:
     parser.add_argument("--steps", default="8,16,32")
     parser.add_argument("--bounds", default="0.1,0.5,2.0")
     parser.add_argument("--confidence", default="0.005,0.1,0.5")
+    parser.add_argument("--temperatures", default="0.4:0.8", help="t_min:t_max pairs, comma-separated")
     parser.add_argument("--out", default="runs/tune.json")
     args = parser.parse_args()
 
     model, tokenizer = dgemma.load(args.model), Tokenizer.from_directory(args.model)
     prompts = held_out_prompts(tokenizer, Path(args.corpus), args.prompts, args.prompt_length)
     rows = []
+    temperatures = [tuple(float(t) for t in pair.split(":")) for pair in args.temperatures.split(",")]
     grid = itertools.product([int(s) for s in args.steps.split(",")], [float(b) for b in args.bounds.split(",")],
-                             [float(c) for c in args.confidence.split(",")])
-    for steps, bound, confidence in grid:
+                             [float(c) for c in args.confidence.split(",")], temperatures)
+    for steps, bound, confidence, (t_min, t_max) in grid:
         started = time.perf_counter()
         nll, forwards, tokens, distinct = [], 0, 0, []
         for i, prompt in enumerate(prompts):
             out = model.generate(torch.tensor([prompt]), max_new_tokens=args.new_tokens, max_denoising_steps=steps,
-                                 entropy_bound=bound, confidence_threshold=confidence, eos_token_id=None,
+                                 entropy_bound=bound, confidence_threshold=confidence, t_min=t_min, t_max=t_max,
+                                 eos_token_id=None,
                                  generator=torch.Generator().manual_seed(i))
             new = out.sequences[0, len(prompt):].tolist()
             nll.append(encoder_nll(model, prompt, new))
@@ -83,10 +86,12 @@ def main() -> None:
             forwards += int(out.decoder_forward_passes[0])
             tokens += len(new)
         row = {"max_denoising_steps": steps, "entropy_bound": bound, "confidence_threshold": confidence,
+               "t_min": t_min, "t_max": t_max,
                "tokens_per_forward": tokens / forwards, "encoder_nll": sum(nll) / len(nll),
                "distinct_bigrams": sum(distinct) / len(distinct), "seconds": time.perf_counter() - started}
         rows.append(row)
-        print(f"steps {steps:3d} bound {bound:5.2f} conf {confidence:6.3f}: {row['tokens_per_forward']:5.2f} tok/fwd, "
+        print(f"steps {steps:3d} bound {bound:5.2f} conf {confidence:6.3f} t {t_min}-{t_max}: "
+              f"{row['tokens_per_forward']:5.2f} tok/fwd, "
               f"NLL {row['encoder_nll']:.3f}, distinct bigrams {row['distinct_bigrams']:.3f}, "
               f"{row['seconds']:.1f} s", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -120,3 +120,17 @@ def test_regex_and_grammar_errors(model_and_tokenizer):
     with pytest.raises(ValueError, match="sampling='fast'"):
         model.generate(torch.tensor([prompt]), sampling="reference",
                        control=FixedTokens(torch.tensor([[5]]), model.config.canvas_length))
+
+
+def test_strict_schema_closes_objects_that_do_not_say_otherwise():
+    from dgemma.constraints import strict_schema
+    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer"}}},
+                                               "c": {"type": "object", "additionalProperties": True,
+                                                     "properties": {"d": {}}},
+                                               "e": {"type": "object"}}}
+    strict = strict_schema(schema)
+    assert strict["additionalProperties"] is False
+    assert strict["properties"]["a"]["additionalProperties"] is False
+    assert strict["properties"]["c"]["additionalProperties"] is True  # said otherwise
+    assert "additionalProperties" not in strict["properties"]["e"]  # no listed properties: stays open
+    assert "additionalProperties" not in schema  # the caller's schema is not modified
