@@ -177,11 +177,12 @@ class Experts(nn.Module):
 def grouped_linear(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """rows [S, in] grouped by expert (group e ends at ends[e]) times weight[e].T, [E, out, in] -> [S, out]."""
     weight_t = weight.transpose(-2, -1)
-    aligned = all(stride * rows.element_size() % 16 == 0 for stride in (rows.stride(0), weight_t.stride(1),
-                                                                         weight_t.stride(0)))
+    # grouped_mm (what the reference runs) needs every non-unit stride to be a multiple of 16 bytes.
+    strides = (*rows.stride(), *weight_t.stride())
+    aligned = all(stride == 1 or stride * rows.element_size() % 16 == 0 for stride in strides)
     if aligned and rows.dtype == weight.dtype:
         return F.grouped_mm(rows, weight_t, offs=ends)
-    # grouped_mm needs 16-byte-aligned strides; odd sizes take one matmul per expert instead.
+    # Odd sizes take one matmul per expert instead.
     out = rows.new_empty(rows.shape[0], weight.shape[1])
     begin = 0
     for expert, end in enumerate(ends.tolist()):

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import os
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -73,14 +74,19 @@ def draw_uniforms(rows: int, generator: torch.Generator | None, device: torch.de
     return torch.rand(rows, 1, dtype=torch.float64, device=device, generator=generator)
 
 
-def digest_logits(logits: torch.Tensor, peak: torch.Tensor, inv_softcap: float | None, scale: torch.Tensor,
-                  block: int, weights_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One fusable pass over a chunk of raw logits [R, V] (V a multiple of `block`): the processed logits
-    x = tanh(l / cap) * cap / T (or l / T), their unnormalised probabilities w = exp(x - peak), and per block of
-    `block` entries the sums of w and of w * (x - peak). Everything else the sampler needs follows from these
-    sums; `scale` is [R, 1] (cap / T, or 1 / T without soft-capping), `peak` [R, 1] the row maximum of x.
+def block_maxima(logits: torch.Tensor, block: int) -> torch.Tensor:
+    """The maximum of each block of `block` raw logits, [R, V / block]: one cheap pass over the model-dtype
+    logits, from which the row maximum and argmax follow (the sampler's transforms are monotonic)."""
+    return logits.view(logits.shape[0], -1, block).amax(dim=-1)
 
-    Returns (w in `weights_dtype` [R, V], block sums of w [R, V / block], block sums of w * (x - peak))."""
+
+def digest_logits(logits: torch.Tensor, peak: torch.Tensor, inv_softcap: float | None, scale: torch.Tensor,
+                  block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One fusable pass over a chunk of raw logits [R, V] (V a multiple of `block`): the processed logits
+    x = tanh(l / cap) * cap / T (or l / T) and their unnormalised probabilities w = exp(x - peak), returned in
+    the logits' dtype (for the self-conditioning matmul), and per block of `block` entries the sums of w and of
+    w * (x - peak), from which everything else the sampler needs follows. `scale` is [R, 1] (cap / T, or 1 / T
+    without soft-capping), `peak` [R, 1] the row maximum of x."""
     rows = logits.shape[0]
     # Everything on the [R, V / block, block] view, so that a compiler fuses it into one loop nest.
     x = logits.view(rows, -1, block).float()
@@ -88,20 +94,19 @@ def digest_logits(logits: torch.Tensor, peak: torch.Tensor, inv_softcap: float |
     x = torch.tanh(x * inv_softcap) * scale if inv_softcap is not None else x * scale
     shifted = x - peak
     weights = torch.exp(shifted)
-    return weights.to(weights_dtype).view(rows, -1), weights.sum(dim=-1), (weights * shifted).sum(dim=-1)
+    return weights.to(logits.dtype).view(rows, -1), weights.sum(dim=-1), (weights * shifted).sum(dim=-1)
 
 
-_compiled_digest = None
+_compiled: dict[str, Callable] = {}
 
 
-def _digest(large: bool):
-    """The compiled digest for large vocabularies (one fused pass instead of a dozen), eager otherwise."""
-    global _compiled_digest
+def _kernel(name: str, function: Callable, large: bool) -> Callable:
+    """The compiled, fused version of a sampler kernel for large vocabularies, the eager one otherwise."""
     if not large or os.environ.get("DGEMMA_COMPILE", "1") == "0":
-        return digest_logits
-    if _compiled_digest is None:
-        _compiled_digest = torch.compile(digest_logits, dynamic=False, fullgraph=True)
-    return _compiled_digest
+        return function
+    if name not in _compiled:
+        _compiled[name] = torch.compile(function, dynamic=False, fullgraph=True)
+    return _compiled[name]
 
 
 def fast_step(hidden: torch.Tensor, head: torch.Tensor, embedding: torch.Tensor, embed_scale: torch.Tensor,
@@ -112,9 +117,10 @@ def fast_step(hidden: torch.Tensor, head: torch.Tensor, embedding: torch.Tensor,
 
     The two vocabulary matmuls (logits, self-conditioning) run on up to `matmul_elements` logits at a time, in
     the model dtype, so the vocabulary matrix is read once per step. In between, `digest_elements` at a time
-    (small enough to stay in cache) are turned into weights in place: the transforms are monotonic, so the
-    argmax and maximum of the processed logits come from the raw ones, and one pass (compiled and fused for
-    vocabularies of 64k and more; DGEMMA_COMPILE=0 disables it) gives the weights and their block sums. The
+    (small enough to stay in cache) are turned into weights: the transforms are monotonic, so the argmax and
+    maximum of the processed logits come from per-block maxima of the raw ones, and one pass gives the weights
+    and their block sums (both compiled and fused for vocabularies of 16k and more; DGEMMA_COMPILE=0 disables
+    it). The
     self-conditioning matmul is normalised afterwards, on [R, H] instead of [R, V]. No fp32 [B, L, V] tensor
     is ever built.
     """
@@ -130,28 +136,33 @@ def fast_step(hidden: torch.Tensor, head: torch.Tensor, embedding: torch.Tensor,
     scale = (inv_temperature.expand(batch).repeat_interleave(length)[:, None] * (softcap or 1.0)).to(hidden.device)
     inv_softcap = 1.0 / softcap if softcap else None
     block = block if vocab % block == 0 else vocab  # small or odd vocabularies: one block
-    digest = _digest(vocab >= 65_536)
+    large = vocab >= 16_384
+    maxima, digest = _kernel("maxima", block_maxima, large), _kernel("digest", digest_logits, large)
     outer, inner = max(1, matmul_elements // vocab), max(1, digest_elements // vocab)
+    weights = torch.empty(min(outer, n), vocab, dtype=head.dtype, device=hidden.device)
     for start in range(0, n, outer):
         end = min(start + outer, n)
-        logits = F.linear(rows[start:end], head)  # [R, V] in the model dtype; becomes the weights below
+        logits = F.linear(rows[start:end], head)  # [R, V] in the model dtype
         totals = torch.empty(end - start, 1, dtype=torch.float32, device=hidden.device)
         for first in range(0, end - start, inner):
             last = min(first + inner, end - start)
-            part, part_scale = logits[first:last], scale[start + first:start + last]
-            top_raw, argmax[start + first:start + last] = part.max(dim=-1)
+            span = slice(start + first, start + last)
+            part, part_scale = logits[first:last], scale[span]
+            block_max = maxima(part, block)
+            top_raw, top_block = block_max.max(dim=-1)
+            within = part.view(last - first, -1, block)[torch.arange(last - first), top_block].argmax(dim=-1)
+            argmax[span] = top_block * block + within
             peak = top_raw.float()[:, None]
             peak = torch.tanh(peak * inv_softcap) * part_scale if inv_softcap else peak * part_scale
-            weights, block_w, block_wx = digest(part, peak, inv_softcap, part_scale, block, embedding.dtype)
+            part_weights, block_w, block_wx = digest(part, peak, inv_softcap, part_scale, block)
+            weights[first:last] = part_weights
             total = block_w.sum(dim=-1, keepdim=True)
             totals[first:last] = total
             # H = log Z - E_p[x - max]
-            entropy[start + first:start + last] = (torch.log(total)
-                                                   - block_wx.sum(dim=-1, keepdim=True) / total).squeeze(1)
-            sampled[start + first:start + last] = sample_from_blocks(
-                part, block_w.double(), peak, inv_softcap, part_scale, uniforms[start + first:start + last], block)
-            part.copy_(weights)  # the raw logits are no longer needed
-        soft[start:end] = ((logits.to(embedding.dtype) @ embedding).float() / totals).to(embedding.dtype)
+            entropy[span] = (torch.log(total) - block_wx.sum(dim=-1, keepdim=True) / total).squeeze(1)
+            sampled[span] = sample_from_blocks(part, block_w.double(), peak, inv_softcap, part_scale,
+                                               uniforms[span], block)
+        soft[start:end] = ((weights[:end - start].to(embedding.dtype) @ embedding).float() / totals).to(embedding.dtype)
     return StepResult(sampled=sampled.view(batch, length), argmax=argmax.view(batch, length),
                       entropy=entropy.view(batch, length),
                       self_conditioning=(soft * embed_scale).view(batch, length, width))
