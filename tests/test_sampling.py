@@ -160,13 +160,20 @@ def test_reference_step_matches_categorical_entropy():
     assert torch.equal(result.entropy, categorical_entropy(logits / 0.5))
 
 
+def test_processed_logits_match_the_reference_soft_cap():
+    from dgemma.sampling import processed
+    logits = torch.linspace(-2000, 2000, 100_001)
+    torch.testing.assert_close(processed(logits, 1 / 30.0, torch.tensor(30.0 / 0.6)),
+                               torch.tanh(logits / 30.0) * 30.0 / 0.6, atol=2e-5, rtol=1e-6)
+
+
 def test_compiled_kernels_for_large_vocabularies_match_the_eager_ones():
     """Vocabularies from 16k on go through torch.compile: the fused kernels compute what the eager ops do."""
-    from dgemma.sampling import _kernel, block_maxima
+    from dgemma.sampling import _kernel, block_maxima, processed
     gen = torch.Generator().manual_seed(0)
     logits = (torch.randn(8, 32_768, generator=gen) * 4).to(torch.bfloat16)
     scale = torch.full((8, 1), 30.0 / 0.6)
-    peak = torch.tanh(logits.float().max(dim=-1, keepdim=True).values / 30.0) * scale
+    peak = processed(logits.max(dim=-1, keepdim=True).values, 1 / 30.0, scale)
     eager = digest_logits(logits, peak, 1 / 30.0, scale, 1024)
     fused = _kernel("digest", digest_logits, large=True)(logits, peak, 1 / 30.0, scale, 1024)
     for a, b in zip(eager, fused):
