@@ -106,6 +106,46 @@ def roofline(config, prompt: int, steps: int, matmul_flops: float, bandwidth: fl
             "floor_tokens_per_second": config.canvas_length / (steps * seconds)}
 
 
+def measure_machine(threads: int, repeat: int = 5) -> dict[str, float]:
+    """bf16 matmul FLOP/s (a decoder-sized and a vocabulary-sized product) and memory copy bandwidth, here."""
+    torch.set_num_threads(threads)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    a, b = torch.randn(256, 512, dtype=torch.bfloat16), torch.randn(512, 2048, dtype=torch.bfloat16)
+    head = torch.randn(65_536, 512, dtype=torch.bfloat16)
+    big = torch.empty(64 * 2**20, dtype=torch.uint8)
+    copy = torch.empty_like(big)
+    return {"matmul_flops_layer_shape": 2 * 256 * 512 * 2048 / best(lambda: a @ b),
+            "matmul_flops_vocab_shape": 2 * 256 * 512 * 65_536 / best(lambda: torch.nn.functional.linear(a, head)),
+            "copy_bytes_per_second": 2 * big.numel() / best(lambda: copy.copy_(big))}
+
+
+def print_roofline(args: argparse.Namespace) -> dict:
+    """The measured machine and, for the named config at both vocabulary sizes, each step's floor."""
+    import dgemma
+
+    machine = measure_machine(args.threads)
+    flops = machine["matmul_flops_vocab_shape"]
+    rows = []
+    for vocab in (args.vocab or 262_144, 32_768):
+        text = dict(NAMED_CONFIGS[args.config], vocab_size=vocab)
+        config = dgemma.ModelConfig.from_dict({"model_type": "diffusion_gemma", "canvas_length": args.canvas,
+                                               "text_config": text})
+        floor = roofline(config, args.prompt_length, args.steps, flops, machine["copy_bytes_per_second"])
+        rows.append({"vocab": vocab, **floor})
+    report = {"machine": machine, "config": args.config, "steps": args.steps, "floors": rows}
+    print(json.dumps(report, indent=2))
+    return report
+
+
 # ---- one measurement, in a worker process ---------------------------------------------------------------------
 
 def run_worker(args: argparse.Namespace) -> dict:
@@ -122,7 +162,11 @@ def run_worker(args: argparse.Namespace) -> dict:
         model = dgemma.load(directory, dtype=dtype)
         vocab = model.config.vocab_size
     load_seconds = time.perf_counter() - started
-    ids = prompt_ids(vocab, args.prompt_length)
+    if args.prompt:
+        from .tokenizer import Tokenizer
+        ids = torch.tensor([Tokenizer.from_directory(directory).encode(args.prompt)])
+    else:
+        ids = prompt_ids(vocab, args.prompt_length)
     budget = args.max_new_tokens
     run = {"transformers": _run_transformers, "dgemma-ar": _run_ar}.get(args.system, _run_dgemma)
     run(model, ids, budget, dict(overrides, max_denoising_steps=1), args, warmup=True)
@@ -210,7 +254,7 @@ def spawn(system: str, checkpoint: Path, args: argparse.Namespace, overrides: di
     command = [sys.executable, "-m", "dgemma.bench", "worker", "--system", system, "--checkpoint", str(checkpoint),
                "--dtype", args.dtype, "--threads", str(args.threads), "--prompt-length", str(args.prompt_length),
                "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed),
-               "--overrides", json.dumps(overrides)]
+               "--overrides", json.dumps(overrides), "--prompt", args.prompt or ""]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
@@ -266,7 +310,8 @@ def main_run(args: argparse.Namespace) -> dict:
             if other != "dgemma-fast":
                 ratios[f"dgemma-fast / {other}"] = fast / summary[other]["tokens_per_second"]["median"]
     report = {"label": label, "checkpoint": str(checkpoint), "dtype": args.dtype, "threads": args.threads,
-              "prompt_length": args.prompt_length, "max_new_tokens": args.max_new_tokens,
+              "prompt": repr(args.prompt) if args.prompt else f"{args.prompt_length} random tokens",
+              "max_new_tokens": args.max_new_tokens,
               "settings": overrides or "checkpoint generation_config (adaptive stopping)", "repeat": args.repeat,
               "summary": summary, "ratios": ratios, "runs": results, "machine": _machine()}
     out = Path(args.out)
@@ -283,7 +328,7 @@ def _machine() -> dict:
 
 
 def table(report: dict) -> str:
-    lines = [f"{report['label']} ({report['dtype']}, {report['threads']} threads, prompt {report['prompt_length']}, "
+    lines = [f"{report['label']} ({report['dtype']}, {report['threads']} threads, prompt {report['prompt']}, "
              f"{report['max_new_tokens']} new tokens, {report['repeat']} runs each, medians [min-max])",
              f"{'system':18s} {'tok/s':>18s} {'s/forward':>10s} {'tok/forward':>11s} {'TTFT s':>8s} {'peak RSS':>9s}"]
     for system, s in report["summary"].items():
@@ -328,7 +373,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--steps", type=int, default=16, help="fixed denoising steps (adaptive stopping off)")
     parser.add_argument("--adaptive", action="store_true", help="use the checkpoint's own stopping settings")
-    parser.add_argument("--prompt-length", type=int, default=64)
+    parser.add_argument("--prompt-length", type=int, default=64, help="random prompt tokens (without --prompt)")
+    parser.add_argument("--prompt", help="a text prompt, tokenized with the checkpoint's tokenizer")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -336,6 +382,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}")
     parser.add_argument("--work-dir", help="where random checkpoints are built (default: the temp dir)")
     parser.add_argument("--out", default="bench/result.json", help="JSON report (a PNG chart goes beside it)")
+    parser.add_argument("--roofline", action="store_true",
+                        help="measure this machine's matmul rate and bandwidth and print each step's floor")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -344,6 +392,7 @@ def main(argv: list[str] | None = None) -> None:
         parser = argparse.ArgumentParser()
         for flag in ("--system", "--checkpoint", "--dtype", "--overrides"):
             parser.add_argument(flag, required=True)
+        parser.add_argument("--prompt", default="")
         for flag in ("--threads", "--prompt-length", "--max-new-tokens", "--seed"):
             parser.add_argument(flag, type=int, required=True)
         print(json.dumps(run_worker(parser.parse_args(argv[1:]))))

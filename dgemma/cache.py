@@ -106,7 +106,7 @@ class KVCache:
         return max(0, self.length - self.config.sliding_window + 1) if kind == SLIDING else 0
 
     def plan(self, rope: dict[str, tuple[torch.Tensor, torch.Tensor]], new_valid: torch.Tensor,
-             encoder: bool) -> AttentionPlan:
+             encoder: bool, fast_kernels: bool = False) -> AttentionPlan:
         """Attention plan for T new tokens written at [length, length + T); `new_valid` [B, T]."""
         new_len = new_valid.shape[1]
         end = self.length + new_len
@@ -128,7 +128,7 @@ class KVCache:
             values[:, :, write_at:end] = v
             return keys[:, :, starts[layer]:end], values[:, :, starts[layer]:end]
 
-        return AttentionPlan(rope=rope, masks=masks, join=join)
+        return AttentionPlan(rope=rope, masks=masks, join=join, fast_kernels=fast_kernels)
 
     def commit(self, new_valid: torch.Tensor) -> None:
         """Make the tokens the last encoder plan wrote part of the prefix."""
@@ -179,7 +179,7 @@ class SlotCache:
         self.clear(source)
 
     def decoder_plan(self, rope: dict[str, tuple[torch.Tensor, torch.Tensor]], active: int,
-                     canvas_length: int) -> AttentionPlan:
+                     canvas_length: int, fast_kernels: bool = False) -> AttentionPlan:
         """Plan for one canvas per row 0 .. active - 1, each written just past its own prefix."""
         lengths = torch.tensor(self.lengths[:active], device=self.device)
         end = int(lengths.max()) + canvas_length
@@ -209,4 +209,4 @@ class SlotCache:
             values[rows, :, write_slots] = v.transpose(1, 2)
             return keys[:active, :, layer_starts[layer]:end], values[:active, :, layer_starts[layer]:end]
 
-        return AttentionPlan(rope=rope, masks=masks, join=join)
+        return AttentionPlan(rope=rope, masks=masks, join=join, fast_kernels=fast_kernels)

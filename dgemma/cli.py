@@ -242,9 +242,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import main_run
+    from .bench import main_run, print_roofline
 
-    main_run(args)
+    print_roofline(args) if args.roofline else main_run(args)
     return 0
 
 

@@ -268,7 +268,7 @@ def generate_steps(model: DiffusionGemma, input_ids: torch.Tensor, config: Gener
         start = cache.length
         canvas_valid = torch.ones(batch, canvas_length, dtype=torch.bool, device=device)
         canvas_positions = torch.arange(start, start + canvas_length, device=device).expand(batch, -1)
-        plan = cache.plan(model.rope(canvas_positions), canvas_valid, encoder=False)
+        plan = cache.plan(model.rope(canvas_positions), canvas_valid, encoder=False, fast_kernels=sampling == "fast")
         canvas = torch.randint(0, vocab, (batch, canvas_length), device=device, generator=generator)
         if control is not None:
             canvas = control.begin(canvas_index, canvas)

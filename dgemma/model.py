@@ -82,6 +82,9 @@ class AttentionPlan:
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer kind -> (cos, sin)
     masks: dict[str, torch.Tensor | None]  # layer kind -> bool [B, 1, T, S] (True = attend) or None for all
     join: KVJoin
+    # Kernels that are faster but not operation-for-operation the reference's (equal up to float rounding):
+    # fine for sampling="fast", never for the reference mode or parity tests.
+    fast_kernels: bool = False
 
 
 class Attention(nn.Module):
@@ -161,13 +164,23 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, m))
         self.act = activation(config.hidden_activation)
 
-    def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
+                padded: bool = False) -> torch.Tensor:
         tokens, top_k = index.shape
         expert_of, order = torch.sort(index.reshape(-1))  # (token, choice) pairs grouped by expert
         rows = x[order // top_k]
-        ends = torch.cumsum(torch.bincount(expert_of, minlength=self.num_experts), dim=0).to(torch.int32)
-        gate, up = grouped_linear(rows, self.gate_up_proj, ends).chunk(2, dim=-1)
-        out = grouped_linear(self.act(gate) * up, self.down_proj, ends)
+        counts = torch.bincount(expert_of, minlength=self.num_experts)
+        if padded:
+            # Each expert's rows in a [E, capacity, H] batch: two batched matmuls instead of 2E small ones.
+            slot = torch.arange(expert_of.numel(), device=x.device) - (torch.cumsum(counts, 0) - counts)[expert_of]
+            batch = x.new_zeros(self.num_experts, int(counts.max()), x.shape[-1])
+            batch[expert_of, slot] = rows
+            gate, up = torch.bmm(batch, self.gate_up_proj.transpose(-2, -1)).chunk(2, dim=-1)
+            out = torch.bmm(self.act(gate) * up, self.down_proj.transpose(-2, -1))[expert_of, slot]
+        else:
+            ends = torch.cumsum(counts, dim=0).to(torch.int32)
+            gate, up = grouped_linear(rows, self.gate_up_proj, ends).chunk(2, dim=-1)
+            out = grouped_linear(self.act(gate) * up, self.down_proj, ends)
         weighted = torch.empty(out.shape, dtype=torch.float32, device=out.device)
         weighted[order] = out * weights.reshape(-1)[order, None]  # fp32, back in (token, choice) order
         # The k contributions are summed in fp32 and rounded once, as the reference's grouped path does.
@@ -220,7 +233,8 @@ class Block(nn.Module):
             # The router reads the raw residual; the experts read a separately normed copy.
             flat = residual.reshape(-1, residual.shape[-1])
             weights, index = self.router(flat)
-            moe = self.experts(self.pre_feedforward_layernorm_2(flat), index, weights).reshape(residual.shape)
+            moe = self.experts(self.pre_feedforward_layernorm_2(flat), index, weights,
+                               padded=plan.fast_kernels).reshape(residual.shape)
             h = self.post_feedforward_layernorm_1(h) + self.post_feedforward_layernorm_2(moe)
         x = residual + self.post_feedforward_layernorm(h)
         return x * self.layer_scalar

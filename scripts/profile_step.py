@@ -56,7 +56,8 @@ def main() -> None:
         cache.commit(valid)
         canvas = torch.randint(0, config.vocab_size, (1, args.canvas))
         positions = torch.arange(args.prompt, args.prompt + args.canvas)[None]
-        plan = cache.plan(model.rope(positions), torch.ones(1, args.canvas, dtype=torch.bool), encoder=False)
+        plan = cache.plan(model.rope(positions), torch.ones(1, args.canvas, dtype=torch.bool), encoder=False,
+                          fast_kernels=True)
         hidden = model.decode(canvas, plan)
         soft = torch.zeros_like(hidden)
         head, scale = model.head_matrix, model.decoder.embed_tokens.scale_as(dtype)

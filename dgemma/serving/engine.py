@@ -216,7 +216,7 @@ class Engine:
         canvases = torch.cat([s.canvas for s in running])
         positions = torch.tensor([self.cache.lengths[s.row] for s in running], device=model.device)[:, None]
         plan = self.cache.decoder_plan(model.rope(positions + torch.arange(length, device=model.device)), active,
-                                       length)
+                                       length, fast_kernels=True)
         soft = None
         if any(s.soft is not None for s in running):
             # A first step has no signal; zeros give exactly the same result (the block's MLP maps 0 to 0).
