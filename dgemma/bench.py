@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from .allocator import tune_allocator
+
 S, F = "sliding_attention", "full_attention"
 
 # The "small" configuration of the performance issue: 8 layers with full attention at positions 5 and 7 (the
@@ -150,6 +152,8 @@ def print_roofline(args: argparse.Namespace) -> dict:
 
 def run_worker(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
+    if args.tune_allocator:  # every system alike, transformers too, so that the ratios compare the computations
+        tune_allocator()
     directory, dtype = Path(args.checkpoint), DTYPES[args.dtype]
     overrides = json.loads(args.overrides)
     started = time.perf_counter()
@@ -255,6 +259,7 @@ def spawn(system: str, checkpoint: Path, args: argparse.Namespace, overrides: di
                "--dtype", args.dtype, "--threads", str(args.threads), "--prompt-length", str(args.prompt_length),
                "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed),
                "--overrides", json.dumps(overrides), "--prompt", args.prompt or ""]
+    command += ["--tune-allocator"] if args.tune_allocator else []
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
@@ -312,6 +317,7 @@ def main_run(args: argparse.Namespace) -> dict:
     report = {"label": label, "checkpoint": str(checkpoint), "dtype": args.dtype, "threads": args.threads,
               "prompt": repr(args.prompt) if args.prompt else f"{args.prompt_length} random tokens",
               "max_new_tokens": args.max_new_tokens,
+              "allocator": "tuned (dgemma.allocator), every system" if args.tune_allocator else "glibc defaults",
               "settings": overrides or "checkpoint generation_config (adaptive stopping)", "repeat": args.repeat,
               "summary": summary, "ratios": ratios, "runs": results, "machine": _machine()}
     out = Path(args.out)
@@ -329,7 +335,8 @@ def _machine() -> dict:
 
 def table(report: dict) -> str:
     lines = [f"{report['label']} ({report['dtype']}, {report['threads']} threads, prompt {report['prompt']}, "
-             f"{report['max_new_tokens']} new tokens, {report['repeat']} runs each, medians [min-max])",
+             f"{report['max_new_tokens']} new tokens, allocator: {report['allocator']}, {report['repeat']} runs each, "
+             "medians [min-max])",
              f"{'system':18s} {'tok/s':>18s} {'s/forward':>10s} {'tok/forward':>11s} {'TTFT s':>8s} {'peak RSS':>9s}"]
     for system, s in report["summary"].items():
         t = s["tokens_per_second"]
@@ -381,6 +388,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}")
     parser.add_argument("--work-dir", help="where random checkpoints are built (default: the temp dir)")
+    parser.add_argument("--tune-allocator", action="store_true",
+                        help="run every system, transformers included, with dgemma's allocator settings "
+                             "(default: glibc's defaults for all, as a library user runs them)")
     parser.add_argument("--out", default="bench/result.json", help="JSON report (a PNG chart goes beside it)")
     parser.add_argument("--roofline", action="store_true",
                         help="measure this machine's matmul rate and bandwidth and print each step's floor")
@@ -393,6 +403,7 @@ def main(argv: list[str] | None = None) -> None:
         for flag in ("--system", "--checkpoint", "--dtype", "--overrides"):
             parser.add_argument(flag, required=True)
         parser.add_argument("--prompt", default="")
+        parser.add_argument("--tune-allocator", action="store_true")
         for flag in ("--threads", "--prompt-length", "--max-new-tokens", "--seed"):
             parser.add_argument(flag, type=int, required=True)
         print(json.dumps(run_worker(parser.parse_args(argv[1:]))))

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .allocator import tune_allocator
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -341,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="dgemma: %(message)s")
+    tune_allocator()
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError) as err:

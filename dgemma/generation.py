@@ -24,8 +24,8 @@ import torch
 
 from .cache import KVCache
 from .model import DiffusionGemma
-from .sampling import (StableAndConfident, draw_uniforms, entropy_bound_acceptance, fast_step, reference_step,
-                       renoise, temperature_at)
+from .sampling import (StableAndConfident, Workspace, draw_uniforms, entropy_bound_acceptance, fast_step,
+                       reference_step, renoise, temperature_at)
 
 if TYPE_CHECKING:
     from .constraints import CanvasControl
@@ -256,6 +256,7 @@ def generate_steps(model: DiffusionGemma, input_ids: torch.Tensor, config: Gener
                     for step in range(config.max_denoising_steps + 1)]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     passes = torch.zeros(batch, dtype=torch.int32, device=device)
+    workspace = Workspace()
     sequences = input_ids
     to_encode, new_valid = input_ids, mask[:, cached:]
 
@@ -289,7 +290,8 @@ def generate_steps(model: DiffusionGemma, input_ids: torch.Tensor, config: Gener
             else:
                 result = fast_step(hidden, model.head_matrix, model.embedding_matrix,
                                    model.decoder.embed_tokens.scale_as(dtype), model.config.final_logit_softcapping,
-                                   temperatures[step], draw_uniforms(batch * canvas_length, generator, device))
+                                   temperatures[step], draw_uniforms(batch * canvas_length, generator, device),
+                                   workspace)
             if control is None:
                 accepted = entropy_bound_acceptance(result.entropy, config.entropy_bound)
                 ready = None

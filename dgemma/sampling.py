@@ -115,11 +115,31 @@ def _kernel(name: str, function: Callable, large: bool) -> Callable:
     return _compiled[name]
 
 
+class Workspace:
+    """Buffers `fast_step` reuses from step to step: the logits and weights of a step, [rows, vocab] in the model
+    dtype, are its largest tensors (128 MiB each at vocab 262k). Allocated afresh every step they are mapped
+    anew, page fault by page fault; kept for a whole generation they are not. One per generation loop (not
+    shared between threads)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, rows: int, columns: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A [rows, columns] tensor of uninitialised memory, the same storage on every call that fits in it."""
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < rows * columns or buffer.dtype != dtype or buffer.device != device:
+            buffer = self._buffers[name] = torch.empty(rows * columns, dtype=dtype, device=device)
+        return buffer[:rows * columns].view(rows, columns)
+
+
+@torch.no_grad()  # a sampler: nothing to differentiate, and the out= matmul would refuse parameters needing grad
 def fast_step(hidden: torch.Tensor, head: torch.Tensor, embedding: torch.Tensor, embed_scale: torch.Tensor,
               softcap: float | None, temperature: torch.Tensor | None, uniforms: torch.Tensor,
-              matmul_elements: int = 1 << 27, digest_elements: int = 1 << 21, block: int = 1024) -> StepResult:
+              workspace: Workspace | None = None, matmul_elements: int = 1 << 27, digest_elements: int = 1 << 21,
+              block: int = 1024) -> StepResult:
     """hidden: final-normed decoder states [B, L, H]; head: [V, H]; embedding: [V, H] (tied: the same tensor);
-    temperature: None, a scalar, or one per batch row [B]; uniforms: [B * L, 1] from `draw_uniforms`.
+    temperature: None, a scalar, or one per batch row [B]; uniforms: [B * L, 1] from `draw_uniforms`;
+    workspace: buffers kept from the previous step (a fresh one when None).
 
     The two vocabulary matmuls (logits, self-conditioning) run on up to `matmul_elements` logits at a time, in
     the model dtype, so the vocabulary matrix is read once per step. In between, `digest_elements` at a time
@@ -145,10 +165,12 @@ def fast_step(hidden: torch.Tensor, head: torch.Tensor, embedding: torch.Tensor,
     large = vocab >= 16_384
     maxima, digest = _kernel("maxima", block_maxima, large), _kernel("digest", digest_logits, large)
     outer, inner = max(1, matmul_elements // vocab), max(1, digest_elements // vocab)
-    weights = torch.empty(min(outer, n), vocab, dtype=head.dtype, device=hidden.device)
+    workspace = workspace or Workspace()
+    weights = workspace.take("weights", min(outer, n), vocab, head.dtype, hidden.device)
     for start in range(0, n, outer):
         end = min(start + outer, n)
-        logits = F.linear(rows[start:end], head)  # [R, V] in the model dtype
+        logits = workspace.take("logits", end - start, vocab, head.dtype, hidden.device)
+        torch.mm(rows[start:end], head.t(), out=logits)  # [R, V] in the model dtype
         totals = torch.empty(end - start, 1, dtype=torch.float32, device=hidden.device)
         for first in range(0, end - start, inner):
             last = min(first + inner, end - start)

@@ -28,8 +28,8 @@ from ..cache import SlotCache
 from ..generation import GenerationConfig, processed_logits_at
 from ..model import DiffusionGemma
 from ..constraints import CanvasControl
-from ..sampling import (StableAndConfident, StepResult, draw_uniforms, entropy_bound_acceptance, fast_step, renoise,
-                        temperature_at)
+from ..sampling import (StableAndConfident, StepResult, Workspace, draw_uniforms, entropy_bound_acceptance,
+                        fast_step, renoise, temperature_at)
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ class Engine:
         self.stopping = False
         self.thread: threading.Thread | None = None
         self.steps_run = 0
+        self.workspace = Workspace()  # used by the engine thread only
 
     # ---- the caller's side (any thread) --------------------------------------------------------------------
 
@@ -229,7 +230,7 @@ class Engine:
         uniforms = torch.cat([draw_uniforms(length, s.generator, model.device) for s in running])
         result = fast_step(hidden, model.head_matrix, model.embedding_matrix,
                            model.decoder.embed_tokens.scale_as(model.dtype), self.config.final_logit_softcapping,
-                           torch.stack(temperatures), uniforms)
+                           torch.stack(temperatures), uniforms, self.workspace)
         self.steps_run += 1
         done = []
         for i, sequence in enumerate(running):
