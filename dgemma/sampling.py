@@ -20,7 +20,6 @@ import os
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass

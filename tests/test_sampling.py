@@ -7,7 +7,7 @@ import torch
 from scipy.stats import chi2_contingency, chisquare
 
 import dgemma
-from dgemma.sampling import (StableAndConfident, categorical_entropy, digest_logits, draw_uniforms,
+from dgemma.sampling import (StableAndConfident, Workspace, categorical_entropy, digest_logits, draw_uniforms,
                              entropy_bound_acceptance, fast_step, reference_step, sample_from_blocks, temperature_at)
 
 
@@ -63,6 +63,23 @@ def test_fast_step_computes_what_the_reference_computes(vocab, temperature):
     assert torch.equal(fast.argmax, ref.argmax)
     soft = (ref.self_conditioning.softmax(-1) @ head) * embed_scale
     torch.testing.assert_close(fast.self_conditioning, soft, atol=1e-4, rtol=1e-4)
+
+
+def test_workspace_reuses_its_buffers_and_changes_no_result():
+    """Steps that share a workspace (as a generation's do) give exactly what fresh buffers give, and a smaller
+    step reuses the storage of a larger one."""
+    workspace = Workspace()
+    taken = []  # kept alive, so that a fresh allocation could not land on a freed address
+    for seed, batch in [(1, 2), (2, 1), (3, 2)]:
+        hidden, head = make_head(1536, 16, seed=seed, sharpness=2.0)
+        hidden = hidden[:batch]
+        args = (hidden, head, head, torch.tensor(4.0), 30.0, torch.tensor(0.7))
+        fresh = fast_step(*args, draw_uniforms(5 * batch, torch.Generator().manual_seed(seed)))
+        shared = fast_step(*args, draw_uniforms(5 * batch, torch.Generator().manual_seed(seed)), workspace)
+        for name in ("sampled", "argmax", "entropy", "self_conditioning"):
+            assert torch.equal(getattr(fresh, name), getattr(shared, name)), name
+        taken.append(workspace.take("logits", 1, 1536, head.dtype, head.device))
+    assert len({tensor.data_ptr() for tensor in taken}) == 1
 
 
 def draws(logits: torch.Tensor, count: int, seed: int, block: int = 64) -> torch.Tensor:
