@@ -340,8 +340,8 @@ class Trainer:
                 # DDP averages gradients over processes; scale so the result is the global mean's gradient.
                 loss = self._loss(sums, canvas_tokens, encoder_tokens) * self.dist.world
             loss.backward()
-            diffusion_sum += float(sums.diffusion)
-            encoder_sum += float(sums.encoder)
+            diffusion_sum += float(sums.diffusion.detach())
+            encoder_sum += float(sums.encoder.detach())
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
