@@ -36,10 +36,11 @@ def tune_allocator() -> bool:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        mallopt = libc.mallopt
-        libc.gnu_get_libc_version  # glibc only: other C libraries' mallopt takes other parameter numbers
-    except (OSError, AttributeError, TypeError):
+    except (OSError, TypeError):
         return False
+    if not hasattr(libc, "gnu_get_libc_version"):  # other C libraries' mallopt takes other parameter numbers
+        return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # no block from mmap (thread arenas still grow their heaps by mmap), and the main heap's top kept
     applied = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -108,18 +109,23 @@ def roofline(config, prompt: int, steps: int, matmul_flops: float, bandwidth: fl
             "floor_tokens_per_second": config.canvas_length / (steps * seconds)}
 
 
+def call_times(fn: Callable[[], object], repeat: int) -> list[float]:
+    """Seconds taken by each of `repeat` calls of fn, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return times
+
+
 def measure_machine(threads: int, repeat: int = 5) -> dict[str, float]:
     """bf16 matmul FLOP/s (a decoder-sized and a vocabulary-sized product) and memory copy bandwidth, here."""
     torch.set_num_threads(threads)
 
     def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeat):
-            started = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - started)
-        return min(times)
+        return min(call_times(fn, repeat))
 
     a, b = torch.randn(256, 512, dtype=torch.bfloat16), torch.randn(512, 2048, dtype=torch.bfloat16)
     head = torch.randn(65_536, 512, dtype=torch.bfloat16)

@@ -93,9 +93,28 @@ class CanvasView:
         self.lines_drawn = (text + status).count("\n") + 1
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def generate_with_view(model, ids: list[int], config, sampling: str, generator: torch.Generator | None,
+                       view: CanvasView | None, control=None):
+    """One prompt's generation, redrawing `view` (when given) after every step and canvas. Returns the new
+    tokens up to the first EOS and the GenerationOutput."""
     from .generation import CanvasCommitted, DraftStep, GenerationOutput, generate_steps
 
+    output = None
+    for event in generate_steps(model, torch.tensor([ids]), config, sampling=sampling, generator=generator,
+                                control=control):
+        if view is not None and isinstance(event, DraftStep):
+            view.draw(event)
+        elif view is not None and isinstance(event, CanvasCommitted):
+            view.committed += event.tokens[0].tolist()
+            view.draw()
+        elif isinstance(event, GenerationOutput):
+            output = event
+    new_ids = output.sequences[0, len(ids):].tolist()
+    eos = set(config.eos_token_ids)
+    return new_ids[:next((i for i, t in enumerate(new_ids) if t in eos), len(new_ids))], output
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
     from .constraints import (GrammarControl, grammar_from, grammar_tokenizer, infill_text)
 
     model, tokenizer = load_for_generation(args)
@@ -121,20 +140,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                  model.config.vocab_size, eos, 1, model.config.canvas_length)
     view = CanvasView(tokenizer) if args.show_denoising else None
     started = time.perf_counter()
-    output = None
-    for event in generate_steps(model, torch.tensor([ids]), config, sampling=args.sampling, generator=generator,
-                                control=control):
-        if view is not None and isinstance(event, DraftStep):
-            view.draw(event)
-        elif view is not None and isinstance(event, CanvasCommitted):
-            view.committed += event.tokens[0].tolist()
-            view.draw()
-        elif isinstance(event, GenerationOutput):
-            output = event
-    new_ids = output.sequences[0, len(ids):].tolist()
-    eos = set(config.eos_token_ids)
-    end = next((i for i, t in enumerate(new_ids) if t in eos), len(new_ids))
-    text = tokenizer.decode(new_ids[:end])
+    new_ids, output = generate_with_view(model, ids, config, args.sampling, generator, view, control)
+    end = len(new_ids)
+    text = tokenizer.decode(new_ids)
     if view is None:
         print(text if args.chat else args.prompt + text)
     if args.stats:
@@ -200,7 +208,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .generation import CanvasCommitted, DraftStep, GenerationOutput, generate_steps
     from .tokenizer import split_thinking
 
     model, tokenizer = load_for_generation(args)
@@ -221,19 +228,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "user", "content": line})
         ids = tokenizer.encode_chat(history)
         view = CanvasView(tokenizer) if not args.no_canvas else None
-        output = None
-        for event in generate_steps(model, torch.tensor([ids]), config, sampling=args.sampling, generator=generator):
-            if view is not None and isinstance(event, DraftStep):
-                view.draw(event)
-            elif view is not None and isinstance(event, CanvasCommitted):
-                view.committed += event.tokens[0].tolist()
-                view.draw()
-            elif isinstance(event, GenerationOutput):
-                output = event
-        new_ids = output.sequences[0, len(ids):].tolist()
-        eos = set(config.eos_token_ids)
-        end = next((i for i, t in enumerate(new_ids) if t in eos), len(new_ids))
-        thought, answer = split_thinking(tokenizer.decode(new_ids[:end], skip_special_tokens=False))
+        new_ids, _ = generate_with_view(model, ids, config, args.sampling, generator, view)
+        thought, answer = split_thinking(tokenizer.decode(new_ids, skip_special_tokens=False))
         answer = tokenizer.decode(tokenizer.encode(answer, add_special_tokens=False))  # drop control tokens
         if view is None:
             if thought:

@@ -22,7 +22,7 @@ Design choices:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -56,20 +56,18 @@ class FixedTokens:
 
     values: torch.Tensor
     canvas_length: int
-
-    def _canvas(self, index: int) -> torch.Tensor:
-        start = index * self.canvas_length
-        part = self.values[:, start:start + self.canvas_length]
-        if part.shape[1] < self.canvas_length:  # past the fixed region everything is free
-            part = F.pad(part, (0, self.canvas_length - part.shape[1]), value=-1)
-        return part
+    current: torch.Tensor | None = field(default=None, init=False)  # the canvas being denoised, set by `begin`
 
     def begin(self, canvas_index: int, canvas: torch.Tensor) -> torch.Tensor:
-        fixed = self._canvas(canvas_index).to(canvas.device)
-        return torch.where(fixed >= 0, fixed, canvas)
+        start = canvas_index * self.canvas_length
+        fixed = self.values[:, start:start + self.canvas_length]
+        if fixed.shape[1] < self.canvas_length:  # past the fixed region everything is free
+            fixed = F.pad(fixed, (0, self.canvas_length - fixed.shape[1]), value=-1)
+        self.current = fixed.to(canvas.device)
+        return torch.where(self.current >= 0, self.current, canvas)
 
     def accept(self, canvas_index, canvas, result, bound, logits_at, generator):
-        fixed = self._canvas(canvas_index).to(canvas.device)
+        fixed = self.current
         is_fixed = fixed >= 0
         result = replace(result, sampled=torch.where(is_fixed, fixed, result.sampled),
                          argmax=torch.where(is_fixed, fixed, result.argmax),
@@ -78,8 +76,7 @@ class FixedTokens:
         return result, accepted, torch.ones(canvas.shape[0], dtype=torch.bool, device=canvas.device)
 
     def complete(self, canvas_index, argmax, logits_at):
-        fixed = self._canvas(canvas_index).to(argmax.device)
-        return torch.where(fixed >= 0, fixed, argmax)
+        return torch.where(self.current >= 0, self.current, argmax)
 
     def commit(self, canvas_index, tokens):
         pass

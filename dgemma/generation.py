@@ -257,6 +257,7 @@ def generate_steps(model: DiffusionGemma, input_ids: torch.Tensor, config: Gener
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     passes = torch.zeros(batch, dtype=torch.int32, device=device)
     workspace = Workspace()
+    embed_scale = model.decoder.embed_tokens.scale_as(dtype)
     sequences = input_ids
     to_encode, new_valid = input_ids, mask[:, cached:]
 
@@ -289,7 +290,7 @@ def generate_steps(model: DiffusionGemma, input_ids: torch.Tensor, config: Gener
                 result = reference_step(model.logits(hidden), temperatures[step], dtype, generator)
             else:
                 result = fast_step(hidden, model.head_matrix, model.embedding_matrix,
-                                   model.decoder.embed_tokens.scale_as(dtype), model.config.final_logit_softcapping,
+                                   embed_scale, model.config.final_logit_softcapping,
                                    temperatures[step], draw_uniforms(batch * canvas_length, generator, device),
                                    workspace)
             if control is None:

@@ -8,25 +8,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 import dgemma
 from dgemma.allocator import tune_allocator
-from dgemma.bench import NAMED_CONFIGS
+from dgemma.bench import NAMED_CONFIGS, call_times
 from dgemma.cache import KVCache
 from dgemma.sampling import draw_uniforms, fast_step
-
-
-def timed(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -73,7 +62,7 @@ def main() -> None:
             "  soft-embedding matmul": lambda: weights @ head,
         }
         for name, fn in parts.items():
-            print(f"{name:45s} {timed(fn, args.repeat) * 1000:8.1f} ms", flush=True)
+            print(f"{name:45s} {statistics.median(call_times(fn, args.repeat)) * 1000:8.1f} ms", flush=True)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,13 @@ def test_generate_command_shows_the_canvas_denoising(model_dir, capsys):
     assert stats["decoder_passes"] == 3 and stats["new_tokens"] <= 8
 
 
+def test_chat_command_answers_each_turn_and_ends_on_an_empty_line(model_dir, capsys, monkeypatch):
+    lines = iter(["Good morning", "And then?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "--model", str(model_dir), "--no-canvas", "--seed", "0", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.count("model> ") == 2
+
+
 def test_generate_command_reports_bad_input(model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit, match="no config.json"):
         main(["generate", "--model", str(tmp_path), "x"])

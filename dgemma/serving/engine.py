@@ -108,6 +108,7 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.steps_run = 0
         self.workspace = Workspace()  # used by the engine thread only
+        self.embed_scale = model.decoder.embed_tokens.scale_as(model.dtype)
 
     # ---- the caller's side (any thread) --------------------------------------------------------------------
 
@@ -229,7 +230,7 @@ class Engine:
                         for s in running]
         uniforms = torch.cat([draw_uniforms(length, s.generator, model.device) for s in running])
         result = fast_step(hidden, model.head_matrix, model.embedding_matrix,
-                           model.decoder.embed_tokens.scale_as(model.dtype), self.config.final_logit_softcapping,
+                           self.embed_scale, self.config.final_logit_softcapping,
                            torch.stack(temperatures), uniforms, self.workspace)
         self.steps_run += 1
         done = []
