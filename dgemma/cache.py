@@ -1,11 +1,16 @@
 """The KV cache and the attention masks of the encoder and the decoder.
 
 Design choices:
-- One preallocated key and value buffer per layer, [B, H_kv, capacity, D]; slot i holds sequence column i of
-  every row (left padding included, as in the reference, where a padded row's tokens keep their column as
+- One preallocated key and value buffer per layer, [rows, H_kv, capacity, D]; slot i of a row holds that row's
+  position i (left padding included, as in the reference, where a padded row's tokens keep their column as
   position). `valid` marks which committed slots are real tokens.
-- The encoder writes the new tokens' keys/values at [length, length + T) and `commit` makes them part of the
-  prefix. The decoder writes the canvas's keys/values into the same scratch slots just past the prefix, so that
+- Each row has its own committed length, kept on the host (the caller decides every length, so reading one
+  never waits for the device). The library's batch is rows of one length; the server's rows are independent
+  sequences of different lengths. One class serves both; the equal-length case takes plain slices.
+- The encoder writes new tokens' keys/values at [length, length + n) of each row and `commit` makes them part
+  of the prefix. Rows may bring different numbers of new tokens (batched prefill): the shorter ones are padded,
+  and a padding query writes nothing and mirrors its row's last real token, so it stays finite and harmless.
+- The decoder writes the canvas's keys/values into each row's scratch slots just past its prefix, so that
   prefix and canvas are one contiguous view (no concatenation per step), and never commits them.
 - Masks are pure functions of query and key positions, computed once per encoder call and once per canvas.
   Sliding layers see, in both passes, only the keys the reference's sliding cache keeps: the last `window - 1`
@@ -14,17 +19,22 @@ Design choices:
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .config import FULL, SLIDING, ModelConfig
 from .model import AttentionPlan
+
+RopeTables = dict[str, tuple[torch.Tensor, torch.Tensor]]
+Rope = Callable[[torch.Tensor], RopeTables]  # positions [B, T] -> tables per layer kind (the model's `rope`)
 
 
 def attention_masks(config: ModelConfig, query_pos: torch.Tensor, key_pos: torch.Tensor, key_ok: torch.Tensor,
                     encoder: bool) -> dict[str, torch.Tensor | None]:
     """Boolean masks [B, 1, T, S] per layer kind (None when every query sees every key).
 
-    query_pos [B, T]: positions of the new tokens (a contiguous chunk starting at query_pos[:, 0]).
+    query_pos [B, T]: positions of the new tokens (a chunk starting at query_pos[:, 0]).
     key_pos [B, S]: positions of the visible keys; key_ok [B, S]: keys that are real tokens.
     """
     window = config.sliding_window
@@ -38,27 +48,33 @@ def attention_masks(config: ModelConfig, query_pos: torch.Tensor, key_pos: torch
         causal = k <= q
         full = ok & causal
         sliding = ok & causal & (k > q - window)
-    else:
-        full = ok
-        sliding = ok & retained
-    if encoder:
         # A padding query may see no key at all; let it see itself so its (unused) output stays finite.
         itself = k == q
         full, sliding = full | itself, sliding | itself
+    else:
+        full = ok
+        sliding = ok & retained
     masks = {FULL: full, SLIDING: sliding}
     return {kind: None if bool(m.all()) else m for kind, m in masks.items() if kind in config.layer_types}
 
 
+def _as_range(rows: list[int]) -> slice | None:
+    """`rows` as a slice when they are consecutive and ascending (then their storage is a view)."""
+    if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows))
+    return None
+
+
 class KVCache:
-    """Keys and values of every committed token, plus scratch room for one canvas."""
+    """Keys and values of every committed token of `batch_size` rows, plus scratch room for one canvas per row."""
 
     def __init__(self, config: ModelConfig, batch_size: int, dtype: torch.dtype, device: torch.device | str = "cpu",
-                 capacity: int = 0):
+                 capacity: int = 0, growable: bool = True):
         self.config = config
-        self.batch_size = batch_size
         self.dtype = dtype
         self.device = torch.device(device)
-        self.length = 0
+        self.growable = True  # while the buffers are first allocated
+        self.lengths = [0] * batch_size
         self.capacity = 0
         self.valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=self.device)
         self.keys: list[torch.Tensor] = []
@@ -68,108 +84,168 @@ class KVCache:
             self.keys.append(torch.zeros(shape, dtype=dtype, device=self.device))
             self.values.append(torch.zeros(shape, dtype=dtype, device=self.device))
         self.reserve(capacity)
+        self.growable = growable
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def length(self) -> int:
+        """The committed length of a cache whose rows are all equally long (a library batch)."""
+        if len(set(self.lengths)) > 1:
+            raise ValueError(f"the cache's rows have different lengths {self.lengths}")
+        return self.lengths[0] if self.lengths else 0
 
     def get_seq_length(self) -> int:
         return self.length
 
-    @classmethod
-    def over(cls, config: ModelConfig, keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor,
-             length: int) -> "KVCache":
-        """A cache over existing storage (e.g. one row of a `SlotCache`); it cannot grow."""
-        cache = cls.__new__(cls)
-        cache.config, cache.batch_size, cache.dtype = config, valid.shape[0], keys[0].dtype
-        cache.device, cache.length, cache.capacity = keys[0].device, length, keys[0].shape[2]
-        cache.keys, cache.values, cache.valid = keys, values, valid
-        cache.growable = False
-        return cache
-
     def reserve(self, capacity: int) -> None:
-        """Grow the buffers to hold `capacity` slots (committed tokens plus scratch)."""
+        """Grow the buffers to hold `capacity` slots per row (committed tokens plus scratch)."""
         if capacity <= self.capacity:
             return
-        if not getattr(self, "growable", True):
+        if not self.growable:
             raise ValueError(f"the sequence needs {capacity} positions but its cache holds {self.capacity}")
         capacity = max(capacity, 2 * self.capacity)  # amortise repeated growth in multi-turn use
-        for layer in range(len(self.keys)):
-            for store in (self.keys, self.values):
-                old = store[layer]
+        used = max(self.lengths, default=0)
+        for store in (self.keys, self.values):
+            for layer, old in enumerate(store):
                 new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
-                new[:, :, :self.length] = old[:, :, :self.length]
+                new[:, :, :used] = old[:, :, :used]
                 store[layer] = new
         valid = self.valid.new_zeros(self.batch_size, capacity)
-        valid[:, :self.length] = self.valid[:, :self.length]
+        valid[:, :used] = self.valid[:, :used]
         self.valid = valid
         self.capacity = capacity
 
-    def _key_start(self, kind: str) -> int:
+    def _key_start(self, kind: str, lengths: list[int]) -> int:
         # Sliding layers never look further back than window - 1 positions before the chunk.
-        return max(0, self.length - self.config.sliding_window + 1) if kind == SLIDING else 0
+        return max(0, min(lengths) - self.config.sliding_window + 1) if kind == SLIDING else 0
 
-    def plan(self, rope: dict[str, tuple[torch.Tensor, torch.Tensor]], new_valid: torch.Tensor,
-             encoder: bool, fast_kernels: bool = False) -> AttentionPlan:
-        """Attention plan for T new tokens written at [length, length + T); `new_valid` [B, T]."""
-        new_len = new_valid.shape[1]
-        end = self.length + new_len
+    def _column(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, device=self.device)[:, None]
+
+    # ---- the encoder ------------------------------------------------------------------------------------------
+
+    def encoder_plan(self, rope: Rope, new_valid: torch.Tensor, rows: list[int] | None = None,
+                     counts: list[int] | None = None) -> AttentionPlan:
+        """Plan for new tokens written at [length, length + count) of each of `rows` (default: all rows, each
+        bringing all T tokens). new_valid [R, T]: which new tokens are real (False for left padding and for the
+        padding past a row's `count`)."""
+        rows = list(range(self.batch_size)) if rows is None else rows
+        width = new_valid.shape[1]
+        counts = [width] * len(rows) if counts is None else counts
+        lengths = [self.lengths[r] for r in rows]
+        end = max(n + c for n, c in zip(lengths, counts))
+        self.reserve(end)
+        device, new_valid = self.device, new_valid.to(self.device)
+        uniform = len(set(lengths)) == 1 and all(c == width for c in counts)
+        span = _as_range(rows)
+        length, count = self._column(lengths), self._column(counts)
+        query_pos = length + torch.minimum(torch.arange(width, device=device), count - 1)  # padding: the last real
+        row_index = torch.tensor(rows, device=device)
+        valid = self.valid[span] if span is not None else self.valid[row_index]
+        masks: dict[str, torch.Tensor | None] = {}
+        for kind in sorted(set(self.config.layer_types)):
+            start = self._key_start(kind, lengths)
+            slots = torch.arange(start, end, device=device)
+            if uniform:
+                key_ok = torch.cat([valid[:, start:lengths[0]], new_valid], dim=1)
+            else:
+                offset = slots - length  # [R, S] position within the new tokens
+                is_new = (offset >= 0) & (offset < count)
+                key_ok = (valid[:, start:end] & (offset < 0)) | (
+                    new_valid.gather(1, offset.clamp(0, width - 1)) & is_new)
+            masks[kind] = attention_masks(self.config, query_pos, slots.expand(len(rows), -1), key_ok, True)[kind]
+        starts = [self._key_start(spec.kind, lengths) for spec in self.config.layers]
+        if uniform and span is not None:
+            at = lengths[0]
+
+            def join(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                keys, values = self.keys[layer][span], self.values[layer][span]
+                keys[:, :, at:at + width] = k
+                values[:, :, at:at + width] = v
+                return keys[:, :, starts[layer]:end], values[:, :, starts[layer]:end]
+        else:
+            # Real (row, token) pairs only, indexed on the host: padding writes nothing.
+            pairs = [(i, t) for i, c in enumerate(counts) for t in range(c)]
+            source = torch.tensor([i * width + t for i, t in pairs], device=device)
+            target_rows = torch.tensor([rows[i] for i, _ in pairs], device=device)
+            target_slots = torch.tensor([lengths[i] + t for i, t in pairs], device=device)
+
+            def join(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                keys, values = self.keys[layer], self.values[layer]
+                keys[target_rows, :, target_slots] = k.transpose(1, 2).flatten(0, 1)[source]
+                values[target_rows, :, target_slots] = v.transpose(1, 2).flatten(0, 1)[source]
+                window = slice(starts[layer], end)
+                if span is not None:
+                    return keys[span, :, window], values[span, :, window]
+                return keys[row_index, :, window], values[row_index, :, window]
+
+        return AttentionPlan(rope=rope(query_pos), masks=masks, join=join)
+
+    def commit(self, new_valid: torch.Tensor, rows: list[int] | None = None, counts: list[int] | None = None) -> None:
+        """Make the tokens the last encoder plan wrote part of each row's prefix."""
+        rows = list(range(self.batch_size)) if rows is None else rows
+        width = new_valid.shape[1]
+        counts = [width] * len(rows) if counts is None else counts
+        new_valid = new_valid.to(self.device)
+        span = _as_range(rows)
+        if span is not None and len(set(self.lengths[span])) == 1 and all(c == width for c in counts):
+            at = self.lengths[rows[0]]
+            self.valid[span, at:at + width] = new_valid
+        else:
+            for i, (row, count) in enumerate(zip(rows, counts)):
+                at = self.lengths[row]
+                self.valid[row, at:at + count] = new_valid[i, :count]
+        for row, count in zip(rows, counts):
+            self.lengths[row] += count
+
+    # ---- the decoder ------------------------------------------------------------------------------------------
+
+    def decoder_plan(self, rope: Rope, rows: int, canvas_length: int) -> AttentionPlan:
+        """Plan for one canvas per row 0 .. rows - 1, each written just past its own prefix."""
+        lengths = self.lengths[:rows]
+        end = max(lengths) + canvas_length
         self.reserve(end)
         device = self.device
-        query_pos = torch.arange(self.length, end, device=device).expand(self.batch_size, -1)
+        uniform = len(set(lengths)) == 1
+        length = self._column(lengths)
+        query_pos = length + torch.arange(canvas_length, device=device)  # [R, L]
         masks: dict[str, torch.Tensor | None] = {}
-        for kind in set(self.config.layer_types):
-            start = self._key_start(kind)
-            key_pos = torch.arange(start, end, device=device).expand(self.batch_size, -1)
-            key_ok = torch.cat([self.valid[:, start:self.length], new_valid.to(device)], dim=1)
-            masks[kind] = attention_masks(self.config, query_pos, key_pos, key_ok, encoder)[kind]
-        starts = [self._key_start(spec.kind) for spec in self.config.layers]
-        write_at = self.length
+        for kind in sorted(set(self.config.layer_types)):
+            start = self._key_start(kind, lengths)
+            slots = torch.arange(start, end, device=device)
+            if uniform:
+                key_ok = torch.cat([self.valid[:rows, start:lengths[0]],
+                                    torch.ones(rows, canvas_length, dtype=torch.bool, device=device)], dim=1)
+            else:
+                in_canvas = (slots >= length) & (slots < length + canvas_length)
+                key_ok = (self.valid[:rows, start:end] & (slots < length)) | in_canvas
+            masks[kind] = attention_masks(self.config, query_pos, slots.expand(rows, -1), key_ok, False)[kind]
+        starts = [self._key_start(spec.kind, lengths) for spec in self.config.layers]
+        row_index = torch.arange(rows, device=device)[:, None]
 
         def join(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             keys, values = self.keys[layer], self.values[layer]
-            keys[:, :, write_at:end] = k
-            values[:, :, write_at:end] = v
-            return keys[:, :, starts[layer]:end], values[:, :, starts[layer]:end]
+            if uniform:
+                keys[:rows, :, lengths[0]:end] = k
+                values[:rows, :, lengths[0]:end] = v
+            else:  # [R, H, L, D] -> each row's own scratch slots, indexed as [R, L, H, D]
+                keys[row_index, :, query_pos] = k.transpose(1, 2)
+                values[row_index, :, query_pos] = v.transpose(1, 2)
+            return keys[:rows, :, starts[layer]:end], values[:rows, :, starts[layer]:end]
 
-        return AttentionPlan(rope=rope, masks=masks, join=join, fast_kernels=fast_kernels)
+        return AttentionPlan(rope=rope(query_pos), masks=masks, join=join)
 
-    def commit(self, new_valid: torch.Tensor) -> None:
-        """Make the tokens the last encoder plan wrote part of the prefix."""
-        end = self.length + new_valid.shape[1]
-        self.valid[:, self.length:end] = new_valid.to(self.device)
-        self.length = end
+    # ---- rows of a shared cache (the server's) ----------------------------------------------------------------
 
-
-class SlotCache:
-    """A KV cache of `rows` independent sequences of different lengths, for batching decoder steps across them.
-
-    Active sequences occupy rows 0 .. active - 1 (a freed row is filled by moving the last one into it), so a
-    batched decoder step reads one contiguous slice. Each row is encoded through a single-row `KVCache` view of
-    the same storage; canvases are written into each row's own scratch slots.
-    """
-
-    def __init__(self, config: ModelConfig, rows: int, capacity: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
-        self.config, self.rows, self.capacity = config, rows, capacity
-        self.device = torch.device(device)
-        self.keys = [torch.zeros(rows, s.num_kv_heads, capacity, s.head_dim, dtype=dtype, device=self.device)
-                     for s in config.layers]
-        self.values = [torch.zeros_like(k) for k in self.keys]
-        self.valid = torch.zeros(rows, capacity, dtype=torch.bool, device=self.device)
-        self.lengths = [0] * rows
-
-    def row(self, index: int) -> KVCache:
-        """A single-row view; `commit` on it must be followed by `sync(index, view)`."""
-        return KVCache.over(self.config, [k[index:index + 1] for k in self.keys],
-                            [v[index:index + 1] for v in self.values], self.valid[index:index + 1],
-                            self.lengths[index])
-
-    def sync(self, index: int, view: KVCache) -> None:
-        self.lengths[index] = view.length
-
-    def clear(self, index: int) -> None:
-        self.lengths[index] = 0
-        self.valid[index] = False
+    def clear(self, row: int) -> None:
+        self.lengths[row] = 0
+        self.valid[row] = False
 
     def move(self, source: int, target: int) -> None:
-        """Copy a row's sequence into another row (to keep active rows contiguous)."""
+        """Copy a row's sequence into another row (to keep the active rows contiguous), then clear the source."""
         length = self.lengths[source]
         for store in (self.keys, self.values):
             for buffer in store:
@@ -177,36 +253,3 @@ class SlotCache:
         self.valid[target] = self.valid[source]
         self.lengths[target] = length
         self.clear(source)
-
-    def decoder_plan(self, rope: dict[str, tuple[torch.Tensor, torch.Tensor]], active: int,
-                     canvas_length: int, fast_kernels: bool = False) -> AttentionPlan:
-        """Plan for one canvas per row 0 .. active - 1, each written just past its own prefix."""
-        lengths = torch.tensor(self.lengths[:active], device=self.device)
-        end = int(lengths.max()) + canvas_length
-        if end > self.capacity:
-            raise ValueError(f"a sequence needs {end} positions but the cache holds {self.capacity}")
-        window = self.config.sliding_window
-        offsets = torch.arange(canvas_length, device=self.device)
-        query_pos = lengths[:, None] + offsets
-        masks: dict[str, torch.Tensor | None] = {}
-        starts: dict[str, int] = {}
-        for kind in set(self.config.layer_types):
-            start = max(0, int(lengths.min()) - window + 1) if kind == SLIDING else 0
-            slots = torch.arange(start, end, device=self.device)
-            in_prefix = slots[None] < lengths[:, None]
-            in_canvas = (slots[None] >= lengths[:, None]) & (slots[None] < lengths[:, None] + canvas_length)
-            key_ok = (self.valid[:active, start:end] & in_prefix) | in_canvas
-            masks[kind] = attention_masks(self.config, query_pos, slots.expand(active, -1), key_ok, encoder=False)[kind]
-            starts[kind] = start
-        layer_starts = [starts[spec.kind] for spec in self.config.layers]
-        rows = torch.arange(active, device=self.device)[:, None]
-        write_slots = query_pos  # [R, L]
-
-        def join(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            keys, values = self.keys[layer], self.values[layer]
-            # [R, H, L, D] -> the rows' own scratch slots, indexed as [R, L, H, D]
-            keys[rows, :, write_slots] = k.transpose(1, 2)
-            values[rows, :, write_slots] = v.transpose(1, 2)
-            return keys[:active, :, layer_starts[layer]:end], values[:active, :, layer_starts[layer]:end]
-
-        return AttentionPlan(rope=rope, masks=masks, join=join, fast_kernels=fast_kernels)

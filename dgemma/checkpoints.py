@@ -48,6 +48,58 @@ class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded as it is."""
 
 
+# ---- where a checkpoint is ---------------------------------------------------------------------------------------
+
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+             "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"]
+
+
+def bundled_model_dir() -> Path:
+    """The small model that ships inside the package."""
+    return Path(__file__).parent / "bundled"
+
+
+def looks_like_repo_id(value: str) -> bool:
+    parts = value.split("/")
+    return len(parts) == 2 and all(parts) and not value.startswith((".", "~")) and "\\" not in value
+
+
+def resolve_checkpoint(value: str | Path | None) -> Path:
+    """The checkpoint directory for a path, a Hugging Face repo id (from the local Hugging Face cache, or
+    downloaded when the network allows and HF_HUB_OFFLINE is not set), or None for the bundled model."""
+    if value is None:
+        return bundled_model_dir()
+    path = Path(value).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path} is not a checkpoint directory: it has no config.json")
+        return path
+    if path.is_file():
+        raise CheckpointError(f"{path} is a file; dgemma loads a checkpoint directory (config.json and "
+                              "safetensors, as save_pretrained writes it)")
+    if isinstance(value, str) and looks_like_repo_id(value):
+        return _from_hub(value)
+    raise FileNotFoundError(f"{path} does not exist (give a checkpoint directory or a Hugging Face repo id)")
+
+
+def _from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        raise CheckpointError(f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set "
+                              f"(download it first, e.g. `hf download {repo_id}`)")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except Exception as err:  # network, authentication, a repo that does not exist: all end the same way here
+        raise CheckpointError(f"{repo_id} is not in the local Hugging Face cache and could not be downloaded "
+                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
+
+
 # ---- reading safetensors ---------------------------------------------------------------------------------------
 
 class SafetensorsFile:
@@ -163,13 +215,13 @@ def checkpoint_dtype(directory: str | Path) -> torch.dtype:
 
 
 def load_model(directory: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-               config: ModelConfig | None = None) -> DiffusionGemma:
-    """Build a DiffusionGemma from a checkpoint directory, converting weights to `dtype` (default: as stored)."""
+               config: ModelConfig | None = None, model_class: type[DiffusionGemma] = DiffusionGemma) -> DiffusionGemma:
+    """Build a `model_class` from a checkpoint directory, converting weights to `dtype` (default: as stored)."""
     directory = Path(directory)
     config = config or ModelConfig.from_file(directory)
     dtype = dtype or checkpoint_dtype(directory)
     with torch.device("meta"):
-        model = DiffusionGemma(config)
+        model = model_class(config)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     tied = {"encoder." + name: "decoder." + name for name in model.tied_parameter_names()}
     loaded: dict[str, torch.Tensor] = {}
@@ -202,7 +254,7 @@ def load_model(directory: str | Path, dtype: torch.dtype | None = None, device: 
     state.update({encoder: state[decoder] for encoder, decoder in tied.items()})
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()  # assignment gave tied names separate Parameter objects
-    model.inv_freq = {kind: inv.to(device) for kind, inv in model.inv_freq.items()}
+    model.reset_rope(device)
     return model.eval()
 
 

@@ -7,32 +7,27 @@ import json
 import logging
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from .allocator import tune_allocator
+from .serving.settings import ServerSettings
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def bundled_model_dir() -> Path:
-    return Path(__file__).parent / "bundled"
-
-
-def resolve_model_dir(value: str | None) -> Path:
-    path = Path(value) if value else bundled_model_dir()
-    if not (path / "config.json").is_file():
-        where = f"--model {value}" if value else "the bundled model (dgemma/bundled)"
-        raise SystemExit(f"dgemma: no config.json in {path} ({where}); pass --model DIR with a DiffusionGemma "
-                         "checkpoint")
-    return path
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="checkpoint directory or Hugging Face repo id (default: the bundled model)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: as stored)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads")
 
 
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="checkpoint directory (default: the bundled model)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: as stored)")
+    add_model_options(parser)
     parser.add_argument("--max-new-tokens", type=int, help="exact token budget (default: generation_config)")
     parser.add_argument("--steps", type=int, dest="max_denoising_steps", help="max denoising steps per canvas")
     parser.add_argument("--entropy-bound", type=float, help="entropy bound of the acceptance rule")
@@ -42,7 +37,6 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-adaptive-stopping", action="store_true", help="always run every denoising step")
     parser.add_argument("--sampling", choices=("fast", "reference"), default="fast")
     parser.add_argument("--seed", type=int, help="random seed (default: nondeterministic)")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads")
 
 
 def generation_overrides(args: argparse.Namespace) -> dict:
@@ -56,12 +50,13 @@ def generation_overrides(args: argparse.Namespace) -> dict:
 
 def load_for_generation(args: argparse.Namespace):
     from . import load
+    from .checkpoints import resolve_checkpoint
     from .tokenizer import Tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    directory = resolve_model_dir(args.model)
-    model = load(directory, dtype=DTYPES[args.dtype] if args.dtype else None)
+    directory = resolve_checkpoint(args.model)
+    model = load(directory, dtype=DTYPES[args.dtype] if args.dtype else None, device=args.device)
     return model, Tokenizer.from_directory(directory)
 
 
@@ -96,7 +91,7 @@ class CanvasView:
 def generate_with_view(model, ids: list[int], config, sampling: str, generator: torch.Generator | None,
                        view: CanvasView | None, control=None):
     """One prompt's generation, redrawing `view` (when given) after every step and canvas. Returns the new
-    tokens up to the first EOS and the GenerationOutput."""
+    tokens before the first EOS and the GenerationOutput."""
     from .generation import CanvasCommitted, DraftStep, GenerationOutput, generate_steps
 
     output = None
@@ -109,13 +104,15 @@ def generate_with_view(model, ids: list[int], config, sampling: str, generator: 
             view.draw()
         elif isinstance(event, GenerationOutput):
             output = event
-    new_ids = output.sequences[0, len(ids):].tolist()
-    eos = set(config.eos_token_ids)
-    return new_ids[:next((i for i, t in enumerate(new_ids) if t in eos), len(new_ids))], output
+    new_ids = output.new_tokens(0, len(ids), config.eos_token_ids)
+    if new_ids and new_ids[-1] in config.eos_token_ids:
+        new_ids = new_ids[:-1]
+    return new_ids, output
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .constraints import (GrammarControl, grammar_from, grammar_tokenizer, infill_text)
+    from .constraints import GrammarControl, grammar_from, grammar_tokenizer
+    from .tasks import infill_text
 
     model, tokenizer = load_for_generation(args)
     config = model.generation_config.updated(**generation_overrides(args))
@@ -154,11 +151,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .checkpoints import checkpoint_dtype
+    from .checkpoints import checkpoint_dtype, resolve_checkpoint
     from .config import SLIDING, ModelConfig
-    from .generation import GenerationConfig
+    from .generation_config import GenerationConfig
 
-    directory = resolve_model_dir(args.model_dir)
+    directory = resolve_checkpoint(args.model_dir)
     config = ModelConfig.from_file(directory)
     counts = config.parameter_counts()
     dtype = checkpoint_dtype(directory)
@@ -197,13 +194,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
-    from .serving.app import ServerSettings, serve
+    from .serving.app import serve
 
-    settings = ServerSettings(model_name=args.model_name, api_key=args.api_key or os.environ.get("DGEMMA_API_KEY"),
-                              max_sequences=args.max_sequences, max_queue=args.max_queue,
-                              max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
-                              request_timeout=args.timeout)
-    serve(args.model, args.host, args.port, settings, DTYPES[args.dtype] if args.dtype else None, args.threads)
+    settings = ServerSettings(**{f.name: getattr(args, f.name) for f in fields(ServerSettings)})
+    settings.api_key = settings.api_key or os.environ.get("DGEMMA_API_KEY")
+    model, tokenizer = load_for_generation(args)
+    serve(model, tokenizer, settings)
     return 0
 
 
@@ -253,14 +249,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_data_corpus(args: argparse.Namespace) -> int:
-    from .training.corpus import build_corpus
+    from .recipes.corpus import build_corpus
 
     build_corpus(Path(args.out_dir), Path(args.work_dir) if args.work_dir else None, verify=not args.no_verify)
     return 0
 
 
 def cmd_data_tokenizer(args: argparse.Namespace) -> int:
-    from .training.bpe import main as bpe_main
+    from .recipes.bpe import main as bpe_main
 
     bpe_main([args.corpus_dir, args.out_dir, "--vocab-size", str(args.vocab_size)])
     return 0
@@ -291,18 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(handler=cmd_info)
 
     serve = sub.add_parser("serve", help="serve an OpenAI-compatible API and the playground")
-    serve.add_argument("--model", help="checkpoint directory (default: the bundled model)")
-    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", help="require `Authorization: Bearer KEY` (or set DGEMMA_API_KEY)")
-    serve.add_argument("--model-name", default="dgemma", help="the model id clients ask for")
-    serve.add_argument("--max-sequences", type=int, default=8, help="sequences denoised together")
-    serve.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
-    serve.add_argument("--max-prompt-tokens", type=int, default=1536)
-    serve.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask")
-    serve.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take")
-    serve.add_argument("--dtype", choices=sorted(DTYPES))
-    serve.add_argument("--threads", type=int)
+    add_model_options(serve)
+    for setting in fields(ServerSettings):
+        kind = {"int": int, "float": float}.get(str(setting.type), str)
+        serve.add_argument("--" + setting.name.replace("_", "-"), type=kind, default=setting.default,
+                           help=setting.metadata["help"])
     serve.set_defaults(handler=cmd_serve)
 
     chat = sub.add_parser("chat", help="chat in the terminal, watching each canvas denoise")

@@ -14,7 +14,9 @@ Design choices:
   `tie_word_embeddings=False` the encoder also gets its own copy of the stack, as in the reference.
 - Numerics follow the reference operation by operation (fp32 norms, RoPE tables cast to the activation dtype,
   fp32 router softmax, experts accumulated in expert order), so that fp32 logits agree to 1e-5 and bf16 ones
-  to bf16 rounding.
+  to bf16 rounding. `exact=False` lets a forward pick kernels that are faster on its device but equal only up
+  to float rounding (the experts' padded batched matmul on a CPU); sampling="fast" runs that way.
+- This module is the network alone: generation, checkpoints and training build on it, never the reverse.
 """
 
 from __future__ import annotations
@@ -82,9 +84,6 @@ class AttentionPlan:
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer kind -> (cos, sin)
     masks: dict[str, torch.Tensor | None]  # layer kind -> bool [B, 1, T, S] (True = attend) or None for all
     join: KVJoin
-    # Kernels that are faster but not operation-for-operation the reference's (equal up to float rounding):
-    # fine for sampling="fast", never for the reference mode or parity tests.
-    fast_kernels: bool = False
 
 
 class Attention(nn.Module):
@@ -164,14 +163,14 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, m))
         self.act = activation(config.hidden_activation)
 
-    def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
-                padded: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, exact: bool = True) -> torch.Tensor:
         tokens, top_k = index.shape
         expert_of, order = torch.sort(index.reshape(-1))  # (token, choice) pairs grouped by expert
         rows = x[order // top_k]
         counts = torch.bincount(expert_of, minlength=self.num_experts)
-        if padded:
-            # Each expert's rows in a [E, capacity, H] batch: two batched matmuls instead of 2E small ones.
+        if not exact and x.device.type == "cpu":
+            # Each expert's rows in a [E, capacity, H] batch: two batched matmuls instead of 2E small ones, faster
+            # than grouped_mm on a CPU. (Reading the capacity back is free there; elsewhere grouped_mm needs none.)
             slot = torch.arange(expert_of.numel(), device=x.device) - (torch.cumsum(counts, 0) - counts)[expert_of]
             batch = x.new_zeros(self.num_experts, int(counts.max()), x.shape[-1])
             batch[expert_of, slot] = rows
@@ -224,7 +223,7 @@ class Block(nn.Module):
             self.pre_feedforward_layernorm_2 = RMSNorm(h, eps)
         self.register_buffer("layer_scalar", torch.ones(1))
 
-    def forward(self, x: torch.Tensor, layer: int, plan: AttentionPlan) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer: int, plan: AttentionPlan, exact: bool = True) -> torch.Tensor:
         residual = x
         x = residual + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), layer, plan))
         residual = x
@@ -233,8 +232,7 @@ class Block(nn.Module):
             # The router reads the raw residual; the experts read a separately normed copy.
             flat = residual.reshape(-1, residual.shape[-1])
             weights, index = self.router(flat)
-            moe = self.experts(self.pre_feedforward_layernorm_2(flat), index, weights,
-                               padded=plan.fast_kernels).reshape(residual.shape)
+            moe = self.experts(self.pre_feedforward_layernorm_2(flat), index, weights, exact).reshape(residual.shape)
             h = self.post_feedforward_layernorm_1(h) + self.post_feedforward_layernorm_2(moe)
         x = residual + self.post_feedforward_layernorm(h)
         return x * self.layer_scalar
@@ -286,9 +284,9 @@ class Stack(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_conditioning = SelfConditioning(config) if self_conditioning else None
 
-    def run(self, x: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+    def run(self, x: torch.Tensor, plan: AttentionPlan, exact: bool = True) -> torch.Tensor:
         for i, block in enumerate(self.layers):
-            x = block(x, i, plan)
+            x = block(x, i, plan, exact)
         return self.norm(x)
 
 
@@ -312,10 +310,25 @@ class DiffusionGemma(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                         bias=False)
         self.tie_weights()
-        # Plain fp32 tensors rather than buffers, so that casting the module never rounds them.
-        self.inv_freq = {kind: config.rope_inv_freq(kind) for kind in sorted(set(config.layer_types))}
-        from .generation import GenerationConfig  # generation builds on this module
-        self.generation_config = GenerationConfig()
+        self.rope_kinds = sorted(set(config.layer_types))
+        self.reset_rope()
+
+    def reset_rope(self, device: torch.device | str | None = None) -> None:
+        """(Re)build the RoPE inverse frequencies, exact fp32, on `device` (default: where they are now, the CPU
+        for a model built on the meta device)."""
+        for kind in self.rope_kinds:
+            current = getattr(self, f"inv_freq_{kind}", None)
+            if device is None:
+                device = "cpu" if current is None or current.is_meta else current.device
+            self.register_buffer(f"inv_freq_{kind}", self.config.rope_inv_freq(kind).to(device), persistent=False)
+
+    def _apply(self, fn, recurse: bool = True):
+        # `model.to(device)` moves the RoPE buffers; a cast (`.to(torch.bfloat16)`) must not round them, so they
+        # are rebuilt in fp32 where they landed. (Casting the reference's module does round its tables.)
+        super()._apply(fn, recurse)
+        if any(getattr(self, f"inv_freq_{kind}").dtype != torch.float32 for kind in self.rope_kinds):
+            self.reset_rope()
+        return self
 
     def tied_parameter_names(self) -> list[str]:
         """Encoder parameters that are the decoder's (same name under `encoder.`), as the reference ties them."""
@@ -370,7 +383,7 @@ class DiffusionGemma(nn.Module):
 
     def rope(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """RoPE tables for each layer kind at the given positions [B, T]."""
-        return {kind: rope_tables(inv, positions, self.dtype) for kind, inv in self.inv_freq.items()}
+        return {kind: rope_tables(getattr(self, f"inv_freq_{kind}"), positions, self.dtype) for kind in self.rope_kinds}
 
     def soft_embeddings(self, logits: torch.Tensor) -> torch.Tensor:
         """Self-conditioning input from previous logits: softmax(logits) @ E * sqrt(hidden), as the reference."""
@@ -388,17 +401,12 @@ class DiffusionGemma(nn.Module):
 
     # ---- the two passes -----------------------------------------------------------------------------------
 
-    def encode(self, input_ids: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+    def encode(self, input_ids: torch.Tensor, plan: AttentionPlan, exact: bool = True) -> torch.Tensor:
         """Run the encoder over new tokens [B, T]; the plan's join stores their keys/values. Returns normed hidden."""
-        return self.encoder.run(self.encoder.embed_tokens(input_ids), plan)
+        return self.encoder.run(self.encoder.embed_tokens(input_ids), plan, exact)
 
-    def decode(self, canvas_ids: torch.Tensor, plan: AttentionPlan,
-               soft_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, canvas_ids: torch.Tensor, plan: AttentionPlan, soft_embeddings: torch.Tensor | None = None,
+               exact: bool = True) -> torch.Tensor:
         """Run the decoder over a canvas [B, L] with the previous step's soft embeddings (None on the first step)."""
         x = self.decoder.self_conditioning(self.decoder.embed_tokens(canvas_ids), soft_embeddings)
-        return self.decoder.run(x, plan)
-
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        """See `dgemma.generation.generate`."""
-        from .generation import generate
-        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+        return self.decoder.run(x, plan, exact)

@@ -9,7 +9,8 @@ Two implementations of one step, chosen by `sampling=`:
   position instead of one exponential per vocabulary entry) and the next step's self-conditioning embeddings
   in one pass per chunk. It samples the same distribution; the tests check that statistically.
 
-The acceptance rule, renoising and stopping rule are shared: they only see [B, L] tensors.
+The acceptance rule, the random draws and the stopping rule are shared: they only see [B, L] tensors (with
+per-row settings as [B] tensors, so that rows of different requests are decided together).
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ def temperature_at(step: int, max_steps: int, t_min: float, t_max: float) -> tor
     return t_min + (t_max - t_min) * (remaining / max_steps)
 
 
+def temperature_schedule(remaining: torch.Tensor, max_steps: torch.Tensor, t_min: torch.Tensor,
+                         t_span: torch.Tensor) -> torch.Tensor:
+    """`temperature_at` for many rows at once ([B] int32 steps, [B] fp32 t_min and t_max - t_min), bit for bit."""
+    return t_min + t_span * (remaining / max_steps)
+
+
 def categorical_entropy(logits: torch.Tensor) -> torch.Tensor:
     return torch.distributions.Categorical(logits=logits).entropy()
 
@@ -50,11 +57,12 @@ def entropy_bound_acceptance(entropy: torch.Tensor, bound: float | torch.Tensor)
     return torch.scatter(torch.zeros_like(selected), dim=-1, index=order, src=selected)
 
 
-def renoise(canvas: torch.Tensor, accepted: torch.Tensor, vocab_size: int,
-            generator: torch.Generator | None) -> torch.Tensor:
-    """Every position not accepted gets a fresh uniform random token. One full [B, L] draw, as the reference."""
-    noise = torch.randint(0, vocab_size, canvas.shape, device=canvas.device, generator=generator)
-    return torch.where(accepted, canvas, noise)
+def draw_tokens(rows: int, length: int, vocab_size: int, generator: torch.Generator | None,
+                device: torch.device | str) -> torch.Tensor:
+    """Uniform random tokens [rows, length]: a fresh canvas, or the renoising draw (one full draw per step, as the
+    reference makes). Drawn where the generator lives (the model's device without one), then moved."""
+    where = generator.device if generator is not None else device
+    return torch.randint(0, vocab_size, (rows, length), device=where, generator=generator).to(device)
 
 
 def reference_step(logits: torch.Tensor, temperature: torch.Tensor | None, model_dtype: torch.dtype,
@@ -69,8 +77,9 @@ def reference_step(logits: torch.Tensor, temperature: torch.Tensor | None, model
 
 
 def draw_uniforms(rows: int, generator: torch.Generator | None, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The fast step's randomness: one uniform per position, [rows, 1] fp64."""
-    return torch.rand(rows, 1, dtype=torch.float64, device=device, generator=generator)
+    """The fast step's randomness: one uniform per position, [rows, 1] fp64, drawn where the generator lives."""
+    where = generator.device if generator is not None else device
+    return torch.rand(rows, 1, dtype=torch.float64, device=where, generator=generator).to(device)
 
 
 def processed(logits: torch.Tensor, inv_softcap: float | None, scale: torch.Tensor) -> torch.Tensor:
@@ -156,7 +165,7 @@ def fast_step(hidden: torch.Tensor, head: torch.Tensor, embedding: torch.Tensor,
     argmax = torch.empty_like(sampled)
     entropy = torch.empty(n, dtype=torch.float32, device=hidden.device)
     soft = torch.empty(n, width, dtype=embedding.dtype, device=hidden.device)
-    inv_temperature = torch.ones(1) if temperature is None else 1.0 / temperature.float()
+    inv_temperature = torch.ones(1, device=hidden.device) if temperature is None else 1.0 / temperature.float()
     # per position, fp32 as the reference's schedule: cap / T with soft-capping, 1 / T without
     scale = (inv_temperature.expand(batch).repeat_interleave(length)[:, None] * (softcap or 1.0)).to(hidden.device)
     inv_softcap = 1.0 / softcap if softcap else None
@@ -210,26 +219,11 @@ def sample_from_blocks(logits: torch.Tensor, block_sums: torch.Tensor, peak: tor
     return (chosen * block + offset).squeeze(1)
 
 
-class StableAndConfident:
-    """Adaptive stopping: the argmax canvas equals the last `stability_threshold` ones and the mean entropy is
-    below `confidence_threshold`. Stateful per canvas; `reset` between canvases."""
-
-    def __init__(self, stability_threshold: int, confidence_threshold: float):
-        self.stability_threshold = stability_threshold
-        self.confidence_threshold = confidence_threshold
-        self.history: torch.Tensor | None = None
-
-    def reset(self) -> None:
-        self.history = None
-
-    def __call__(self, argmax: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
-        if self.stability_threshold == 0:
-            stable = torch.ones(argmax.shape[0], dtype=torch.bool, device=argmax.device)
-        else:
-            if self.history is None:
-                self.history = torch.full((self.stability_threshold, *argmax.shape), -1, dtype=argmax.dtype,
-                                          device=argmax.device)
-            stable = (self.history == argmax[None]).all(dim=-1).all(dim=0)
-            self.history = torch.roll(self.history, shifts=-1, dims=0)
-            self.history[-1] = argmax
-        return stable & (entropy.mean(dim=-1) < self.confidence_threshold)
+def stable_and_confident(argmax: torch.Tensor, previous: torch.Tensor, run: torch.Tensor, stability: torch.Tensor,
+                         confidence: torch.Tensor, entropy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adaptive stopping, per row: the argmax canvas [B, L] equals the previous `stability` ones and the mean
+    entropy is below `confidence` ([B] each). `run` [B] counts the steps in a row with the same argmax up to the
+    previous one (0 at a canvas start, where `previous` holds no token); returns (stop [B], the updated run).
+    The reference keeps the last `stability` canvases and compares all of them; counting is the same rule."""
+    run = torch.where((argmax == previous).all(dim=-1), run + 1, 1)
+    return (run > stability) & (entropy.mean(dim=-1) < confidence), run

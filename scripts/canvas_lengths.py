@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 
 from dgemma.tokenizer import Tokenizer
-from dgemma.training.corpus import load_corpus
+from dgemma.recipes.corpus import load_corpus
 
 
 def token_lengths(tokenizer: Tokenizer, pieces: list[str], sample: int, rng: random.Random) -> dict[str, float]:

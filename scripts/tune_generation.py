@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import dgemma
 from dgemma.cache import KVCache
 from dgemma.tokenizer import Tokenizer
-from dgemma.training.corpus import split_documents
+from dgemma.recipes.corpus import split_documents
 
 
 def held_out_prompts(tokenizer: Tokenizer, corpus: Path, count: int, length: int) -> list[list[int]]:

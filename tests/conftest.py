@@ -106,7 +106,7 @@ def text_model_dir(tmp_path_factory):
     """A small random model with a real BPE tokenizer and chat template, built without transformers."""
     import dgemma
     from dgemma.tokenizer import Tokenizer
-    from dgemma.training.bpe import train_tokenizer
+    from dgemma.recipes.bpe import train_tokenizer
 
     tokenizer_dir = tmp_path_factory.mktemp("text-tokenizer")
     train_tokenizer([TEXT], 320, tokenizer_dir)
@@ -120,7 +120,7 @@ def text_model_dir(tmp_path_factory):
                             per_layer_config={"1": {"head_dim": 16, "num_key_value_heads": 1}},
                             num_experts=4, top_k_experts=2, moe_intermediate_size=16,
                             pad_token_id=0, eos_token_id=1, bos_token_id=2)})
-    model = dgemma.DiffusionGemma(config)
+    model = dgemma.DiffusionGemmaForBlockDiffusion(config)
     model.init_weights(torch.Generator().manual_seed(0))
     model.generation_config = model.generation_config.updated(eos_token_id=1, pad_token_id=0, max_new_tokens=16,
                                                               max_denoising_steps=4)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from dgemma.training.bpe import SPECIAL_TOKENS, tokens_per_byte, train_tokenizer
+from dgemma.recipes.bpe import SPECIAL_TOKENS, tokens_per_byte, train_tokenizer
 
 PARAGRAPHS = [
     "It was a bright cold morning in April, and the clocks in the old town were striking the "

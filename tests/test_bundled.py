@@ -12,8 +12,10 @@ import pytest
 import torch
 
 import dgemma
-from dgemma.cli import bundled_model_dir, main
-from dgemma.constraints import FixedTokens, generate_structured, grammar_from, layout_infill, Hole
+from dgemma.checkpoints import bundled_model_dir
+from dgemma.cli import main
+from dgemma.constraints import FixedTokens, grammar_from
+from dgemma.tasks import Hole, generate_structured, layout_infill
 from dgemma.tokenizer import Tokenizer
 
 BUNDLED = bundled_model_dir()

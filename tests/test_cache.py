@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import dgemma
-from dgemma.cache import KVCache, SlotCache, attention_masks
+from dgemma.cache import KVCache, attention_masks
 from dgemma.config import FULL, SLIDING
 
 
@@ -37,55 +38,64 @@ def test_decoder_masks_see_the_last_window_minus_one_prefix_positions_and_the_wh
     assert masks[SLIDING][0, 0, 0].tolist() == [False] * 4 + [True] * 6  # prefix positions 4 and 5, and canvas
 
 
+def identity_rope(positions):
+    return {}
+
+
 def test_cache_grows_keeping_its_contents_and_commits_validity():
     config = small_config()
     cache = KVCache(config, 1, torch.float32, capacity=2)
-    plan = cache.plan({}, torch.ones(1, 2, dtype=torch.bool), encoder=True)
+    plan = cache.encoder_plan(identity_rope, torch.ones(1, 2, dtype=torch.bool))
     keys, _ = plan.join(0, torch.ones(1, 1, 2, 8), torch.ones(1, 1, 2, 8))
     cache.commit(torch.ones(1, 2, dtype=torch.bool))
     assert cache.length == 2 and keys.shape[2] == 2
     cache.reserve(10)
     assert cache.capacity >= 10 and bool((cache.keys[0][:, :, :2] == 1).all())
-    view = KVCache.over(config, [k[:, :, :3] for k in cache.keys], [v[:, :, :3] for v in cache.values],
-                        cache.valid[:, :3], 2)
-    try:
-        view.reserve(5)
-        raise AssertionError("a view over fixed storage must refuse to grow")
-    except ValueError as err:
-        assert "holds 3" in str(err)
+    fixed = KVCache(config, 1, torch.float32, capacity=3, growable=False)
+    with pytest.raises(ValueError, match="holds 3"):
+        fixed.reserve(5)
 
 
-def test_slot_cache_decodes_rows_of_different_lengths_like_separate_caches():
-    """The server batches canvases of sequences with different prefixes: each row's logits equal those of the
-    same sequence decoded alone."""
-    config = small_config(window=3)
+def random_model(config, seed: int = 0):
     model = dgemma.DiffusionGemma(config)
-    model.init_weights(torch.Generator().manual_seed(0))
+    model.init_weights(torch.Generator().manual_seed(seed))
+    return model
+
+
+def alone(model, prompt, canvas):
+    """One sequence through its own cache: the encoder's output and the decoder's logits on `canvas`."""
+    single = KVCache(model.config, 1, torch.float32)
+    valid = torch.ones_like(prompt, dtype=torch.bool)
+    hidden = model.encode(prompt, single.encoder_plan(model.rope, valid))
+    single.commit(valid)
+    return hidden, model.logits(model.decode(canvas, single.decoder_plan(model.rope, 1, canvas.shape[1])))
+
+
+@torch.no_grad()
+def test_rows_of_different_lengths_encode_and_decode_together_as_they_would_alone():
+    """The server's batched prefill (ragged prompts in one encoder forward) and batched denoising (canvases after
+    prefixes of different lengths): every row's results equal those of its sequence run alone."""
+    config = small_config(window=3)
+    model = random_model(config)
     prompts = [torch.randint(0, 50, (1, n), generator=torch.Generator().manual_seed(n)) for n in (7, 2, 5)]
     canvases = torch.randint(0, 50, (3, 4), generator=torch.Generator().manual_seed(9))
-    slots = SlotCache(config, rows=3, capacity=16, dtype=torch.float32)
-    alone = []
-    with torch.no_grad():
-        for row, prompt in enumerate(prompts):
-            valid = torch.ones_like(prompt, dtype=torch.bool)
-            positions = torch.arange(prompt.shape[1])[None]
-            view = slots.row(row)
-            model.encode(prompt, view.plan(model.rope(positions), valid, encoder=True))
-            view.commit(valid)
-            slots.sync(row, view)
-            single = KVCache(config, 1, torch.float32)
-            model.encode(prompt, single.plan(model.rope(positions), valid, encoder=True))
-            single.commit(valid)
-            canvas_pos = torch.arange(prompt.shape[1], prompt.shape[1] + 4)[None]
-            plan = single.plan(model.rope(canvas_pos), torch.ones(1, 4, dtype=torch.bool), encoder=False)
-            alone.append(model.logits(model.decode(canvases[row:row + 1], plan)))
-        lengths = torch.tensor(slots.lengths)[:, None]
-        plan = slots.decoder_plan(model.rope(lengths + torch.arange(4)), 3, 4)
-        batched = model.logits(model.decode(canvases, plan))
-        for row in range(3):
-            torch.testing.assert_close(batched[row:row + 1], alone[row], atol=1e-5, rtol=1e-5)
-        slots.move(2, 1)  # row 1 finished: row 2 takes its place
-        assert slots.lengths[:2] == [7, 5] and slots.lengths[2] == 0
-        plan = slots.decoder_plan(model.rope(torch.tensor(slots.lengths[:2])[:, None] + torch.arange(4)), 2, 4)
-        moved = model.logits(model.decode(canvases[[0, 2]], plan))
-        torch.testing.assert_close(moved[1:2], alone[2], atol=1e-5, rtol=1e-5)
+    expected = [alone(model, p, canvases[i:i + 1]) for i, p in enumerate(prompts)]
+    cache = KVCache(config, 3, torch.float32, capacity=16, growable=False)
+    width = max(p.shape[1] for p in prompts)
+    ids = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in prompts])
+    counts = [p.shape[1] for p in prompts]
+    valid = torch.arange(width)[None] < torch.tensor(counts)[:, None]
+    rows = [2, 0, 1]  # any rows, in any order
+    hidden = model.encode(ids, cache.encoder_plan(model.rope, valid, rows, counts))
+    cache.commit(valid, rows, counts)
+    assert [cache.lengths[r] for r in rows] == counts
+    for i, count in enumerate(counts):
+        torch.testing.assert_close(hidden[i:i + 1, :count], expected[i][0], atol=1e-5, rtol=1e-5)
+    order = [rows.index(r) for r in range(3)]  # sequence held by cache row 0, 1, 2
+    batched = model.logits(model.decode(canvases[order], cache.decoder_plan(model.rope, 3, 4)))
+    for row, sequence in enumerate(order):
+        torch.testing.assert_close(batched[row:row + 1], expected[sequence][1], atol=1e-5, rtol=1e-5)
+    cache.move(2, 1)  # the sequence in row 1 finished: row 2's takes its place
+    assert cache.lengths[2] == 0 and cache.lengths[1] == counts[order[2]]
+    moved = model.logits(model.decode(canvases[[order[0], order[2]]], cache.decoder_plan(model.rope, 2, 4)))
+    torch.testing.assert_close(moved[1:2], expected[order[2]][1], atol=1e-5, rtol=1e-5)

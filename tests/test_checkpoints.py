@@ -86,8 +86,13 @@ def test_pickled_weights_are_refused(tmp_path, checkpoint_dir):
 
 
 def test_missing_directory_and_files_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
         dgemma.load(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        dgemma.load(tmp_path)
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    with pytest.raises(CheckpointError, match="model.gguf is a file"):
+        dgemma.load(tmp_path / "model.gguf")
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         dgemma.load(tmp_path)

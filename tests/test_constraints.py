@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import dgemma
-from dgemma.constraints import (FixedTokens, GrammarError, Hole, generate_structured, grammar_from, infill,
-                                infill_text, layout_infill, parse_infill_template)
+from dgemma.constraints import FixedTokens, GrammarError, grammar_from
+from dgemma.tasks import Hole, generate_structured, infill, infill_text, layout_infill, parse_infill_template
 from dgemma.generation import DraftStep, generate_steps
 from dgemma.tokenizer import Tokenizer
 

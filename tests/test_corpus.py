@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from dgemma.training import corpus
-from dgemma.training.corpus import (
+from dgemma.recipes import corpus
+from dgemma.recipes.corpus import (
     CorpusError,
     RObject,
     is_heldout_block,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dgemma
-from dgemma.generation import EntropyBoundSamplerConfig, GenerationConfig
+from dgemma.generation_config import EntropyBoundSamplerConfig, GenerationConfig
 
 
 @pytest.mark.parametrize("overrides, message", [

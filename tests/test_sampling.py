@@ -7,8 +7,9 @@ import torch
 from scipy.stats import chi2_contingency, chisquare
 
 import dgemma
-from dgemma.sampling import (StableAndConfident, Workspace, categorical_entropy, digest_logits, draw_uniforms,
-                             entropy_bound_acceptance, fast_step, reference_step, sample_from_blocks, temperature_at)
+from dgemma.sampling import (Workspace, categorical_entropy, digest_logits, draw_uniforms, entropy_bound_acceptance,
+                             fast_step, reference_step, sample_from_blocks, stable_and_confident, temperature_at,
+                             temperature_schedule)
 
 
 def test_entropy_bound_accepts_lowest_entropies_within_the_bound():
@@ -26,8 +27,34 @@ def test_temperature_schedule_runs_from_t_max_to_t_min_over_remaining_steps():
     assert temperature_at(5, 10, 0.4, 0.8).dtype == torch.float32
 
 
+def test_row_wise_temperature_schedule_is_bit_identical_to_the_scalar_one():
+    settings = [(s, m, lo, hi) for m in (1, 7, 16, 48) for s in range(1, m + 1) for lo, hi in ((0.4, 0.8), (0.1, 0.3),
+                                                                                              (0.0, 1.7))]
+    rows = temperature_schedule(torch.tensor([s for s, *_ in settings], dtype=torch.int32),
+                                torch.tensor([m for _, m, *_ in settings], dtype=torch.int32),
+                                torch.tensor([lo for *_, lo, _ in settings], dtype=torch.float32),
+                                torch.tensor([hi - lo for *_, lo, hi in settings], dtype=torch.float32))
+    assert torch.equal(rows, torch.stack([temperature_at(*setting) for setting in settings]))
+
+
+class Stopper:
+    """The stopping rule stepped through a canvas, as the engine steps it."""
+
+    def __init__(self, stability: int, confidence: float, rows: int = 2):
+        self.stability = torch.full((rows,), stability, dtype=torch.int32)
+        self.confidence = torch.full((rows,), confidence)
+        self.previous = torch.full((rows, 3), -1)
+        self.run = torch.zeros(rows, dtype=torch.int32)
+
+    def __call__(self, argmax, entropy):
+        stop, self.run = stable_and_confident(argmax, self.previous, self.run, self.stability, self.confidence,
+                                              entropy)
+        self.previous = argmax
+        return stop
+
+
 def test_stopping_needs_a_stable_argmax_and_low_mean_entropy():
-    stop = StableAndConfident(stability_threshold=1, confidence_threshold=0.5)
+    stop = Stopper(stability=1, confidence=0.5)
     canvas = torch.tensor([[1, 2, 3], [4, 5, 6]])
     low, high = torch.full((2, 3), 0.1), torch.full((2, 3), 0.9)
     assert stop(canvas, low).tolist() == [False, False]  # nothing to compare with yet
@@ -36,9 +63,9 @@ def test_stopping_needs_a_stable_argmax_and_low_mean_entropy():
     changed = canvas.clone()
     changed[1, 0] = 9
     assert stop(changed, low).tolist() == [True, False]  # row 1 changed
-    two = StableAndConfident(stability_threshold=2, confidence_threshold=0.5)
+    two = Stopper(stability=2, confidence=0.5)
     assert [two(canvas, low).tolist() for _ in range(3)] == [[False, False], [False, False], [True, True]]
-    assert StableAndConfident(0, 0.5)(canvas, low).tolist() == [True, True]
+    assert Stopper(0, 0.5)(canvas, low).tolist() == [True, True]
 
 
 def make_head(vocab: int, width: int, seed: int, sharpness: float = 1.0):
@@ -128,10 +155,10 @@ def test_fast_step_samples_the_reference_distribution_on_model_states(checkpoint
     cache = KVCache(model.config, 1, model.dtype)
     prompt = torch.tensor([[5, 17, 33, 2, 9, 41]])
     valid = torch.ones_like(prompt, dtype=torch.bool)
-    model.encode(prompt, cache.plan(model.rope(torch.arange(6)[None]), valid, encoder=True))
+    model.encode(prompt, cache.encoder_plan(model.rope, valid))
     cache.commit(valid)
     length = model.config.canvas_length
-    plan = cache.plan(model.rope(torch.arange(6, 6 + length)[None]), torch.ones(1, length, dtype=torch.bool), False)
+    plan = cache.decoder_plan(model.rope, 1, length)
     with torch.no_grad():
         hidden = model.decode(torch.randint(0, 96, (1, length), generator=torch.Generator().manual_seed(0)), plan)
         state = hidden[:, 3:4].expand(20_000, 1, -1).contiguous()  # one position, drawn 20k times

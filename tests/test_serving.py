@@ -221,7 +221,7 @@ def test_api_key_is_enforced(text_model_dir):
 
 
 def test_full_queue_answers_429_and_slow_requests_time_out(text_model_dir):
-    running = RunningServer(text_model_dir, max_sequences=1, max_queue=1, max_tokens=64, request_timeout=0.3)
+    running = RunningServer(text_model_dir, max_sequences=1, max_queue=1, max_tokens=64, timeout=0.3)
     try:
         async def burst():
             async with httpx.AsyncClient(base_url=running.url, timeout=30) as http:

@@ -1,7 +1,7 @@
-"""Between HTTP and the engine: prompts to token ids, engine events to OpenAI-shaped text deltas.
+"""Between HTTP and the engine: requests to token ids and sequence requests, engine events to text deltas.
 
 Design choices:
-- Nothing here touches tensors; the engine owns the model and speaks token ids.
+- Nothing here touches tensors: the scheduler owns the model and speaks token ids and plain settings.
 - Text is always re-decoded from all the choice's tokens and only the new suffix is sent, holding back an
   incomplete UTF-8 character and anything that could be the start of a stop string, so streamed deltas
   concatenate to exactly the final text.
@@ -14,29 +14,20 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-import torch
-
-from ..constraints import (FixedTokens, GrammarControl, GrammarError, Hole, grammar_from, grammar_tokenizer,
-                           layout_infill, parse_infill_template)
-from ..generation import GenerationConfig
+from ..constraints import GrammarError, grammar_from
+from ..generation_config import GenerationConfig
+from ..tasks import Hole, layout_infill, parse_infill_template
 from ..tokenizer import THOUGHT_OPEN, Tokenizer
-from .engine import Commit, Draft, Engine, Finish, Sequence
 from .protocol import ChatRequest, CompletionRequest, DiffusionParameters
+from .scheduler import Commit, Draft, Finish, Scheduler, SequenceRequest
+from .settings import ServerSettings
 
 
 class RequestError(ValueError):
     """A request that is well-formed JSON but cannot be served as asked (HTTP 400)."""
-
-
-@dataclass
-class Limits:
-    max_prompt_tokens: int = 1536
-    max_tokens: int = 512
-    request_timeout: float = 300.0
 
 
 def held_back(text: str, stops: list[str]) -> int:
@@ -113,32 +104,32 @@ class ChoiceText:
 
 
 class Service:
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str, limits: Limits):
-        self.engine, self.tokenizer, self.model_name, self.limits = engine, tokenizer, model_name, limits
-        self.defaults: GenerationConfig = engine.model.generation_config
-        self._grammar_tokenizers: dict[tuple[int, int], Any] = {}
+    def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer, settings: ServerSettings,
+                 defaults: GenerationConfig):
+        self.scheduler, self.tokenizer, self.settings, self.defaults = scheduler, tokenizer, settings, defaults
+        self.model_config = scheduler.model.config
 
     # ---- requests to sequences ------------------------------------------------------------------------------
 
-    def config_for(self, request: DiffusionParameters) -> tuple[GenerationConfig, int]:
-        budget = request.token_budget or min(self.defaults.max_new_tokens or self.limits.max_tokens,
-                                             self.limits.max_tokens)
-        if budget > self.limits.max_tokens:
-            raise RequestError(f"`max_tokens` {budget} exceeds this server's limit of {self.limits.max_tokens}")
+    def config_for(self, request: DiffusionParameters, budget: int | None = None) -> GenerationConfig:
+        """The request's generation settings; `budget` (new tokens) defaults to what the request asks for."""
+        limit = self.settings.max_tokens
+        budget = budget or request.token_budget or min(self.defaults.max_new_tokens or limit, limit)
+        if budget > limit:
+            raise RequestError(f"`max_tokens` {budget} exceeds this server's limit of {limit}")
         try:
-            config = self.defaults.updated(max_new_tokens=budget,
-                                           **request.generation_overrides(self.defaults.t_min, self.defaults.t_max))
+            return self.defaults.updated(max_new_tokens=budget,
+                                         **request.generation_overrides(self.defaults.t_min, self.defaults.t_max))
         except ValueError as err:
             raise RequestError(str(err)) from err
-        return config, budget
 
     def _check_prompt(self, ids: list[int]) -> None:
         if not ids:
             raise RequestError("the prompt is empty")
-        if len(ids) > self.limits.max_prompt_tokens:
+        if len(ids) > self.settings.max_prompt_tokens:
             raise RequestError(f"the prompt has {len(ids)} tokens; this server accepts at most "
-                               f"{self.limits.max_prompt_tokens}")
-        vocab = self.engine.config.vocab_size
+                               f"{self.settings.max_prompt_tokens}")
+        vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise RequestError(f"the prompt holds token ids outside the vocabulary [0, {vocab})")
 
@@ -166,7 +157,8 @@ class Service:
         prefix = parts.pop(0) if isinstance(parts[0], str) else ""
         token_parts = [p if isinstance(p, Hole) else self.tokenizer.encode(p, add_special_tokens=False)
                        for p in parts]
-        ids, region, moved = layout_infill(self.tokenizer.encode(prefix), token_parts, self.engine.config.canvas_length)
+        ids, region, moved = layout_infill(self.tokenizer.encode(prefix), token_parts,
+                                           self.model_config.canvas_length)
         self._check_prompt(ids)
         return Prompt(ids, region, moved)
 
@@ -195,96 +187,63 @@ class Service:
         return Prompt(ids)
 
     def start(self, request: DiffusionParameters, prompts: list[Prompt]) -> "Generation":
-        """Submit n sequences per prompt (raises QueueFull, with nothing left queued, if they do not fit)."""
-        config, budget = self.config_for(request)
+        """Submit n sequences per prompt, all or none (QueueFull)."""
+        config = self.config_for(request)
         grammar = self.grammar(request)
+        if grammar is not None and not (config.eos_token_ids or self.model_config.eos_token_ids):
+            raise RequestError("response_format needs the model to have an EOS token")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         base_seed = request.seed if request.seed is not None else random.getrandbits(62)
-        deadline = time.monotonic() + self.limits.request_timeout
-        canvas, vocab = self.engine.config.canvas_length, self.engine.config.vocab_size
+        deadline = time.monotonic() + self.settings.timeout
         sequences = []
         for prompt in prompts:
+            if prompt.region is not None:
+                # The region is the whole budget, and EOS must not cut off the fixed text after a hole.
+                choice_config = self.config_for(request, budget=len(prompt.region)).updated(eos_token_id=None,
+                                                                                          pad_token_id=None)
+            elif grammar is not None and not config.eos_token_ids:
+                choice_config = config.updated(eos_token_id=self.model_config.eos_token_ids)
+            else:
+                choice_config = config
             for j in range(request.n):
                 index = len(sequences)
-                choice_config, choice_budget, control = config, budget, None
-                if prompt.region is not None:
-                    # EOS must not cut off the fixed text after a hole.
-                    control = FixedTokens(torch.tensor([prompt.region]), canvas)
-                    choice_config = config.updated(eos_token_id=None, pad_token_id=None)
-                    choice_budget = len(prompt.region)
-                elif grammar is not None:
-                    eos = (config.eos_token_ids or self.engine.config.eos_token_ids or [None])[0]
-                    if eos is None:
-                        raise RequestError("response_format needs the model to have an EOS token")
-                    control = GrammarControl(grammar, self._grammar_tokenizer(vocab, eos), vocab, eos, 1, canvas)
                 # Choice j of a seeded request uses seed + j, so choices differ and each is reproducible.
-                sequences.append(Sequence(
-                    prompt=prompt.ids, config=choice_config, generator=torch.Generator().manual_seed(base_seed + j),
-                    max_new_tokens=choice_budget, want_drafts=request.wants_drafts, deadline=deadline,
-                    control=control,
+                sequences.append(SequenceRequest(
+                    prompt=prompt.ids, config=choice_config, seed=base_seed + j, drafts=request.wants_drafts,
+                    region=prompt.region, grammar=grammar if prompt.region is None else None, deadline=deadline,
                     on_event=lambda event, i=index: loop.call_soon_threadsafe(queue.put_nowait, (i, event))))
-        generation = Generation(self.engine, sequences, queue)
-        try:
-            for sequence in sequences:
-                self.engine.submit(sequence)
-        except BaseException:
-            generation.cancel()
-            raise
-        return generation
-
-    # ---- responses ------------------------------------------------------------------------------------------
-
-    def _grammar_tokenizer(self, vocab: int, eos: int):
-        key = (vocab, eos)
-        if key not in self._grammar_tokenizers:
-            self._grammar_tokenizers[key] = grammar_tokenizer(self.tokenizer, vocab, eos)
-        return self._grammar_tokenizers[key]
-
-    def envelope(self, kind: str, created: int, request_id: str) -> dict[str, Any]:
-        return {"id": request_id, "object": kind, "created": created, "model": self.model_name}
-
-    @staticmethod
-    def new_id(prefix: str) -> str:
-        return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-    def finish_reason(self, event: Finish, text: ChoiceText) -> str:
-        if text.stopped:
-            return "stop"
-        return {"stop": "stop", "length": "length"}.get(event.reason, event.reason)
-
-    def draft_payload(self, event: Draft) -> dict[str, Any]:
-        return {"canvas": event.canvas_index, "step": event.step, "tokens": event.argmax,
-                "text": self.tokenizer.decode(event.argmax), "accepted": event.accepted,
-                "pieces": [self.tokenizer.decode([t]) for t in event.argmax],
-                "entropy": [round(e, 4) for e in event.entropy]}
+        self.scheduler.submit(sequences)
+        return Generation(self.scheduler, sequences, queue)
 
 
 def completion_tokens(event: Finish, eos_ids: list[int]) -> int:
     return sum(1 for t in event.generated if t not in eos_ids)
 
 
-
-
 @dataclass
 class Generation:
     """The sequences of one request and the queue their events arrive on."""
 
-    engine: Engine
-    sequences: list[Sequence]
+    scheduler: Scheduler
+    sequences: list[SequenceRequest]
     queue: asyncio.Queue
 
-    async def events(self) -> AsyncIterator[tuple[int, Sequence, Commit | Draft | Finish]]:
-        """(choice index, its sequence, event) until every choice has finished; cancels what is left on exit."""
+    async def events(self) -> AsyncIterator[tuple[int, Commit | Draft | Finish]]:
+        """(choice index, event) until every choice has finished; cancels what is left on exit."""
         remaining = len(self.sequences)
         try:
             while remaining:
                 index, event = await self.queue.get()
                 remaining -= isinstance(event, Finish)
-                yield index, self.sequences[index], event
+                yield index, event
         finally:
             self.cancel()
 
+    def cancel_choice(self, index: int) -> None:
+        """End one choice early (a stop string ended it): its rows are freed at the next step."""
+        self.scheduler.cancel(self.sequences[index])
+
     def cancel(self) -> None:
         for sequence in self.sequences:
-            self.engine.cancel(sequence)
+            self.scheduler.cancel(sequence)

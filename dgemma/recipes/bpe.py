@@ -17,8 +17,8 @@ Design choices:
 * Deterministic: the trainer's merge choice breaks count ties by the pair itself, and the saved
   JSON lists vocabulary and merges in id order, so the same texts give the same file bytes.
 
-Train on a built corpus (see :mod:`dgemma.training.corpus`) with
-``python -m dgemma.training.bpe CORPUS_DIR OUT_DIR --vocab-size 8192``; it trains on the train
+Train on a built corpus (see :mod:`dgemma.recipes.corpus`) with
+``python -m dgemma.recipes.bpe CORPUS_DIR OUT_DIR --vocab-size 8192``; it trains on the train
 split and prints tokens per byte on the held-out split.
 """
 
@@ -107,10 +107,10 @@ def tokens_per_byte(tokenizer: Tokenizer, texts: Iterable[str]) -> float:
 
 
 def main(argv: Iterable[str] | None = None) -> None:
-    from dgemma.training.corpus import load_corpus, split_documents
+    from dgemma.recipes.corpus import load_corpus, split_documents
 
     parser = argparse.ArgumentParser(description="Train the byte-level BPE tokenizer on a corpus.")
-    parser.add_argument("corpus_dir", type=Path, help="output directory of dgemma.training.corpus")
+    parser.add_argument("corpus_dir", type=Path, help="output directory of dgemma.recipes.corpus")
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--model-max-length", type=int, default=DEFAULT_MODEL_MAX_LENGTH)

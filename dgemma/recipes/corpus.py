@@ -36,7 +36,7 @@ Design choices:
   That is about 1.5 % of the prose, spread across every author and across each file, and the
   same on every run and machine because it depends only on the text.
 
-Run the recipe with ``python -m dgemma.training.corpus OUT_DIR [--work-dir DIR] [--no-verify]``.
+Run the recipe with ``python -m dgemma.recipes.corpus OUT_DIR [--work-dir DIR] [--no-verify]``.
 """
 
 from __future__ import annotations

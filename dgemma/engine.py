@@ -1,0 +1,439 @@
+"""The engine: one implementation of "denoise a batch of canvases one step", for the library and the server.
+
+`generate` runs one group through it; the server's scheduler runs many, joining and leaving between steps.
+
+Design choices:
+- Rows and groups. A row is one sequence: one row of the KV cache and of the engine's per-row state (canvas,
+  argmax, self-conditioning, stopping state, settings). A group is the rows of one call that share a random
+  generator and a GenerationConfig and go through canvases in lockstep: a library batch is one group, each
+  server choice a group of one. Every step runs one decoder forward over all rows of all groups.
+- Random numbers are drawn per group in the reference's order and shapes: a fresh canvas after each encode,
+  then per step the sample (a multinomial in reference mode, one uniform per position in fast mode) and one
+  full renoise draw, also for rows that have stopped. A group's tokens therefore do not depend on which other
+  groups share its steps: a seeded request is the same alone, batched, and through `model.generate`.
+- Per-row arithmetic (temperature schedule, acceptance bound, renoising, stopping) is vectorised across all
+  rows; each row's settings live in [rows] tensors written once when its group joins.
+- A group's canvas ends when all its rows have stopped (stable and confident) or its steps are spent. Its
+  argmax is committed (cut to the budget, padded after EOS); unless every row is done, the canvas is encoded at
+  the start of the next step, in one batched forward with every other group's commits and new prompts.
+- Rows that stopped keep their canvas and self-conditioning until their group commits.
+- The host waits for the device once per step, to learn which canvases ended; nothing else in a step needs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterable
+
+import torch
+
+from .cache import KVCache
+from .generation_config import GenerationConfig
+from .model import DiffusionGemma
+from .sampling import (StepResult, Workspace, draw_tokens, draw_uniforms, entropy_bound_acceptance, fast_step,
+                       reference_step, stable_and_confident, temperature_at, temperature_schedule)
+
+if TYPE_CHECKING:
+    from .constraints import CanvasControl
+
+SAMPLING_MODES = ("fast", "reference")
+
+
+def until_eos(tokens: Iterable[int], eos_token_ids: Iterable[int]) -> tuple[list[int], bool]:
+    """The tokens up to and including the first end-of-generation token, and whether there was one."""
+    eos = set(eos_token_ids)
+    kept: list[int] = []
+    for token in tokens:
+        kept.append(token)
+        if token in eos:
+            return kept, True
+    return kept, False
+
+
+# ---- events ------------------------------------------------------------------------------------------------------
+
+@dataclass
+class DraftStep:
+    """After a denoising step: the argmax canvas (the best current guess) and which positions were accepted."""
+
+    canvas_index: int
+    step: int  # 1-based step within the canvas
+    argmax: torch.Tensor  # [B, L]
+    accepted: torch.Tensor  # [B, L] bool
+    entropy: torch.Tensor  # [B, L]
+    finished_denoising: torch.Tensor  # [B] bool
+    group: Group | None = None
+
+
+@dataclass
+class CanvasCommitted:
+    """A canvas was committed: its tokens (cut to the token budget, pad after EOS) and which rows are done."""
+
+    canvas_index: int
+    tokens: torch.Tensor  # [B, <= L]
+    finished: torch.Tensor  # [B] bool
+    steps: int
+    group: Group | None = None
+
+
+# ---- groups ------------------------------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class Group:
+    """Rows that share a generator and settings and move through canvases together.
+
+    `input_ids` [B, T] are the tokens to encode first (with a reused cache, only the uncached ones);
+    `attention_mask` [B, T] marks left padding (None: all real). The engine fills in the rest."""
+
+    input_ids: torch.Tensor
+    config: GenerationConfig
+    attention_mask: torch.Tensor | None = None
+    generator: torch.Generator | None = None
+    control: CanvasControl | None = None
+    drafts: bool = True  # emit a DraftStep after every step
+    rows: list[int] = field(default_factory=list)
+    budget: int = 0  # new tokens to generate
+    prompt_length: int = 0  # cached + new prompt tokens when the group joined
+    canvas_index: int = 0
+    steps_run: int = 0  # denoising steps of the current canvas
+    remaining: int = 0  # steps left in the current canvas
+    has_signal: bool = False  # whether the current canvas has self-conditioning yet
+    sequences: torch.Tensor | None = None  # [B, prompt + committed]
+    finished: torch.Tensor | None = None  # [B] rows done (EOS or budget)
+    passes: torch.Tensor | None = None  # [B] decoder passes each row needed
+    pending: torch.Tensor | None = None  # [B, T] tokens to encode before the next canvas
+    pending_valid: torch.Tensor | None = None
+    logits_at: Callable[[int, int], torch.Tensor] | None = None  # the last step's, for a control to finish with
+    done: bool = False
+    cancelled: bool = False
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+
+class Engine:
+    """Owns the per-row state of up to `cache.batch_size` rows and steps every running group together."""
+
+    def __init__(self, model: DiffusionGemma, cache: KVCache, sampling: str = "fast"):
+        if sampling not in SAMPLING_MODES:
+            raise ValueError(f"`sampling` must be 'fast' or 'reference', got {sampling!r}")
+        self.model, self.cache, self.sampling = model, cache, sampling
+        self.exact = sampling == "reference"
+        config, device, rows = model.config, model.device, cache.batch_size
+        self.canvas_length, self.vocab_size = config.canvas_length, config.vocab_size
+        self.groups: list[Group] = []
+        self.owner: list[Group | None] = [None] * rows
+        self.workspace = Workspace()
+        self.embed_scale = model.decoder.embed_tokens.scale_as(model.dtype)
+
+        def zeros(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(rows, *shape, dtype=dtype, device=device)
+
+        length = self.canvas_length
+        # Per-row state, row i = cache row i; rows 0 .. in_use - 1 are occupied.
+        self.canvas = zeros(length, dtype=torch.long)
+        self.argmax = zeros(length, dtype=torch.long)
+        self.soft = zeros(length, config.hidden_size, dtype=model.dtype)
+        self.stopped = zeros(dtype=torch.bool)
+        self.run = zeros(dtype=torch.int32)  # steps in a row with an unchanged argmax
+        self.steps_left = zeros(dtype=torch.int32)
+        # Per-row settings, from each row's GenerationConfig.
+        self.max_steps = zeros(dtype=torch.int32)
+        self.t_min = zeros(dtype=torch.float32)
+        self.t_span = zeros(dtype=torch.float32)
+        self.tempered = zeros(dtype=torch.bool)
+        self.bound = zeros(dtype=torch.float32)
+        self.adaptive = zeros(dtype=torch.bool)
+        self.stability = zeros(dtype=torch.int32)
+        self.confidence = zeros(dtype=torch.float32)
+        self.row_state = [self.canvas, self.argmax, self.soft, self.stopped, self.run, self.steps_left,
+                          self.max_steps, self.t_min, self.t_span, self.tempered, self.bound, self.adaptive,
+                          self.stability, self.confidence]
+        self._plan_key: tuple | None = None
+        self._plan = None
+        self._layout_version = 0  # bumped whenever rows move or caches change: the decoder plan is rebuilt
+
+    # ---- membership ---------------------------------------------------------------------------------------
+
+    @property
+    def in_use(self) -> int:
+        return sum(owner is not None for owner in self.owner)
+
+    @property
+    def free_rows(self) -> int:
+        return len(self.owner) - self.in_use
+
+    def add(self, group: Group) -> Group:
+        """Give a group rows; its prompt is encoded (with everything else pending) at the next step."""
+        if group.size > self.free_rows:
+            raise ValueError(f"the group needs {group.size} rows but the engine has {self.free_rows} free")
+        if group.control is not None and self.exact:
+            raise ValueError("fixed tokens and grammars need sampling='fast' (the reference has neither)")
+        first = self.in_use
+        group.rows = list(range(first, first + group.size))
+        for row in group.rows:
+            self.owner[row] = group
+        device = self.model.device
+        cached = self.cache.lengths[first]
+        group.prompt_length = cached + group.input_ids.shape[1]
+        group.budget = group.config.token_budget(group.prompt_length)
+        group.sequences = group.input_ids.to(device=device, dtype=torch.long)
+        group.finished = torch.zeros(group.size, dtype=torch.bool, device=device)
+        group.passes = torch.zeros(group.size, dtype=torch.int32, device=device)
+        group.pending = group.sequences
+        group.pending_valid = (torch.ones_like(group.sequences, dtype=torch.bool) if group.attention_mask is None
+                               else group.attention_mask.to(device=device, dtype=torch.bool))
+        self._write_settings(group)
+        self.groups.append(group)
+        return group
+
+    def _write_settings(self, group: Group) -> None:
+        config, rows = group.config, self._select(group)
+        self.max_steps[rows] = config.max_denoising_steps
+        self.tempered[rows] = config.has_temperature
+        if config.has_temperature:
+            # fp32 as the reference's schedule rounds them (see sampling.temperature_schedule)
+            self.t_min[rows] = config.t_min
+            self.t_span[rows] = config.t_max - config.t_min
+        self.bound[rows] = config.entropy_bound
+        self.adaptive[rows] = config.stops_adaptively
+        if config.stops_adaptively:
+            self.stability[rows] = config.stability_threshold
+            self.confidence[rows] = config.confidence_threshold
+
+    def cancel(self, group: Group) -> None:
+        """Stop a group; its rows are freed at the next step (call from the thread that steps the engine)."""
+        group.cancelled = True
+
+    def release(self, group: Group) -> None:
+        """Free a finished or cancelled group's rows, keeping the occupied rows contiguous."""
+        if group not in self.groups:
+            return
+        self.groups.remove(group)
+        for row in sorted(group.rows, reverse=True):
+            last = self.in_use - 1
+            if row != last:
+                self._move_row(last, row)
+            else:
+                self.cache.clear(row)
+                self.owner[row] = None
+        group.rows = []
+        self._layout_version += 1
+
+    def _move_row(self, source: int, target: int) -> None:
+        moved = self.owner[source]
+        self._layout_version += 1
+        self.cache.move(source, target)
+        for state in self.row_state:
+            state[target] = state[source]
+        moved.rows[moved.rows.index(source)] = target
+        self.owner[target], self.owner[source] = moved, None
+
+    def _select(self, group: Group) -> slice | torch.Tensor:
+        """Index of a group's rows in the per-row state: a slice when they are consecutive (the usual case)."""
+        rows = group.rows
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            return slice(rows[0], rows[0] + len(rows))
+        return torch.tensor(rows, device=self.model.device)
+
+    # ---- one step -------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> list[DraftStep | CanvasCommitted]:
+        """Free the rows of groups that are done or cancelled, encode what is pending, run one denoising step
+        over every row, and commit the canvases that ended. A group that finishes is marked `done`; its rows
+        (and cache) stay as they are until the next step or `release`."""
+        for group in [g for g in self.groups if g.done or g.cancelled]:
+            self.release(group)
+        self._prefill()
+        running = [g for g in self.groups if not g.done]
+        if not running:
+            return []
+        n = self.in_use
+        for group in running:
+            rows = self._select(group)
+            group.passes += ~(self.stopped[rows] | group.finished)
+        model = self.model
+        soft = self.soft[:n] if any(g.has_signal for g in running) else None
+        hidden = model.decode(self.canvas[:n], self._decoder_plan(n), soft, exact=self.exact)
+        result = self._sample(hidden, running)
+        accepted = entropy_bound_acceptance(result.entropy, self.bound[:n, None])
+        ready = torch.ones(n, dtype=torch.bool, device=model.device)
+        for group in running:
+            if group.control is not None:
+                self._control(group, hidden, result, accepted, ready)
+        noise = torch.zeros_like(self.canvas[:n])
+        for group in running:
+            noise[self._select(group)] = draw_tokens(group.size, self.canvas_length, self.vocab_size, group.generator,
+                                                     model.device)
+        frozen = self.stopped[:n]
+        canvas = torch.where(frozen[:, None], self.canvas[:n], torch.where(accepted, result.sampled, noise))
+        argmax = torch.where(frozen[:, None], self.argmax[:n], result.argmax)
+        soft = torch.where(frozen[:, None, None], self.soft[:n], result.self_conditioning)
+        stop, run = stable_and_confident(argmax, self.argmax[:n], self.run[:n], self.stability[:n],
+                                         self.confidence[:n], result.entropy)
+        stopped = frozen | (stop & ready & self.adaptive[:n])
+        self.canvas[:n], self.argmax[:n], self.soft[:n] = canvas, argmax, soft
+        self.run[:n], self.stopped[:n] = run, stopped
+        self.steps_left[:n] -= 1
+        stopped_rows = stopped.tolist()  # the step's one wait for the device: which canvases have ended
+        events: list[DraftStep | CanvasCommitted] = []
+        for group in running:
+            group.steps_run += 1
+            group.remaining -= 1
+            group.has_signal = True
+            rows = self._select(group)
+            if group.drafts:
+                events.append(DraftStep(group.canvas_index, group.steps_run, argmax[rows], accepted[rows],
+                                        result.entropy[rows], stopped[rows], group))
+            if group.remaining == 0 or all(stopped_rows[r] for r in group.rows):
+                events.append(self._commit(group))
+        return events
+
+    def _sample(self, hidden: torch.Tensor, running: list[Group]) -> StepResult:
+        model, n = self.model, hidden.shape[0]
+        if not self.exact:
+            temperature = temperature_schedule(self.steps_left[:n], self.max_steps[:n], self.t_min[:n],
+                                               self.t_span[:n])
+            temperature = torch.where(self.tempered[:n], temperature, 1.0)  # dividing by 1 changes nothing
+            uniforms = torch.zeros(n, self.canvas_length, dtype=torch.float64, device=model.device)
+            for group in running:
+                uniforms[self._select(group)] = draw_uniforms(group.size * self.canvas_length, group.generator,
+                                                              model.device).view(group.size, -1)
+            return fast_step(hidden, model.head_matrix, model.embedding_matrix, self.embed_scale,
+                             model.config.final_logit_softcapping, temperature, uniforms.view(-1, 1),
+                             self.workspace)
+        # The reference's own operations and draws, group by group.
+        sampled = torch.empty(n, self.canvas_length, dtype=torch.long, device=model.device)
+        argmax, entropy = torch.empty_like(sampled), torch.empty(sampled.shape, device=model.device)
+        soft = torch.empty_like(self.soft[:n])
+        for group in running:
+            rows = self._select(group)
+            step = reference_step(model.logits(hidden[rows]), self._temperature(group), model.dtype,
+                                  group.generator)
+            sampled[rows], argmax[rows], entropy[rows] = step.sampled, step.argmax, step.entropy
+            soft[rows] = model.soft_embeddings(step.self_conditioning)
+        return StepResult(sampled, argmax, entropy, soft)
+
+    def _temperature(self, group: Group) -> torch.Tensor | None:
+        config = group.config
+        if not config.has_temperature:
+            return None
+        return temperature_at(group.remaining, config.max_denoising_steps, config.t_min, config.t_max).to(
+            self.model.device)
+
+    def _control(self, group: Group, hidden: torch.Tensor, result: StepResult, accepted: torch.Tensor,
+                 ready: torch.Tensor) -> None:
+        """Let a group's canvas control decide its rows' proposals and acceptance (in place)."""
+        rows = self._select(group)
+        group.logits_at = processed_logits_at(self.model, hidden[rows], self._temperature(group))
+        mine = StepResult(result.sampled[rows], result.argmax[rows], result.entropy[rows],
+                          result.self_conditioning[rows])
+        mine, accepted[rows], ready[rows] = group.control.accept(
+            group.canvas_index, self.canvas[rows], mine, group.config.entropy_bound, group.logits_at, group.generator)
+        result.sampled[rows], result.argmax[rows], result.entropy[rows] = mine.sampled, mine.argmax, mine.entropy
+
+    def _decoder_plan(self, n: int):
+        key = (n, self._layout_version)
+        if key != self._plan_key:
+            self._plan = self.cache.decoder_plan(self.model.rope, n, self.canvas_length)
+            self._plan_key = key
+        return self._plan
+
+    # ---- canvas boundaries ------------------------------------------------------------------------------------
+
+    def _commit(self, group: Group) -> CanvasCommitted:
+        argmax = self.argmax[self._select(group)].clone()
+        if group.control is not None:
+            argmax = group.control.complete(group.canvas_index, argmax, group.logits_at)
+            group.control.commit(group.canvas_index, argmax)
+        config, length = group.config, self.canvas_length
+        group.sequences = torch.cat([group.sequences, argmax], dim=1)
+        over_budget = (group.canvas_index + 1) * length >= group.budget
+        group.finished = mark_finished(group.sequences, group.finished, length, config.eos_token_ids,
+                                       config.pad_token_id, over_budget)
+        produced = min(length, group.budget - group.canvas_index * length)
+        event = CanvasCommitted(group.canvas_index, group.sequences[:, -length:][:, :produced],
+                                group.finished.clone(), group.steps_run, group)
+        group.canvas_index += 1
+        if bool(group.finished.all()):
+            group.done = True
+        else:
+            group.pending = group.sequences[:, -length:]
+            group.pending_valid = torch.ones_like(group.pending, dtype=torch.bool)
+        return event
+
+    def _prefill(self) -> None:
+        """Encode every group's pending tokens (new prompts, committed canvases), then start their canvases."""
+        pending = [g for g in self.groups if g.pending is not None]
+        for batch in _similar_lengths(pending):
+            width = max(g.pending.shape[1] for g in batch)
+            ids = torch.cat([torch.nn.functional.pad(g.pending, (0, width - g.pending.shape[1])) for g in batch])
+            valid = torch.cat([torch.nn.functional.pad(g.pending_valid, (0, width - g.pending.shape[1]))
+                               for g in batch])
+            rows = [row for g in batch for row in g.rows]
+            counts = [g.pending.shape[1] for g in batch for _ in g.rows]
+            self.model.encode(ids, self.cache.encoder_plan(self.model.rope, valid, rows, counts), exact=self.exact)
+            self.cache.commit(valid, rows, counts)
+            self._layout_version += 1
+        for group in pending:
+            self._start_canvas(group)
+
+    def _start_canvas(self, group: Group) -> None:
+        rows = self._select(group)
+        canvas = draw_tokens(group.size, self.canvas_length, self.vocab_size, group.generator, self.model.device)
+        if group.control is not None:
+            canvas = group.control.begin(group.canvas_index, canvas)
+        self.canvas[rows] = canvas
+        self.argmax[rows] = -1  # no previous argmax: the first step is never "stable"
+        self.soft[rows] = 0  # no signal yet: zeros give exactly what skipping self-conditioning gives
+        self.stopped[rows] = False
+        self.run[rows] = 0
+        self.steps_left[rows] = group.config.max_denoising_steps
+        group.remaining = group.config.max_denoising_steps
+        group.steps_run, group.has_signal = 0, False
+        group.pending = group.pending_valid = None
+
+
+def _similar_lengths(groups: list[Group]) -> list[list[Group]]:
+    """Groups to encode, batched so that padding at most doubles the work of a batch."""
+    batches: list[list[Group]] = []
+    for group in sorted(groups, key=lambda g: -g.pending.shape[1]):
+        if batches:
+            batch = batches[-1]
+            width = batch[0].pending.shape[1]
+            tokens = sum(g.pending.shape[1] * g.size for g in batch) + group.pending.shape[1] * group.size
+            if width * (sum(g.size for g in batch) + group.size) <= 2 * tokens:
+                batch.append(group)
+                continue
+        batches.append([group])
+    return batches
+
+
+def mark_finished(sequences: torch.Tensor, finished: torch.Tensor, canvas_length: int, eos_token_ids: list[int],
+                  pad: int | None, over_budget: bool) -> torch.Tensor:
+    """Rows done after the last committed canvas (EOS in it, or the budget reached), and, in place, pad for the
+    rows that were already done and after each row's first EOS (kept), as the reference does."""
+    device = sequences.device
+    eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
+    canvas = sequences[:, -canvas_length:]
+    newly = torch.isin(canvas, eos).any(dim=-1) if eos.numel() else torch.zeros_like(finished)
+    if over_budget:
+        newly = torch.ones_like(finished)
+    if pad is not None and bool((finished | newly).any()):
+        canvas[finished] = pad
+        if eos.numel():
+            is_eos = torch.isin(canvas, eos)
+            seen = is_eos.cumsum(dim=-1)
+            canvas[(seen > 0) & ~((seen == 1) & is_eos)] = pad
+    return finished | newly
+
+
+def processed_logits_at(model: DiffusionGemma, hidden: torch.Tensor,
+                        temperature: torch.Tensor | None) -> Callable[[int, int], torch.Tensor]:
+    """Processed logits of single canvas positions, computed on demand (the fast step keeps none)."""
+    def logits_at(row: int, position: int) -> torch.Tensor:
+        logits = model.logits(hidden[row, position])
+        return logits / temperature if temperature is not None else logits
+    return logits_at

@@ -1,0 +1,157 @@
+"""Generation settings: the fields of the reference's DiffusionGemmaGenerationConfig that change what is generated.
+
+One dataclass, built once per request from generation_config.json, `generate(**overrides)` or an OpenAI request.
+From generation_config.json a null means "use the default"; passed as an override, None disables the feature
+(e.g. `stability_threshold=None` turns adaptive stopping off), as in the reference.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MAX_NEW_TOKENS = 1024  # the reference's 256 cuts answers to one canvas
+
+
+@dataclass
+class EntropyBoundSamplerConfig:
+    """Same name and field as the reference's, so `sampler_config=` arguments carry over unchanged."""
+
+    entropy_bound: float
+
+    def __post_init__(self):
+        if isinstance(self.entropy_bound, bool) or not isinstance(self.entropy_bound, (int, float)) \
+                or self.entropy_bound <= 0:
+            raise ValueError(f"`entropy_bound` must be a float > 0 (got {self.entropy_bound!r})")
+        self.entropy_bound = float(self.entropy_bound)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass
+class GenerationConfig:
+    """The fields of the reference's DiffusionGemmaGenerationConfig that change what is generated.
+
+    From generation_config.json a null means "use the default"; passed to `generate`, None disables the
+    feature (e.g. `stability_threshold=None` turns adaptive stopping off), as in the reference.
+    """
+
+    max_new_tokens: int | None = None
+    max_length: int | None = None
+    max_denoising_steps: int = 48
+    sampler_config: EntropyBoundSamplerConfig = field(default_factory=lambda: EntropyBoundSamplerConfig(0.1))
+    t_min: float | None = 0.4
+    t_max: float | None = 0.8
+    stability_threshold: int | None = 1
+    confidence_threshold: float | None = 0.005
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+
+    @property
+    def entropy_bound(self) -> float:
+        return self.sampler_config.entropy_bound
+
+    @property
+    def has_temperature(self) -> bool:
+        return self.t_min is not None and self.t_max is not None
+
+    @property
+    def stops_adaptively(self) -> bool:
+        """Whether a canvas may end before its step budget (both stopping thresholds set)."""
+        return self.stability_threshold is not None and self.confidence_threshold is not None
+
+    def token_budget(self, context_length: int) -> int:
+        """How many new tokens to generate after `context_length` (cached + prompt) tokens: `max_new_tokens`,
+        else what `max_length` leaves, else DEFAULT_MAX_NEW_TOKENS."""
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        if self.max_length is not None:
+            if self.max_length <= context_length:
+                raise ValueError(f"`max_length` {self.max_length} leaves no room after {context_length} prompt tokens")
+            return self.max_length - context_length
+        return DEFAULT_MAX_NEW_TOKENS
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GenerationConfig":
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in names and v is not None}
+        if isinstance(values.get("sampler_config"), dict):
+            sampler = dict(values["sampler_config"])
+            sampler.pop("_cls_name", None)
+            values["sampler_config"] = EntropyBoundSamplerConfig(**sampler)
+        config = cls(**values)
+        config.validate()
+        return config
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "GenerationConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "generation_config.json"
+        return cls.from_dict(json.loads(path.read_text())) if path.is_file() else cls()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["sampler_config"] = {"entropy_bound": self.entropy_bound, "_cls_name": "EntropyBoundSamplerConfig"}
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def updated(self, **overrides: Any) -> "GenerationConfig":
+        """A copy with `overrides` applied (`entropy_bound=` is a shortcut for the sampler config)."""
+        config = copy.deepcopy(self)
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - names - {"entropy_bound"})
+        if unknown:
+            raise ValueError(f"Unexpected generation arguments: {unknown}")
+        for key, value in overrides.items():
+            if key == "entropy_bound":
+                config.sampler_config = EntropyBoundSamplerConfig(value)
+            elif key == "sampler_config" and isinstance(value, dict):
+                config.sampler_config = EntropyBoundSamplerConfig(
+                    **{k: v for k, v in value.items() if k != "_cls_name"})
+            elif key == "sampler_config":
+                config.sampler_config = EntropyBoundSamplerConfig(value.entropy_bound)
+            else:
+                setattr(config, key, value)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        steps = self.max_denoising_steps
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
+            raise ValueError(f"`max_denoising_steps` must be a positive integer, but got {steps!r}")
+        if not isinstance(self.sampler_config, EntropyBoundSamplerConfig):
+            raise ValueError(f"`sampler_config` must be an EntropyBoundSamplerConfig, got {type(self.sampler_config)}")
+        for name in ("t_min", "t_max"):
+            value = getattr(self, name)
+            if value is not None and (not _is_number(value) or value < 0):
+                raise ValueError(f"`{name}` must be >= 0.0 (got {value!r})")
+        if self.t_min is not None and self.t_max is not None and self.t_max <= self.t_min:
+            raise ValueError(f"`t_max` must be > `t_min` (got t_max={self.t_max} <= t_min={self.t_min})")
+        threshold = self.stability_threshold
+        if threshold is not None and (not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 0):
+            raise ValueError(f"`stability_threshold` must be an integer >= 0 (got {threshold!r})")
+        confidence = self.confidence_threshold
+        if confidence is not None and (not _is_number(confidence) or confidence <= 0):
+            raise ValueError(f"`confidence_threshold` must be a float > 0 (got {confidence!r})")
+        for name in ("max_length", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"`{name}` must be a positive integer, but got {value!r}")
+        for token in self.eos_token_ids + [t for t in (self.pad_token_id, self.bos_token_id) if t is not None]:
+            if not isinstance(token, int) or token < 0:
+                raise ValueError(f"token ids must be non-negative integers, got {token!r}")

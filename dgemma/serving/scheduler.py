@@ -1,0 +1,222 @@
+"""The server's engine thread: one thread owns the model and steps the engine; requests wait in a bounded queue.
+
+Design choices:
+- Continuous batching at step granularity: every step, the canvases of all running sequences go through one
+  decoder forward (the engine's step), whatever canvas and step each is at; sequences join and leave between
+  steps, and prompts admitted together are encoded in one forward.
+- Each sequence is an engine group of one with its own generator (seeded from the request), so a seeded request
+  gives the same tokens alone or batched, and the same as `model.generate(..., generator=...)`.
+- This module is where requests become tensors: the service hands in plain `SequenceRequest`s (token ids,
+  settings, a seed, an infill region or a grammar) and gets plain events back (lists of ids, not tensors),
+  through a callback it must not block in.
+- Bounded: a fixed number of rows in a preallocated cache, a bounded queue, a per-sequence deadline; a request's
+  sequences are queued all together or not at all; cancelled or expired sequences free their rows at the next
+  step.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..cache import KVCache
+from ..constraints import FixedTokens, GrammarControl, grammar_tokenizer
+from ..engine import CanvasCommitted, DraftStep, Engine, Group, until_eos
+from ..generation_config import GenerationConfig
+from ..model import DiffusionGemma
+from ..tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue cannot take the request now."""
+
+
+@dataclass
+class Draft:
+    step: int
+    canvas_index: int
+    argmax: list[int]
+    accepted: list[bool]
+    entropy: list[float]
+
+
+@dataclass
+class Commit:
+    canvas_index: int
+    tokens: list[int]  # this canvas's tokens within the budget, up to and including the first EOS
+    steps: int
+
+
+@dataclass
+class Finish:
+    reason: str  # "stop" (EOS), "length" (budget), "cancelled", "timeout", "error"
+    generated: list[int]
+    decoder_passes: int
+    message: str = ""
+
+
+Event = Draft | Commit | Finish
+
+
+@dataclass(eq=False)
+class SequenceRequest:
+    """One sequence to generate, as plain data; the scheduler alone turns it into tensors."""
+
+    prompt: list[int]
+    config: GenerationConfig  # its max_new_tokens is the budget
+    seed: int
+    on_event: Callable[[Event], None]
+    drafts: bool = False
+    region: list[int] | None = None  # infilling: the tokens after the prompt, -1 where a hole is
+    grammar: str | None = None  # structured output: an llguidance grammar
+    deadline: float | None = None
+    cancelled: bool = False
+    generated: list[int] = field(default_factory=list)
+    ended_by_eos: bool = False
+    group: Group | None = None
+
+
+class Scheduler:
+    def __init__(self, model: DiffusionGemma, tokenizer: Tokenizer, max_sequences: int, max_queue: int,
+                 max_context: int):
+        """`max_context`: the longest prompt + budget a sequence may have; the tokenizer serves grammars."""
+        self.model, self.tokenizer = model, tokenizer
+        self.max_queue, self.max_context = max_queue, max_context
+        self._grammar_tokenizers: dict[int, Any] = {}  # by EOS id: building one takes up to a second
+        # Room for the longest allowed sequence plus the scratch canvas past it, in every row.
+        cache = KVCache(model.config, max_sequences, model.dtype, model.device,
+                        capacity=max_context + model.config.canvas_length, growable=False)
+        self.engine = Engine(model, cache, sampling="fast")
+        self.running: list[SequenceRequest] = []
+        self.waiting: collections.deque[SequenceRequest] = collections.deque()
+        self.lock = threading.Condition()
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+        self.steps_run = 0
+
+    @property
+    def max_sequences(self) -> int:
+        return self.engine.cache.batch_size
+
+    # ---- the caller's side (any thread) --------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._loop, name="dgemma-engine", daemon=True)
+        self.thread.start()
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop the loop; with `drain`, after the running and waiting sequences have finished."""
+        with self.lock:
+            if not drain:
+                for request in list(self.running) + list(self.waiting):
+                    request.cancelled = True
+            self.stopping = True
+            self.lock.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def submit(self, requests: list[SequenceRequest]) -> None:
+        """Queue all of `requests` or none of them (QueueFull)."""
+        for request in requests:
+            if len(request.prompt) + request.config.max_new_tokens > self.max_context:
+                raise ValueError(f"prompt ({len(request.prompt)} tokens) plus max_tokens "
+                                 f"({request.config.max_new_tokens}) exceed the server's context of "
+                                 f"{self.max_context} tokens")
+        with self.lock:
+            if self.stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self.waiting) + len(requests) > self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+            self.waiting.extend(requests)
+            self.lock.notify_all()
+
+    def cancel(self, request: SequenceRequest) -> None:
+        request.cancelled = True  # seen by the loop at its next step
+
+    @property
+    def load(self) -> dict[str, int]:
+        return {"running": len(self.running), "waiting": len(self.waiting), "steps": self.steps_run}
+
+    # ---- the engine thread --------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self.lock:
+                while not self.running and not self.waiting and not self.stopping:
+                    self.lock.wait(timeout=0.5)
+                if self.stopping and not self.running and not self.waiting:
+                    return
+                admitted = []
+                while self.waiting and len(self.running) + len(admitted) < self.max_sequences:
+                    admitted.append(self.waiting.popleft())
+            try:
+                for request in admitted:
+                    self._admit(request)
+                self._drop_cancelled()
+                if self.running:
+                    self._step()
+            except Exception as err:  # a bug must not leave clients hanging: fail every running sequence
+                logger.exception("engine step failed")
+                for request in list(self.running):
+                    self._finish(request, "error", str(err))
+
+    def _admit(self, request: SequenceRequest) -> None:
+        if request.cancelled:
+            request.on_event(Finish("cancelled", [], 0))
+            return
+        canvas = self.model.config.canvas_length
+        control = None
+        if request.region is not None:
+            control = FixedTokens(torch.tensor([request.region]), canvas)
+        elif request.grammar is not None:
+            eos = request.config.eos_token_ids[0]
+            if eos not in self._grammar_tokenizers:
+                self._grammar_tokenizers[eos] = grammar_tokenizer(self.tokenizer, self.model.config.vocab_size, eos)
+            control = GrammarControl(request.grammar, self._grammar_tokenizers[eos], self.model.config.vocab_size,
+                                     eos, 1, canvas)
+        # A CPU generator on every device: the same seed gives the same draws wherever the model runs.
+        generator = torch.Generator().manual_seed(request.seed)
+        request.group = self.engine.add(Group(torch.tensor([request.prompt]), request.config, generator=generator,
+                                              control=control, drafts=request.drafts))
+        self.running.append(request)
+
+    def _drop_cancelled(self) -> None:
+        now = time.monotonic()
+        for request in list(self.running):
+            if request.cancelled:
+                self._finish(request, "cancelled")
+            elif request.deadline is not None and now > request.deadline:
+                self._finish(request, "timeout", "the request took longer than the server's time limit")
+
+    @torch.no_grad()
+    def _step(self) -> None:
+        owners = {request.group: request for request in self.running}
+        events = self.engine.step()
+        self.steps_run += 1
+        for event in events:
+            request = owners[event.group]
+            if isinstance(event, DraftStep):
+                request.on_event(Draft(event.step, event.canvas_index, event.argmax[0].tolist(),
+                                       event.accepted[0].tolist(), event.entropy[0].tolist()))
+            elif isinstance(event, CanvasCommitted):
+                tokens, request.ended_by_eos = until_eos(event.tokens[0].tolist(), request.config.eos_token_ids)
+                request.generated.extend(tokens)
+                request.on_event(Commit(event.canvas_index, tokens, event.steps))
+        for request in list(self.running):
+            if request.group.done:
+                self._finish(request, "stop" if request.ended_by_eos else "length")
+
+    def _finish(self, request: SequenceRequest, reason: str, message: str = "") -> None:
+        """Free the sequence's rows now and report the end."""
+        self.engine.release(request.group)
+        self.running.remove(request)
+        passes = int(request.group.passes[0]) if request.group.passes is not None else 0
+        request.on_event(Finish(reason, list(request.generated), passes, message))
