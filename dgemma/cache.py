@@ -9,7 +9,10 @@ Design choices:
   sequences of different lengths. One class serves both; the equal-length case takes plain slices.
 - The encoder writes new tokens' keys/values at [length, length + n) of each row and `commit` makes them part
   of the prefix. Rows may bring different numbers of new tokens (batched prefill): the shorter ones are padded,
-  and a padding query writes nothing and mirrors its row's last real token, so it stays finite and harmless.
+  and a padding query writes nothing.
+- Rows of one length attend in one call; rows of different lengths attend one by one, each to exactly the key
+  window and mask it would have alone (`RowAttention`), so that a row's results do not depend on which other
+  rows share its batch (a common window would be longer and round differently).
 - The decoder writes the canvas's keys/values into each row's scratch slots just past its prefix, so that
   prefix and canvas are one contiguous view (no concatenation per step), and never commits them.
 - Masks are pure functions of query and key positions, computed once per encoder call and once per canvas.
@@ -24,7 +27,7 @@ from typing import Callable
 import torch
 
 from .config import FULL, SLIDING, ModelConfig
-from .model import AttentionPlan
+from .model import AttentionPlan, RowAttention
 
 RopeTables = dict[str, tuple[torch.Tensor, torch.Tensor]]
 Rope = Callable[[torch.Tensor], RopeTables]  # positions [B, T] -> tables per layer kind (the model's `rope`)
@@ -125,6 +128,32 @@ class KVCache:
     def _column(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, device=self.device)[:, None]
 
+    def _masks(self, valid: torch.Tensor, length: int, new_valid: torch.Tensor, encoder: bool
+               ) -> tuple[dict[str, torch.Tensor | None], dict[str, int]]:
+        """Masks and first key slot per layer kind for rows that all have `length` committed slots (validity
+        `valid` [R, >= length]) and bring new_valid.shape[1] new tokens each."""
+        device, width = self.device, new_valid.shape[1]
+        query_pos = torch.arange(length, length + width, device=device).expand(new_valid.shape[0], -1)
+        masks: dict[str, torch.Tensor | None] = {}
+        starts: dict[str, int] = {}
+        for kind in sorted(set(self.config.layer_types)):
+            start = starts[kind] = self._key_start(kind, [length])
+            key_pos = torch.arange(start, length + width, device=device).expand(new_valid.shape[0], -1)
+            key_ok = torch.cat([valid[:, start:length], new_valid], dim=1)
+            masks[kind] = attention_masks(self.config, query_pos, key_pos, key_ok, encoder)[kind]
+        return masks, starts
+
+    def _row_attention(self, rows: list[int], counts: list[int], new_valid: torch.Tensor,
+                       encoder: bool) -> list[RowAttention]:
+        """Rows of different lengths attend one by one, each exactly as it would alone."""
+        plans = []
+        for i, (row, count) in enumerate(zip(rows, counts)):
+            length = self.lengths[row]
+            masks, starts = self._masks(self.valid[row:row + 1], length, new_valid[i:i + 1, :count], encoder)
+            windows = {kind: slice(start, length + count) for kind, start in starts.items()}
+            plans.append(RowAttention(i, row, count, windows, masks))
+        return plans
+
     # ---- the encoder ------------------------------------------------------------------------------------------
 
     def encoder_plan(self, rope: Rope, new_valid: torch.Tensor, rows: list[int] | None = None,
@@ -139,50 +168,47 @@ class KVCache:
         end = max(n + c for n, c in zip(lengths, counts))
         self.reserve(end)
         device, new_valid = self.device, new_valid.to(self.device)
-        uniform = len(set(lengths)) == 1 and all(c == width for c in counts)
         span = _as_range(rows)
-        length, count = self._column(lengths), self._column(counts)
-        query_pos = length + torch.minimum(torch.arange(width, device=device), count - 1)  # padding: the last real
-        row_index = torch.tensor(rows, device=device)
-        valid = self.valid[span] if span is not None else self.valid[row_index]
-        masks: dict[str, torch.Tensor | None] = {}
-        for kind in sorted(set(self.config.layer_types)):
-            start = self._key_start(kind, lengths)
-            slots = torch.arange(start, end, device=device)
-            if uniform:
-                key_ok = torch.cat([valid[:, start:lengths[0]], new_valid], dim=1)
-            else:
-                offset = slots - length  # [R, S] position within the new tokens
-                is_new = (offset >= 0) & (offset < count)
-                key_ok = (valid[:, start:end] & (offset < 0)) | (
-                    new_valid.gather(1, offset.clamp(0, width - 1)) & is_new)
-            masks[kind] = attention_masks(self.config, query_pos, slots.expand(len(rows), -1), key_ok, True)[kind]
-        starts = [self._key_start(spec.kind, lengths) for spec in self.config.layers]
-        if uniform and span is not None:
+        if len(set(lengths)) == 1 and all(c == width for c in counts):
+            valid = self.valid[span] if span is not None else self.valid[torch.tensor(rows, device=device)]
+            masks, starts = self._masks(valid, lengths[0], new_valid, encoder=True)
+            layer_starts = [starts[spec.kind] for spec in self.config.layers]
             at = lengths[0]
+            query_pos = torch.arange(at, end, device=device).expand(len(rows), -1)
+            if span is not None:
+                def join(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    keys, values = self.keys[layer][span], self.values[layer][span]
+                    keys[:, :, at:end] = k
+                    values[:, :, at:end] = v
+                    return keys[:, :, layer_starts[layer]:end], values[:, :, layer_starts[layer]:end]
+            else:
+                row_index = torch.tensor(rows, device=device)
 
-            def join(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                keys, values = self.keys[layer][span], self.values[layer][span]
-                keys[:, :, at:at + width] = k
-                values[:, :, at:at + width] = v
-                return keys[:, :, starts[layer]:end], values[:, :, starts[layer]:end]
-        else:
-            # Real (row, token) pairs only, indexed on the host: padding writes nothing.
-            pairs = [(i, t) for i, c in enumerate(counts) for t in range(c)]
-            source = torch.tensor([i * width + t for i, t in pairs], device=device)
-            target_rows = torch.tensor([rows[i] for i, _ in pairs], device=device)
-            target_slots = torch.tensor([lengths[i] + t for i, t in pairs], device=device)
+                def join(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    keys, values = self.keys[layer], self.values[layer]
+                    keys[row_index, :, at:end] = k
+                    values[row_index, :, at:end] = v
+                    window = slice(layer_starts[layer], end)
+                    return keys[row_index, :, window], values[row_index, :, window]
+            return AttentionPlan(rope=rope(query_pos), masks=masks, join=join)
 
-            def join(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                keys, values = self.keys[layer], self.values[layer]
-                keys[target_rows, :, target_slots] = k.transpose(1, 2).flatten(0, 1)[source]
-                values[target_rows, :, target_slots] = v.transpose(1, 2).flatten(0, 1)[source]
-                window = slice(starts[layer], end)
-                if span is not None:
-                    return keys[span, :, window], values[span, :, window]
-                return keys[row_index, :, window], values[row_index, :, window]
+        # Ragged: real (row, token) pairs are written, indexed on the host, and each row attends on its own.
+        pairs = [(i, t) for i, c in enumerate(counts) for t in range(c)]
+        source = torch.tensor([i * width + t for i, t in pairs], device=device)
+        target_rows = torch.tensor([rows[i] for i, _ in pairs], device=device)
+        target_slots = torch.tensor([lengths[i] + t for i, t in pairs], device=device)
 
-        return AttentionPlan(rope=rope(query_pos), masks=masks, join=join)
+        def join(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            keys, values = self.keys[layer], self.values[layer]
+            keys[target_rows, :, target_slots] = k.transpose(1, 2).flatten(0, 1)[source]
+            values[target_rows, :, target_slots] = v.transpose(1, 2).flatten(0, 1)[source]
+            return keys, values
+
+        # Padding queries mirror their row's last real token (finite, never read).
+        query_pos = self._column(lengths) + torch.minimum(torch.arange(width, device=device),
+                                                          self._column(counts) - 1)
+        return AttentionPlan(rope=rope(query_pos), masks={}, join=join,
+                             rows=self._row_attention(rows, counts, new_valid, encoder=True))
 
     def commit(self, new_valid: torch.Tensor, rows: list[int] | None = None, counts: list[int] | None = None) -> None:
         """Make the tokens the last encoder plan wrote part of each row's prefix."""
@@ -209,34 +235,32 @@ class KVCache:
         end = max(lengths) + canvas_length
         self.reserve(end)
         device = self.device
-        uniform = len(set(lengths)) == 1
-        length = self._column(lengths)
-        query_pos = length + torch.arange(canvas_length, device=device)  # [R, L]
-        masks: dict[str, torch.Tensor | None] = {}
-        for kind in sorted(set(self.config.layer_types)):
-            start = self._key_start(kind, lengths)
-            slots = torch.arange(start, end, device=device)
-            if uniform:
-                key_ok = torch.cat([self.valid[:rows, start:lengths[0]],
-                                    torch.ones(rows, canvas_length, dtype=torch.bool, device=device)], dim=1)
-            else:
-                in_canvas = (slots >= length) & (slots < length + canvas_length)
-                key_ok = (self.valid[:rows, start:end] & (slots < length)) | in_canvas
-            masks[kind] = attention_masks(self.config, query_pos, slots.expand(rows, -1), key_ok, False)[kind]
-        starts = [self._key_start(spec.kind, lengths) for spec in self.config.layers]
+        canvas_valid = torch.ones(rows, canvas_length, dtype=torch.bool, device=device)
+        query_pos = self._column(lengths) + torch.arange(canvas_length, device=device)  # [R, L]
+        if len(set(lengths)) == 1:
+            at = lengths[0]
+            masks, starts = self._masks(self.valid[:rows], at, canvas_valid, encoder=False)
+            layer_starts = [starts[spec.kind] for spec in self.config.layers]
+
+            def join(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                keys, values = self.keys[layer], self.values[layer]
+                keys[:rows, :, at:end] = k
+                values[:rows, :, at:end] = v
+                return keys[:rows, :, layer_starts[layer]:end], values[:rows, :, layer_starts[layer]:end]
+            return AttentionPlan(rope=rope(query_pos), masks=masks, join=join)
+
         row_index = torch.arange(rows, device=device)[:, None]
 
         def join(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             keys, values = self.keys[layer], self.values[layer]
-            if uniform:
-                keys[:rows, :, lengths[0]:end] = k
-                values[:rows, :, lengths[0]:end] = v
-            else:  # [R, H, L, D] -> each row's own scratch slots, indexed as [R, L, H, D]
-                keys[row_index, :, query_pos] = k.transpose(1, 2)
-                values[row_index, :, query_pos] = v.transpose(1, 2)
-            return keys[:rows, :, starts[layer]:end], values[:rows, :, starts[layer]:end]
+            # [R, H, L, D] -> each row's own scratch slots, indexed as [R, L, H, D]
+            keys[row_index, :, query_pos] = k.transpose(1, 2)
+            values[row_index, :, query_pos] = v.transpose(1, 2)
+            return keys, values
 
-        return AttentionPlan(rope=rope(query_pos), masks=masks, join=join)
+        return AttentionPlan(rope=rope(query_pos), masks={}, join=join,
+                             rows=self._row_attention(list(range(rows)), [canvas_length] * rows, canvas_valid,
+                                                      encoder=False))
 
     # ---- rows of a shared cache (the server's) ----------------------------------------------------------------
 

@@ -245,7 +245,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .training.trainer import main as train_main
 
-    return train_main(args.config, resume=args.resume)
+    return train_main(args.config, resume=args.resume, overwrite=args.overwrite, device=args.device)
 
 
 def cmd_data_corpus(args: argparse.Namespace) -> int:
@@ -307,7 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train or fine-tune (also under torchrun -m dgemma train)")
     train.add_argument("--config", required=True, help="training config (.toml or .yaml)")
-    train.add_argument("--resume", action="store_true", help="continue from OUT_DIR/state")
+    resume = train.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true", help="continue the run in OUT_DIR")
+    resume.add_argument("--overwrite", action="store_true", help="delete the run in OUT_DIR and start over")
+    train.add_argument("--device", choices=("cpu", "cuda", "mps"), help="overrides [train] device")
     train.set_defaults(handler=cmd_train)
 
     data = sub.add_parser("data", help="rebuild the training corpus and tokenizer")

@@ -78,12 +78,31 @@ def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dt
 
 
 @dataclass
+class RowAttention:
+    """One row of a batch attending on its own, to exactly the keys (and with exactly the mask) it would have
+    alone: rows whose prefixes differ in length see different key windows, and one batched call over a common
+    window would round differently."""
+
+    batch_index: int  # the row in the forward's batch
+    store_row: int  # its row in what `join` returns
+    queries: int  # its real queries (those past them are padding, left zero)
+    windows: dict[str, slice]  # layer kind -> the key positions it sees
+    masks: dict[str, torch.Tensor | None]  # layer kind -> bool [1, 1, queries, keys] or None for all
+
+
+@dataclass
 class AttentionPlan:
     """Everything attention needs besides the activations, built before the layer loop."""
 
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer kind -> (cos, sin)
     masks: dict[str, torch.Tensor | None]  # layer kind -> bool [B, 1, T, S] (True = attend) or None for all
     join: KVJoin
+    rows: list[RowAttention] | None = None  # set: one attention call per row, over the keys `join` returns
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0,
+                                          enable_gqa=keys.shape[1] != q.shape[1])
 
 
 class Attention(nn.Module):
@@ -112,9 +131,15 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         v = rms_norm_without_scale(v, self.eps).transpose(1, 2)
         keys, values = plan.join(layer, k, v)
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=plan.masks[self.spec.kind], scale=1.0,
-            enable_gqa=keys.shape[1] != q.shape[1])
+        kind = self.spec.kind
+        if plan.rows is None:
+            out = attend(q, keys, values, plan.masks[kind])
+        else:
+            out = torch.zeros_like(q)
+            for row in plan.rows:
+                b, r, n, window = row.batch_index, row.store_row, row.queries, row.windows[kind]
+                out[b:b + 1, :, :n] = attend(q[b:b + 1, :, :n], keys[r:r + 1, :, window], values[r:r + 1, :, window],
+                                             row.masks[kind])
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random DiffusionGemma checkpoints written by transformers itself (the oracle)."""
+"""Shared fixtures: tiny random DiffusionGemma checkpoints, written by transformers itself (the oracle, for the
+tests marked `oracle`) or by dgemma (for everything else, which runs without transformers installed)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-transformers = pytest.importorskip("transformers")
-from transformers import (DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion,  # noqa: E402
-                          DiffusionGemmaTextConfig, Gemma4VisionConfig)
 
 S, F = "sliding_attention", "full_attention"
 
@@ -29,54 +26,30 @@ TINY_CONFIGS: dict[str, dict] = {
     "stable": dict(num_hidden_layers=2, layer_types=[S, F], num_experts=4, top_k_experts=2,
                    tie_word_embeddings=False),
 }
+TEXT_BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=8, global_head_dim=16, num_global_key_value_heads=1, sliding_window=8,
+                 moe_intermediate_size=16, pad_token_id=0, eos_token_id=1, bos_token_id=2)
 
 
-def _blind_decoder(model) -> None:
-    embed = model.model.decoder.embed_tokens.weight
-    embed.copy_(embed[0:1] + 0.01 * torch.randn_like(embed))
-    model.lm_head.weight.mul_(2.0)
+def text_values(name: str) -> tuple[dict, bool]:
+    """A tiny config's text_config values and whether its embeddings are tied."""
+    values = dict(TEXT_BASE, **TINY_CONFIGS[name])
+    return values, values.pop("tie_word_embeddings", True)
 
 
-TWEAKS = {"stable": _blind_decoder}
-
-
-def text_config(**overrides) -> DiffusionGemmaTextConfig:
-    values = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                  head_dim=8, global_head_dim=16, num_global_key_value_heads=1, sliding_window=8,
-                  moe_intermediate_size=16, pad_token_id=0, eos_token_id=1, bos_token_id=2)
-    values.update(overrides)
-    tie = values.pop("tie_word_embeddings", True)
-    return DiffusionGemmaTextConfig(**values), tie
-
-
-def build_reference(name: str, canvas_length: int = 16, seed: int = 0) -> DiffusionGemmaForBlockDiffusion:
-    """A reference model with every weight random and large enough that its predictions are peaked."""
-    text, tie = text_config(**TINY_CONFIGS[name])
-    vision = Gemma4VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                num_key_value_heads=2, head_dim=8)
-    config = DiffusionGemmaConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
-                                  canvas_length=canvas_length, tie_word_embeddings=tie)
-    torch.manual_seed(seed)
-    model = DiffusionGemmaForBlockDiffusion(config).eval()
-    with torch.no_grad():
-        for pname, param in model.named_parameters():
-            if "norm" in pname or pname.endswith(".scale") or "per_expert_scale" in pname:
-                param.uniform_(0.5, 1.5)
-            elif "bias" in pname:
-                param.normal_(0.0, 0.1)
-            else:
-                param.normal_(0.0, 0.5 / param.shape[-1] ** 0.5 * 4)
-        for bname, buf in model.named_buffers():
-            if bname.endswith("layer_scalar"):
-                buf.uniform_(0.5, 1.5)
-        if name in TWEAKS:
-            TWEAKS[name](model)
-    return model
+def pytest_collection_modifyitems(items):
+    # Tests that compare against transformers (they use its checkpoints) are the oracle tests.
+    for item in items:
+        if "checkpoint_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.oracle)
 
 
 @pytest.fixture(scope="session")
 def checkpoint_dir(tmp_path_factory):
-    """checkpoint_dir(name) -> path of a reference checkpoint saved with save_pretrained (built once)."""
+    """checkpoint_dir(name) -> path of a reference checkpoint saved by transformers' save_pretrained (built once)."""
+    pytest.importorskip("transformers")
+    from oracle import build_reference
+
     made: dict[str, Path] = {}
 
     def make(name: str) -> Path:
@@ -89,8 +62,31 @@ def checkpoint_dir(tmp_path_factory):
     return make
 
 
-def load_reference(path: Path, dtype: torch.dtype = torch.float32) -> DiffusionGemmaForBlockDiffusion:
-    return DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=dtype).eval()
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory):
+    """random_checkpoint(name) -> path of a tiny random checkpoint saved by dgemma (no transformers needed)."""
+    import dgemma
+
+    made: dict[str, Path] = {}
+
+    def make(name: str) -> Path:
+        if name not in made:
+            values, tie = text_values(name)
+            config = dgemma.ModelConfig.from_dict({"model_type": "diffusion_gemma", "canvas_length": 16,
+                                                   "tie_word_embeddings": tie, "text_config": values})
+            model = dgemma.DiffusionGemmaForBlockDiffusion(config)
+            model.init_weights(torch.Generator().manual_seed(0))
+            with torch.no_grad():  # large enough weights that predictions are peaked, as the oracle's
+                generator = torch.Generator().manual_seed(1)
+                for param in model.parameters():
+                    if param.dim() >= 2:
+                        param.normal_(0.0, 1.0 / param.shape[-1] ** 0.5, generator=generator)
+            path = tmp_path_factory.mktemp(f"random-{name}") / "model"
+            dgemma.save(model, path)
+            made[name] = path
+        return made[name]
+
+    return make
 
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "

@@ -10,7 +10,9 @@ import torch
 import dgemma
 from dgemma.cli import main
 from dgemma.generation import autoregressive_steps
-from conftest import load_reference
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.oracle
+from oracle import load_reference  # noqa: E402
 
 
 def test_bench_reports_every_system_with_ratios_and_a_chart(tmp_path, capsys):

@@ -11,12 +11,12 @@ import torch
 import dgemma
 from dgemma.checkpoints import CheckpointError
 from dgemma.config import ConfigError
-from conftest import load_reference
-from test_model_parity import dgemma_pass, inputs, reference_pass
 
 
 @pytest.mark.parametrize("name", ["moe", "untied", "moe_top3_bias"])
 def test_dgemma_save_loads_in_transformers_with_identical_logits(checkpoint_dir, tmp_path, name):
+    from oracle import load_reference
+    from test_model_parity import dgemma_pass, inputs, reference_pass
     ours = dgemma.load(checkpoint_dir(name))
     dgemma.save(ours, tmp_path / "saved")
     ref = load_reference(tmp_path / "saved")
@@ -46,6 +46,7 @@ def test_tied_weights_are_shared_and_omitted_from_the_save(checkpoint_dir, tmp_p
 
 
 def test_sharded_save_round_trips(checkpoint_dir, tmp_path):
+    from oracle import load_reference
     ours = dgemma.load(checkpoint_dir("moe"))
     dgemma.save(ours, tmp_path / "sharded", max_shard_bytes=20_000)
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
@@ -57,20 +58,20 @@ def test_sharded_save_round_trips(checkpoint_dir, tmp_path):
     assert ref.model.decoder.layers[0].self_attn.q_proj.weight.shape == ours.decoder.layers[0].self_attn.q_proj.weight.shape
 
 
-def test_dtype_is_converted_on_load_and_default_is_stored_dtype(checkpoint_dir, tmp_path):
-    ours = dgemma.load(checkpoint_dir("moe"), dtype=torch.bfloat16)
+def test_dtype_is_converted_on_load_and_default_is_stored_dtype(random_checkpoint, tmp_path):
+    ours = dgemma.load(random_checkpoint("moe"), dtype=torch.bfloat16)
     assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
     dgemma.save(ours, tmp_path / "bf16")
     assert dgemma.load(tmp_path / "bf16").dtype == torch.bfloat16
-    assert dgemma.load(checkpoint_dir("moe")).dtype == torch.float32
+    assert dgemma.load(random_checkpoint("moe")).dtype == torch.float32
 
 
-def test_weights_are_memory_mapped_not_copied(checkpoint_dir):
+def test_weights_are_memory_mapped_not_copied(random_checkpoint):
     """At the stored dtype, parameters are views into one mapping of the file: their addresses are laid out
     exactly as the tensors' offsets in the file."""
     from dgemma.checkpoints import SafetensorsFile, checkpoint_name
-    ours = dgemma.load(checkpoint_dir("moe"))
-    header = SafetensorsFile(checkpoint_dir("moe") / "model.safetensors").entries
+    ours = dgemma.load(random_checkpoint("moe"))
+    header = SafetensorsFile(random_checkpoint("moe") / "model.safetensors").entries
     pairs = [(p.data_ptr(), header[checkpoint_name(n)]["data_offsets"][0])
              for n, p in ours.named_parameters(remove_duplicate=False) if checkpoint_name(n) in header]
     assert len(pairs) > 40
@@ -78,8 +79,8 @@ def test_weights_are_memory_mapped_not_copied(checkpoint_dir):
     assert all(ptr - base_ptr == offset - base_offset for ptr, offset in pairs)
 
 
-def test_pickled_weights_are_refused(tmp_path, checkpoint_dir):
-    shutil.copy(checkpoint_dir("moe") / "config.json", tmp_path / "config.json")
+def test_pickled_weights_are_refused(tmp_path, random_checkpoint):
+    shutil.copy(random_checkpoint("moe") / "config.json", tmp_path / "config.json")
     torch.save({"x": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="pickled.*pytorch_model.bin.*safetensors only"):
         dgemma.load(tmp_path)
@@ -98,18 +99,18 @@ def test_missing_directory_and_files_are_named(tmp_path):
         dgemma.load(tmp_path)
 
 
-def test_unknown_model_type_is_refused(tmp_path, checkpoint_dir):
-    config = json.loads((checkpoint_dir("moe") / "config.json").read_text())
+def test_unknown_model_type_is_refused(tmp_path, random_checkpoint):
+    config = json.loads((random_checkpoint("moe") / "config.json").read_text())
     config["model_type"] = "gemma3"
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="model_type 'gemma3'.*diffusion_gemma"):
         dgemma.load(tmp_path)
 
 
-def test_missing_unexpected_and_misshaped_tensors_are_reported_together(tmp_path, checkpoint_dir):
+def test_missing_unexpected_and_misshaped_tensors_are_reported_together(tmp_path, random_checkpoint):
     from safetensors.torch import load_file, save_file
-    shutil.copy(checkpoint_dir("moe") / "config.json", tmp_path / "config.json")
-    tensors = load_file(checkpoint_dir("moe") / "model.safetensors")
+    shutil.copy(random_checkpoint("moe") / "config.json", tmp_path / "config.json")
+    tensors = load_file(random_checkpoint("moe") / "model.safetensors")
     del tensors["model.decoder.layers.1.mlp.up_proj.weight"]
     tensors["model.decoder.layers.0.self_attn.q_proj.weight"] = torch.zeros(3, 3)
     tensors["model.decoder.layers.9.extra.weight"] = torch.zeros(2)
@@ -122,8 +123,8 @@ def test_missing_unexpected_and_misshaped_tensors_are_reported_together(tmp_path
     assert "unexpected: model.decoder.layers.9.extra.weight (2,)" in message
 
 
-def test_truncated_safetensors_is_refused(tmp_path, checkpoint_dir):
-    shutil.copy(checkpoint_dir("moe") / "config.json", tmp_path / "config.json")
+def test_truncated_safetensors_is_refused(tmp_path, random_checkpoint):
+    shutil.copy(random_checkpoint("moe") / "config.json", tmp_path / "config.json")
     (tmp_path / "model.safetensors").write_bytes(b"\xff" * 16)
     with pytest.raises(CheckpointError, match="not a safetensors file"):
         dgemma.load(tmp_path)
@@ -142,8 +143,8 @@ def test_bidirectional_window_convention_round_trips(checkpoint_dir):
         dgemma.DiffusionGemma(parsed)
 
 
-def test_image_tokens_are_refused(checkpoint_dir):
-    ours = dgemma.load(checkpoint_dir("moe"))
+def test_image_tokens_are_refused(random_checkpoint):
+    ours = dgemma.load(random_checkpoint("moe"))
     ours.config.image_token_id = 7
     with pytest.raises(ValueError, match="image tokens"):
         ours.generate(torch.tensor([[3, 7, 4]]), max_new_tokens=4)

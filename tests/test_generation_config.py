@@ -38,8 +38,8 @@ def test_none_disables_adaptive_stopping_and_json_null_means_default():
     assert GenerationConfig.from_dict(config.to_dict()) == config
 
 
-def test_max_new_tokens_is_exact_and_runs_stop_when_rows_finish(checkpoint_dir):
-    model = dgemma.load(checkpoint_dir("moe"))
+def test_max_new_tokens_is_exact_and_runs_stop_when_rows_finish(random_checkpoint):
+    model = dgemma.load(random_checkpoint("moe"))
     prompt = torch.tensor([[3, 4, 5]])
     for budget in (1, 15, 16, 17, 40):
         out = model.generate(prompt, max_new_tokens=budget, max_denoising_steps=2)
@@ -50,8 +50,8 @@ def test_max_new_tokens_is_exact_and_runs_stop_when_rows_finish(checkpoint_dir):
         model.generate(prompt, max_length=3)
 
 
-def test_bad_generate_inputs_are_named(checkpoint_dir):
-    model = dgemma.load(checkpoint_dir("moe"))
+def test_bad_generate_inputs_are_named(random_checkpoint):
+    model = dgemma.load(random_checkpoint("moe"))
     with pytest.raises(ValueError, match="input_ids"):
         model.generate(torch.tensor([3, 4, 5]))
     with pytest.raises(ValueError, match="outside the vocabulary"):
@@ -69,8 +69,8 @@ def test_vision_weights_are_skipped_with_one_notice(checkpoint_dir, caplog):
     assert len(notices) == 1 and "skipped 16 vision tensors" in notices[0]
 
 
-def test_explicit_generator_makes_runs_repeatable_and_independent_of_global_seed(checkpoint_dir):
-    model = dgemma.load(checkpoint_dir("moe"))
+def test_explicit_generator_makes_runs_repeatable_and_independent_of_global_seed(random_checkpoint):
+    model = dgemma.load(random_checkpoint("moe"))
     prompt = torch.tensor([[3, 4, 5]])
     runs = []
     for global_seed in (0, 1):

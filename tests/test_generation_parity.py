@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
-
 import dgemma
-from conftest import load_reference
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.oracle
+from oracle import load_reference  # noqa: E402
+from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig  # noqa: E402
 
 CASES = {
     # name: (checkpoint, batch, prompt length, max_new_tokens, generation overrides)

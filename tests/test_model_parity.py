@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.cache_utils import DynamicCache
 
 import dgemma
 from dgemma.cache import KVCache
-from conftest import TINY_CONFIGS, load_reference
+from conftest import TINY_CONFIGS
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.oracle
+from oracle import load_reference  # noqa: E402
+from transformers.cache_utils import DynamicCache  # noqa: E402
 
 
 def reference_pass(ref, ids, mask, canvas, sc_logits, cache=None):
@@ -103,7 +107,7 @@ def test_bf16_logits_are_bitwise_equal_to_reference(checkpoint_dir):
 def test_dense_only_config_equals_moe_reference_with_silent_experts(tmp_path):
     """A config without experts runs the dense MLP alone; it equals a reference MoE layer whose experts output
     zero and whose dense branch norm is the identity up to RMS scaling (which the following norm removes)."""
-    from conftest import build_reference
+    from oracle import build_reference
     ref = build_reference("moe")
     with torch.no_grad():
         for layer in ref.model.decoder.layers:

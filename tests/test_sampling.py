@@ -148,10 +148,10 @@ def chi_square_pvalue(samples: torch.Tensor, probs: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("temperature", [0.45, 0.8])
-def test_fast_step_samples_the_reference_distribution_on_model_states(checkpoint_dir, temperature):
+def test_fast_step_samples_the_reference_distribution_on_model_states(random_checkpoint, temperature):
     """Draws of the fast step for one real decoder state follow softmax(softcap(logits) / T) exactly."""
     from dgemma.cache import KVCache
-    model = dgemma.load(checkpoint_dir("moe"))
+    model = dgemma.load(random_checkpoint("moe"))
     cache = KVCache(model.config, 1, model.dtype)
     prompt = torch.tensor([[5, 17, 33, 2, 9, 41]])
     valid = torch.ones_like(prompt, dtype=torch.bool)
@@ -172,10 +172,10 @@ def test_fast_step_samples_the_reference_distribution_on_model_states(checkpoint
     assert probs.max() < 0.9, "the test needs a spread-out distribution"
 
 
-def test_fast_and_reference_generation_sample_the_same_distribution(checkpoint_dir):
+def test_fast_and_reference_generation_sample_the_same_distribution(random_checkpoint):
     """End to end on a tiny model: the committed tokens of many seeded runs have the same distribution in both
     modes (two-sample chi-square on the first generated token, pooled over rare values)."""
-    model = dgemma.load(checkpoint_dir("moe"))
+    model = dgemma.load(random_checkpoint("moe"))
     prompt = torch.tensor([[5, 17, 33, 2, 9, 41]])
     runs = 300
 

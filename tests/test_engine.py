@@ -1,0 +1,100 @@
+"""The engine on its own: groups that join, leave and differ in every setting give the tokens they give alone;
+prompts and committed canvases that are due together are encoded in one forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dgemma
+from dgemma.cache import KVCache
+from dgemma.engine import CanvasCommitted, Engine, Group, until_eos
+
+SETTINGS = [  # (prompt length, seed, generation overrides)
+    (5, 1, dict(max_new_tokens=40, max_denoising_steps=4)),
+    (11, 2, dict(max_new_tokens=16, max_denoising_steps=7, t_min=0.1, t_max=0.3, entropy_bound=2.0)),
+    (3, 3, dict(max_new_tokens=24, max_denoising_steps=5, t_min=None, stability_threshold=None)),
+    (8, 4, dict(max_new_tokens=33, max_denoising_steps=3, confidence_threshold=2.0, stability_threshold=0)),
+]
+
+
+@pytest.fixture(scope="module")
+def model(random_checkpoint):
+    return dgemma.load(random_checkpoint("moe"))
+
+
+def prompt(length: int, seed: int) -> torch.Tensor:
+    return torch.randint(3, 96, (1, length), generator=torch.Generator().manual_seed(100 + seed))
+
+
+def alone(model, length: int, seed: int, overrides: dict, sampling: str = "fast") -> torch.Tensor:
+    out = model.generate(prompt(length, seed), generator=torch.Generator().manual_seed(seed), sampling=sampling,
+                         **overrides)
+    return out.sequences[0, length:]
+
+
+def run_engine(model, rows: int, arrivals: dict[int, list[int]], sampling: str = "fast",
+               cancel: dict[int, int] | None = None) -> dict[int, torch.Tensor]:
+    """Step an engine, adding SETTINGS[i] at the steps `arrivals` gives and cancelling per `cancel`."""
+    engine = Engine(model, KVCache(model.config, rows, model.dtype, capacity=128, growable=False), sampling)
+    groups: dict[int, Group] = {}
+    tokens: dict[int, list[torch.Tensor]] = {}
+    step = 0
+    while step == 0 or any(not (g.done or g.cancelled) for g in groups.values()) or any(s > step for s in arrivals):
+        for index in arrivals.get(step, []):
+            length, seed, overrides = SETTINGS[index]
+            config = model.generation_config.updated(**overrides)
+            groups[index] = engine.add(Group(prompt(length, seed), config,
+                                             generator=torch.Generator().manual_seed(seed)))
+            tokens[index] = []
+        for index, at in (cancel or {}).items():
+            if at == step:
+                engine.cancel(groups[index])
+        for event in engine.step():
+            if isinstance(event, CanvasCommitted):
+                index = next(i for i, g in groups.items() if g is event.group)
+                tokens[index].append(event.tokens[0])
+        step += 1
+    return {i: torch.cat(parts) if parts else torch.empty(0, dtype=torch.long) for i, parts in tokens.items()}
+
+
+def test_groups_joining_at_different_steps_get_the_tokens_they_get_alone(model):
+    expected = {i: alone(model, *SETTINGS[i]) for i in range(len(SETTINGS))}
+    got = run_engine(model, rows=3, arrivals={0: [0, 1], 2: [2], 9: [3]})
+    for i in expected:
+        assert torch.equal(got[i], expected[i][:len(got[i])]) and len(got[i]) == len(expected[i]), f"group {i}"
+
+
+def test_reference_mode_groups_each_draw_their_own_numbers(model):
+    expected = {i: alone(model, *SETTINGS[i], sampling="reference") for i in (0, 1)}
+    got = run_engine(model, rows=2, arrivals={0: [0, 1]}, sampling="reference")
+    assert all(torch.equal(got[i], expected[i]) for i in expected)
+
+
+def test_a_cancelled_group_frees_its_row_and_the_others_are_unaffected(model):
+    expected = {i: alone(model, *SETTINGS[i]) for i in (1, 2)}
+    got = run_engine(model, rows=2, arrivals={0: [0, 1], 3: [2]}, cancel={0: 2})
+    assert all(torch.equal(got[i], expected[i]) for i in expected)
+    assert len(got[0]) < SETTINGS[0][2]["max_new_tokens"]
+
+
+def test_prompts_and_commits_due_together_are_encoded_in_one_forward(model, monkeypatch):
+    calls = []
+    encode = model.encode
+    monkeypatch.setattr(model, "encode", lambda ids, plan, exact=True: calls.append(ids.shape) or encode(ids, plan,
+                                                                                                        exact))
+    config = model.generation_config.updated(max_new_tokens=32, max_denoising_steps=2, stability_threshold=None)
+    engine = Engine(model, KVCache(model.config, 4, model.dtype, capacity=96, growable=False))
+    for length in (3, 9, 5, 4):
+        engine.add(Group(prompt(length, length), config, generator=torch.Generator().manual_seed(length)))
+    engine.step()
+    assert calls == [(4, 9)]  # four ragged prompts, one forward
+    calls.clear()
+    engine.step()  # every canvas ends after its second step
+    engine.step()
+    assert calls == [(4, model.config.canvas_length)]  # four committed canvases, one forward
+
+
+def test_until_eos_keeps_the_end_token():
+    assert until_eos([5, 6, 1, 7], [1, 9]) == ([5, 6, 1], True)
+    assert until_eos([5, 6], [1]) == ([5, 6], False)
