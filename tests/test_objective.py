@@ -9,7 +9,6 @@ from scipy.stats import chisquare
 import dgemma
 from dgemma.training.data import TextWindows, example_generator, lay_out
 from dgemma.training.objective import Example, canvas_layout, collate, corrupt, diffusion_loss, draw_noise
-from conftest import load_reference
 
 EOS, PAD = 1, 0
 
@@ -66,6 +65,7 @@ def test_loss_equals_cross_entropy_of_the_reference_forward_over_the_chosen_canv
     """The decoder pass of training is the reference's forward with the prefix before the chosen canvas: the
     diffusion loss is the cross-entropy over all canvas positions of its second pass, and the encoder loss the
     next-token cross-entropy of the reference encoder."""
+    from oracle import load_reference
     path = checkpoint_dir("moe")
     model, ref = dgemma.load(path), load_reference(path)
     examples = [Example([2, 7, 9, 11, 4], list(range(20, 61))), Example([2, 30], list(range(40, 52))),

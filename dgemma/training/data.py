@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -49,9 +50,11 @@ def tokenize_texts(tokenizer: Tokenizer, texts: list[str], cache: Path | None = 
         ids = tokenizer.encode(text, add_special_tokens=False)
         pieces.append(np.asarray(([bos] if bos is not None else []) + ids, dtype=np.int32))
     stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
-    if cache is not None:
+    if cache is not None:  # written under another name and renamed, so a reader never sees half a file
         cache.parent.mkdir(parents=True, exist_ok=True)
-        np.save(cache, stream)
+        partial = cache.with_name(f".{cache.stem}.{os.getpid()}.npy")
+        np.save(partial, stream)
+        os.replace(partial, cache)
     return stream
 
 

@@ -59,13 +59,16 @@ def add_lora(model: DiffusionGemma, targets: list[str], rank: int, alpha: float,
 
 @torch.no_grad()
 def merge_lora(model: DiffusionGemma) -> None:
-    """Fold every adapter into its base weight and unwrap it (once per shared weight)."""
-    merged: set[int] = set()
+    """Fold every adapter into its base weight and unwrap it (once per shared weight). The merged weights are new
+    tensors: the base weights the model held are left as they were (they may be a live model's)."""
+    merged: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id(base weight) -> (base weight, merged weight)
     for stack in (model.decoder, model.encoder):
         for name, module in list(stack.named_modules()):
             if isinstance(module, LoRALinear):
-                if id(module.base.weight) not in merged:
-                    module.base.weight += (module.lora_b @ module.lora_a) * module.scale
-                    merged.add(id(module.base.weight))
+                base = module.base.weight
+                if id(base) not in merged:
+                    delta = (module.lora_b @ module.lora_a) * module.scale
+                    merged[id(base)] = (base, nn.Parameter(base + delta.to(base.dtype), requires_grad=False))
+                module.base.weight = merged[id(base)][1]
                 parent_name, _, leaf = name.rpartition(".")
                 setattr(stack.get_submodule(parent_name), leaf, module.base)

@@ -21,12 +21,17 @@ before its canvas (sliding layers: the last window - 1 positions) and the whole 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ..cache import attention_masks
 from ..model import AttentionPlan, DiffusionGemma
+
+
+# (layer, keys, values) of the encoder pass -> None
+KVHook = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 @dataclass
@@ -132,10 +137,13 @@ class LossSums:
 class _EncoderKV:
     """Keeps every layer's keys/values of the (gradient-carrying) encoder pass for the decoder to read."""
 
-    def __init__(self):
+    def __init__(self, on_collect: KVHook | None = None):
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.on_collect = on_collect
 
     def collect(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.on_collect is not None:
+            self.on_collect(layer, k, v)
         self.layers[layer] = (k, v)
         return k, v
 
@@ -144,15 +152,17 @@ class _EncoderKV:
         return torch.cat([prefix_k, k], dim=2), torch.cat([prefix_v, v], dim=2)
 
 
-def diffusion_loss(model: DiffusionGemma, batch: Batch, noise: Noise) -> LossSums:
-    """Run the encoder and the two decoder passes; deterministic given the batch and its noise."""
+def diffusion_loss(model: DiffusionGemma, batch: Batch, noise: Noise, on_encoder_kv: KVHook | None = None
+                   ) -> LossSums:
+    """Run the encoder and the two decoder passes; deterministic given the batch and its noise. `on_encoder_kv`
+    sees each layer's encoder keys and values as they are made (sharded training hooks their backward)."""
     config = model.config
     canvas_length, device = config.canvas_length, model.device
     ids, valid = batch.input_ids.to(device), batch.valid.to(device)
     rows, length = ids.shape
     positions = torch.arange(length, device=device).expand(rows, -1)
 
-    kv = _EncoderKV()
+    kv = _EncoderKV(on_encoder_kv)
     encoder_plan = AttentionPlan(rope=model.rope(positions),
                                  masks=attention_masks(config, positions, positions, valid, encoder=True),
                                  join=kv.collect)
