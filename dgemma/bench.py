@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -29,6 +30,7 @@ from typing import Callable
 import torch
 
 from .allocator import tune_allocator
+from .engine import until_eos
 
 S, F = "sliding_attention", "full_attention"
 
@@ -165,11 +167,11 @@ def run_worker(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     if args.system == "transformers":
         from transformers import DiffusionGemmaForBlockDiffusion
-        model = DiffusionGemmaForBlockDiffusion.from_pretrained(directory, dtype=dtype).eval()
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(directory, dtype=dtype).eval().to(args.device)
         vocab = model.config.text_config.vocab_size
     else:
         import dgemma
-        model = dgemma.load(directory, dtype=dtype)
+        model = dgemma.load(directory, dtype=dtype, device=args.device)
         vocab = model.config.vocab_size
     load_seconds = time.perf_counter() - started
     if args.prompt:
@@ -177,6 +179,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         ids = torch.tensor([Tokenizer.from_directory(directory).encode(args.prompt)])
     else:
         ids = prompt_ids(vocab, args.prompt_length)
+    ids = ids.to(args.device)
     budget = args.max_new_tokens
     run = {"transformers": _run_transformers, "dgemma-ar": _run_ar}.get(args.system, _run_dgemma)
     run(model, ids, budget, dict(overrides, max_denoising_steps=1), args, warmup=True)
@@ -200,7 +203,7 @@ def _run_dgemma(model, ids, budget, overrides, args, warmup: bool) -> dict:
         if isinstance(event, GenerationOutput):
             output = event
     seconds = time.perf_counter() - started
-    tokens = _count_tokens(output.sequences[0, ids.shape[1]:].tolist(), config.eos_token_ids)
+    tokens = len(output.new_tokens(0, ids.shape[1], config.eos_token_ids))
     return {"tokens": tokens, "seconds": seconds, "forwards": int(output.decoder_forward_passes[0]),
             "time_to_first_token": first}
 
@@ -234,8 +237,9 @@ def _run_transformers(model, ids, budget, overrides, args, warmup: bool) -> dict
     eos = model.generation_config.eos_token_id
     forwards = round(len(out.sequences[0, ids.shape[1]:]) / float(out.tokens_per_forward[0])) \
         if float(out.tokens_per_forward[0]) else 0
-    return {"tokens": _count_tokens(new, [eos] if isinstance(eos, int) else list(eos or [])), "seconds": seconds,
-            "forwards": forwards, "time_to_first_token": streamer.first - started if streamer.first else None}
+    tokens = len(until_eos(new, [eos] if isinstance(eos, int) else list(eos or []))[0])
+    return {"tokens": tokens, "seconds": seconds, "forwards": forwards,
+            "time_to_first_token": streamer.first - started if streamer.first else None}
 
 
 def _run_ar(model, ids, budget, overrides, args, warmup: bool) -> dict:
@@ -253,16 +257,12 @@ def _run_ar(model, ids, budget, overrides, args, warmup: bool) -> dict:
     return {"tokens": tokens, "seconds": seconds, "forwards": tokens, "time_to_first_token": first}
 
 
-def _count_tokens(new: list[int], eos: list[int]) -> int:
-    end = next((i + 1 for i, t in enumerate(new) if t in set(eos)), len(new))
-    return end
-
-
 # ---- the run ----------------------------------------------------------------------------------------------------
 
 def spawn(system: str, checkpoint: Path, args: argparse.Namespace, overrides: dict) -> dict:
     command = [sys.executable, "-m", "dgemma.bench", "worker", "--system", system, "--checkpoint", str(checkpoint),
-               "--dtype", args.dtype, "--threads", str(args.threads), "--prompt-length", str(args.prompt_length),
+               "--dtype", args.dtype, "--device", args.device, "--threads", str(args.threads),
+               "--prompt-length", str(args.prompt_length),
                "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed),
                "--overrides", json.dumps(overrides), "--prompt", args.prompt or ""]
     command += ["--tune-allocator"] if args.tune_allocator else []
@@ -305,14 +305,19 @@ def main_run(args: argparse.Namespace) -> dict:
         work = Path(args.work_dir or tempfile.gettempdir()) / f"dgemma-bench-{args.config}-{args.vocab}-{args.canvas}"
         checkpoint, label = build_checkpoint(args.config, args.vocab, args.canvas, work), args.config
     overrides = {} if args.adaptive else {"max_denoising_steps": args.steps, "stability_threshold": None}
+    print(f"[bench] {label} ({args.dtype}, {args.device}, {args.threads} threads): {', '.join(systems)}; "
+          f"{args.repeat} repetitions, each system in its own process, interleaved", file=sys.stderr, flush=True)
     results: dict[str, list[dict]] = {s: [] for s in systems}
+    started, total = time.perf_counter(), args.repeat * len(systems)
     for repetition in range(args.repeat):
         for system in systems:
             run = spawn(system, checkpoint, args, overrides)
             results[system].append(run)
+            done = sum(len(r) for r in results.values())
+            eta = (time.perf_counter() - started) / done * (total - done)
             print(f"[bench] rep {repetition + 1}/{args.repeat} {system:17s} {run['tokens'] / run['seconds']:8.2f} tok/s "
-                  f"({run['seconds']:.2f} s, {run['forwards']} forwards, RSS {run['peak_rss_bytes'] / 2**20:.0f} MiB)",
-                  file=sys.stderr, flush=True)
+                  f"({run['seconds']:.2f} s, {run['forwards']} forwards, RSS {run['peak_rss_bytes'] / 2**20:.0f} MiB; "
+                  f"ETA {eta:.0f} s)", file=sys.stderr, flush=True)
     summary = {s: summarise(r) for s, r in results.items()}
     ratios = {}
     if "dgemma-fast" in summary:
@@ -320,12 +325,13 @@ def main_run(args: argparse.Namespace) -> dict:
         for other in systems:
             if other != "dgemma-fast":
                 ratios[f"dgemma-fast / {other}"] = fast / summary[other]["tokens_per_second"]["median"]
-    report = {"label": label, "checkpoint": str(checkpoint), "dtype": args.dtype, "threads": args.threads,
+    report = {"label": label, "checkpoint": str(checkpoint), "dtype": args.dtype, "device": args.device,
+              "threads": args.threads,
               "prompt": repr(args.prompt) if args.prompt else f"{args.prompt_length} random tokens",
               "max_new_tokens": args.max_new_tokens,
               "allocator": "tuned (dgemma.allocator), every system" if args.tune_allocator else "glibc defaults",
               "settings": overrides or "checkpoint generation_config (adaptive stopping)", "repeat": args.repeat,
-              "summary": summary, "ratios": ratios, "runs": results, "machine": _machine()}
+              "summary": summary, "ratios": ratios, "runs": results, "machine": machine()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
@@ -335,12 +341,21 @@ def main_run(args: argparse.Namespace) -> dict:
     return report
 
 
-def _machine() -> dict:
-    return {"cpus": os.cpu_count(), "torch": torch.__version__, "platform": sys.platform}
+def machine() -> dict:
+    """What the numbers were measured on: the CPU's model name, its cores, torch, and any GPU."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cpus": os.cpu_count(), "torch": torch.__version__, "platform": sys.platform, "gpu": gpu}
 
 
 def table(report: dict) -> str:
-    lines = [f"{report['label']} ({report['dtype']}, {report['threads']} threads, prompt {report['prompt']}, "
+    lines = [f"{report['label']} on {report['machine']['cpu']} ({report['dtype']}, {report['device']}, "
+             f"{report['threads']} threads, prompt {report['prompt']}, "
              f"{report['max_new_tokens']} new tokens, allocator: {report['allocator']}, {report['repeat']} runs each, "
              "medians [min-max])",
              f"{'system':18s} {'tok/s':>18s} {'s/forward':>10s} {'tok/forward':>11s} {'TTFT s':>8s} {'peak RSS':>9s}"]
@@ -380,10 +395,16 @@ def chart(report: dict, path: Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="small", choices=sorted(NAMED_CONFIGS), help="named random config")
-    parser.add_argument("--model", help="benchmark this checkpoint instead of a named random config")
+    parser.add_argument("--model", help="benchmark this checkpoint instead of a named random config "
+                                        "(with --serving: the model to serve; default the bundled one)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or mps")
+    parser.add_argument("--serving", action="store_true",
+                        help="measure `dgemma serve`: --clients concurrent requests against the same one by one")
+    parser.add_argument("--clients", type=int, default=8, help="requests per run with --serving")
     parser.add_argument("--vocab", type=int, help="override the named config's vocabulary size")
     parser.add_argument("--canvas", type=int, default=256)
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: bfloat16 for named "
+                                                                "configs, as stored for --serving)")
     parser.add_argument("--steps", type=int, default=16, help="fixed denoising steps (adaptive stopping off)")
     parser.add_argument("--adaptive", action="store_true", help="use the checkpoint's own stopping settings")
     parser.add_argument("--prompt-length", type=int, default=64, help="random prompt tokens (without --prompt)")
@@ -406,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["worker"]:
         parser = argparse.ArgumentParser()
-        for flag in ("--system", "--checkpoint", "--dtype", "--overrides"):
+        for flag in ("--system", "--checkpoint", "--dtype", "--device", "--overrides"):
             parser.add_argument(flag, required=True)
         parser.add_argument("--prompt", default="")
         parser.add_argument("--tune-allocator", action="store_true")
@@ -414,9 +435,20 @@ def main(argv: list[str] | None = None) -> None:
             parser.add_argument(flag, type=int, required=True)
         print(json.dumps(run_worker(parser.parse_args(argv[1:]))))
         return
-    parser = argparse.ArgumentParser(prog="dgemma bench")
+    parser = argparse.ArgumentParser(prog="dgemma bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser)
-    main_run(parser.parse_args(argv))
+    run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> dict:
+    """`dgemma bench`: the roofline, the serving benchmark, or the generation benchmark, as the flags say."""
+    if args.roofline:
+        return print_roofline(args)
+    if args.serving:
+        from .bench_serving import main_run as serving_run
+        return serving_run(args)
+    args.dtype = args.dtype or "bfloat16"
+    return main_run(args)
 
 
 if __name__ == "__main__":

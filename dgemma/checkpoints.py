@@ -83,16 +83,16 @@ def resolve_checkpoint(value: str | Path | None) -> Path:
 
 
 def _from_hub(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
     except LocalEntryNotFoundError:
         pass
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        raise CheckpointError(f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set "
-                              f"(download it first, e.g. `hf download {repo_id}`)")
+    if constants.HF_HUB_OFFLINE:
+        raise CheckpointError(f"{repo_id} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+                              f"HF_HUB_OFFLINE is set (download it first, e.g. `hf download {repo_id}`)")
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
     except Exception as err:  # network, authentication, a repo that does not exist: all end the same way here

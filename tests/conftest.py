@@ -3,6 +3,7 @@ tests marked `oracle`) or by dgemma (for everything else, which runs without tra
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -35,6 +36,20 @@ def text_values(name: str) -> tuple[dict, bool]:
     """A tiny config's text_config values and whether its embeddings are tied."""
     values = dict(TEXT_BASE, **TINY_CONFIGS[name])
     return values, values.pop("tie_word_embeddings", True)
+
+
+def test_devices() -> list[str]:
+    """Every device this machine has (DGEMMA_TEST_DEVICES=cuda,... picks some: scripts/device_check.sh does)."""
+    if os.environ.get("DGEMMA_TEST_DEVICES"):
+        return os.environ["DGEMMA_TEST_DEVICES"].split(",")
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (
+        ["mps"] if torch.backends.mps.is_available() else [])
+
+
+@pytest.fixture(params=test_devices())
+def device(request) -> str:
+    """Runs a test once per available device."""
+    return request.param
 
 
 def pytest_collection_modifyitems(items):

@@ -47,5 +47,6 @@ def build_reference(name: str, canvas_length: int = 16, seed: int = 0) -> Diffus
     return model
 
 
-def load_reference(path: Path, dtype: torch.dtype = torch.float32) -> DiffusionGemmaForBlockDiffusion:
-    return DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=dtype).eval()
+def load_reference(path: Path, dtype: torch.dtype = torch.float32,
+                   device: str = "cpu") -> DiffusionGemmaForBlockDiffusion:
+    return DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=dtype).eval().to(device)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -148,3 +151,25 @@ def test_image_tokens_are_refused(random_checkpoint):
     ours.config.image_token_id = 7
     with pytest.raises(ValueError, match="image tokens"):
         ours.generate(torch.tensor([[3, 7, 4]]), max_new_tokens=4)
+
+
+def test_a_repo_id_resolves_from_the_local_hugging_face_cache(random_checkpoint, tmp_path):
+    """`dgemma.load("org/name")` finds a checkpoint in the Hugging Face cache layout offline, and names the repo
+    when it is not there. (A subprocess, so that the cache location and offline mode are read fresh.)"""
+    snapshot = tmp_path / "hub" / "models--someone--tiny-dgemma" / "snapshots" / "0123abcd"
+    shutil.copytree(random_checkpoint("moe"), snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    code = ("import dgemma, sys\n"
+            "model = dgemma.load('someone/tiny-dgemma')\n"
+            "print(model.config.num_hidden_layers)\n"
+            "try:\n"
+            "    dgemma.load('someone/missing-model')\n"
+            "except ValueError as err:\n"
+            "    print(err)\n")
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[0] == "4"
+    assert "someone/missing-model is not in the local Hugging Face cache" in lines[1] and "HF_HUB_OFFLINE" in lines[1]

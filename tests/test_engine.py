@@ -18,25 +18,27 @@ SETTINGS = [  # (prompt length, seed, generation overrides)
 ]
 
 
-@pytest.fixture(scope="module")
-def model(random_checkpoint):
-    return dgemma.load(random_checkpoint("moe"))
+@pytest.fixture
+def model(random_checkpoint, device):
+    return dgemma.load(random_checkpoint("moe"), device=device)
 
 
 def prompt(length: int, seed: int) -> torch.Tensor:
+    # On the CPU whatever the model's device: the engine moves prompts where they are needed.
     return torch.randint(3, 96, (1, length), generator=torch.Generator().manual_seed(100 + seed))
 
 
 def alone(model, length: int, seed: int, overrides: dict, sampling: str = "fast") -> torch.Tensor:
     out = model.generate(prompt(length, seed), generator=torch.Generator().manual_seed(seed), sampling=sampling,
                          **overrides)
-    return out.sequences[0, length:]
+    return out.sequences[0, length:].cpu()
 
 
 def run_engine(model, rows: int, arrivals: dict[int, list[int]], sampling: str = "fast",
                cancel: dict[int, int] | None = None) -> dict[int, torch.Tensor]:
     """Step an engine, adding SETTINGS[i] at the steps `arrivals` gives and cancelling per `cancel`."""
-    engine = Engine(model, KVCache(model.config, rows, model.dtype, capacity=128, growable=False), sampling)
+    engine = Engine(model, KVCache(model.config, rows, model.dtype, model.device, capacity=128, growable=False),
+                    sampling)
     groups: dict[int, Group] = {}
     tokens: dict[int, list[torch.Tensor]] = {}
     step = 0
@@ -53,7 +55,7 @@ def run_engine(model, rows: int, arrivals: dict[int, list[int]], sampling: str =
         for event in engine.step():
             if isinstance(event, CanvasCommitted):
                 index = next(i for i, g in groups.items() if g is event.group)
-                tokens[index].append(event.tokens[0])
+                tokens[index].append(event.tokens[0].cpu())
         step += 1
     return {i: torch.cat(parts) if parts else torch.empty(0, dtype=torch.long) for i, parts in tokens.items()}
 
@@ -84,7 +86,7 @@ def test_prompts_and_commits_due_together_are_encoded_in_one_forward(model, monk
     monkeypatch.setattr(model, "encode", lambda ids, plan, exact=True: calls.append(ids.shape) or encode(ids, plan,
                                                                                                         exact))
     config = model.generation_config.updated(max_new_tokens=32, max_denoising_steps=2, stability_threshold=None)
-    engine = Engine(model, KVCache(model.config, 4, model.dtype, capacity=96, growable=False))
+    engine = Engine(model, KVCache(model.config, 4, model.dtype, model.device, capacity=96, growable=False))
     for length in (3, 9, 5, 4):
         engine.add(Group(prompt(length, length), config, generator=torch.Generator().manual_seed(length)))
     engine.step()

@@ -41,12 +41,12 @@ def padded_prompt(batch: int, length: int, vocab: int, seed: int) -> tuple[torch
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_reference_mode_is_token_identical(checkpoint_dir, case, dtype):
+def test_reference_mode_is_token_identical(checkpoint_dir, case, dtype, device):
     name, batch, prompt_len, budget, overrides = CASES[case]
     path = checkpoint_dir(name)
-    ref, ours = load_reference(path, dtype), dgemma.load(path, dtype=dtype)
+    ref, ours = load_reference(path, dtype, device), dgemma.load(path, dtype=dtype, device=device)
     for seed in range(3):
-        ids, mask = padded_prompt(batch, prompt_len, ours.config.vocab_size, seed)
+        ids, mask = (t.to(device) for t in padded_prompt(batch, prompt_len, ours.config.vocab_size, seed))
         torch.manual_seed(seed)
         expected = ref.generate(ids, attention_mask=mask, max_new_tokens=budget, **overrides)
         torch.manual_seed(seed)

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Check dgemma on one device (cuda, mps, cpu) with one command: the parity tests against transformers, the sampler's
+# statistical tests and the engine's batch-invariance tests, run on that device, then a short bench there.
+# Prints one summary line at the end. Usage: scripts/device_check.sh cuda [OUT_DIR]
+set -uo pipefail
+DEVICE="${1:?usage: scripts/device_check.sh DEVICE [OUT_DIR]}"
+OUT="${2:-${OUT:-device-check}}"
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-.venv/bin/python}"
+[ -x "$PYTHON" ] || PYTHON=python3
+mkdir -p "$OUT"
+echo "device check on $DEVICE ($("$PYTHON" -c 'import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "")'))"
+
+start=$(date +%s)
+DGEMMA_TEST_DEVICES="$DEVICE" "$PYTHON" -m pytest -q -p no:cacheprovider \
+    tests/test_generation_parity.py tests/test_engine.py tests/test_model_parity.py tests/test_sampling.py \
+    --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
+tests_status=$?
+tests_line=$(tail -n 1 "$OUT/tests.log")
+
+"$PYTHON" -m dgemma bench --config small --vocab 32768 --device "$DEVICE" --repeat 1 --steps 8 \
+    --systems dgemma-fast,transformers --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+bench_status=$?
+ratio=$("$PYTHON" -c "import json; r = json.load(open('$OUT/bench.json')); s = r['summary']; \
+print(f\"fast {s['dgemma-fast']['tokens_per_second']['median']:.1f} tok/s, transformers \
+{s['transformers']['tokens_per_second']['median']:.1f} tok/s, {r['ratios']['dgemma-fast / transformers']:.2f}x\")" \
+    2>/dev/null || echo "bench failed (see $OUT/bench.log)")
+
+echo "device_check $DEVICE: tests [$tests_line] exit $tests_status; bench [$ratio] exit $bench_status; $(( $(date +%s) - start )) s"
+[ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ]
