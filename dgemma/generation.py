@@ -90,6 +90,10 @@ def generate_steps(model: DiffusionGemma, input_ids: torch.Tensor, config: Gener
         new_mask = attention_mask[:, cached:]
     canvas = model.config.canvas_length
     budget = config.token_budget(cached + prompt_length)
+    limit = model.config.max_position_embeddings
+    if cached + prompt_length + budget > limit:
+        raise ValueError(f"{cached + prompt_length} context tokens plus max_new_tokens={budget} exceed the model's "
+                         f"context of {limit} tokens (max_position_embeddings)")
     cache.reserve(cached + prompt_length + -(-budget // canvas) * canvas)
     engine = Engine(model, cache, sampling)
     group = engine.add(Group(input_ids, config, new_mask, generator, control))

@@ -10,6 +10,10 @@ Design choices:
 - Gemma 4 thinking: a model turn may hold `<|channel>thought\\n ... <channel|>` before the answer.
   `split_thinking` separates the two; `strip_thinking` removes thoughts from earlier assistant turns so that
   they are never fed back.
+- Text is Unicode that UTF-8 can encode. A string holding lone surrogates (what Python makes of bytes that are
+  not UTF-8 in a command line, a file read with `surrogateescape`, or a JSON `"\\udce9"`) is refused with a
+  TokenizerError that names the first bad bytes (`check_text`), rather than replaced: a prompt in another
+  encoding would otherwise reach the model as text nobody wrote.
 """
 
 from __future__ import annotations
@@ -32,6 +36,43 @@ _THOUGHT = re.compile(re.escape(THOUGHT_OPEN) + r".*?(?:" + re.escape(THOUGHT_CL
 
 class TokenizerError(ValueError):
     """A tokenizer directory or chat request that cannot be used."""
+
+
+def check_text(text: str, what: str = "the text") -> str:
+    """`text`, if UTF-8 can encode it; else a TokenizerError naming the first bytes that are not UTF-8 (Python
+    keeps them as lone surrogates when it decodes command lines and standard input with `surrogateescape`) or
+    the first lone surrogate."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError as err:
+        index = err.start
+    bad = ord(text[index])
+    start = max(0, index - 20)
+    excerpt = ("..." if start else "") + _shown(text[start:index + 20]) + ("..." if index + 20 < len(text) else "")
+    if 0xDC80 <= bad <= 0xDCFF:  # a byte that was not UTF-8, kept by surrogateescape
+        offset = len(text[:index].encode("utf-8"))
+        raise TokenizerError(f"{what} is not valid UTF-8: byte 0x{bad - 0xDC00:02x} at byte {offset} ('{excerpt}'); "
+                             "dgemma reads text as UTF-8, so convert it first (for Latin-1 text: iconv -f latin1 "
+                             "-t utf-8)")
+    raise TokenizerError(f"{what} holds a lone surrogate U+{bad:04X} at character {index} ('{excerpt}'), which "
+                         "is not text (half of a UTF-16 pair)")
+
+
+def _shown(text: str) -> str:
+    """`text` printable: bytes kept by surrogateescape as \\xNN, other surrogates as \\uNNNN, controls escaped."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif 0xD800 <= code <= 0xDFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(ch if ch.isprintable() else repr(ch)[1:-1])
+    return "".join(out)
 
 
 def split_thinking(text: str) -> tuple[str | None, str]:
@@ -113,7 +154,8 @@ class Tokenizer:
         return self.backend.get_vocab_size()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of `text`; text that is not valid Unicode (lone surrogates) is a TokenizerError."""
+        ids = self.backend.encode(check_text(text), add_special_tokens=add_special_tokens).ids
         bos = self.bos_token_id
         if add_special_tokens and self.add_bos and bos is not None and (not ids or ids[0] != bos):
             ids = [bos] + ids

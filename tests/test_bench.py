@@ -36,7 +36,8 @@ def test_bench_reports_every_system_with_ratios_and_a_chart(tmp_path, capsys):
 
 
 def test_autoregressive_decoding_matches_the_reference_encoder(checkpoint_dir):
-    """Greedy next-token decoding through dgemma's KV cache equals re-running the reference encoder each time."""
+    """Greedy next-token decoding through dgemma's KV cache equals re-running the reference encoder each time:
+    every token is the reference's argmax, up to a tie within the fp32 parity tolerance (1e-5)."""
     path = checkpoint_dir("moe")
     ours, ref = dgemma.load(path), load_reference(path)
     prompt = torch.tensor([[2, 9, 14, 33, 5, 21, 8, 40, 17, 3, 11, 6]])  # longer than the sliding window
@@ -45,7 +46,8 @@ def test_autoregressive_decoding_matches_the_reference_encoder(checkpoint_dir):
     with torch.no_grad():
         for token in tokens:
             hidden = ref.model.encoder(input_ids=sequence).last_hidden_state
-            assert int(ref.lm_head(hidden[0, -1]).argmax()) == token
+            logits = ref.lm_head(hidden[0, -1])
+            assert float(logits.max() - logits[token]) <= 1e-5
             sequence = torch.cat([sequence, torch.tensor([[token]])], dim=1)
     with pytest.raises(ValueError, match="one sequence"):
         next(autoregressive_steps(ours, prompt.expand(2, -1), 3))

@@ -64,15 +64,6 @@ def test_generate_command_prints_the_completion(model_dir, capsys):
     assert capsys.readouterr().out == first, "a seeded run repeats"
 
 
-def test_generate_command_shows_the_canvas_denoising(model_dir, capsys):
-    assert main(["generate", "--model", str(model_dir), "It is", "--seed", "1", "--show-denoising",
-                 "--max-new-tokens", "8", "--no-adaptive-stopping", "--steps", "3", "--stats"]) == 0
-    captured = capsys.readouterr()
-    assert captured.out.count("step ") == 3 and "\x1b[" in captured.out  # one redraw per denoising step
-    stats = json.loads(captured.err.strip().splitlines()[-1])
-    assert stats["decoder_passes"] == 3 and stats["new_tokens"] <= 8
-
-
 def test_chat_command_answers_each_turn_and_ends_on_an_empty_line(model_dir, capsys, monkeypatch):
     lines = iter(["Good morning", "And then?", ""])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
@@ -106,3 +97,13 @@ def test_generate_command_structured_and_infill(model_dir, capsys):
                  "--seed", "0"]) == 0
     text = capsys.readouterr().out.strip()
     assert text.startswith("It is a ") and " universally " in text and text.endswith(".")
+
+
+def test_text_that_is_not_utf8_is_refused_naming_the_bytes(model_dir):
+    tok = Tokenizer.from_directory(model_dir)
+    # What Python makes of `dgemma generate "$(printf 'caf\xe9 \xff')"`: the bad bytes as lone surrogates.
+    with pytest.raises(TokenizerError, match=r"not valid UTF-8: byte 0xe9 at byte 3 \('caf\\xe9 \\xff'\)"):
+        tok.encode("caf\udce9 \udcff")
+    with pytest.raises(TokenizerError, match="lone surrogate U\\+D800"):
+        tok.encode("x\ud800")
+    assert tok.decode(tok.encode("café")) == "café"

@@ -288,3 +288,10 @@ def test_quickstart_config_trains_from_files_in_the_repository(tmp_path):
     model = dgemma.load(tmp_path / "q" / "model")
     out = model.generate(torch.tensor([[2, 100, 200]]), max_new_tokens=16, sampling="reference")
     assert out.sequences.shape[1] <= 19
+
+
+def test_a_config_that_does_not_parse_is_named(tmp_path):
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[train\nsteps = 3\n")
+    with pytest.raises(ValueError, match="broken.toml is not a valid TOML file"):
+        TrainConfig.from_file(broken)

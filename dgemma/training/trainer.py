@@ -113,13 +113,15 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no training config at {path}")
-        if path.suffix == ".toml":
-            raw = tomllib.loads(path.read_text())
-        elif path.suffix in (".yaml", ".yml"):
-            import yaml
-            raw = yaml.safe_load(path.read_text()) or {}
-        else:
+        if path.suffix not in (".toml", ".yaml", ".yml"):
             raise ValueError(f"{path}: the training config must be .toml or .yaml")
+        import yaml
+        try:
+            raw = tomllib.loads(path.read_text()) if path.suffix == ".toml" else yaml.safe_load(path.read_text()) or {}
+        except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not a valid {path.suffix[1:].upper()} file: {err}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: the training config must be a table of sections, got {type(raw).__name__}")
         return cls.from_sections(raw, base=path.parent)
 
     @classmethod
