@@ -468,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, handler, sub=sub, **kwargs) -> argparse.ArgumentParser:
-        command_parser = sub.add_parser(name, **kwargs)
+        command_parser = sub.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
         # The parser travels in the namespace, so that unknown flags get the command's own usage (see main).
         command_parser.set_defaults(handler=handler, parser=command_parser)
         return command_parser

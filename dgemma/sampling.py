@@ -104,11 +104,14 @@ def digest_logits(logits: torch.Tensor, peak: torch.Tensor, inv_softcap: float |
     the logits' dtype (for the self-conditioning matmul), and per block of `block` entries the sums of w and of
     w * (x - peak), from which everything else the sampler needs follows. `scale` is [R, 1] (cap / T, or 1 / T
     without soft-capping), `peak` [R, 1] the row maximum of x."""
-    rows = logits.shape[0]
-    # Everything on the [R, V / block, block] view, so that a compiler fuses it into one loop nest.
-    shifted = processed(logits.view(rows, -1, block), inv_softcap, scale[:, :, None]) - peak[:, :, None]
+    rows, blocks = logits.shape[0], logits.shape[1] // block
+    # Everything on one [R * V / block, block] view with per-block scale and peak: the form a compiler fuses into
+    # a single loop nest (weights written once in the logits' dtype, block sums accumulated on the way).
+    shifted = (processed(logits.view(rows * blocks, block), inv_softcap, scale.repeat_interleave(blocks, dim=0))
+               - peak.repeat_interleave(blocks, dim=0))
     weights = torch.exp(shifted)
-    return weights.to(logits.dtype).view(rows, -1), weights.sum(dim=-1), (weights * shifted).sum(dim=-1)
+    return (weights.to(logits.dtype).view(rows, -1), weights.sum(dim=-1).view(rows, blocks),
+            (weights * shifted).sum(dim=-1).view(rows, blocks))
 
 
 _compiled: dict[str, Callable] = {}
