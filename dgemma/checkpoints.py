@@ -116,11 +116,16 @@ class SafetensorsFile:
                 raise CheckpointError(f"{path} is not a safetensors file (header length {header_len} > file size)")
             try:
                 header = json.loads(handle.read(header_len))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
                 raise CheckpointError(f"{path} is not a safetensors file: bad header ({err})") from err
+            if not isinstance(header, dict):
+                raise CheckpointError(f"{path} is not a safetensors file: its header is a JSON "
+                                      f"{type(header).__name__}, not an object")
+            header.pop("__metadata__", None)
+            for name, entry in header.items():
+                _check_entry(path, name, entry, size - 8 - header_len)
             # Copy-on-write: tensors may be written by the model later without touching the file.
             self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + header_len else None
-        header.pop("__metadata__", None)
         self.entries: dict[str, dict[str, Any]] = header
         self._data_start = 8 + header_len
 
@@ -144,13 +149,49 @@ class SafetensorsFile:
         return flat.view(shape)
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_entry(path: Path, name: str, entry: Any, data_size: int) -> None:
+    """A header entry is {"dtype", "shape", "data_offsets"} whose bytes lie inside the file and match its shape."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where}: its header entry is not an object")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise CheckpointError(f"{where}: data_offsets {offsets!r} are not two non-negative integers")
+    begin, end = offsets
+    if not begin <= end <= data_size:
+        raise CheckpointError(f"{where}: data_offsets {offsets} lie outside the file's {data_size} data bytes")
+    code = entry.get("dtype")
+    if code in _SAFETENSORS_DTYPES and end - begin != math.prod(shape) * _SAFETENSORS_DTYPES[code].itemsize:
+        raise CheckpointError(f"{where}: {end - begin} bytes do not hold {code} {tuple(shape)}")
+
+
+def _read_index(index: Path) -> list[str]:
+    """The shard file names an index lists: plain names of files in the checkpoint directory, nothing outside it."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, AttributeError) as err:
+        raise CheckpointError(f"{index} is not a safetensors index: {err}") from err
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
+    files = sorted(set(weight_map.values()))
+    outside = [name for name in files if Path(name).name != name or name in ("", ".", "..") or "\\" in name]
+    if outside:
+        raise CheckpointError(f"{index} names shard(s) outside the checkpoint directory: {', '.join(outside)}")
+    return files
+
+
 def _weight_files(directory: Path) -> list[Path]:
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
     index = directory / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        files = sorted(set(weight_map.values()))
+        files = _read_index(index)
         missing = [name for name in files if not (directory / name).is_file()]
         if missing:
             raise CheckpointError(f"{index} lists shard(s) that are missing: {', '.join(missing)}")

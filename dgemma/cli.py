@@ -240,7 +240,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise GrammarError("structured output needs an EOS token id to end the completion (the checkpoint "
                                "names none)")
         control = GrammarControl(grammar, grammar_tokenizer(tokenizer, model.config.vocab_size, eos_ids[0]),
-                                 model.config.vocab_size, eos_ids[0], 1, model.config.canvas_length)
+                                 model.config.vocab_size, eos_ids[0], 1, model.config.canvas_length,
+                                 greedy=not config.do_sample)
     prefix = "" if args.chat else args.prompt
     view = CanvasView(tokenizer, prefix, eos_token_ids=config.eos_token_ids) if args.show_denoising else None
     started = time.perf_counter()
@@ -439,6 +440,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_eval_quality(args: argparse.Namespace) -> int:
+    from .evaluation.quality import run
+    return run(args)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .training.trainer import main as train_main
 
@@ -503,6 +509,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_options(chat)
     chat.add_argument("--system", help="system prompt (start it with <|think|> to ask for thinking)")
     chat.add_argument("--no-canvas", action="store_true", help="print answers only, without the live canvas")
+
+    evaluation = command("eval", None, help="measure generated text against an external judge")
+    eval_sub = evaluation.add_subparsers(dest="eval_command", required=True)
+    from .evaluation.quality import add_arguments as add_quality_arguments
+    quality = command("quality", cmd_eval_quality, sub=eval_sub,
+                      help="speed/quality frontier: diffusion settings and AR temperatures scored by a judge LM")
+    add_quality_arguments(quality)
 
     from .bench import add_arguments as add_bench_arguments
     bench = command("bench", cmd_bench, help="dgemma vs the transformers reference vs autoregressive decoding")

@@ -134,7 +134,7 @@ class GrammarControl:
     """Keeps every committed token inside a grammar's language, one matcher per row."""
 
     def __init__(self, grammar: str, grammar_tokenizer: Any, vocab_size: int, eos_token_id: int, batch: int,
-                 canvas_length: int, force_frontier: bool = True):
+                 canvas_length: int, force_frontier: bool = True, greedy: bool = False):
         from llguidance import LLMatcher
 
         self.matchers = [LLMatcher(grammar_tokenizer, grammar, log_level=0) for _ in range(batch)]
@@ -145,6 +145,7 @@ class GrammarControl:
         # Ablation switch: without the frontier sample a step only keeps what the model proposed (no progress
         # guarantee, so `complete` does more of the work).
         self.force_frontier = force_frontier
+        self.greedy = greedy  # the frontier takes the grammar's most likely token instead of a sample
         self.frozen: list[list[int]] = [[] for _ in range(batch)]
         self.canvas_matchers: list[Any] = []
 
@@ -202,7 +203,7 @@ class GrammarControl:
                 if self._fill_after_completion(row) or attempt == 1 or not self.force_frontier:
                     break
                 frontier = len(self.frozen[row])
-                token = self._masked_sample(row, logits_at(row, frontier), generator, greedy=False)
+                token = self._masked_sample(row, logits_at(row, frontier), generator, greedy=self.greedy)
                 self._extend(row, [token])
                 if token == self.eos:
                     self._fill_after_completion(row)

@@ -62,6 +62,7 @@ class DraftStep:
     accepted: torch.Tensor  # [B, L] bool
     entropy: torch.Tensor  # [B, L]
     finished_denoising: torch.Tensor  # [B] bool
+    canvas: torch.Tensor | None = None  # [B, L] the next step's input: accepted samples, fresh noise elsewhere
     group: Group | None = None
 
 
@@ -144,12 +145,13 @@ class Engine:
         self.t_span = zeros(dtype=torch.float32)
         self.tempered = zeros(dtype=torch.bool)
         self.bound = zeros(dtype=torch.float32)
+        self.greedy = zeros(dtype=torch.bool)  # do_sample=False: the argmax instead of a sample
         self.adaptive = zeros(dtype=torch.bool)
         self.stability = zeros(dtype=torch.int32)
         self.confidence = zeros(dtype=torch.float32)
         self.row_state = [self.canvas, self.argmax, self.soft, self.stopped, self.run, self.steps_left,
-                          self.max_steps, self.t_min, self.t_span, self.tempered, self.bound, self.adaptive,
-                          self.stability, self.confidence]
+                          self.max_steps, self.t_min, self.t_span, self.tempered, self.bound, self.greedy,
+                          self.adaptive, self.stability, self.confidence]
         self._plan_key: tuple | None = None
         self._plan = None
         self._layout_version = 0  # bumped whenever rows move or caches change: the decoder plan is rebuilt
@@ -170,10 +172,10 @@ class Engine:
             raise ValueError(f"the group needs {group.size} rows but the engine has {self.free_rows} free")
         if group.control is not None and self.exact:
             raise ValueError("fixed tokens and grammars need sampling='fast' (the reference has neither)")
+        if not group.config.do_sample and self.exact:
+            raise ValueError("do_sample=False (argmax sampling) needs sampling='fast' (the reference has no such mode)")
         first = self.in_use
         group.rows = list(range(first, first + group.size))
-        for row in group.rows:
-            self.owner[row] = group
         device = self.model.device
         cached = self.cache.lengths[first]
         group.prompt_length = cached + group.input_ids.shape[1]
@@ -184,7 +186,9 @@ class Engine:
         group.pending = group.sequences
         group.pending_valid = (torch.ones_like(group.sequences, dtype=torch.bool) if group.attention_mask is None
                                else group.attention_mask.to(device=device, dtype=torch.bool))
-        self._write_settings(group)
+        self._write_settings(group)  # may fail (a setting fp32/int32 cannot hold): the rows are not taken yet
+        for row in group.rows:
+            self.owner[row] = group
         self.groups.append(group)
         return group
 
@@ -197,6 +201,7 @@ class Engine:
             self.t_min[rows] = config.t_min
             self.t_span[rows] = config.t_max - config.t_min
         self.bound[rows] = config.entropy_bound
+        self.greedy[rows] = not config.do_sample
         self.adaptive[rows] = config.stops_adaptively
         if config.stops_adaptively:
             self.stability[rows] = config.stability_threshold
@@ -286,7 +291,7 @@ class Engine:
             rows = self._select(group)
             if group.drafts:
                 events.append(DraftStep(group.canvas_index, group.steps_run, argmax[rows], accepted[rows],
-                                        result.entropy[rows], stopped[rows], group))
+                                        result.entropy[rows], stopped[rows], canvas[rows], group))
             if group.remaining == 0 or all(stopped_rows[r] for r in group.rows):
                 events.append(self._commit(group))
         return events
@@ -301,9 +306,12 @@ class Engine:
             for group in running:
                 uniforms[self._select(group)] = draw_uniforms(group.size * self.canvas_length, group.generator,
                                                               model.device).view(group.size, -1)
-            return fast_step(hidden, model.head_matrix, model.embedding_matrix, self.embed_scale,
+            step = fast_step(hidden, model.head_matrix, model.embedding_matrix, self.embed_scale,
                              model.config.final_logit_softcapping, temperature, uniforms.view(-1, 1),
                              self.workspace)
+            # Rows that take the argmax still drew their uniforms: a row's random numbers do not depend on it.
+            step.sampled = torch.where(self.greedy[:n, None], step.argmax, step.sampled)
+            return step
         # The reference's own operations and draws, group by group.
         sampled = torch.empty(n, self.canvas_length, dtype=torch.long, device=model.device)
         argmax, entropy = torch.empty_like(sampled), torch.empty(sampled.shape, device=model.device)

@@ -52,6 +52,12 @@ class GenerationConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     bos_token_id: int | None = None
+    # dgemma's, per call (never saved): False takes the argmax at every position instead of a sample (the
+    # deterministic limit of the temperature schedule; OpenAI's `temperature: 0`). The schedule still sets the
+    # entropies that decide how many positions a step keeps and when a canvas stops (their zero-temperature limit
+    # would keep a whole canvas of first guesses at once), and the self-conditioning distribution. Fast sampling
+    # only: the reference has no such mode.
+    do_sample: bool = True
 
     @property
     def entropy_bound(self) -> float:
@@ -103,7 +109,9 @@ class GenerationConfig:
         return cls.from_dict(json.loads(path.read_text())) if path.is_file() else cls()
 
     def to_dict(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        """generation_config.json's fields; `do_sample`, a per-call choice transformers' config would refuse,
+        is not among them."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "do_sample"}
         data["sampler_config"] = {"entropy_bound": self.entropy_bound, "_cls_name": "EntropyBoundSamplerConfig"}
         return data
 
@@ -152,6 +160,8 @@ class GenerationConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ValueError(f"`{name}` must be a positive integer, but got {value!r}")
+        if not isinstance(self.do_sample, bool):
+            raise ValueError(f"`do_sample` must be true or false (got {self.do_sample!r})")
         for token in self.eos_token_ids + [t for t in (self.pad_token_id, self.bos_token_id) if t is not None]:
             if not isinstance(token, int) or token < 0:
                 raise ValueError(f"token ids must be non-negative integers, got {token!r}")

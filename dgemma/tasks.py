@@ -103,5 +103,6 @@ def generate_structured(model, tokenizer, prompt: list[int], grammar: str, gener
     if eos is None:
         raise GrammarError("structured output needs an EOS token id to end the completion")
     control = GrammarControl(grammar, grammar_tokenizer(tokenizer, model.config.vocab_size, eos),
-                             model.config.vocab_size, eos, 1, model.config.canvas_length, force_frontier)
+                             model.config.vocab_size, eos, 1, model.config.canvas_length, force_frontier,
+                             greedy=not config.do_sample)
     return generate(model, torch.tensor([prompt]), generation_config=config, generator=generator, control=control)

@@ -100,3 +100,33 @@ def test_prompts_and_commits_due_together_are_encoded_in_one_forward(model, monk
 def test_until_eos_keeps_the_end_token():
     assert until_eos([5, 6, 1, 7], [1, 9]) == ([5, 6, 1], True)
     assert until_eos([5, 6], [1]) == ([5, 6], False)
+
+
+def test_a_group_whose_settings_cannot_be_written_takes_no_rows(random_checkpoint):
+    """Engine.add fails before the group owns rows, so a bad group does not leave the engine short of rows."""
+    model = dgemma.load(random_checkpoint("moe"))
+    engine = Engine(model, KVCache(model.config, 2, model.dtype, model.device, capacity=64, growable=False))
+    config = model.generation_config.updated(max_new_tokens=4, confidence_threshold=1e300)  # beyond fp32
+    with pytest.raises(RuntimeError):
+        engine.add(Group(torch.tensor([[2, 5, 6]]), config))
+    assert engine.free_rows == 2 and not engine.groups
+
+
+def test_do_sample_false_keeps_the_argmax_where_a_step_accepts(model):
+    """Argmax sampling (OpenAI's temperature 0): every accepted position of the next canvas holds the step's
+    argmax; with sampling at a high temperature some accepted positions hold other tokens."""
+    def accepted_tokens(do_sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        config = model.generation_config.updated(max_new_tokens=32, max_denoising_steps=4, t_min=2.0, t_max=3.0,
+                                                 entropy_bound=50.0, stability_threshold=None, do_sample=do_sample)
+        drafts = [e for e in dgemma.generation.generate_steps(model, prompt(6, 0), config,
+                                                              generator=torch.Generator().manual_seed(0))
+                  if isinstance(e, dgemma.generation.DraftStep)]
+        return (torch.cat([d.canvas[d.accepted] for d in drafts]).cpu(),
+                torch.cat([d.argmax[d.accepted] for d in drafts]).cpu())
+
+    canvas, argmax = accepted_tokens(do_sample=False)
+    assert canvas.numel() > 20 and torch.equal(canvas, argmax)
+    canvas, argmax = accepted_tokens(do_sample=True)
+    assert not torch.equal(canvas, argmax)
+    with pytest.raises(ValueError, match="do_sample=False"):
+        model.generate(prompt(4, 0), max_new_tokens=8, do_sample=False, sampling="reference")

@@ -69,7 +69,7 @@ def test_the_network_imports_nothing_built_on_it():
 
 
 def test_only_the_scheduler_touches_tensors_in_the_server():
-    for name in ("service", "responses", "app", "protocol", "settings"):
+    for name in ("service", "responses", "app", "protocol", "settings", "guard"):
         tree = ast.parse((PACKAGE / "serving" / f"{name}.py").read_text())
         imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
         imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}

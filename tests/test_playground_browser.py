@@ -127,7 +127,7 @@ def test_playground_shows_a_missing_api_key(node, server):
 
 def test_playground_shows_an_error_that_arrives_mid_stream(node, text_model_dir):
     # A short time limit and many steps: drafts stream first, then the server sends an SSE `{"error": ...}`.
-    running = RunningServer(text_model_dir, max_sequences=1, max_tokens=64, request_timeout=0.5)
+    running = RunningServer(text_model_dir, max_sequences=1, max_tokens=64, timeout=0.5)
     try:
         result = drive(node, running.url + "/", ARTIFACTS / "playground-timeout.png", prompt="Go on", maxTokens=64,
                        steps=400, seed=1)

@@ -20,7 +20,7 @@ import torch
 import uvicorn
 
 import dgemma
-from dgemma.serving.app import ServerSettings, create_app
+from dgemma.serving.app import ServerSettings, create_app, uvicorn_config
 from dgemma.serving.service import ChoiceText, held_back
 from dgemma.tokenizer import Tokenizer
 
@@ -34,9 +34,10 @@ def free_port() -> int:
 class RunningServer:
     def __init__(self, model_dir: Path, **settings):
         model = dgemma.load(model_dir)
-        self.app = create_app(model, Tokenizer.from_directory(model_dir), ServerSettings(**settings))
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.settings = ServerSettings(**{"port": free_port(), **settings})
+        self.app = create_app(model, Tokenizer.from_directory(model_dir), self.settings)
+        self.port = self.settings.port
+        self.server = uvicorn.Server(uvicorn_config(self.app, self.settings, log_level="error"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 30

@@ -15,17 +15,22 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 from ..tokenizer import Tokenizer
+from .guard import error_body
 from .scheduler import Commit, Draft, Finish
 from .service import ChoiceText, Generation
 
 
+RETRY_AFTER = "1"  # seconds a client told 429 should wait: rows free every step, the queue moves in about that
+
+
 def error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-          param: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, headers=headers,
-                        content={"error": {"message": message, "type": kind, "code": code, "param": param}})
+          param: str | None = None, headers: dict[str, str] | None = None) -> Response:
+    """OpenAI's error shape, as ASCII JSON: safe whatever a message quotes from the request."""
+    return Response(error_body(message, kind, code, param), status_code=status, headers=headers,
+                    media_type="application/json")
 
 
 def sse(payload: dict[str, Any] | str) -> str:
@@ -113,7 +118,7 @@ async def collect(generation: Generation, texts: list[ChoiceText]) -> dict[int, 
 
 
 def whole_response(shaper: Shaper, finishes: dict[int, Finish], texts: list[ChoiceText],
-                   prompt_tokens: int) -> dict[str, Any] | JSONResponse:
+                   prompt_tokens: int) -> dict[str, Any] | Response:
     for reason, (status, kind) in FAILURES.items():
         failed = [f for f in finishes.values() if f.reason == reason]
         if failed:

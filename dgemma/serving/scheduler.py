@@ -9,9 +9,13 @@ Design choices:
 - This module is where requests become tensors: the service hands in plain `SequenceRequest`s (token ids,
   settings, a seed, an infill region or a grammar) and gets plain events back (lists of ids, not tensors),
   through a callback it must not block in.
-- Bounded: a fixed number of rows in a preallocated cache, a bounded queue, a per-sequence deadline; a request's
-  sequences are queued all together or not at all; cancelled or expired sequences free their rows at the next
-  step.
+- Bounded: a fixed number of rows in a preallocated cache, a bounded queue, a per-sequence deadline. The server
+  holds at most `max_sequences + max_queue` sequences (running or waiting); a request's sequences are queued all
+  together or not at all, and one with more sequences than the server ever holds is refused as never fitting. A
+  cancelled sequence leaves the queue at once; a running one frees its row at the next step, as does an expired
+  one.
+- A sequence that cannot be admitted (its settings fail when they become tensors) ends with an error event, so
+  no client waits for a sequence that is not running.
 """
 
 from __future__ import annotations
@@ -36,7 +40,11 @@ logger = logging.getLogger(__name__)
 
 
 class QueueFull(RuntimeError):
-    """The waiting queue cannot take the request now."""
+    """The server cannot take the request's sequences now (it may later: HTTP 429)."""
+
+
+class NeverFits(ValueError):
+    """The request has more sequences than the server ever holds, running and waiting (HTTP 400)."""
 
 
 @dataclass
@@ -97,6 +105,7 @@ class Scheduler:
         self.engine = Engine(model, cache, sampling="fast")
         self.running: list[SequenceRequest] = []
         self.waiting: collections.deque[SequenceRequest] = collections.deque()
+        self.starting = 0  # taken from `waiting`, not yet in `running` (counted against the capacity meanwhile)
         self.lock = threading.Condition()
         self.stopping = False
         self.thread: threading.Thread | None = None
@@ -123,23 +132,50 @@ class Scheduler:
         if self.thread is not None:
             self.thread.join(timeout)
 
+    @property
+    def capacity(self) -> int:
+        """Sequences the server holds at once: one per row, and `max_queue` waiting for a row."""
+        return self.max_sequences + self.max_queue
+
+    def check_size(self, count: int) -> None:
+        """Raise NeverFits if `count` sequences are more than the server ever holds."""
+        if count > self.capacity:
+            raise NeverFits(f"the request makes {count} sequences (prompts times n); this server holds at most "
+                            f"{self.capacity} ({self.max_sequences} running, {self.max_queue} waiting)")
+
+    def check_room(self, count: int) -> None:
+        """Raise NeverFits or QueueFull unless `count` sequences could be queued now (nothing is reserved)."""
+        self.check_size(count)
+        with self.lock:
+            if self.stopping:
+                raise QueueFull("the server is shutting down")
+            held = len(self.running) + self.starting + len(self.waiting)
+            if held + count > self.capacity:
+                raise QueueFull(f"the server holds {held} of its {self.capacity} sequences; the request's {count} "
+                                "do not fit now")
+
     def submit(self, requests: list[SequenceRequest]) -> None:
-        """Queue all of `requests` or none of them (QueueFull)."""
+        """Queue all of `requests` or none of them (NeverFits, QueueFull, ValueError)."""
         for request in requests:
             if len(request.prompt) + request.config.max_new_tokens > self.max_context:
                 raise ValueError(f"prompt ({len(request.prompt)} tokens) plus max_tokens "
                                  f"({request.config.max_new_tokens}) exceed the server's context of "
                                  f"{self.max_context} tokens")
         with self.lock:
-            if self.stopping:
-                raise QueueFull("the server is shutting down")
-            if len(self.waiting) + len(requests) > self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+            self.check_room(len(requests))
             self.waiting.extend(requests)
             self.lock.notify_all()
 
     def cancel(self, request: SequenceRequest) -> None:
-        request.cancelled = True  # seen by the loop at its next step
+        """End a sequence: a waiting one leaves the queue now, a running one frees its row at the next step."""
+        with self.lock:
+            request.cancelled = True
+            try:
+                self.waiting.remove(request)
+            except ValueError:
+                return  # running (the loop drops it at its next step), being admitted, or already finished
+            self.lock.notify_all()
+        request.on_event(Finish("cancelled", [], 0))
 
     @property
     def load(self) -> dict[str, int]:
@@ -157,16 +193,27 @@ class Scheduler:
                 admitted = []
                 while self.waiting and len(self.running) + len(admitted) < self.max_sequences:
                     admitted.append(self.waiting.popleft())
-            try:
-                for request in admitted:
+                self.starting = len(admitted)
+            for request in admitted:
+                try:
                     self._admit(request)
+                except Exception:  # this sequence's settings are bad: fail it alone
+                    logger.exception("admitting a sequence failed")
+                    if request in self.running:
+                        self.running.remove(request)
+                    if request.group is not None:
+                        self.engine.release(request.group)
+                    request.on_event(Finish("error", [], 0, "the request could not be started"))
+                finally:
+                    self.starting -= 1  # only this thread writes it; in `running` now, or ended
+            try:
                 self._drop_cancelled()
                 if self.running:
                     self._step()
-            except Exception as err:  # a bug must not leave clients hanging: fail every running sequence
+            except Exception:  # a bug must not leave clients hanging: fail every running sequence
                 logger.exception("engine step failed")
                 for request in list(self.running):
-                    self._finish(request, "error", str(err))
+                    self._finish(request, "error", "the engine failed; the request was ended")
 
     def _admit(self, request: SequenceRequest) -> None:
         if request.cancelled:
@@ -181,11 +228,20 @@ class Scheduler:
             if eos not in self._grammar_tokenizers:
                 self._grammar_tokenizers[eos] = grammar_tokenizer(self.tokenizer, self.model.config.vocab_size, eos)
             control = GrammarControl(request.grammar, self._grammar_tokenizers[eos], self.model.config.vocab_size,
-                                     eos, 1, canvas)
+                                     eos, 1, canvas, greedy=not request.config.do_sample)
         # A CPU generator on every device: the same seed gives the same draws wherever the model runs.
         generator = torch.Generator().manual_seed(request.seed)
-        request.group = self.engine.add(Group(torch.tensor([request.prompt]), request.config, generator=generator,
-                                              control=control, drafts=request.drafts))
+        group = Group(torch.tensor([request.prompt]), request.config, generator=generator, control=control,
+                      drafts=request.drafts)
+        try:
+            request.group = self.engine.add(group)
+        except Exception:
+            # Engine.add gives the group its rows before writing its settings; if writing fails, take the rows
+            # back, or they stay owned by a group that never runs and the engine runs out of rows.
+            for row, owner in enumerate(self.engine.owner):
+                if owner is group:
+                    self.engine.owner[row] = None
+            raise
         self.running.append(request)
 
     def _drop_cancelled(self) -> None:

@@ -7,27 +7,46 @@ Design choices:
   concatenate to exactly the final text.
 - Gemma 4 thinking: the thought channel (`<|channel>thought ... <channel|>`) is split at the token level into
   `reasoning_content`; stop strings apply to the answer only.
+- Sizes before work: `check` (on the event loop, cheap) measures what a request asks for (sequences against the
+  queue, prompt bytes, token-id prompt lengths, max_tokens) before anything is tokenised or laid out; `plan`
+  (tokenising, chat templates, infill layout, grammars) then runs in a small thread pool, off the event loop,
+  with hole sizes checked before a region is built.
+- Every budget applies to every route: an infill region (holes, the fixed text between them, and the prompt
+  tokens moved onto the canvas) must fit the request's max_tokens and the server's.
+- `temperature: 0` takes the argmax at every position (do_sample=False); without a `seed` it also uses seed 0, so
+  that the answer is reproducible (the initial canvas and renoising still draw random tokens).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
+import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from ..constraints import GrammarError, grammar_from
 from ..generation_config import GenerationConfig
 from ..tasks import Hole, layout_infill, parse_infill_template
 from ..tokenizer import THOUGHT_OPEN, Tokenizer
-from .protocol import ChatRequest, CompletionRequest, DiffusionParameters
+from .protocol import ChatMessage, ChatRequest, CompletionRequest, DiffusionParameters
 from .scheduler import Commit, Draft, Finish, Scheduler, SequenceRequest
 from .settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+SEED_MODULUS = 1 << 64  # choice j of a request seeded s uses (s + j) mod 2**64, as a torch generator reads s
 
 
 class RequestError(ValueError):
     """A request that is well-formed JSON but cannot be served as asked (HTTP 400)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 def held_back(text: str, stops: list[str]) -> int:
@@ -103,20 +122,102 @@ class ChoiceText:
         return reasoning_delta, content_delta
 
 
+@dataclass
+class Plan:
+    """A request made ready to queue: its prompts and the settings of each (built off the event loop)."""
+
+    prompts: list[Prompt]
+    configs: list[GenerationConfig]  # one per prompt
+    grammar: str | None
+
+
+def utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def message_bytes(message: ChatMessage) -> int:
+    parts = [message.content] if isinstance(message.content, str) else [p["text"] for p in message.content or []]
+    return sum(utf8_size(t) for t in parts + [message.name or "", message.reasoning_content or ""])
+
+
 class Service:
     def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer, settings: ServerSettings,
-                 defaults: GenerationConfig):
+                 defaults: GenerationConfig, workers: int = 2):
         self.scheduler, self.tokenizer, self.settings, self.defaults = scheduler, tokenizer, settings, defaults
         self.model_config = scheduler.model.config
+        # Tokenising, chat templates, infill layout and grammars run here, never on the event loop.
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dgemma-prepare")
 
-    # ---- requests to sequences ------------------------------------------------------------------------------
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    # ---- sizes first (event loop, cheap) ---------------------------------------------------------------------
+
+    def budget(self, request: DiffusionParameters) -> int:
+        """The request's new-token budget, within the server's limit."""
+        limit = self.settings.max_tokens
+        asked = request.token_budget
+        if asked is not None and asked > limit:
+            raise RequestError(f"`max_tokens` {asked} exceeds this server's limit of {limit}", "max_tokens")
+        return asked or min(self.defaults.max_new_tokens or limit, limit)
+
+    def _check_bytes(self, size: int, what: str, param: str) -> None:
+        if size > self.settings.max_prompt_bytes:
+            raise RequestError(f"{what} has {size} bytes; this server accepts at most {self.settings.max_prompt_bytes} "
+                               "(--max-prompt-bytes)", param)
+
+    def check(self, request: CompletionRequest | ChatRequest) -> int:
+        """Refuse what cannot be served from its sizes alone, before any work: RequestError (400), NeverFits
+        (400), QueueFull (429). Returns the number of sequences the request makes."""
+        self.budget(request)
+        chat = isinstance(request, ChatRequest)
+        prompt = None if chat else request.prompt
+        prompts = 1 if chat or isinstance(prompt, str) or not isinstance(prompt[0], str) else len(prompt)
+        self.scheduler.check_size(prompts * request.n)  # before measuring each of 150k prompts
+        if chat:
+            if len(request.messages) > self.settings.max_prompt_tokens:  # every message renders as a token or more
+                raise RequestError(f"the conversation has {len(request.messages)} messages; this server accepts at "
+                                   f"most {self.settings.max_prompt_tokens} prompt tokens", "messages")
+            self._check_bytes(sum(message_bytes(m) for m in request.messages), "the conversation", "messages")
+        elif isinstance(prompt, str):
+            self._check_bytes(utf8_size(prompt), "the infill template" if request.infill else "the prompt", "prompt")
+        elif isinstance(prompt[0], str):
+            for i, text in enumerate(prompt):
+                self._check_bytes(utf8_size(text), f"prompt {i}", "prompt")
+        elif len(prompt) > self.settings.max_prompt_tokens:
+            raise RequestError(f"the prompt has {len(prompt)} tokens; this server accepts at most "
+                               f"{self.settings.max_prompt_tokens}", "prompt")
+        self.scheduler.check_room(prompts * request.n)  # 429 last: what can never be served is a 400 first
+        return prompts * request.n
+
+    async def plan(self, request: CompletionRequest | ChatRequest) -> Plan:
+        """`check`, then the request's prompts and settings, worked out in the thread pool."""
+        self.check(request)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self._plan, request)
+
+    # ---- requests to sequences (thread pool) -----------------------------------------------------------------
+
+    def _plan(self, request: CompletionRequest | ChatRequest) -> Plan:
+        config = self.config_for(request)
+        prompts = [self.chat_prompt(request)] if isinstance(request, ChatRequest) else self.completion_prompts(request)
+        grammar = self.grammar(request)
+        if grammar is not None and not (config.eos_token_ids or self.model_config.eos_token_ids):
+            raise RequestError("response_format needs the model to have an EOS token", "response_format")
+        configs = []
+        for prompt in prompts:
+            if prompt.region is not None:
+                # The region is the whole budget, and EOS must not cut off the fixed text after a hole.
+                configs.append(self.config_for(request, budget=len(prompt.region)).updated(eos_token_id=None,
+                                                                                             pad_token_id=None))
+            elif grammar is not None and not config.eos_token_ids:
+                configs.append(config.updated(eos_token_id=self.model_config.eos_token_ids))
+            else:
+                configs.append(config)
+        return Plan(prompts, configs, grammar)
 
     def config_for(self, request: DiffusionParameters, budget: int | None = None) -> GenerationConfig:
         """The request's generation settings; `budget` (new tokens) defaults to what the request asks for."""
-        limit = self.settings.max_tokens
-        budget = budget or request.token_budget or min(self.defaults.max_new_tokens or limit, limit)
-        if budget > limit:
-            raise RequestError(f"`max_tokens` {budget} exceeds this server's limit of {limit}")
+        budget = budget or self.budget(request)
         try:
             return self.defaults.updated(max_new_tokens=budget,
                                          **request.generation_overrides(self.defaults.t_min, self.defaults.t_max))
@@ -125,20 +226,20 @@ class Service:
 
     def _check_prompt(self, ids: list[int]) -> None:
         if not ids:
-            raise RequestError("the prompt is empty")
+            raise RequestError("the prompt is empty", "prompt")
         if len(ids) > self.settings.max_prompt_tokens:
             raise RequestError(f"the prompt has {len(ids)} tokens; this server accepts at most "
-                               f"{self.settings.max_prompt_tokens}")
+                               f"{self.settings.max_prompt_tokens}", "prompt")
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in ids):
-            raise RequestError(f"the prompt holds token ids outside the vocabulary [0, {vocab})")
+            raise RequestError(f"the prompt holds token ids outside the vocabulary [0, {vocab})", "prompt")
 
     def completion_prompts(self, request: CompletionRequest) -> list[Prompt]:
         prompt = request.prompt
         if request.infill:
             if not isinstance(prompt, str):
-                raise RequestError("`infill` needs `prompt` to be one string with {{N}} holes")
-            return [self._infill_prompt(prompt)]
+                raise RequestError("`infill` needs `prompt` to be one string with {{N}} holes", "prompt")
+            return [self._infill_prompt(prompt, request.token_budget or self.settings.max_tokens)]
         if isinstance(prompt, str):
             prompts = [self.tokenizer.encode(prompt)]
         elif all(isinstance(p, str) for p in prompt):
@@ -149,18 +250,30 @@ class Service:
             self._check_prompt(ids)
         return [Prompt(ids) for ids in prompts]
 
-    def _infill_prompt(self, template: str) -> Prompt:
+    def _infill_prompt(self, template: str, budget: int) -> Prompt:
+        """The template's prompt and region; the holes are measured against `budget` before anything is built."""
+        if re.search(r"\{\{0*[1-9]\d{9,}\}\}", template):  # not even worth converting to a number
+            raise RequestError(f"a hole of the template is larger than max_tokens allows ({budget})", "prompt")
         try:
             parts = parse_infill_template(template)
-        except ValueError as err:
-            raise RequestError(str(err)) from err
+        except ValueError as err:  # no hole, or a hole of size 0
+            raise RequestError(str(err), "prompt") from err
+        holes = sum(p.size for p in parts if isinstance(p, Hole))
+        if holes > budget:
+            raise RequestError(f"the template's holes need {holes} tokens; max_tokens allows {budget}", "prompt")
         prefix = parts.pop(0) if isinstance(parts[0], str) else ""
         token_parts = [p if isinstance(p, Hole) else self.tokenizer.encode(p, add_special_tokens=False)
                        for p in parts]
-        ids, region, moved = layout_infill(self.tokenizer.encode(prefix), token_parts,
-                                           self.model_config.canvas_length)
-        self._check_prompt(ids)
-        return Prompt(ids, region, moved)
+        prompt = self.tokenizer.encode(prefix)
+        self._check_prompt(prompt)
+        canvas = self.model_config.canvas_length
+        region = sum(p.size if isinstance(p, Hole) else len(p) for p in token_parts)
+        region += min((-region) % canvas, len(prompt) - 1)  # the prompt tokens moved onto the first canvas
+        if region > budget:
+            raise RequestError(f"the infill region needs {region} tokens (holes, the text between and after them, "
+                               f"and prompt tokens moved onto the canvas); max_tokens allows {budget}", "prompt")
+        ids, region_ids, moved = layout_infill(prompt, token_parts, canvas)
+        return Prompt(ids, region_ids, moved)
 
     def grammar(self, request: DiffusionParameters) -> str | None:
         fmt = request.response_format
@@ -170,10 +283,12 @@ class Service:
             if fmt.type == "json_object":
                 return grammar_from(json_object=True)
             return grammar_from(json_schema=fmt.json_schema.schema_)
-        except GrammarError as err:
-            raise RequestError(f"response_format: {err}") from err
+        except (GrammarError, RecursionError) as err:
+            raise RequestError(f"response_format: {err}", "response_format") from err
 
     def chat_prompt(self, request: ChatRequest) -> Prompt:
+        if self.tokenizer.chat_template is None:
+            raise RequestError("this model has no chat template; use /v1/completions", "messages")
         messages = [m.model_dump(exclude_none=True) for m in request.messages]
         for message in messages:
             if message["role"] == "developer":
@@ -181,37 +296,34 @@ class Service:
         try:
             ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True,
                                              **(request.chat_template_kwargs or {}))
-        except ValueError as err:
-            raise RequestError(str(err)) from err
+        except ValueError as err:  # the template raised, or refused the conversation
+            raise RequestError(str(err), "messages") from err
+        except Exception as err:  # the checkpoint's template failed on these inputs in some other way
+            logger.warning("the chat template failed: %r", err)
+            raise RequestError("the chat template could not render these messages", "messages") from err
         self._check_prompt(ids)
         return Prompt(ids)
 
-    def start(self, request: DiffusionParameters, prompts: list[Prompt]) -> "Generation":
-        """Submit n sequences per prompt, all or none (QueueFull)."""
-        config = self.config_for(request)
-        grammar = self.grammar(request)
-        if grammar is not None and not (config.eos_token_ids or self.model_config.eos_token_ids):
-            raise RequestError("response_format needs the model to have an EOS token")
+    # ---- queueing (event loop) ---------------------------------------------------------------------------------
+
+    def start(self, request: DiffusionParameters, plan: Plan) -> "Generation":
+        """Submit n sequences per prompt, all or none (NeverFits, QueueFull)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        base_seed = request.seed if request.seed is not None else random.getrandbits(62)
+        if request.seed is not None:
+            base_seed = request.seed
+        else:
+            base_seed = 0 if request.temperature == 0 else random.getrandbits(62)
         deadline = time.monotonic() + self.settings.timeout
         sequences = []
-        for prompt in prompts:
-            if prompt.region is not None:
-                # The region is the whole budget, and EOS must not cut off the fixed text after a hole.
-                choice_config = self.config_for(request, budget=len(prompt.region)).updated(eos_token_id=None,
-                                                                                          pad_token_id=None)
-            elif grammar is not None and not config.eos_token_ids:
-                choice_config = config.updated(eos_token_id=self.model_config.eos_token_ids)
-            else:
-                choice_config = config
+        for prompt, config in zip(plan.prompts, plan.configs):
             for j in range(request.n):
                 index = len(sequences)
                 # Choice j of a seeded request uses seed + j, so choices differ and each is reproducible.
                 sequences.append(SequenceRequest(
-                    prompt=prompt.ids, config=choice_config, seed=base_seed + j, drafts=request.wants_drafts,
-                    region=prompt.region, grammar=grammar if prompt.region is None else None, deadline=deadline,
+                    prompt=prompt.ids, config=config, seed=(base_seed + j) % SEED_MODULUS,
+                    drafts=request.wants_drafts, region=prompt.region,
+                    grammar=plan.grammar if prompt.region is None else None, deadline=deadline,
                     on_event=lambda event, i=index: loop.call_soon_threadsafe(queue.put_nowait, (i, event))))
         self.scheduler.submit(sequences)
         return Generation(self.scheduler, sequences, queue)
