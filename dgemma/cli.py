@@ -30,13 +30,17 @@ import traceback
 from dataclasses import fields
 from pathlib import Path
 
-import torch
+from .threads import choose_threads, configure_waiting
 
-from . import __version__
-from .allocator import tune_allocator
-from .serving.settings import ServerSettings
-from .terminal import CanvasView, is_terminal, write_text
-from .tokenizer import check_text
+configure_waiting()  # before torch loads OpenMP, which reads its waiting policy once (threads.py)
+
+import torch  # noqa: E402
+
+from . import __version__  # noqa: E402
+from .allocator import tune_allocator  # noqa: E402
+from .serving.settings import ServerSettings  # noqa: E402
+from .terminal import CanvasView, is_terminal, write_text  # noqa: E402
+from .tokenizer import check_text  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -70,7 +74,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint directory or Hugging Face repo id (default: the bundled model)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: as stored)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
-    parser.add_argument("--threads", type=positive_int, help="torch intra-op threads")
+    parser.add_argument("--threads", type=positive_int,
+                        help="threads to compute with (default: one per core that is idle when the command starts)")
 
 
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
@@ -122,8 +127,6 @@ def load_for_generation(args: argparse.Namespace):
     from .tokenizer import Tokenizer
 
     check_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     directory = resolve_checkpoint(args.model)
     model = load(directory, dtype=DTYPES[args.dtype] if args.dtype else None, device=args.device)
     return model, Tokenizer.from_directory(directory)
@@ -557,6 +560,9 @@ def main(argv: list[str] | None = None) -> int:
         getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="dgemma: %(message)s")
     tune_allocator()
+    threads = choose_threads(getattr(args, "threads", None))
+    if threads:
+        torch.set_num_threads(threads)
     try:
         code = args.handler(args)
         sys.stdout.flush()  # here, so that a closed pipe is reported below and not at interpreter exit

@@ -7,8 +7,13 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
-import torch
+# One thread per test process (and the processes tests start): the tests' models are tiny, one thread runs the suite
+# as fast as two, and a thread that never waits for another cannot be slowed tenfold by a busy neighbour (see
+# dgemma/threads.py). OMP_NUM_THREADS=N before pytest chooses otherwise.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 S, F = "sliding_attention", "full_attention"
 
