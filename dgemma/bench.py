@@ -176,7 +176,7 @@ def run_worker(args: argparse.Namespace) -> dict:
     load_seconds = time.perf_counter() - started
     if args.prompt:
         from .tokenizer import Tokenizer
-        ids = torch.tensor([Tokenizer.from_directory(directory).encode(args.prompt)])
+        ids = torch.tensor([Tokenizer.from_checkpoint(directory).encode(args.prompt)])
     else:
         ids = prompt_ids(vocab, args.prompt_length)
     ids = ids.to(args.device)

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .gguf import GGUFCheckpoint
 from .model import DiffusionGemma
 
 logger = logging.getLogger(__name__)
@@ -64,9 +65,14 @@ def looks_like_repo_id(value: str) -> bool:
     return len(parts) == 2 and all(parts) and not value.startswith((".", "~")) and "\\" not in value
 
 
+def is_gguf(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() == ".gguf"
+
+
 def resolve_checkpoint(value: str | Path | None) -> Path:
-    """The checkpoint directory for a path, a Hugging Face repo id (from the local Hugging Face cache, or
-    downloaded when the network allows and HF_HUB_OFFLINE is not set), or None for the bundled model."""
+    """The checkpoint for a path (a directory, or a .gguf file), a Hugging Face repo id (from the local Hugging
+    Face cache, or downloaded when the network allows and HF_HUB_OFFLINE is not set), or None for the bundled
+    model."""
     if value is None:
         return bundled_model_dir()
     path = Path(value).expanduser()
@@ -74,9 +80,11 @@ def resolve_checkpoint(value: str | Path | None) -> Path:
         if not (path / "config.json").is_file():
             raise CheckpointError(f"{path} is not a checkpoint directory: it has no config.json")
         return path
+    if is_gguf(path):
+        return path
     if path.is_file():
         raise CheckpointError(f"{path} is a file; dgemma loads a checkpoint directory (config.json and "
-                              "safetensors, as save_pretrained writes it)")
+                              "safetensors, as save_pretrained writes it) or a .gguf file")
     if isinstance(value, str) and looks_like_repo_id(value):
         return _from_hub(value)
     raise FileNotFoundError(f"{path} does not exist (give a checkpoint directory or a Hugging Face repo id)")
@@ -264,7 +272,7 @@ def load_model(directory: str | Path, dtype: torch.dtype | None = None, device: 
     with torch.device("meta"):
         model = model_class(config)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    tied = {"encoder." + name: "decoder." + name for name in model.tied_parameter_names()}
+    tied = tied_names(model)
     loaded: dict[str, torch.Tensor] = {}
     unexpected, misshaped, skipped = [], [], 0
     for name, shard in read_tensors(directory):
@@ -292,11 +300,39 @@ def load_model(directory: str | Path, dtype: torch.dtype | None = None, device: 
     if skipped:
         logger.warning("skipped %d vision tensors: dgemma runs the text model only", skipped)
     state = {name: _convert(tensor, dtype, device, checkpoint_name(name)) for name, tensor in loaded.items()}
-    state.update({encoder: state[decoder] for encoder, decoder in tied.items()})
+    return _assign(model, state, device)
+
+
+def tied_names(model: DiffusionGemma) -> dict[str, str]:
+    """Encoder state names that are the decoder's tensors (stored once, under the decoder's name)."""
+    return {"encoder." + name: "decoder." + name for name in model.tied_parameter_names()}
+
+
+def _assign(model: DiffusionGemma, state: dict[str, torch.Tensor], device: str | torch.device) -> DiffusionGemma:
+    """Give a model built on the meta device its tensors (tied names share the decoder's)."""
+    state.update({encoder: state[decoder] for encoder, decoder in tied_names(model).items()})
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()  # assignment gave tied names separate Parameter objects
     model.reset_rope(device)
     return model.eval()
+
+
+def load_gguf_model(checkpoint: GGUFCheckpoint, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                    model_class: type[DiffusionGemma] = DiffusionGemma) -> DiffusionGemma:
+    """Build a `model_class` from a read GGUF file, every tensor dequantised exactly as the `gguf` library does
+    and cast to `dtype` (default: bfloat16 when the file holds quantised tensors, else its float type). The file's
+    tensors were checked against its metadata when it was read."""
+    config = ModelConfig.from_dict(checkpoint.config)
+    if dtype is None:
+        floats = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+        types = set(checkpoint.tensor_types.values())
+        dtype = floats[max(types, key=list(checkpoint.tensor_types.values()).count)] if types <= set(floats) \
+            else torch.bfloat16
+    with torch.device("meta"):
+        model = model_class(config)
+    state = {module_name(name): checkpoint.dequantized(name, dtype).to(device)
+             for name in checkpoint.tensor_names()}
+    return _assign(model, state, device)
 
 
 def _convert(tensor: torch.Tensor, dtype: torch.dtype, device: str | torch.device, name: str) -> torch.Tensor:

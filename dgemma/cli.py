@@ -129,7 +129,7 @@ def load_for_generation(args: argparse.Namespace):
     check_device(args.device)
     directory = resolve_checkpoint(args.model)
     model = load(directory, dtype=DTYPES[args.dtype] if args.dtype else None, device=args.device)
-    return model, Tokenizer.from_directory(directory)
+    return model, Tokenizer.from_checkpoint(directory)
 
 
 def check_context(model, config, prompt_tokens: int, what: str = "the prompt") -> int:
@@ -298,21 +298,29 @@ def generate_infill(args: argparse.Namespace, model, tokenizer, config, generato
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .checkpoints import checkpoint_dtype, resolve_checkpoint
+    from .checkpoints import checkpoint_dtype, is_gguf, resolve_checkpoint
     from .config import SLIDING, ModelConfig
     from .generation_config import GenerationConfig
+    from .gguf import read_gguf
 
     if args.model_dir is not None and args.model is not None:
         raise ValueError("give the checkpoint once: as DIR or as --model")
-    directory = resolve_checkpoint(args.model_dir if args.model_dir is not None else args.model)
-    config = ModelConfig.from_file(directory)
+    where = resolve_checkpoint(args.model_dir if args.model_dir is not None else args.model)
+    if is_gguf(where):
+        checkpoint = read_gguf(where)
+        config, generation = ModelConfig.from_dict(checkpoint.config), GenerationConfig.from_dict(checkpoint.generation)
+        types = sorted(set(checkpoint.tensor_types.values()))
+        stored = {"dtype": "/".join(types), "weights_bytes": where.stat().st_size}
+    else:
+        config, generation = ModelConfig.from_file(where), GenerationConfig.from_file(where)
+        dtype = checkpoint_dtype(where)
+        stored = {"dtype": str(dtype).removeprefix("torch."),
+                  "weights_bytes": sum(p.stat().st_size for p in where.glob("*.safetensors")),
+                  "memory_bytes_at_stored_dtype": config.parameter_counts()["total"] * dtype.itemsize}
     counts = config.parameter_counts()
-    dtype = checkpoint_dtype(directory)
-    weight_bytes = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
-    generation = GenerationConfig.from_file(directory)
     kinds = config.layer_types
     info = {
-        "directory": str(directory),
+        "checkpoint": str(where),
         "parameters": counts["total"],
         "active_parameters_per_token": counts["active"],
         "layers": len(kinds),
@@ -325,9 +333,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "canvas_length": config.canvas_length,
         "context_length": config.max_position_embeddings,
         "sliding_window": config.sliding_window,
-        "dtype": str(dtype).removeprefix("torch."),
-        "weights_bytes": weight_bytes,
-        "memory_bytes_at_stored_dtype": counts["total"] * dtype.itemsize,
+        **stored,
         "generation": {k: v for k, v in generation.to_dict().items() if v is not None},
     }
     if args.json:

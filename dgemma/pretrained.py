@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from .checkpoints import load_model, resolve_checkpoint, save_model
+from .checkpoints import is_gguf, load_gguf_model, load_model, resolve_checkpoint, save_model
+from .gguf import read_gguf
 from .config import ModelConfig
 from .generation import GenerationOutput, generate
 from .generation_config import GenerationConfig
@@ -29,11 +30,17 @@ class DiffusionGemmaForBlockDiffusion(DiffusionGemma):
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu") -> "DiffusionGemmaForBlockDiffusion":
-        """Load a checkpoint directory, a Hugging Face repo id (local cache first) or, with None, the bundled
-        model. Weights are memory-mapped safetensors, converted to `dtype` (default: as stored)."""
-        directory = resolve_checkpoint(path)
-        model = load_model(directory, dtype=dtype, device=device, model_class=cls)
-        model.generation_config = GenerationConfig.from_file(directory)
+        """Load a checkpoint directory, a GGUF file, a Hugging Face repo id (local cache first) or, with None, the
+        bundled model. Safetensors weights are memory-mapped and converted to `dtype` (default: as stored); GGUF
+        weights are dequantised as the `gguf` library does (default dtype: bfloat16 for quantised files)."""
+        where = resolve_checkpoint(path)
+        if is_gguf(where):
+            checkpoint = read_gguf(where)
+            model = load_gguf_model(checkpoint, dtype=dtype, device=device, model_class=cls)
+            model.generation_config = GenerationConfig.from_dict(checkpoint.generation)
+            return model
+        model = load_model(where, dtype=dtype, device=device, model_class=cls)
+        model.generation_config = GenerationConfig.from_file(where)
         return model
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

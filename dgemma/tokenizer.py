@@ -113,24 +113,43 @@ class Tokenizer:
     chat_template: str | None
 
     @classmethod
+    def from_checkpoint(cls, path: str | Path) -> "Tokenizer":
+        """The tokenizer of a checkpoint directory or of a GGUF file's metadata."""
+        path = Path(path)
+        return cls.from_gguf(path) if path.is_file() and path.suffix.lower() == ".gguf" else cls.from_directory(path)
+
+    @classmethod
     def from_directory(cls, directory: str | Path) -> "Tokenizer":
         directory = Path(directory)
         path = directory / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer.json in {directory}")
-        backend = RustTokenizer.from_file(str(path))
         config_path = directory / "tokenizer_config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        template = config.get("chat_template") if isinstance(config.get("chat_template"), str) else None
+        if (directory / "chat_template.jinja").is_file():
+            template = (directory / "chat_template.jinja").read_text()
+        return cls._build(directory, RustTokenizer.from_file(str(path)), config, template)
+
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> "Tokenizer":
+        """The tokenizer rebuilt from a GGUF file's `tokenizer.ggml.*` metadata (see dgemma.gguf)."""
+        from .gguf import read_gguf
+
+        checkpoint = read_gguf(path)
+        if checkpoint.tokenizer_json is None:
+            raise TokenizerError(f"{path} has no tokenizer dgemma can rebuild (no tokenizer.ggml.* metadata, or a "
+                                 "tokenizer model other than gemma4/gpt2): give token ids instead of text")
+        return cls._build(Path(path), RustTokenizer.from_str(checkpoint.tokenizer_json), checkpoint.tokenizer_config,
+                          checkpoint.chat_template)
+
+    @classmethod
+    def _build(cls, source: Path, backend: RustTokenizer, config: dict[str, Any], template: str | None) -> "Tokenizer":
         special = {}
         for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
             value = config.get(key)
             special[key] = value.get("content") if isinstance(value, dict) else value
-        template = None
-        if (directory / "chat_template.jinja").is_file():
-            template = (directory / "chat_template.jinja").read_text()
-        elif isinstance(config.get("chat_template"), str):
-            template = config["chat_template"]
-        return cls(directory, backend, special, bool(config.get("add_bos_token", True)), template)
+        return cls(source, backend, special, bool(config.get("add_bos_token", True)), template)
 
     # ---- ids ------------------------------------------------------------------------------------------------
 

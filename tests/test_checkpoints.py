@@ -103,9 +103,9 @@ def test_missing_directory_and_files_are_named(tmp_path):
         dgemma.load(tmp_path / "nowhere")
     with pytest.raises(CheckpointError, match="no config.json"):
         dgemma.load(tmp_path)
-    (tmp_path / "model.gguf").write_bytes(b"GGUF")
-    with pytest.raises(CheckpointError, match="model.gguf is a file"):
-        dgemma.load(tmp_path / "model.gguf")
+    (tmp_path / "weights.pt").write_bytes(b"\0" * 8)
+    with pytest.raises(CheckpointError, match="weights.pt is a file"):
+        dgemma.load(tmp_path / "weights.pt")
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         dgemma.load(tmp_path)

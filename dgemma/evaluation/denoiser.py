@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     directory = resolve_checkpoint(args.model)
-    model, tokenizer = load(directory), Tokenizer.from_directory(directory)
+    model, tokenizer = load(directory), Tokenizer.from_checkpoint(directory)
     needed = args.prompt_words + args.continuation_words
     passages = spread(load_passages(args.text, min_words=needed), args.passages)
     pairs = [split_passage(p.text, args.prompt_words, args.continuation_words) for p in passages]

@@ -448,7 +448,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     directory = resolve_checkpoint(args.model)
     model = load(directory, dtype=DTYPES[args.dtype] if args.dtype else None, device=args.device)
-    tokenizer = Tokenizer.from_directory(directory)
+    tokenizer = Tokenizer.from_checkpoint(directory)
     needed = args.prompt_words + args.continuation_words
     available = load_passages(args.text, args.corpus, min_words=needed)
     if not available:
