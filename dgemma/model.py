@@ -56,7 +56,7 @@ class RMSNorm(nn.Module):
         h = x.float()
         h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
         if self.weight is not None:
-            h = h * self.weight.float()
+            h = h * self.weight  # a bf16 weight is widened inside the multiply: no fp32 copy, the same values
         return h.type_as(x)
 
 
