@@ -332,11 +332,15 @@ def main_run(args: argparse.Namespace) -> dict:
               "allocator": "tuned (dgemma.allocator), every system" if args.tune_allocator else "glibc defaults",
               "settings": overrides or "checkpoint generation_config (adaptive stopping)", "repeat": args.repeat,
               "summary": summary, "ratios": ratios, "runs": results, "machine": machine()}
-    out = Path(args.out)
+    return write_report(report, Path(args.out), chart, table)
+
+
+def write_report(report: dict, out: Path, draw: Callable[[dict, Path], None], describe: Callable[[dict], str]) -> dict:
+    """A benchmark's output: the JSON report, its chart beside it (PNG), its table on stdout."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    chart(report, out.with_suffix(".png"))
-    print(table(report))
+    draw(report, out.with_suffix(".png"))
+    print(describe(report))
     print(f"wrote {out} and {out.with_suffix('.png')}", file=sys.stderr)
     return report
 

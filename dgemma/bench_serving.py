@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import socket
 import statistics
@@ -21,6 +20,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from .bench import machine, write_report
 
 PROMPTS = ["It is a truth universally acknowledged", "In the beginning", "Once upon a time there lived",
            "The king said unto them", "She walked along the river and", "My dear sister, I write to tell you",
@@ -116,13 +117,7 @@ def main_run(args: argparse.Namespace) -> dict:
               "ratio": summary["concurrent"]["tokens_per_second"]["median"]
               / summary["sequential"]["tokens_per_second"]["median"],
               "runs": runs, "machine": machine()}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    chart(report, out.with_suffix(".png"))
-    print(table(report))
-    print(f"wrote {out} and {out.with_suffix('.png')}", file=sys.stderr)
-    return report
+    return write_report(report, Path(args.out), chart, table)
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -133,11 +128,6 @@ def summarise(runs: list[dict]) -> dict:
             "engine_steps": stat([r["engine_steps"] for r in runs]),
             "tokens": stat([r["tokens"] for r in runs]),
             "latency_seconds": stat([statistics.median(r["latency_seconds"]) for r in runs])}
-
-
-def machine() -> dict:
-    from .bench import machine as describe
-    return describe()
 
 
 def table(report: dict) -> str:
