@@ -68,11 +68,12 @@ def log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-def assert_same_curve(one: list[dict], other: list[dict], rel: float = 1e-5) -> None:
+def assert_same_curve(one: list[dict], other: list[dict], rel: float = 1e-5, grad_rel: float | None = None) -> None:
     assert [r["step"] for r in other] == [r["step"] for r in one]
     for a, b in zip(one, other):
         for key in ("loss", "diffusion_loss", "encoder_loss", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=rel), (a["step"], key)
+            tolerance = grad_rel if key == "grad_norm" and grad_rel and a["step"] > 1 else rel
+            assert b[key] == pytest.approx(a[key], rel=tolerance), (a["step"], key)
         if "eval_diffusion_loss" in a:
             assert b["eval_diffusion_loss"] == pytest.approx(a["eval_diffusion_loss"], rel=rel)
 
@@ -119,6 +120,21 @@ def test_fsdp_with_activation_checkpointing_follows_one_process(corpus, single, 
 def test_expert_parallel_follows_one_process(single, expert_parallel_run):
     assert_same_curve(log(single), log(expert_parallel_run))
     assert_same_weights(single / "model", expert_parallel_run / "model")
+
+
+def test_expert_parallelism_composes_with_fsdp_over_the_other_dimension(corpus, single, tmp_path):
+    """Four ranks as a 2 x 2 mesh: each expert group of 2 ranks splits the experts, and FSDP shards every
+    expert shard again over the other 2 ("dp"); the curve and the exported weights are one process's."""
+    out = tmp_path / "dp-ep"
+    config = write_toml(tmp_path / "dp-ep.toml", sections_for(corpus, out, parallel="fsdp", expert_parallel=2))
+    for code, _, err in finish(launch(config, ranks=4)):
+        assert code == 0, err[-3000:]
+    # Four-way reductions sum in another order than one process. The losses agree to 1e-5 at every step and the
+    # first step's gradient norm too (a wrong reduction, such as an average computed as a sum, is off by 2x to
+    # 4x); later gradient norms to 1e-3, because a rounding difference can flip a near-tie in the top-2 routing
+    # of a token, which moves its experts' gradients and not the loss.
+    assert_same_curve(log(single), log(out), grad_rel=1e-3)
+    assert_same_weights(single / "model", out / "model", atol=1e-4)
 
 
 @pytest.mark.oracle
