@@ -42,6 +42,14 @@ NAMED_CONFIGS = {
                   layer_types=[S, S, S, S, F, S, F, S], sliding_window=512,
                   per_layer_config={str(i): {"head_dim": 128, "num_key_value_heads": 2} for i in (4, 6, 7)},
                   num_experts=16, top_k_experts=2, moe_intermediate_size=256),
+    # DiffusionGemma-26B-A4B's shapes (docs/gguf layout: hidden 2816, 16 heads, 8 KV heads of 256 on sliding layers
+    # and 2 of 512 on full ones, dense MLP 2112, 128 experts x 704 top-8, window 1024); its 30 layers (full
+    # attention every sixth) are cut to --layers, the last one full as in the reference.
+    "release": dict(vocab_size=262_144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
+                    num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                    layer_types=[S if (i + 1) % 6 else F for i in range(30)], sliding_window=1024,
+                    global_head_dim=512, num_global_key_value_heads=2, num_experts=128, top_k_experts=8,
+                    moe_intermediate_size=704, max_position_embeddings=262_144),
     "tiny": dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                  num_key_value_heads=1, head_dim=32, layer_types=[S, F], sliding_window=64,
                  per_layer_config={"1": {"head_dim": 32, "num_key_value_heads": 1}}, num_experts=4, top_k_experts=2,
@@ -51,8 +59,10 @@ SYSTEMS = ("dgemma-fast", "dgemma-reference", "transformers", "dgemma-ar")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def build_checkpoint(name: str, vocab: int | None, canvas: int, directory: Path, seed: int = 0) -> Path:
-    """A random checkpoint of a named config in transformers' layout (reused if already built)."""
+def build_checkpoint(name: str, vocab: int | None, canvas: int, directory: Path, seed: int = 0,
+                     layers: int | None = None) -> Path:
+    """A random bf16 checkpoint of a named config in transformers' layout (reused if already built), optionally
+    cut to its first `layers` layers. Built in bf16 directly, so the released shapes need no fp32 copy."""
     import dgemma
 
     if (directory / "config.json").is_file():
@@ -60,11 +70,17 @@ def build_checkpoint(name: str, vocab: int | None, canvas: int, directory: Path,
     text = dict(NAMED_CONFIGS[name], pad_token_id=0, eos_token_id=1, bos_token_id=2)
     if vocab:
         text["vocab_size"] = vocab
+    if layers:
+        text.update(num_hidden_layers=layers, layer_types=text["layer_types"][:layers])
     config = dgemma.ModelConfig.from_dict({"model_type": "diffusion_gemma", "canvas_length": canvas,
                                            "text_config": text})
-    model = dgemma.DiffusionGemma(config)
+    with torch.device("meta"):
+        model = dgemma.DiffusionGemma(config).to(torch.bfloat16)
+    model = model.to_empty(device="cpu")
+    model.tie_weights()  # to_empty gave the tied encoder its own tensors
+    model.reset_rope("cpu")
     model.init_weights(torch.Generator().manual_seed(seed))
-    dgemma.save(model.to(torch.bfloat16), directory)
+    dgemma.save(model, directory)
     return directory
 
 
@@ -302,8 +318,10 @@ def main_run(args: argparse.Namespace) -> dict:
     if args.model:
         checkpoint, label = Path(args.model), Path(args.model).name
     else:
-        work = Path(args.work_dir or tempfile.gettempdir()) / f"dgemma-bench-{args.config}-{args.vocab}-{args.canvas}"
-        checkpoint, label = build_checkpoint(args.config, args.vocab, args.canvas, work), args.config
+        work = Path(args.work_dir or tempfile.gettempdir()) / (f"dgemma-bench-{args.config}-{args.vocab}-{args.canvas}"
+                                                               + (f"-{args.layers}l" if args.layers else ""))
+        checkpoint = build_checkpoint(args.config, args.vocab, args.canvas, work, layers=args.layers)
+        label = args.config + (f", {args.layers} layers" if args.layers else "")
     overrides = {} if args.adaptive else {"max_denoising_steps": args.steps, "stability_threshold": None}
     print(f"[bench] {label} ({args.dtype}, {args.device}, {args.threads} threads): {', '.join(systems)}; "
           f"{args.repeat} repetitions, each system in its own process, interleaved", file=sys.stderr, flush=True)
@@ -406,6 +424,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measure `dgemma serve`: --clients concurrent requests against the same one by one")
     parser.add_argument("--clients", type=int, default=8, help="requests per run with --serving")
     parser.add_argument("--vocab", type=int, help="override the named config's vocabulary size")
+    parser.add_argument("--layers", type=int, help="keep the named config's first N layers (e.g. --config release "
+                                                   "--layers 2: the released shapes, 2 of its 30 layers)")
     parser.add_argument("--canvas", type=int, default=256)
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: bfloat16 for named "
                                                                 "configs, as stored for --serving)")
