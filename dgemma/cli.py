@@ -23,12 +23,14 @@ import argparse
 import io
 import json
 import logging
+import math
 import os
 import sys
 import time
 import traceback
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .threads import choose_threads, configure_waiting
 
@@ -41,6 +43,9 @@ from .allocator import tune_allocator  # noqa: E402
 from .serving.settings import ServerSettings  # noqa: E402
 from .terminal import CanvasView, is_terminal, write_text  # noqa: E402
 from .tokenizer import check_text  # noqa: E402
+
+if TYPE_CHECKING:
+    from .generation_config import GenerationConfig
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -57,6 +62,16 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
 
 
@@ -87,16 +102,53 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--t-max", type=float)
     parser.add_argument("--confidence-threshold", type=float)
     parser.add_argument("--no-adaptive-stopping", action="store_true", help="always run every denoising step")
+    parser.add_argument("--temperature", type=non_negative_float,
+                        help="multiplies the t_min..t_max schedule; 0 takes the argmax at every position")
+    parser.add_argument("--top-k", type=int, help="keep the k most likely tokens at each position (0: off)")
+    parser.add_argument("--top-p", type=float, help="keep the fewest most likely tokens reaching this probability "
+                                                    "at each position (1: off)")
+    parser.add_argument("--frequency-penalty", type=float,
+                        help="subtract this times a token's count in the canvases committed so far from its logit")
+    parser.add_argument("--presence-penalty", type=float,
+                        help="subtract this from the logit of every token the committed canvases hold")
+    parser.add_argument("--logit-bias", type=logit_bias_entry, action="append", metavar="TOKEN=BIAS",
+                        help="add BIAS to token id TOKEN's logit at every position (repeatable; -100 bans it)")
     parser.add_argument("--sampling", choices=("fast", "reference"), default="fast")
     parser.add_argument("--seed", type=seed_value, help="random seed (default: nondeterministic)")
 
 
-def generation_overrides(args: argparse.Namespace) -> dict:
+def logit_bias_entry(text: str) -> tuple[int, float]:
+    """`TOKEN=BIAS` (a token id and a number) for --logit-bias."""
+    token, _, bias = text.partition("=")
+    try:
+        entry = int(token), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TOKEN_ID=BIAS (e.g. 50=-100), got {text!r}") from None
+    if entry[0] < 0 or not math.isfinite(entry[1]):
+        raise argparse.ArgumentTypeError(f"expected a token id >= 0 and a finite bias, got {text!r}")
+    return entry
+
+
+def generation_overrides(args: argparse.Namespace, defaults: GenerationConfig | None = None) -> dict:
+    """The GenerationConfig overrides the generation options ask for; `defaults` (the model's settings) are what
+    --temperature scales."""
     overrides = {key: getattr(args, key) for key in ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min",
-                                                     "t_max", "confidence_threshold")
+                                                     "t_max", "confidence_threshold", "top_p", "frequency_penalty",
+                                                     "presence_penalty")
                  if getattr(args, key) is not None}
     if args.no_adaptive_stopping:
         overrides["stability_threshold"] = None
+    if args.top_k:
+        overrides["top_k"] = args.top_k
+    if args.logit_bias:
+        overrides["logit_bias"] = dict(args.logit_bias)
+    if args.temperature == 0:  # the argmax at every position, as the server's temperature 0
+        overrides["do_sample"] = False
+    elif args.temperature is not None:  # scales the whole t_min..t_max schedule, as the server's temperature
+        t_min = overrides.get("t_min", defaults.t_min if defaults is not None else None)
+        t_max = overrides.get("t_max", defaults.t_max if defaults is not None else None)
+        if t_min is not None and t_max is not None:
+            overrides["t_min"], overrides["t_max"] = t_min * args.temperature, t_max * args.temperature
     return overrides
 
 
@@ -224,7 +276,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.infill and args.max_new_tokens is not None:
         raise ValueError("--infill: the holes' sizes fix how many tokens are generated; drop --max-new-tokens")
     model, tokenizer = load_for_generation(args)
-    config = model.generation_config.updated(**generation_overrides(args))
+    config = model.generation_config.updated(**generation_overrides(args, model.generation_config))
     generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     if args.infill:
         return generate_infill(args, model, tokenizer, config, generator)
@@ -397,7 +449,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.system is not None:
         check_text(args.system, "--system")
     model, tokenizer = load_for_generation(args)
-    config = model.generation_config.updated(**generation_overrides(args))
+    config = model.generation_config.updated(**generation_overrides(args, model.generation_config))
     generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     tolerate_undecodable_input()

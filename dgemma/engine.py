@@ -18,6 +18,15 @@ Design choices:
   the start of the next step, in one batched forward with every other group's commits and new prompts.
 - Rows that stopped keep their canvas and self-conditioning until their group commits.
 - The host waits for the device once per step, to learn which canvases ended; nothing else in a step needs it.
+- Logits processors (logit_bias, penalties, top_k, top_p; see sampling.py) are per-row settings too: a [rows, V]
+  fp32 bias (allocated when a group first needs one), rewritten for a group's rows when it joins and after each
+  of its commits (the penalties count the tokens committed so far), and [rows] top_k / top_p. Rows whose group
+  uses none of them take the sampler's unchanged path, the others its controlled path (two calls when a step has
+  both), so a row's tokens depend on its own settings only.
+- Log-probabilities are computed when a canvas commits, not per step: the engine keeps, for rows whose group asks
+  for them, the hidden states and temperature of the last step that ran for the row (a row that stopped early
+  keeps those of its stopping step, whose argmax it commits), and at the commit recomputes that step's processed
+  logits one row at a time ([L, V] fp32) for the committed tokens.
 """
 
 from __future__ import annotations
@@ -30,8 +39,9 @@ import torch
 from .cache import KVCache
 from .generation_config import GenerationConfig
 from .model import DiffusionGemma
-from .sampling import (StepResult, Workspace, draw_tokens, draw_uniforms, entropy_bound_acceptance, fast_step,
-                       reference_step, stable_and_confident, temperature_at, temperature_schedule)
+from .sampling import (Controls, StepResult, Workspace, draw_tokens, draw_uniforms, entropy_bound_acceptance,
+                       fast_step, process_logits, reference_step, stable_and_confident, temperature_at,
+                       temperature_schedule, token_logprobs)
 
 if TYPE_CHECKING:
     from .constraints import CanvasControl
@@ -75,6 +85,12 @@ class CanvasCommitted:
     finished: torch.Tensor  # [B] bool
     steps: int
     group: Group | None = None
+    # With `logprobs` / `top_logprobs`: each token's log-probability under the processed distribution of the last
+    # step of its row (-inf outside a top_k/top_p truncation, nan where the token is pad written after the row
+    # ended), [B, <= L] fp32; and the `top_logprobs` most likely tokens there, [B, <= L, top_logprobs] each.
+    logprobs: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
 
 
 # ---- groups ------------------------------------------------------------------------------------------------------
@@ -111,6 +127,15 @@ class Group:
     @property
     def size(self) -> int:
         return self.input_ids.shape[0]
+
+    @property
+    def controlled(self) -> bool:
+        """Whether the group's rows take the sampler's controlled path (a bias or a truncation)."""
+        return self.config.biases or self.config.truncates
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.config.logprobs or self.config.top_logprobs > 0
 
 
 class Engine:
@@ -149,9 +174,16 @@ class Engine:
         self.adaptive = zeros(dtype=torch.bool)
         self.stability = zeros(dtype=torch.int32)
         self.confidence = zeros(dtype=torch.float32)
+        self.top_k = zeros(dtype=torch.long)  # 0: off
+        self.top_p = zeros(dtype=torch.float32)  # 1: off
+        # What a commit needs for log-probabilities: the last step's states and temperature of each row.
+        self.last_hidden = zeros(length, config.hidden_size, dtype=model.dtype)
+        self.last_temperature = zeros(dtype=torch.float32)
+        self.bias: torch.Tensor | None = None  # [rows, V] fp32, allocated when a group first needs one
         self.row_state = [self.canvas, self.argmax, self.soft, self.stopped, self.run, self.steps_left,
                           self.max_steps, self.t_min, self.t_span, self.tempered, self.bound, self.greedy,
-                          self.adaptive, self.stability, self.confidence]
+                          self.adaptive, self.stability, self.confidence, self.top_k, self.top_p, self.last_hidden,
+                          self.last_temperature]
         self._plan_key: tuple | None = None
         self._plan = None
         self._layout_version = 0  # bumped whenever rows move or caches change: the decoder plan is rebuilt
@@ -174,6 +206,10 @@ class Engine:
             raise ValueError("fixed tokens and grammars need sampling='fast' (the reference has neither)")
         if not group.config.do_sample and self.exact:
             raise ValueError("do_sample=False (argmax sampling) needs sampling='fast' (the reference has no such mode)")
+        outside = [t for t in (group.config.logit_bias or {}) if t >= self.vocab_size]
+        if outside:
+            raise ValueError(f"`logit_bias` names token ids outside the vocabulary [0, {self.vocab_size}): "
+                             f"{sorted(outside)[:5]}")
         first = self.in_use
         group.rows = list(range(first, first + group.size))
         device = self.model.device
@@ -206,6 +242,30 @@ class Engine:
         if config.stops_adaptively:
             self.stability[rows] = config.stability_threshold
             self.confidence[rows] = config.confidence_threshold
+        self.top_k[rows] = self._top_k(config)
+        self.top_p[rows] = 1.0 if config.top_p is None else config.top_p
+        if config.biases:
+            self._write_bias(group)
+
+    def _top_k(self, config: GenerationConfig) -> int:
+        """A group's top_k as the sampler takes it: 0 (off) when it keeps the whole vocabulary anyway."""
+        return config.top_k if config.top_k and config.top_k < self.vocab_size else 0
+
+    def _write_bias(self, group: Group) -> None:
+        """The group's rows of the bias: logit_bias, minus the penalties for the tokens committed so far."""
+        if self.bias is None:
+            self.bias = torch.zeros(len(self.owner), self.vocab_size, dtype=torch.float32, device=self.model.device)
+            self.row_state.append(self.bias)
+        config, device = group.config, self.model.device
+        bias = torch.zeros(group.size, self.vocab_size, dtype=torch.float32, device=device)
+        if config.logit_bias:
+            ids = torch.tensor(list(config.logit_bias), dtype=torch.long, device=device)
+            bias[:, ids] = torch.tensor(list(config.logit_bias.values()), dtype=torch.float32, device=device)
+        committed = group.sequences[:, group.input_ids.shape[1]:]
+        if committed.numel() and (config.frequency_penalty or config.presence_penalty):
+            counts = torch.zeros_like(bias).scatter_add_(1, committed, torch.ones_like(committed, dtype=bias.dtype))
+            bias -= config.frequency_penalty * counts + config.presence_penalty * (counts > 0)
+        self.bias[self._select(group)] = bias
 
     def cancel(self, group: Group) -> None:
         """Stop a group; its rows are freed at the next step (call from the thread that steps the engine)."""
@@ -262,7 +322,13 @@ class Engine:
         model = self.model
         soft = self.soft[:n] if any(g.has_signal for g in running) else None
         hidden = model.decode(self.canvas[:n], self._decoder_plan(n), soft, exact=self.exact)
-        result = self._sample(hidden, running)
+        temperature = temperature_schedule(self.steps_left[:n], self.max_steps[:n], self.t_min[:n], self.t_span[:n])
+        temperature = torch.where(self.tempered[:n], temperature, 1.0)  # dividing by 1 changes nothing
+        if any(g.wants_logprobs for g in running):  # a row that has stopped keeps its stopping step's
+            before = self.stopped[:n]
+            self.last_hidden[:n] = torch.where(before[:, None, None], self.last_hidden[:n], hidden)
+            self.last_temperature[:n] = torch.where(before, self.last_temperature[:n], temperature)
+        result = self._sample(hidden, running, temperature)
         accepted = entropy_bound_acceptance(result.entropy, self.bound[:n, None])
         ready = torch.ones(n, dtype=torch.bool, device=model.device)
         for group in running:
@@ -296,19 +362,18 @@ class Engine:
                 events.append(self._commit(group))
         return events
 
-    def _sample(self, hidden: torch.Tensor, running: list[Group]) -> StepResult:
+    def _sample(self, hidden: torch.Tensor, running: list[Group], temperature: torch.Tensor) -> StepResult:
         model, n = self.model, hidden.shape[0]
         if not self.exact:
-            temperature = temperature_schedule(self.steps_left[:n], self.max_steps[:n], self.t_min[:n],
-                                               self.t_span[:n])
-            temperature = torch.where(self.tempered[:n], temperature, 1.0)  # dividing by 1 changes nothing
             uniforms = torch.zeros(n, self.canvas_length, dtype=torch.float64, device=model.device)
             for group in running:
                 uniforms[self._select(group)] = draw_uniforms(group.size * self.canvas_length, group.generator,
                                                               model.device).view(group.size, -1)
-            step = fast_step(hidden, model.head_matrix, model.embedding_matrix, self.embed_scale,
-                             model.config.final_logit_softcapping, temperature, uniforms.view(-1, 1),
-                             self.workspace)
+            controlled = [g for g in running if g.controlled]
+            if not controlled:
+                step = self._fast(hidden, temperature, uniforms)
+            else:
+                step = self._fast_controlled(hidden, temperature, uniforms, running, controlled)
             # Rows that take the argmax still drew their uniforms: a row's random numbers do not depend on it.
             step.sampled = torch.where(self.greedy[:n, None], step.argmax, step.sampled)
             return step
@@ -318,11 +383,47 @@ class Engine:
         soft = torch.empty_like(self.soft[:n])
         for group in running:
             rows = self._select(group)
+            config = group.config
             step = reference_step(model.logits(hidden[rows]), self._temperature(group), model.dtype,
-                                  group.generator)
+                                  group.generator, self.bias[rows] if config.biases else None, config.top_k,
+                                  config.top_p)
             sampled[rows], argmax[rows], entropy[rows] = step.sampled, step.argmax, step.entropy
             soft[rows] = model.soft_embeddings(step.self_conditioning)
         return StepResult(sampled, argmax, entropy, soft)
+
+    def _fast(self, hidden: torch.Tensor, temperature: torch.Tensor, uniforms: torch.Tensor,
+              controls: Controls | None = None) -> StepResult:
+        model = self.model
+        return fast_step(hidden, model.head_matrix, model.embedding_matrix, self.embed_scale,
+                         model.config.final_logit_softcapping, temperature, uniforms.reshape(-1, 1), self.workspace,
+                         controls=controls)
+
+    def _fast_controlled(self, hidden: torch.Tensor, temperature: torch.Tensor, uniforms: torch.Tensor,
+                         running: list[Group], controlled: list[Group]) -> StepResult:
+        """The fast step with the controlled groups' rows through the controlled path, the others (if any) through
+        the unchanged one: each row's result depends on its own settings only."""
+        device, n = self.model.device, hidden.shape[0]
+        mine = sorted(row for g in controlled for row in g.rows)
+        chosen = torch.tensor(mine, device=device)
+        controls = Controls(bias=self.bias.index_select(0, chosen) if any(g.config.biases for g in controlled)
+                            else None,
+                            top_k=self.top_k.index_select(0, chosen), top_p=self.top_p.index_select(0, chosen),
+                            max_top_k=max(self._top_k(g.config) for g in controlled),
+                            uses_top_p=any(g.config.top_p is not None and g.config.top_p < 1 for g in controlled))
+        step = self._fast(hidden.index_select(0, chosen), temperature.index_select(0, chosen),
+                          uniforms.index_select(0, chosen), controls)
+        if len(mine) == n:
+            return step
+        others = torch.tensor(sorted(set(range(n)) - set(mine)), device=device)
+        plain = self._fast(hidden.index_select(0, others), temperature.index_select(0, others),
+                           uniforms.index_select(0, others))
+        merged = []
+        for name in ("sampled", "argmax", "entropy", "self_conditioning"):
+            a, b = getattr(step, name), getattr(plain, name)
+            out = torch.empty((n,) + tuple(a.shape[1:]), dtype=a.dtype, device=device)
+            out[chosen], out[others] = a, b
+            merged.append(out)
+        return StepResult(*merged)
 
     def _temperature(self, group: Group) -> torch.Tensor | None:
         config = group.config
@@ -335,7 +436,9 @@ class Engine:
                  ready: torch.Tensor) -> None:
         """Let a group's canvas control decide its rows' proposals and acceptance (in place)."""
         rows = self._select(group)
-        group.logits_at = processed_logits_at(self.model, hidden[rows], self._temperature(group))
+        config = group.config
+        group.logits_at = processed_logits_at(self.model, hidden[rows], self._temperature(group),
+                                              self.bias[rows] if config.biases else None, config.top_k, config.top_p)
         mine = StepResult(result.sampled[rows], result.argmax[rows], result.entropy[rows],
                           result.self_conditioning[rows])
         mine, accepted[rows], ready[rows] = group.control.accept(
@@ -357,6 +460,8 @@ class Engine:
             argmax = group.control.complete(group.canvas_index, argmax, group.logits_at)
             group.control.commit(group.canvas_index, argmax)
         config, length = group.config, self.canvas_length
+        logprobs = self._logprobs(group, argmax) if group.wants_logprobs else None
+        was_finished = group.finished
         group.sequences = torch.cat([group.sequences, argmax], dim=1)
         over_budget = (group.canvas_index + 1) * length >= group.budget
         group.finished = mark_finished(group.sequences, group.finished, length, config.eos_token_ids,
@@ -364,13 +469,33 @@ class Engine:
         produced = min(length, group.budget - group.canvas_index * length)
         event = CanvasCommitted(group.canvas_index, group.sequences[:, -length:][:, :produced],
                                 group.finished.clone(), group.steps_run, group)
+        if logprobs is not None:
+            values, top_ids, top_values = logprobs
+            padded = was_finished[:, None] | (group.sequences[:, -length:] != argmax)  # pad written after the end
+            values = values.masked_fill(padded, float("nan"))
+            event.logprobs, event.top_ids, event.top_logprobs = (values[:, :produced], top_ids[:, :produced],
+                                                                 top_values[:, :produced])
         group.canvas_index += 1
         if bool(group.finished.all()):
             group.done = True
         else:
             group.pending = group.sequences[:, -length:]
             group.pending_valid = torch.ones_like(group.pending, dtype=torch.bool)
+            if config.frequency_penalty or config.presence_penalty:
+                self._write_bias(group)  # the next canvas counts this one's tokens
         return event
+
+    def _logprobs(self, group: Group, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Log-probabilities of a group's committed tokens [B, L] under each row's last processed logits, one row
+        at a time ([L, V] fp32), with the `top_logprobs` most likely tokens."""
+        config, parts = group.config, []
+        for i, row in enumerate(group.rows):
+            temperature = self.last_temperature[row] if config.has_temperature else None
+            bias = self.bias[row] if config.biases else None
+            processed = process_logits(self.model.logits(self.last_hidden[row]), temperature, bias, config.top_k,
+                                       config.top_p)
+            parts.append(token_logprobs(processed, tokens[i], config.top_logprobs))
+        return tuple(torch.stack(column) for column in zip(*parts))
 
     def _prefill(self) -> None:
         """Encode every group's pending tokens (new prompts, committed canvases), then start their canvases."""
@@ -438,10 +563,14 @@ def mark_finished(sequences: torch.Tensor, finished: torch.Tensor, canvas_length
     return finished | newly
 
 
-def processed_logits_at(model: DiffusionGemma, hidden: torch.Tensor,
-                        temperature: torch.Tensor | None) -> Callable[[int, int], torch.Tensor]:
-    """Processed logits of single canvas positions, computed on demand (the fast step keeps none)."""
+def processed_logits_at(model: DiffusionGemma, hidden: torch.Tensor, temperature: torch.Tensor | None,
+                        bias: torch.Tensor | None = None, top_k: int | None = None,
+                        top_p: float | None = None) -> Callable[[int, int], torch.Tensor]:
+    """Processed logits of single canvas positions, computed on demand (the fast step keeps none); `bias` is
+    [rows, V] or None."""
     def logits_at(row: int, position: int) -> torch.Tensor:
         logits = model.logits(hidden[row, position])
-        return logits / temperature if temperature is not None else logits
+        if bias is None and not top_k and (top_p is None or top_p >= 1):
+            return logits / temperature if temperature is not None else logits
+        return process_logits(logits, temperature, None if bias is None else bias[row], top_k, top_p)
     return logits_at

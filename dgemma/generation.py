@@ -35,6 +35,13 @@ class GenerationOutput:
     tokens_per_forward: torch.Tensor  # [B] generated non-pad tokens / decoder passes the row needed
     past_key_values: KVCache
     decoder_forward_passes: torch.Tensor  # [B]
+    # With `logprobs=True` (or `top_logprobs=N`): each new token's log-probability under the processed
+    # distribution that committed it, [B, new] fp32 (nan for pad written after a row ended, -inf for a token
+    # outside a top_k/top_p truncation, e.g. a fixed infill token), and the N most likely tokens at each
+    # position with theirs, [B, new, N] each (ids, log-probabilities).
+    logprobs: torch.Tensor | None = None
+    top_logprob_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------------
@@ -97,14 +104,23 @@ def generate_steps(model: DiffusionGemma, input_ids: torch.Tensor, config: Gener
     cache.reserve(cached + prompt_length + -(-budget // canvas) * canvas)
     engine = Engine(model, cache, sampling)
     group = engine.add(Group(input_ids, config, new_mask, generator, control))
+    commits: list[CanvasCommitted] = []
     while not group.done:
-        yield from engine.step()
+        for event in engine.step():
+            if isinstance(event, CanvasCommitted):
+                commits.append(event)
+            yield event
     sequences = group.sequences[:, :prompt_length + budget]
     new_tokens = sequences[:, prompt_length:]
     pad = config.pad_token_id
     counted = (new_tokens != pad).sum(dim=-1) if pad is not None else torch.full((batch,), new_tokens.shape[1])
-    yield GenerationOutput(sequences=sequences, tokens_per_forward=counted / group.passes.clamp_min(1),
-                           past_key_values=cache, decoder_forward_passes=group.passes)
+    output = GenerationOutput(sequences=sequences, tokens_per_forward=counted / group.passes.clamp_min(1),
+                              past_key_values=cache, decoder_forward_passes=group.passes)
+    if group.wants_logprobs:
+        output.logprobs = torch.cat([c.logprobs for c in commits], dim=1)
+        output.top_logprob_ids = torch.cat([c.top_ids for c in commits], dim=1)
+        output.top_logprobs = torch.cat([c.top_logprobs for c in commits], dim=1)
+    yield output
 
 
 def generate(model: DiffusionGemma, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -3,17 +3,28 @@
 One dataclass, built once per request from generation_config.json, `generate(**overrides)` or an OpenAI request.
 From generation_config.json a null means "use the default"; passed as an override, None disables the feature
 (e.g. `stability_threshold=None` turns adaptive stopping off), as in the reference.
+
+dgemma adds per-call settings (PER_CALL), never read from or written to generation_config.json: `do_sample`,
+the logits processors `top_k`, `top_p`, `logit_bias`, `frequency_penalty`, `presence_penalty` (see the field
+comments and sampling.py for their exact meaning on a canvas), and the outputs `logprobs`, `top_logprobs`. At
+their defaults they change nothing, so `sampling="reference"` stays token-identical to transformers; set, they
+apply in both sampling modes (do_sample=False in fast mode only).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 DEFAULT_MAX_NEW_TOKENS = 1024  # the reference's 256 cuts answers to one canvas
+# Per-call settings: dgemma's own, never written to generation_config.json nor read from it (transformers'
+# GenerationConfig has top_k and top_p with other defaults, which the reference's generate() does not apply).
+PER_CALL = ("do_sample", "top_k", "top_p", "logit_bias", "frequency_penalty", "presence_penalty", "logprobs",
+            "top_logprobs")
 
 
 @dataclass
@@ -58,6 +69,33 @@ class GenerationConfig:
     # would keep a whole canvas of first guesses at once), and the self-conditioning distribution. Fast sampling
     # only: the reference has no such mode.
     do_sample: bool = True
+    # dgemma's logits processors and outputs, per call (never saved, never read from generation_config.json; see
+    # PER_CALL). Every one is applied to the logits of every canvas position, in this order: `logit_bias` and the
+    # penalties are added to the soft-capped logits (the logits the model outputs), the temperature divides them,
+    # `top_k` then `top_p` truncate; the result is "the processed distribution", which everything a step does reads:
+    # the sample, the argmax that is committed, the entropies that decide acceptance and stopping, the next step's
+    # self-conditioning and the log-probabilities. At their defaults they change nothing.
+    top_k: int | None = None  # keep the tokens whose logit is at least the k-th largest (ties kept); None or 0: off
+    top_p: float | None = None  # keep the fewest most likely tokens whose probability reaches top_p; None or 1: off
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit at every position
+    # OpenAI's penalties: token j's logit loses frequency_penalty * c[j] + presence_penalty * (c[j] > 0), c[j] the
+    # times j occurs in the canvases committed so far (the prompt and the canvas being denoised excluded).
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    # Return the log-probability of every committed token under the processed distribution of the last step that
+    # ran for its row (the distribution the committed argmax was taken from), and `top_logprobs` alternatives.
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    @property
+    def truncates(self) -> bool:
+        """Whether top_k or top_p removes any token."""
+        return bool(self.top_k) or (self.top_p is not None and self.top_p < 1)
+
+    @property
+    def biases(self) -> bool:
+        """Whether a bias is added to the logits (logit_bias, or a penalty that may apply)."""
+        return bool(self.logit_bias) or self.frequency_penalty != 0 or self.presence_penalty != 0
 
     @property
     def entropy_bound(self) -> float:
@@ -91,7 +129,7 @@ class GenerationConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GenerationConfig":
-        names = {f.name for f in fields(cls)}
+        names = {f.name for f in fields(cls)} - set(PER_CALL)  # transformers' top_k/top_p are not ours
         values = {k: v for k, v in data.items() if k in names and v is not None}
         if isinstance(values.get("sampler_config"), dict):
             sampler = dict(values["sampler_config"])
@@ -109,9 +147,9 @@ class GenerationConfig:
         return cls.from_dict(json.loads(path.read_text())) if path.is_file() else cls()
 
     def to_dict(self) -> dict[str, Any]:
-        """generation_config.json's fields; `do_sample`, a per-call choice transformers' config would refuse,
-        is not among them."""
-        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "do_sample"}
+        """generation_config.json's fields; the per-call choices (PER_CALL), which the reference's config does
+        not have or means otherwise, are not among them."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in PER_CALL}
         data["sampler_config"] = {"entropy_bound": self.entropy_bound, "_cls_name": "EntropyBoundSamplerConfig"}
         return data
 
@@ -160,8 +198,29 @@ class GenerationConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ValueError(f"`{name}` must be a positive integer, but got {value!r}")
-        if not isinstance(self.do_sample, bool):
-            raise ValueError(f"`do_sample` must be true or false (got {self.do_sample!r})")
+        for name in ("do_sample", "logprobs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be true or false (got {getattr(self, name)!r})")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or isinstance(self.top_k, bool)
+                                       or self.top_k < 0):
+            raise ValueError(f"`top_k` must be an integer >= 0 (0 or None: off), got {self.top_k!r}")
+        if self.top_p is not None and (not _is_number(self.top_p) or not 0 <= self.top_p <= 1):
+            raise ValueError(f"`top_p` must be a number from 0 to 1 (1 or None: off), got {self.top_p!r}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value):
+                raise ValueError(f"`{name}` must be a finite number, got {value!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"`logit_bias` must map token ids to numbers, got {type(self.logit_bias).__name__}")
+            for token, bias in self.logit_bias.items():
+                if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                    raise ValueError(f"`logit_bias` keys must be token ids (integers >= 0), got {token!r}")
+                if not _is_number(bias) or not math.isfinite(bias):
+                    raise ValueError(f"`logit_bias` values must be finite numbers, got {bias!r} for token {token}")
+        top = self.top_logprobs
+        if not isinstance(top, int) or isinstance(top, bool) or top < 0:
+            raise ValueError(f"`top_logprobs` must be an integer >= 0, got {top!r}")
         for token in self.eos_token_ids + [t for t in (self.pad_token_id, self.bos_token_id) if t is not None]:
             if not isinstance(token, int) or token < 0:
                 raise ValueError(f"token ids must be non-negative integers, got {token!r}")

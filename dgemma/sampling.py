@@ -11,6 +11,22 @@ Two implementations of one step, chosen by `sampling=`:
 
 The acceptance rule, the random draws and the stopping rule are shared: they only see [B, L] tensors (with
 per-row settings as [B] tensors, so that rows of different requests are decided together).
+
+Logits processors (`Controls`; dgemma's, the reference has none). The processed logits of a position are
+    x = (softcap(l) + bias) / T,  then top_k, then top_p (tokens outside get probability 0),
+with `bias` a per-row [V] vector (logit_bias plus the penalties, see engine.py) added to the soft-capped logits:
+the logits the model outputs, as OpenAI and transformers' logits processors add theirs (added before the cap,
+a bias of -100 would be squashed to -30 and ban nothing). Everything the step computes reads that processed
+distribution: the sample, the argmax, the entropy (of the truncated distribution: acceptance and stopping see
+what can be drawn) and the self-conditioning (the truncated distribution's expected embedding), just as the
+reference's own processing (the temperature) reaches all of them.
+- top_k keeps every token whose processed logit is at least the k-th largest (ties at the k-th value kept, as
+  transformers' TopKLogitsWarper); top_p keeps the fewest most likely tokens whose probability (after top_k)
+  reaches top_p, and every token tied with the least likely of them. The argmax is always kept.
+- The fast path finds each position's threshold without sorting the vocabulary: the top M processed logits of
+  the position (M = max(top_k + 1, 256)) hold the nucleus unless it is larger; only then is M raised (x16, up to the
+  whole vocabulary). The weights are then computed with the threshold applied, in the same chunked pass as
+  without controls. Rows without controls take the unchanged path.
 """
 
 from __future__ import annotations
@@ -65,10 +81,50 @@ def draw_tokens(rows: int, length: int, vocab_size: int, generator: torch.Genera
     return torch.randint(0, vocab_size, (rows, length), device=where, generator=generator).to(device)
 
 
+def truncate(processed: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """The processed logits [..., V] (fp32) with -inf outside the top_k / top_p set (see the module docstring):
+    the definition, by sorting, that the fast path computes without sorting."""
+    if top_k:
+        kth = torch.topk(processed, min(top_k, processed.shape[-1]), dim=-1).values[..., -1:]
+        processed = processed.masked_fill(processed < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        values = torch.sort(processed, dim=-1, descending=True).values
+        cumulative = torch.softmax(values.double(), dim=-1).cumsum(dim=-1)
+        # the first token at which the mass reaches top_p (the last one if rounding leaves the total below it)
+        last = torch.searchsorted(cumulative, torch.full_like(cumulative[..., :1], top_p)).clamp_max_(
+            values.shape[-1] - 1)
+        processed = processed.masked_fill(processed < values.gather(-1, last), float("-inf"))
+    return processed
+
+
+def process_logits(logits: torch.Tensor, temperature: torch.Tensor | float | None, bias: torch.Tensor | None = None,
+                   top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """The reference path's processed logits: (soft-capped logits [..., V] + bias [V] or [B, 1, V]) / T, then
+    truncated. Without bias and truncation, exactly the reference's `logits / T`."""
+    processed = logits + bias if bias is not None else logits
+    processed = processed / temperature if temperature is not None else processed
+    return truncate(processed, top_k, top_p)
+
+
+def token_logprobs(processed: torch.Tensor, tokens: torch.Tensor, top: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities under processed logits [N, V] (fp32, -inf outside a truncation) of `tokens` [N], and the
+    `top` most likely tokens with theirs: (logprobs [N], top ids [N, top], top logprobs [N, top])."""
+    logprobs = torch.log_softmax(processed.float(), dim=-1)
+    chosen = logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+    best = torch.topk(logprobs, min(top, logprobs.shape[-1]), dim=-1)
+    return chosen, best.indices, best.values
+
+
 def reference_step(logits: torch.Tensor, temperature: torch.Tensor | None, model_dtype: torch.dtype,
-                   generator: torch.Generator | None) -> StepResult:
-    """logits: fp32 [B, L, V] soft-capped decoder logits."""
-    processed = logits / temperature if temperature is not None else logits
+                   generator: torch.Generator | None, bias: torch.Tensor | None = None, top_k: int | None = None,
+                   top_p: float | None = None) -> StepResult:
+    """logits: fp32 [B, L, V] soft-capped decoder logits; bias: [B, V] fp32 or None; top_k, top_p: the group's.
+    Without bias and truncation, the reference's own operations."""
+    if bias is None and not top_k and (top_p is None or top_p >= 1):
+        processed = logits / temperature if temperature is not None else logits
+    else:
+        processed = process_logits(logits, temperature, None if bias is None else bias[:, None, :], top_k, top_p)
     batch, length, vocab = processed.shape
     probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
     sampled = torch.multinomial(probs.view(-1, vocab), num_samples=1, generator=generator).view(batch, length)
@@ -143,14 +199,90 @@ class Workspace:
         return buffer[:rows * columns].view(rows, columns)
 
 
+@dataclass
+class Controls:
+    """The fast step's logits processors, one setting per batch row (see the module docstring)."""
+
+    bias: torch.Tensor | None  # [B, V] fp32 added to the soft-capped logits, or None (no row has one)
+    top_k: torch.Tensor  # [B] int64; 0: off
+    top_p: torch.Tensor  # [B] fp32; 1: off
+    max_top_k: int = 0  # the largest top_k of the rows (host side: how many candidates to take)
+    uses_top_p: bool = True  # whether any row has top_p < 1 (host side)
+
+    @property
+    def truncates(self) -> bool:
+        return self.max_top_k > 0 or self.uses_top_p
+
+
+CANDIDATES = 256  # processed logits per position taken first when looking for a top_p threshold
+
+
+def truncation_threshold(x: torch.Tensor, peak: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                         max_top_k: int, uses_top_p: bool, block: int) -> torch.Tensor:
+    """Per row of processed logits x [R, V] (fp32), the smallest processed logit that top_k and top_p keep,
+    [R, 1] (-inf where neither truncates). Exact, without sorting the vocabulary: the threshold is found among
+    the row's top M values, M raised only when the nucleus (or a tie at the k-th value) reaches past them."""
+    rows, vocab = x.shape
+    k = top_k.clamp(0, vocab)[:, None]
+    active_p = (top_p < 1)[:, None]
+    total = None
+    if uses_top_p:  # the normaliser of rows without top_k; with it, the candidates hold the mass
+        total = torch.exp(x - peak).view(rows, -1, block).sum(dim=-1).double().sum(dim=-1, keepdim=True)
+    count = min(vocab, max(max_top_k + 1, CANDIDATES))  # one past the k-th: a tie there shows
+    while True:
+        values = torch.topk(x, count, dim=-1).values  # [R, M], descending
+        kth = values.gather(1, (k.clamp(1, count) - 1))
+        threshold = torch.where(k > 0, kth, float("-inf"))
+        if not uses_top_p:
+            return threshold
+        weights = torch.exp((values - peak).double()) * (values >= threshold)
+        mass = torch.where(k > 0, weights.sum(dim=-1, keepdim=True), total)
+        cumulative = weights.cumsum(dim=-1)
+        reached = cumulative >= top_p.double()[:, None] * mass
+        found = reached.any(dim=-1, keepdim=True)
+        nucleus = values.gather(1, reached.int().argmax(dim=-1, keepdim=True))
+        # Ties at the k-th value past the candidates would be missing from the mass.
+        incomplete = (k > 0) & (values[:, -1:] >= threshold)
+        if count == vocab or not bool((active_p & (~found | incomplete)).any()):
+            nucleus = torch.where(found, nucleus, threshold)  # rounding left the whole mass below top_p: keep all
+            return torch.where(active_p, torch.maximum(threshold, nucleus), threshold)
+        count = min(vocab, count * 16)
+
+
+def controlled_digest(logits: torch.Tensor, inv_softcap: float | None, scale: torch.Tensor,
+                      inv_temperature: torch.Tensor, bias: torch.Tensor | None, top_k: torch.Tensor,
+                      top_p: torch.Tensor, controls: Controls, block: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                 torch.Tensor | None]:
+    """`digest_logits` with logits processors, on a chunk of raw logits [R, V]: processed logits
+    x = softcap(l) / T + bias / T (fp32, a chunk at a time), their maximum and argmax, the truncation threshold,
+    and the weights exp(x - peak) (zero below the threshold) with their block sums. Returns (x, peak, argmax,
+    weights in the logits' dtype, block sums of w, of w * (x - peak), threshold or None)."""
+    rows = logits.shape[0]
+    x = processed(logits, inv_softcap, scale)
+    if bias is not None:
+        x = x + bias * inv_temperature
+    peak, argmax = x.max(dim=-1, keepdim=True)
+    threshold = (truncation_threshold(x, peak, top_k, top_p, controls.max_top_k, controls.uses_top_p, block)
+                 if controls.truncates else None)
+    shifted = x - peak
+    weights = torch.exp(shifted)
+    if threshold is not None:
+        weights = torch.where(x >= threshold, weights, 0.0)
+    blocks = weights.view(rows, -1, block)
+    return (x, peak, argmax.squeeze(1), weights.to(logits.dtype), blocks.sum(dim=-1),
+            (blocks * shifted.view(rows, -1, block)).sum(dim=-1), threshold)
+
+
 @torch.no_grad()  # a sampler: nothing to differentiate, and the out= matmul would refuse parameters needing grad
 def fast_step(hidden: torch.Tensor, head: torch.Tensor, embedding: torch.Tensor, embed_scale: torch.Tensor,
               softcap: float | None, temperature: torch.Tensor | None, uniforms: torch.Tensor,
               workspace: Workspace | None = None, matmul_elements: int = 1 << 27, digest_elements: int = 1 << 21,
-              block: int = 1024) -> StepResult:
+              block: int = 1024, controls: Controls | None = None) -> StepResult:
     """hidden: final-normed decoder states [B, L, H]; head: [V, H]; embedding: [V, H] (tied: the same tensor);
     temperature: None, a scalar, or one per batch row [B]; uniforms: [B * L, 1] from `draw_uniforms`;
-    workspace: buffers kept from the previous step (a fresh one when None).
+    workspace: buffers kept from the previous step (a fresh one when None); controls: logits processors per
+    batch row (None: none, the unchanged path).
 
     The two vocabulary matmuls (logits, self-conditioning) run on up to `matmul_elements` logits at a time, in
     the model dtype, so the vocabulary matrix is read once per step. In between, `digest_elements` at a time
@@ -159,7 +291,8 @@ def fast_step(hidden: torch.Tensor, head: torch.Tensor, embedding: torch.Tensor,
     and their block sums (both compiled and fused for vocabularies of 16k and more; DGEMMA_COMPILE=0 disables
     it). The
     self-conditioning matmul is normalised afterwards, on [R, H] instead of [R, V]. No fp32 [B, L, V] tensor
-    is ever built.
+    is ever built. With controls, each chunk's processed logits are built in fp32 (`digest_elements` at a time,
+    eagerly) so that the bias and the truncation threshold can be applied; see `controlled_digest`.
     """
     batch, length, width = hidden.shape
     rows = hidden.reshape(-1, width)
@@ -178,6 +311,9 @@ def fast_step(hidden: torch.Tensor, head: torch.Tensor, embedding: torch.Tensor,
     outer, inner = max(1, matmul_elements // vocab), max(1, digest_elements // vocab)
     workspace = workspace or Workspace()
     weights = workspace.take("weights", min(outer, n), vocab, head.dtype, hidden.device)
+    if controls is not None:
+        row_of = torch.arange(batch, device=hidden.device).repeat_interleave(length)  # batch row of each position
+        inv_t = inv_temperature.expand(batch).repeat_interleave(length)[:, None].to(hidden.device)
     for start in range(0, n, outer):
         end = min(start + outer, n)
         logits = workspace.take("logits", end - start, vocab, head.dtype, hidden.device)
@@ -187,6 +323,19 @@ def fast_step(hidden: torch.Tensor, head: torch.Tensor, embedding: torch.Tensor,
             last = min(first + inner, end - start)
             span = slice(start + first, start + last)
             part, part_scale = logits[first:last], scale[span]
+            if controls is not None:
+                owners = row_of[span]
+                bias = controls.bias.index_select(0, owners) if controls.bias is not None else None
+                x, peak, argmax[span], part_weights, block_w, block_wx, threshold = controlled_digest(
+                    part, inv_softcap, part_scale, inv_t[span], bias, controls.top_k[owners],
+                    controls.top_p[owners], controls, block)
+                weights[first:last] = part_weights
+                total = block_w.sum(dim=-1, keepdim=True)
+                totals[first:last] = total
+                entropy[span] = (torch.log(total) - block_wx.sum(dim=-1, keepdim=True) / total).squeeze(1)
+                sampled[span] = sample_from_blocks(x, block_w.double(), peak, None, torch.ones_like(peak),
+                                                   uniforms[span], block, threshold)
+                continue
             block_max = maxima(part, block)
             top_raw, top_block = block_max.max(dim=-1)
             within = part.view(last - first, -1, block)[torch.arange(last - first), top_block].argmax(dim=-1)
@@ -207,18 +356,27 @@ def fast_step(hidden: torch.Tensor, head: torch.Tensor, embedding: torch.Tensor,
 
 
 def sample_from_blocks(logits: torch.Tensor, block_sums: torch.Tensor, peak: torch.Tensor, inv_softcap: float | None,
-                       scale: torch.Tensor, uniforms: torch.Tensor, block: int) -> torch.Tensor:
+                       scale: torch.Tensor, uniforms: torch.Tensor, block: int,
+                       threshold: torch.Tensor | None = None) -> torch.Tensor:
     """One draw per row by inverse CDF, in two levels summed in fp64: the block the uniform falls in (from the
     block sums of the weights), then the entry within it (its weights recomputed from the raw logits). A single
-    fp32 cumulative sum over 262k entries would drift by about a percent."""
+    fp32 cumulative sum over 262k entries would drift by about a percent. With a `threshold` [R, 1] (processed
+    logits below it have weight 0), a uniform that rounding puts past the block's last weight takes the block's
+    last kept entry, never one below the threshold."""
     block_cdf = torch.cumsum(block_sums, dim=-1)  # [R, nb]
     target = uniforms * block_cdf[:, -1:]
     chosen = torch.searchsorted(block_cdf, target, right=True).clamp_max_(block_cdf.shape[1] - 1)  # [R, 1]
     before = torch.where(chosen > 0, block_cdf.gather(1, (chosen - 1).clamp_min(0)), 0.0)
     columns = chosen * block + torch.arange(block, device=logits.device)  # [R, block]
     x = processed(logits.gather(1, columns), inv_softcap, scale)
-    inner_cdf = torch.cumsum(torch.exp(x - peak), dim=-1, dtype=torch.float64) + before
+    inner = torch.exp(x - peak)
+    if threshold is not None:
+        inner = torch.where(x >= threshold, inner, 0.0)
+    inner_cdf = torch.cumsum(inner, dim=-1, dtype=torch.float64) + before
     offset = torch.searchsorted(inner_cdf, target, right=True).clamp_max_(block - 1)
+    if threshold is not None:  # past the end by rounding: the first entry where the block's mass is complete
+        end = torch.searchsorted(inner_cdf, inner_cdf[:, -1:].contiguous(), right=False)
+        offset = torch.where(target >= inner_cdf[:, -1:], end, offset)
     return (chosen * block + offset).squeeze(1)
 
 

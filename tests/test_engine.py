@@ -35,16 +35,18 @@ def alone(model, length: int, seed: int, overrides: dict, sampling: str = "fast"
 
 
 def run_engine(model, rows: int, arrivals: dict[int, list[int]], sampling: str = "fast",
-               cancel: dict[int, int] | None = None) -> dict[int, torch.Tensor]:
-    """Step an engine, adding SETTINGS[i] at the steps `arrivals` gives and cancelling per `cancel`."""
+               cancel: dict[int, int] | None = None, settings: list | None = None) -> dict[int, torch.Tensor]:
+    """Step an engine, adding settings[i] (default SETTINGS) at the steps `arrivals` gives and cancelling per
+    `cancel`."""
+    settings = settings or SETTINGS
     engine = Engine(model, KVCache(model.config, rows, model.dtype, model.device, capacity=128, growable=False),
                     sampling)
     groups: dict[int, Group] = {}
     tokens: dict[int, list[torch.Tensor]] = {}
     step = 0
-    while step == 0 or any(not (g.done or g.cancelled) for g in groups.values()) or any(s > step for s in arrivals):
+    while step == 0 or any(not (g.done or g.cancelled) for g in groups.values()) or any(s >= step for s in arrivals):
         for index in arrivals.get(step, []):
-            length, seed, overrides = SETTINGS[index]
+            length, seed, overrides = settings[index]
             config = model.generation_config.updated(**overrides)
             groups[index] = engine.add(Group(prompt(length, seed), config,
                                              generator=torch.Generator().manual_seed(seed)))
@@ -130,3 +132,92 @@ def test_do_sample_false_keeps_the_argmax_where_a_step_accepts(model):
     assert not torch.equal(canvas, argmax)
     with pytest.raises(ValueError, match="do_sample=False"):
         model.generate(prompt(4, 0), max_new_tokens=8, do_sample=False, sampling="reference")
+
+
+# ---- logits processors and log-probabilities (issue 15) ------------------------------------------------------
+
+CONTROLLED = [  # plain and controlled groups side by side
+    (5, 1, dict(max_new_tokens=24, max_denoising_steps=4)),
+    (7, 5, dict(max_new_tokens=32, max_denoising_steps=4, top_p=0.8, frequency_penalty=0.7, logit_bias={9: 2.0})),
+    (4, 6, dict(max_new_tokens=24, max_denoising_steps=3, top_k=4, presence_penalty=1.5, logprobs=True)),
+    (6, 7, dict(max_new_tokens=16, max_denoising_steps=5, t_min=None, top_k=30, top_p=0.9, logit_bias={3: -100.0})),
+]
+
+
+@pytest.mark.parametrize("sampling", ["fast", "reference"])
+def test_controlled_and_plain_groups_together_get_the_tokens_they_get_alone(model, sampling):
+    """Groups with a bias, penalties, top_k, top_p (through the sampler's controlled path) and plain groups, joining
+    at different steps, give each the tokens it gives alone; the no-op values (top_p 1, top_k 0, no penalty)
+    give exactly the plain tokens."""
+    expected = {i: alone(model, *CONTROLLED[i], sampling=sampling) for i in range(len(CONTROLLED))}
+    got = run_engine(model, rows=3, arrivals={0: [0, 1], 1: [2], 11: [3]}, sampling=sampling, settings=CONTROLLED)
+    for i in expected:
+        assert torch.equal(got[i], expected[i]), f"group {i}"
+    assert not bool((expected[3] == 3).any())  # logit_bias -100 bans the token
+    length, seed, overrides = CONTROLLED[0]
+    no_ops = dict(overrides, top_p=1.0, top_k=0, frequency_penalty=0.0, presence_penalty=0.0, logit_bias={})
+    assert torch.equal(alone(model, length, seed, no_ops, sampling), expected[0])
+
+
+def test_penalties_count_the_tokens_committed_so_far(model):
+    """After each commit the group's bias is logit_bias - frequency_penalty * c - presence_penalty * (c > 0), c
+    counting the tokens committed so far (the prompt excluded); the first canvas has logit_bias alone."""
+    config = model.generation_config.updated(max_new_tokens=48, max_denoising_steps=2, stability_threshold=None,
+                                             logit_bias={4: 1.5, 9: -2.0}, frequency_penalty=0.5,
+                                             presence_penalty=0.25)
+    engine = Engine(model, KVCache(model.config, 2, model.dtype, model.device, capacity=96, growable=False))
+    ids = prompt(6, 0)
+    ids[0, :3] = 4  # prompt tokens do not count
+    group = engine.add(Group(ids, config, generator=torch.Generator().manual_seed(0)))
+    base = torch.zeros(model.config.vocab_size)
+    base[4], base[9] = 1.5, -2.0
+    row = group.rows[0]
+    assert torch.equal(engine.bias[row].cpu(), base)
+    commits = 0
+    while commits < 2:
+        commits += sum(isinstance(e, CanvasCommitted) for e in engine.step())
+    counts = torch.bincount(group.sequences[0, ids.shape[1]:].cpu(), minlength=model.config.vocab_size).float()
+    assert counts.sum() == 2 * model.config.canvas_length
+    assert torch.equal(engine.bias[row].cpu(), base - 0.5 * counts - 0.25 * (counts > 0))
+
+
+def test_logprobs_are_those_of_the_last_step_that_ran_for_each_row(random_checkpoint):
+    """Each committed token's log-probability is log_softmax of the processed logits of the last step its row ran
+    (a row that stopped early: its stopping step), at that step's temperature; the top alternatives come from
+    the same distribution. Rows of one batch stop at different steps here."""
+    from dgemma.sampling import temperature_at
+    model = dgemma.load(random_checkpoint("stable"))
+    with torch.no_grad():  # a decoder blind to the canvas (as the oracle's "stable" model): canvases settle
+        embed = model.decoder.embed_tokens.weight
+        embed.copy_(embed[0:1] + 0.01 * torch.randn(embed.shape, generator=torch.Generator().manual_seed(0)))
+        model.lm_head.weight.mul_(2.0)
+    states = []
+    decode = model.decode
+    model.decode = lambda *args, **kwargs: states.append(decode(*args, **kwargs)) or states[-1]
+    config = model.generation_config.updated(max_new_tokens=32, max_denoising_steps=12, confidence_threshold=2.0,
+                                             logprobs=True, top_logprobs=3)
+    ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    events = list(dgemma.generation.generate_steps(model, ids, config, generator=torch.Generator().manual_seed(1)))
+    drafts = [e for e in events if isinstance(e, dgemma.generation.DraftStep)]
+    commits = [e for e in events if isinstance(e, CanvasCommitted)]
+    output = events[-1]
+    last_steps = set()
+    for commit in commits:
+        steps = [(d, states[i]) for i, d in enumerate(drafts) if d.canvas_index == commit.canvas_index]
+        for row in range(2):
+            # the row's last step: the first one after which it had stopped, or the canvas's last
+            last = next(((d, h) for d, h in steps if bool(d.finished_denoising[row])), steps[-1])
+            last_steps.add((commit.canvas_index, row, last[0].step))
+            temperature = temperature_at(config.max_denoising_steps - last[0].step + 1, config.max_denoising_steps,
+                                         config.t_min, config.t_max)
+            logprobs = torch.log_softmax(model.logits(last[1][row]) / temperature, dim=-1)
+            tokens = commit.tokens[row]
+            real = ~torch.isnan(commit.logprobs[row])
+            torch.testing.assert_close(commit.logprobs[row][real], logprobs.gather(-1, tokens[:, None])[real, 0],
+                                       atol=1e-5, rtol=1e-5)
+            best = torch.topk(logprobs, 3, dim=-1)
+            torch.testing.assert_close(commit.top_logprobs[row][:len(tokens)], best.values[:len(tokens)],
+                                       atol=1e-5, rtol=1e-5)
+    assert len({step for _, _, step in last_steps}) > 1, "the test needs rows that stop at different steps"
+    assert output.logprobs.shape == output.sequences[:, ids.shape[1]:].shape
+    assert output.top_logprobs.shape[-1] == 3 and bool((output.logprobs[~output.logprobs.isnan()] <= 0).all())

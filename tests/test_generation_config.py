@@ -21,7 +21,8 @@ from dgemma.generation_config import EntropyBoundSamplerConfig, GenerationConfig
     (dict(confidence_threshold=0), "confidence_threshold` must be a float > 0"),
     (dict(max_new_tokens=0), "max_new_tokens` must be a positive integer"),
     (dict(max_length=-3), "max_length` must be a positive integer"),
-    (dict(top_p=0.9), "Unexpected generation arguments: \\['top_p'\\]"),
+    (dict(top_p=1.5), "top_p` must be a number from 0 to 1"),
+    (dict(min_p=0.1), "Unexpected generation arguments: \\['min_p'\\]"),
 ])
 def test_invalid_parameters_are_refused_with_the_reference_meaning(overrides, message):
     with pytest.raises(ValueError, match=message):

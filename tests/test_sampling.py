@@ -150,8 +150,10 @@ def chi_square_pvalue(samples: torch.Tensor, probs: torch.Tensor) -> float:
     expected = probs[order].double() * samples.numel()
     keep = expected >= 5
     if not bool(keep.all()):
-        counts = torch.cat([counts[keep], counts[~keep].sum(0, keepdim=True)])
-        expected = torch.cat([expected[keep], expected[~keep].sum(0, keepdim=True)])
+        rest_counts, rest_expected = counts[~keep].sum(0, keepdim=True), expected[~keep].sum(0, keepdim=True)
+        counts, expected = counts[keep], expected[keep]
+        if bool(rest_counts > 0) or bool(rest_expected > 0):  # outcomes of probability 0 never drawn: no bin
+            counts, expected = torch.cat([counts, rest_counts]), torch.cat([expected, rest_expected])
     return float(chisquare(counts.numpy(), expected.numpy() * counts.sum().item() / expected.sum().item()).pvalue)
 
 
@@ -232,3 +234,130 @@ def test_compiled_kernels_for_large_vocabularies_match_the_eager_ones():
         torch.testing.assert_close(a.float(), b.float(), atol=1e-4, rtol=2e-3)
     # Exact: a maximum involves no rounding, whatever order a kernel visits the values in.
     assert torch.equal(block_maxima(logits, 1024), _kernel("maxima", block_maxima, large=True)(logits, 1024))
+
+
+# ---- logits processors: bias, top_k, top_p (issue 15) ------------------------------------------------------------
+
+def test_truncation_threshold_keeps_what_sorting_keeps():
+    """The fast path's threshold (candidates, raised when the nucleus is larger) keeps exactly the set that the
+    sorted definition (`truncate`) keeps: flat rows whose nucleus needs more than the first candidates, peaked
+    rows, rows with ties at the boundary, top_k and top_p alone and together, top_p 0 and 1."""
+    from dgemma.sampling import CANDIDATES, truncate, truncation_threshold
+    gen = torch.Generator().manual_seed(0)
+    spread = torch.tensor([0.3] * 4 + [3.0] * 4 + [1.0] * 4)[:, None]
+    x = torch.randn(12, 3000, generator=gen) * spread
+    x[8:] = (x[8:] * 2).round() / 2  # many ties
+    top_k = torch.tensor([0, 5, 0, 40, 0, 3, 2999, 0, 7, 0, 1, 0])
+    top_p = torch.tensor([0.9, 1.0, 0.99, 0.5, 0.3, 0.8, 1.0, 0.95, 1.0, 0.6, 0.9, 0.0])
+    peak = x.max(dim=-1, keepdim=True).values
+    threshold = truncation_threshold(x, peak, top_k, top_p, int(top_k.max()), True, block=1000)
+    sizes = []
+    for row in range(12):
+        expected = truncate(x[row], int(top_k[row]) or None, float(top_p[row])) > float("-inf")
+        assert torch.equal(x[row] >= threshold[row], expected), f"row {row}"
+        sizes.append(int(expected.sum()))
+    assert max(sizes) > CANDIDATES and min(sizes) >= 1  # the candidates were raised at least once
+    assert sizes[8] > 7  # ties at the 7th value are kept
+
+
+def controlled(rows: int, vocab: int, top_k: int = 0, top_p: float = 1.0, bias: torch.Tensor | None = None):
+    from dgemma.sampling import Controls
+    return Controls(bias=None if bias is None else bias.expand(rows, vocab).contiguous(),
+                    top_k=torch.full((rows,), top_k), top_p=torch.full((rows,), top_p), max_top_k=top_k,
+                    uses_top_p=top_p < 1)
+
+
+def test_sample_from_blocks_never_takes_a_truncated_entry():
+    """A uniform that rounding puts past a block's last kept weight takes the last kept entry."""
+    logits = torch.zeros(4, 128)
+    logits[:, 60:] = -5.0  # below the threshold
+    peak = torch.zeros(4, 1)
+    threshold = torch.full((4, 1), -1.0)
+    weights = torch.where(logits >= threshold, torch.exp(logits), 0.0)
+    block_sums = weights.view(4, -1, 64).sum(dim=-1).double()
+    uniforms = torch.tensor([[0.0], [0.5], [1 - 2 ** -53], [0.9999999]], dtype=torch.float64)
+    got = sample_from_blocks(logits, block_sums, peak, None, torch.ones(4, 1), uniforms, 64, threshold)
+    assert got.tolist()[0] == 0 and all(0 <= t < 60 for t in got.tolist())
+
+
+@pytest.mark.parametrize("vocab", [96, 3072])
+def test_fast_step_with_controls_computes_what_the_reference_computes(vocab):
+    """With a bias, top_k and top_p (different per row; one row without any), the fast step's entropy, argmax and
+    self-conditioning are those of the reference's processed distribution: (softcap(l) + bias) / T, truncated."""
+    hidden, head = make_head(vocab, 16, seed=vocab, sharpness=2.0)
+    embed_scale, temp = torch.tensor(4.0), torch.tensor([0.7, 1.3])
+    logits = torch.tanh(hidden @ head.T / 30.0) * 30.0
+    bias = torch.zeros(2, vocab)
+    bias[0, :vocab // 3] = 1.5
+    bias[0, 5], bias[1, 7] = -100.0, 100.0
+    from dgemma.sampling import Controls
+    controls = Controls(bias=bias, top_k=torch.tensor([0, 9]), top_p=torch.tensor([0.85, 1.0]), max_top_k=9)
+    fast = fast_step(hidden, head, head, embed_scale, 30.0, temp, draw_uniforms(10, torch.Generator().manual_seed(0)),
+                     matmul_elements=4 * vocab, digest_elements=3 * vocab, controls=controls)
+    for row, (k, p) in enumerate([(None, 0.85), (9, None)]):
+        ref = reference_step(logits[row:row + 1], temp[row], torch.float32, torch.Generator().manual_seed(0),
+                             bias[row:row + 1], k, p)
+        torch.testing.assert_close(fast.entropy[row:row + 1], ref.entropy, atol=1e-5, rtol=1e-5)
+        assert torch.equal(fast.argmax[row:row + 1], ref.argmax)
+        soft = (ref.self_conditioning.softmax(-1) @ head) * embed_scale
+        torch.testing.assert_close(fast.self_conditioning[row:row + 1], soft, atol=1e-4, rtol=1e-4)
+    assert bool((fast.argmax[1] == 7).all()) and not bool((fast.sampled[0] == 5).any())
+
+
+@pytest.mark.parametrize("settings", [dict(top_k=6), dict(top_p=0.7), dict(top_k=20, top_p=0.9),
+                                      dict(top_p=0.8, bias=True)], ids=["top_k", "top_p", "both", "top_p+bias"])
+def test_fast_and_reference_steps_sample_the_truncated_distribution(random_checkpoint, settings):
+    """Draws of the fast step and of the reference step for one decoder state follow the truncated distribution
+    softmax(truncate((softcap(l) + bias) / T)) exactly (chi-square), never a token outside it; the untruncated
+    distribution is rejected by the same test, so it tells them apart."""
+    from dgemma.cache import KVCache
+    from dgemma.sampling import truncate
+    model = dgemma.load(random_checkpoint("moe"))
+    cache = KVCache(model.config, 1, model.dtype)
+    prompt = torch.tensor([[5, 17, 33, 2, 9, 41]])
+    valid = torch.ones_like(prompt, dtype=torch.bool)
+    model.encode(prompt, cache.encoder_plan(model.rope, valid))
+    cache.commit(valid)
+    length, vocab, draws_ = model.config.canvas_length, model.config.vocab_size, 20_000
+    top_k, top_p = settings.get("top_k"), settings.get("top_p")
+    bias = None
+    if settings.get("bias"):
+        bias = torch.zeros(vocab)
+        bias[::3] = 1.0
+    with torch.no_grad():
+        hidden = model.decode(torch.randint(0, 96, (1, length), generator=torch.Generator().manual_seed(0)),
+                              cache.decoder_plan(model.rope, 1, length))
+        state = hidden[:, 3:4].expand(draws_, 1, -1).contiguous()
+        temp = torch.tensor(2.0)  # spread out, so that the truncation removes real mass
+        logits = model.logits(hidden[0, 3])
+        exact = truncate((logits + (bias if bias is not None else 0)) / temp, top_k, top_p).double().softmax(-1)
+        untruncated = ((logits + (bias if bias is not None else 0)) / temp).double().softmax(-1)
+        fast = fast_step(state, model.head_matrix, model.embedding_matrix, torch.tensor(1.0), 30.0, temp,
+                         draw_uniforms(draws_, torch.Generator().manual_seed(1)),
+                         controls=controlled(draws_, vocab, top_k or 0, top_p or 1.0, bias))
+        rows_bias = None if bias is None else bias.expand(draws_, vocab)
+        ref = reference_step(model.logits(state), temp, model.dtype, torch.Generator().manual_seed(2), rows_bias,
+                             top_k, top_p)
+    kept = int((exact > 0).sum())
+    assert 3 <= kept <= vocab - 16, "the test needs a truncation that keeps several tokens and drops many"
+    for samples in (fast.sampled.flatten(), ref.sampled.flatten()):
+        assert bool((exact[samples] > 0).all()), "a token outside the truncation was drawn"
+        assert chi_square_pvalue(samples, exact) > 1e-3
+        assert chi_square_pvalue(samples, untruncated) < 1e-6
+
+
+def test_truncated_draws_across_vocabulary_blocks_follow_the_distribution():
+    """A 2048-token vocabulary in two blocks of 1024, a nucleus reaching into both and larger than the first
+    candidates: the fast step's draws follow the truncated distribution (chi-square)."""
+    from dgemma.sampling import CANDIDATES, truncate
+    hidden, head = make_head(2048, 16, seed=3, sharpness=0.35)
+    state = hidden[:1, :1].expand(12_000, 1, -1).contiguous()
+    logits = torch.tanh(hidden[0, 0] @ head.T / 30.0) * 30.0
+    exact = truncate(logits, None, 0.6).double().softmax(-1)
+    kept = (exact > 0).nonzero().flatten()
+    assert CANDIDATES < kept.numel() < 1500 and kept.min() < 1024 <= kept.max()
+    fast = fast_step(state, head, head, torch.tensor(1.0), 30.0, None,
+                     draw_uniforms(12_000, torch.Generator().manual_seed(4)), controls=controlled(12_000, 2048,
+                                                                                              top_p=0.6))
+    assert bool((exact[fast.sampled.flatten()] > 0).all())
+    assert chi_square_pvalue(fast.sampled.flatten(), exact) > 1e-3

@@ -171,7 +171,8 @@ def test_disconnect_mid_stream_frees_the_slot(server):
 @pytest.mark.parametrize("body, status, fragment", [
     ('{"prompt": "x", ', 400, "not valid JSON"),
     ({"prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
-    ({"prompt": "x", "logprobs": 2}, 400, "`logprobs` is not supported"),
+    ({"prompt": "x", "tools": [{"type": "function"}]}, 400, "`tools` is not supported"),
+    ({"prompt": "x", "logprobs": 21}, 400, "logprobs"),
     ({"prompt": "x", "max_tokens": 1000}, 400, "exceeds this server's limit of 64"),
     ({"prompt": "word " * 600}, 400, "at most 256"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "does not exist"),
@@ -185,6 +186,8 @@ def test_bad_requests_get_openai_shaped_4xx(server, body, status, fragment):
     assert response.status_code == status
     err = response.json()["error"]
     assert fragment in err["message"] and {"message", "type", "code"} <= set(err)
+    if status == 400 and err["code"] != "invalid_json":  # every 400 about a field names it
+        assert err["param"], err
 
 
 def test_chat_refuses_images_and_strips_earlier_thoughts(server):

@@ -1,6 +1,7 @@
 """`dgemma serve`: the routes of the OpenAI-compatible HTTP API (FastAPI) and the playground.
 
-Routes: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET / (playground).
+Routes: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions, POST /v1/responses (the
+Responses API, served as a chat with one choice), GET / (playground).
 Layers: the guard (guard.py: Host, API key, body bytes and seconds; plain ASGI) -> routes (here) -> request models
 (protocol.py) -> the service (service.py: sizes first, then prompts and settings in a thread pool) -> the
 scheduler (scheduler.py: the one thread that owns the model); responses.py shapes what goes back.
@@ -24,15 +25,18 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, StreamingResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import __version__
 from ..pretrained import DiffusionGemmaForBlockDiffusion
 from ..tokenizer import Tokenizer
 from .guard import Guard, guarded_h11
-from .protocol import ChatRequest, CompletionRequest
-from .responses import RETRY_AFTER, Shaper, collect, error, new_id, stream, whole_response
-from .scheduler import NeverFits, QueueFull, Scheduler
-from .service import ChoiceText, Generation, RequestError, Service
+from .protocol import ChatRequest, CompletionRequest, ResponsesRequest
+from .responses import (RETRY_AFTER, ResponsesShaper, Shaper, collect, error, failure, new_id, stream,
+                        stream_response, whole_response)
+from .scheduler import NeverFits, QueueFull, Scheduler, model_fingerprint
+from .service import CONTEXT, ChoiceText, Generation, RequestError, Service, named_field
 from .settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -41,8 +45,9 @@ ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error":
     "type": "object", "required": ["message", "type"],
     "properties": {"message": {"type": "string"}, "type": {"type": "string"},
                    "code": {"type": ["string", "null"]}, "param": {"type": ["string", "null"]}}}}}
-ERRORS = {"400": "invalid request (bad JSON, a field out of range, a prompt over a limit, a request with more "
-                 "sequences than the queue holds, a Host header not allowed)",
+ERRORS = {"400": "invalid request (bad JSON, a field out of range or not supported, named in `param`; a prompt past "
+                 "the context, code `context_length_exceeded`; a request with more sequences than the queue holds; "
+                 "a Host header not allowed)",
           "401": "missing or wrong API key (when the server has one)",
           "404": "unknown model", "408": "the body did not arrive in time", "413": "body over the size limit",
           "429": "the queue cannot take the request now (see Retry-After)", "500": "internal error",
@@ -52,6 +57,7 @@ ERRORS = {"400": "invalid request (bad JSON, a field out of range, a prompt over
 def create_app(model: DiffusionGemmaForBlockDiffusion, tokenizer: Tokenizer, settings: ServerSettings) -> FastAPI:
     scheduler = Scheduler(model, tokenizer, settings.max_sequences, settings.max_queue, settings.max_context)
     service = Service(scheduler, tokenizer, settings, model.generation_config)
+    fingerprint = f"dgemma-{__version__}-{model_fingerprint(model)}"  # OpenAI's system_fingerprint
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -62,7 +68,7 @@ def create_app(model: DiffusionGemmaForBlockDiffusion, tokenizer: Tokenizer, set
         service.close()
 
     app = FastAPI(title="dgemma", lifespan=lifespan)
-    app.state.scheduler, app.state.service = scheduler, service
+    app.state.scheduler, app.state.service, app.state.fingerprint = scheduler, service, fingerprint
     app.add_middleware(Guard, settings=settings)
 
     @app.exception_handler(RequestValidationError)
@@ -72,7 +78,9 @@ def create_app(model: DiffusionGemmaForBlockDiffusion, tokenizer: Tokenizer, set
         if first.get("type") == "json_invalid":
             return error(400, f"the body is not valid JSON: {first.get('msg', '')}", code="invalid_json")
         message = first.get("msg", "invalid request").removeprefix("Value error, ")
-        return error(400, f"{where}: {message}" if where else message, param=where or None)
+        # `param`: the field at fault; for an error about the body as a whole, the field its message names
+        param = where or named_field(message)
+        return error(400, f"{where}: {message}" if where else message, param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -100,45 +108,85 @@ def create_app(model: DiffusionGemmaForBlockDiffusion, tokenizer: Tokenizer, set
     async def chat_completions(body: ChatRequest, request: Request):
         return await respond(body, request, chat=True)
 
-    async def respond(body: CompletionRequest | ChatRequest, request: Request, chat: bool):
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request):
+        try:
+            chat = body.to_chat()
+        except ValidationError as err:  # not expected: the body was validated as a Responses request
+            return error(400, f"the request cannot be served as a chat: {err.errors()[0].get('msg', '')}")
+        return await respond(chat, request, chat=True, responses=body)
+
+    async def respond(body: CompletionRequest | ChatRequest, request: Request, chat: bool,
+                      responses: ResponsesRequest | None = None):
         if body.model is not None and body.model != settings.model_name:
             return error(404, f"model {body.model[:100]!r} does not exist; this server serves "
                               f"{settings.model_name!r}", code="model_not_found", param="model")
+        # The Responses API names some fields otherwise than the chat request it is served as.
+        renamed = (lambda p: RESPONSES_PARAMS.get(p, p)) if responses is not None else (lambda p: p)
         try:
             plan = await service.plan(body)
             generation = service.start(body, plan)
         except RequestError as err:
-            return error(400, str(err), param=err.param)
+            message = str(err) if responses is None else str(err).replace("`max_tokens`", "`max_output_tokens`")
+            return error(400, message, code=err.code, param=renamed(err.param))
         except NeverFits as err:
             return error(400, str(err), code="too_many_sequences", param="n")
         except QueueFull as err:
             return error(429, str(err), "rate_limit_error", "queue_full", headers={"Retry-After": RETRY_AFTER})
-        except ValueError as err:  # e.g. prompt + max_tokens beyond the server's context
-            return error(400, str(err))
+        except ValueError as err:  # the prompt plus max_tokens past the server's context (an infill region)
+            return error(400, str(err), code=CONTEXT, param=renamed("max_tokens"))
         texts = [ChoiceText(tokenizer, body.stops, split_thinking=chat, skip=prompt.moved)
                  for prompt in plan.prompts for _ in range(body.n)]
+        pieces = service.pieces if body.logprob_settings()[0] else None
+        prompt_tokens = sum(len(p.ids) + p.moved for p in plan.prompts)  # the prompt once, whatever n
+        if responses is not None:
+            return await respond_responses(responses, body, request, generation, texts[0], pieces, prompt_tokens)
         shaper = Shaper(chat, settings.model_name, new_id("chatcmpl" if chat else "cmpl"), int(time.time()),
-                        tokenizer, service.defaults.eos_token_ids)
-        prompt_tokens = sum(len(p.ids) + p.moved for p in plan.prompts) * body.n
+                        tokenizer, service.defaults.eos_token_ids, fingerprint, pieces)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return GenerationStream(stream(shaper, generation, texts, prompt_tokens, include_usage), generation)
-        waiter = asyncio.create_task(collect(generation, texts))
-        watcher = asyncio.create_task(disconnected(request))
-        try:
-            await asyncio.wait({waiter, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (waiter, watcher):
-                if not task.done():
-                    task.cancel()
-            if not waiter.done():
-                generation.cancel()  # the client has gone (or the server is stopping): free its places now
-        if not waiter.done() or waiter.cancelled():
+        finishes = await until_done(generation, texts, request)
+        if finishes is None:
             return error(499, "client closed the request", code="client_closed")
-        return whole_response(shaper, waiter.result(), texts, prompt_tokens)
+        return whole_response(shaper, finishes, texts, prompt_tokens)
+
+    async def respond_responses(body: ResponsesRequest, chat: ChatRequest, request: Request, generation: Generation,
+                                text: ChoiceText, pieces, prompt_tokens: int):
+        shaper = ResponsesShaper(body, settings.model_name, tokenizer, service.defaults.eos_token_ids, prompt_tokens,
+                                 pieces)
+        if body.stream:
+            return GenerationStream(stream_response(shaper, generation, text, chat.wants_drafts), generation)
+        finishes = await until_done(generation, [text], request)
+        if finishes is None:
+            return error(499, "client closed the request", code="client_closed")
+        failed = failure(finishes)
+        return failed if failed is not None else shaper.whole(text, finishes[0])
 
     app.openapi = lambda: openapi(app)
     return app
+
+
+# Fields of a Responses request that its chat form names otherwise (for `param` in errors).
+RESPONSES_PARAMS = {"max_tokens": "max_output_tokens", "messages": "input", "response_format": "text",
+                    "logprobs": "include"}
+
+
+async def until_done(generation: Generation, texts: list[ChoiceText], request: Request):
+    """Every choice's end (see `collect`), or None when the client went away first (its places are freed)."""
+    waiter = asyncio.create_task(collect(generation, texts))
+    watcher = asyncio.create_task(disconnected(request))
+    try:
+        await asyncio.wait({waiter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (waiter, watcher):
+            if not task.done():
+                task.cancel()
+        if not waiter.done():
+            generation.cancel()  # the client has gone (or the server is stopping): free its places now
+    if not waiter.done() or waiter.cancelled():
+        return None
+    return waiter.result()
 
 
 class GenerationStream(StreamingResponse):

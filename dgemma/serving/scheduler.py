@@ -16,11 +16,16 @@ Design choices:
   one.
 - A sequence that cannot be admitted (its settings fail when they become tensors) ends with an error event, so
   no client waits for a sequence that is not running.
+- Log-probabilities (when a request's settings ask for them) travel in the Commit events as plain lists, one
+  entry per committed token.
+- `model_fingerprint` names the build and the weights served (OpenAI's `system_fingerprint`), computed once.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
 import logging
 import threading
 import time
@@ -61,6 +66,10 @@ class Commit:
     canvas_index: int
     tokens: list[int]  # this canvas's tokens within the budget, up to and including the first EOS
     steps: int
+    # With logprobs asked for: each token's log-probability (-inf outside a top_k/top_p truncation), and the
+    # most likely tokens at its position as (id, log-probability) pairs, most likely first.
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -265,7 +274,13 @@ class Scheduler:
             elif isinstance(event, CanvasCommitted):
                 tokens, request.ended_by_eos = until_eos(event.tokens[0].tolist(), request.config.eos_token_ids)
                 request.generated.extend(tokens)
-                request.on_event(Commit(event.canvas_index, tokens, event.steps))
+                commit = Commit(event.canvas_index, tokens, event.steps)
+                if event.logprobs is not None:
+                    count = len(tokens)
+                    commit.logprobs = event.logprobs[0, :count].tolist()
+                    commit.top_logprobs = [list(zip(ids, values)) for ids, values in zip(
+                        event.top_ids[0, :count].tolist(), event.top_logprobs[0, :count].tolist())]
+                request.on_event(commit)
         for request in list(self.running):
             if request.group.done:
                 self._finish(request, "stop" if request.ended_by_eos else "length")
@@ -276,3 +291,18 @@ class Scheduler:
         self.running.remove(request)
         passes = int(request.group.passes[0]) if request.group.passes is not None else 0
         request.on_event(Finish(reason, list(request.generated), passes, message))
+
+
+def model_fingerprint(model: DiffusionGemma) -> str:
+    """A short hash of what is served: the model's config and, for every weight, its name, shape, dtype and a few
+    of its values (the first and last eight), so that two checkpoints of one architecture differ. Reads a few
+    bytes per tensor: instant for any model size."""
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        try:  # a view, never a copy of the tensor
+            flat = tensor.detach().view(-1) if tensor.is_contiguous() else tensor.detach()[(0,) * tensor.dim()][None]
+            digest.update(torch.cat([flat[:8], flat[-8:]]).float().cpu().numpy().tobytes())
+        except (RuntimeError, TypeError, IndexError):  # packed, exotic or empty: name, shape and dtype stand for it
+            pass
+    return digest.hexdigest()[:12]

@@ -15,12 +15,19 @@ Design choices:
   tokens moved onto the canvas) must fit the request's max_tokens and the server's.
 - `temperature: 0` takes the argmax at every position (do_sample=False); without a `seed` it also uses seed 0, so
   that the answer is reproducible (the initial canvas and renoising still draw random tokens).
+- Log-probabilities ride along with the tokens: a choice keeps one entry per token it holds (`ChoiceText.entries`),
+  and `TokenPieces` gives each token's text and bytes as OpenAI spells them (a token that is part of a UTF-8
+  character is `bytes:\\xe2\\x80`, its `bytes` exact). The entries of a choice's content are those of its content
+  tokens (not the thought channel, not EOS or other special tokens), cut where a stop string cut the text.
+- A prompt past the server's context (tokens, messages or bytes) is a 400 with `code: context_length_exceeded`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 import random
 import re
 import time
@@ -41,12 +48,88 @@ logger = logging.getLogger(__name__)
 SEED_MODULUS = 1 << 64  # choice j of a request seeded s uses (s + j) mod 2**64, as a torch generator reads s
 
 
+CONTEXT = "context_length_exceeded"  # OpenAI's code for a prompt past the context
+
+
 class RequestError(ValueError):
     """A request that is well-formed JSON but cannot be served as asked (HTTP 400)."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
-        self.param = param
+        self.param, self.code = param, code
+
+
+def named_field(message: str) -> str | None:
+    """The field an error names, for `param`: the first `name` in backquotes, else the place it starts with
+    ("prompt.1: ..." names `prompt`), else None."""
+    found = re.search(r"`(\w+)`", message) or re.match(r"([A-Za-z_]\w*)[.:]", message)
+    return found.group(1) if found else None
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: the character a byte-level BPE piece uses for each byte."""
+    kept = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(
+        range(ord("\xae"), ord("\xff") + 1))
+    codes, extra = list(kept), 0
+    for byte in range(256):
+        if byte not in kept:
+            kept.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return {chr(code): byte for byte, code in zip(kept, codes)}
+
+
+class TokenPieces:
+    """Each token's bytes and its text as OpenAI's logprobs spell it, computed once per token id."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        decoder = (json.loads(tokenizer.backend.to_str()).get("decoder") or {})
+        kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders") or []}
+        self.byte_level = "ByteLevel" in kinds
+        self.bytes_of = _byte_decoder() if self.byte_level else {}
+        self.special = {int(i) for i, t in tokenizer.backend.get_added_tokens_decoder().items() if t.special}
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token: int) -> tuple[str, list[int]]:
+        if token not in self._cache:
+            self._cache[token] = self._piece(token)
+        return self._cache[token]
+
+    def _piece(self, token: int) -> tuple[str, list[int]]:
+        piece = self.tokenizer.backend.id_to_token(token) or ""
+        fallback = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+        if token in self.special:
+            raw = piece.encode()
+        elif fallback:
+            raw = bytes([int(fallback.group(1), 16)])
+        elif self.byte_level and all(c in self.bytes_of for c in piece):
+            raw = bytes(self.bytes_of[c] for c in piece)
+        else:
+            raw = piece.replace("\u2581", " ").encode()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:  # part of a character
+            text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        return text, list(raw)
+
+    def counts(self, token: int) -> bool:
+        """Whether a token belongs in a choice's logprobs (not a special token: EOS, control tokens)."""
+        return token not in self.special
+
+
+def finite(logprob: float) -> float:
+    """A log-probability JSON can carry: -inf (outside a top_k/top_p truncation) as -9999.0, as vLLM does."""
+    return logprob if math.isfinite(logprob) else -9999.0
+
+
+@dataclass
+class Entry:
+    """One token's log-probability and the most likely tokens at its position."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 def held_back(text: str, stops: list[str]) -> int:
@@ -78,34 +161,75 @@ class ChoiceText:
     split_thinking: bool
     skip: int = 0  # leading generated tokens that are not part of the answer (infilling's moved prompt)
     ids: list[int] = field(default_factory=list)
+    entries: list[Entry] = field(default_factory=list)  # with logprobs: one per token of `ids`
     sent_content: int = 0
     sent_reasoning: int = 0
+    sent_entries: int = 0  # content entries already streamed
     stopped: bool = False
 
-    def _parts(self) -> tuple[str | None, str]:
-        ids = self.ids
+    def _thought_end(self) -> int | None:
+        """Where the thought channel ends in `ids` (its closing token, or the end so far), if the choice opens one."""
         if self.split_thinking:
             opener = self.tokenizer.token_id("<|channel>")
             closer = self.tokenizer.token_id("<channel|>")
-            if opener is not None and ids[:1] == [opener]:
-                end = ids.index(closer) if closer in ids else len(ids)
-                thought = self.tokenizer.decode(ids[1:end])
-                label = THOUGHT_OPEN.removeprefix("<|channel>")  # "thought\n", the channel's name
-                thought = thought.removeprefix(label) if thought.startswith(label) or not label.startswith(
-                    thought) else ""  # while the label itself is still arriving, there is no thought text yet
-                return thought, self.tokenizer.decode(ids[end + 1:])
+            if opener is not None and self.ids[:1] == [opener]:
+                return self.ids.index(closer) if closer in self.ids else len(self.ids)
+        return None
+
+    def _content_start(self) -> int:
+        """Where the content's tokens start in `ids` (after a thought channel, when there is one)."""
+        end = self._thought_end()
+        return 0 if end is None else end + 1
+
+    def _parts(self) -> tuple[str | None, str]:
+        ids, end = self.ids, self._thought_end()
+        if end is not None:
+            thought = self.tokenizer.decode(ids[1:end])
+            label = THOUGHT_OPEN.removeprefix("<|channel>")  # "thought\n", the channel's name
+            thought = thought.removeprefix(label) if thought.startswith(label) or not label.startswith(
+                thought) else ""  # while the label itself is still arriving, there is no thought text yet
+            return thought, self.tokenizer.decode(ids[end + 1:])
         return None, self.tokenizer.decode(ids)
+
+    def reasoning_tokens(self) -> int:
+        """Tokens of the thought channel (its markers included)."""
+        end = self._thought_end()
+        return 0 if end is None else min(end + 1, len(self.ids))
+
+    def content_entries(self, pieces: TokenPieces) -> list[Entry]:
+        """The log-probability entries of the content's tokens, cut where a stop string cut the text."""
+        entries = [e for e in self.entries[self._content_start():] if pieces.counts(e.token)]
+        if not self.stopped:
+            return entries
+        limit, offset, kept = len(self.final_parts()[1].encode()), 0, []
+        for entry in entries:
+            if offset >= limit:
+                break
+            kept.append(entry)
+            offset += len(pieces(entry.token)[1])
+        return kept
+
+    def new_entries(self, pieces: TokenPieces) -> list[Entry]:
+        """The content entries not streamed yet (all of them once the choice has ended)."""
+        entries = self.content_entries(pieces)
+        fresh, self.sent_entries = entries[self.sent_entries:], len(entries)
+        return fresh
 
     def final_parts(self) -> tuple[str | None, str]:
         """(reasoning, content) of the finished choice, content cut at a stop string."""
         reasoning, content = self._parts()
         return reasoning, content[:self.sent_content] if self.stopped else content
 
-    def add(self, tokens: list[int], final: bool) -> tuple[str, str]:
-        """Append tokens; return the (reasoning, content) text that can be sent now."""
+    def add(self, tokens: list[int], final: bool, logprobs: list[float] | None = None,
+            top: list[list[tuple[int, float]]] | None = None) -> tuple[str, str]:
+        """Append tokens (with their log-probabilities, if any); return the (reasoning, content) text that can be
+        sent now."""
         dropped = min(self.skip, len(tokens))
         self.skip -= dropped
         self.ids.extend(tokens[dropped:])
+        if logprobs is not None:
+            self.entries.extend(Entry(token, value, alternatives) for token, value, alternatives in zip(
+                tokens[dropped:], logprobs[dropped:], (top or [])[dropped:]))
         reasoning, content = self._parts()
         reasoning_delta = ""
         if reasoning is not None:
@@ -145,6 +269,7 @@ class Service:
                  defaults: GenerationConfig, workers: int = 2):
         self.scheduler, self.tokenizer, self.settings, self.defaults = scheduler, tokenizer, settings, defaults
         self.model_config = scheduler.model.config
+        self.pieces = TokenPieces(tokenizer)
         # Tokenising, chat templates, infill layout and grammars run here, never on the event loop.
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dgemma-prepare")
 
@@ -164,7 +289,7 @@ class Service:
     def _check_bytes(self, size: int, what: str, param: str) -> None:
         if size > self.settings.max_prompt_bytes:
             raise RequestError(f"{what} has {size} bytes; this server accepts at most {self.settings.max_prompt_bytes} "
-                               "(--max-prompt-bytes)", param)
+                               "(--max-prompt-bytes)", param, CONTEXT)
 
     def check(self, request: CompletionRequest | ChatRequest) -> int:
         """Refuse what cannot be served from its sizes alone, before any work: RequestError (400), NeverFits
@@ -177,7 +302,7 @@ class Service:
         if chat:
             if len(request.messages) > self.settings.max_prompt_tokens:  # every message renders as a token or more
                 raise RequestError(f"the conversation has {len(request.messages)} messages; this server accepts at "
-                                   f"most {self.settings.max_prompt_tokens} prompt tokens", "messages")
+                                   f"most {self.settings.max_prompt_tokens} prompt tokens", "messages", CONTEXT)
             self._check_bytes(sum(message_bytes(m) for m in request.messages), "the conversation", "messages")
         elif isinstance(prompt, str):
             self._check_bytes(utf8_size(prompt), "the infill template" if request.infill else "the prompt", "prompt")
@@ -186,7 +311,10 @@ class Service:
                 self._check_bytes(utf8_size(text), f"prompt {i}", "prompt")
         elif len(prompt) > self.settings.max_prompt_tokens:
             raise RequestError(f"the prompt has {len(prompt)} tokens; this server accepts at most "
-                               f"{self.settings.max_prompt_tokens}", "prompt")
+                               f"{self.settings.max_prompt_tokens}", "prompt", CONTEXT)
+        vocab = self.model_config.vocab_size
+        if request.logit_bias and any(int(token) >= vocab for token in request.logit_bias):
+            raise RequestError(f"`logit_bias` names token ids outside the vocabulary [0, {vocab})", "logit_bias")
         self.scheduler.check_room(prompts * request.n)  # 429 last: what can never be served is a 400 first
         return prompts * request.n
 
@@ -222,17 +350,17 @@ class Service:
             return self.defaults.updated(max_new_tokens=budget,
                                          **request.generation_overrides(self.defaults.t_min, self.defaults.t_max))
         except ValueError as err:
-            raise RequestError(str(err)) from err
+            raise RequestError(str(err), named_field(str(err))) from err
 
-    def _check_prompt(self, ids: list[int]) -> None:
+    def _check_prompt(self, ids: list[int], param: str = "prompt") -> None:
         if not ids:
-            raise RequestError("the prompt is empty", "prompt")
+            raise RequestError("the prompt is empty", param)
         if len(ids) > self.settings.max_prompt_tokens:
             raise RequestError(f"the prompt has {len(ids)} tokens; this server accepts at most "
-                               f"{self.settings.max_prompt_tokens}", "prompt")
+                               f"{self.settings.max_prompt_tokens}", param, CONTEXT)
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in ids):
-            raise RequestError(f"the prompt holds token ids outside the vocabulary [0, {vocab})", "prompt")
+            raise RequestError(f"the prompt holds token ids outside the vocabulary [0, {vocab})", param)
 
     def completion_prompts(self, request: CompletionRequest) -> list[Prompt]:
         prompt = request.prompt
@@ -301,7 +429,7 @@ class Service:
         except Exception as err:  # the checkpoint's template failed on these inputs in some other way
             logger.warning("the chat template failed: %r", err)
             raise RequestError("the chat template could not render these messages", "messages") from err
-        self._check_prompt(ids)
+        self._check_prompt(ids, "messages")
         return Prompt(ids)
 
     # ---- queueing (event loop) ---------------------------------------------------------------------------------
