@@ -104,6 +104,38 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
                         help="add BIAS to token id TOKEN's logit at every position (repeatable; -100 bans it)")
     parser.add_argument("--sampling", choices=("fast", "reference"), default="fast")
     parser.add_argument("--seed", type=seed_value, help="random seed (default: nondeterministic)")
+    parser.add_argument("--decode", choices=("diffusion", "autoregressive"), default="diffusion",
+                        help="autoregressive: token by token with the encoder alone (an AR language model over the "
+                             "same weights); --temperature is then the sampling temperature itself (default 1)")
+
+
+DIFFUSION_ONLY = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "confidence_threshold", "no_adaptive_stopping",
+                  "show_denoising", "infill", "json_schema", "json_object", "regex")
+
+
+def check_decode(args: argparse.Namespace) -> None:
+    """--decode autoregressive has no canvas: refuse the options that only a canvas has."""
+    if args.decode != "autoregressive":
+        return
+    given = [name for name in DIFFUSION_ONLY if getattr(args, name, None) not in (None, False)]
+    if args.sampling != "fast":
+        given.append("sampling")
+    if given:
+        flags = ", ".join("--" + ("steps" if n == "max_denoising_steps" else n.replace("_", "-")) for n in given)
+        raise ValueError(f"{flags}: diffusion options, which --decode autoregressive has no use for")
+
+
+def generate_autoregressive(model, ids: list[int], config: GenerationConfig, temperature: float | None,
+                            generator: torch.Generator | None) -> tuple[list[int], bool]:
+    """--decode autoregressive: the new tokens before the first EOS, and whether an EOS ended them."""
+    from .generation import autoregressive_steps
+
+    temperature = 0.0 if not config.do_sample else (1.0 if temperature is None else temperature)
+    budget = config.token_budget(len(ids))
+    new_ids = list(autoregressive_steps(model, torch.tensor([ids]), budget, config.eos_token_ids, temperature,
+                                        generator, processors=config))
+    ended = bool(new_ids) and new_ids[-1] in config.eos_token_ids
+    return (new_ids[:-1] if ended else new_ids), ended
 
 
 def logit_bias_entry(text: str) -> tuple[int, float]:
@@ -257,6 +289,7 @@ def print_stats(new_tokens: int, started: float, output) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     check_text(args.prompt, "the prompt")
+    check_decode(args)
     if args.regex is not None:
         check_text(args.regex, "--regex")
     schema = read_json_schema(args.json_schema) if args.json_schema is not None else None
@@ -274,6 +307,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         ids = tokenizer.encode(args.prompt)
     budget = check_context(model, config, len(ids))
+    if args.decode == "autoregressive":
+        started = time.perf_counter()
+        new_ids, _ = generate_autoregressive(model, ids, config, args.temperature, generator)
+        write_text(("" if args.chat else args.prompt) + tokenizer.decode(new_ids))
+        if args.stats:
+            elapsed = time.perf_counter() - started
+            print(json.dumps({"new_tokens": len(new_ids), "seconds": round(elapsed, 3),
+                              "tokens_per_second": round(len(new_ids) / elapsed, 2) if elapsed > 0 else None,
+                              "encoder_passes": len(new_ids) + 1, "tokens_per_forward": 1.0}), file=sys.stderr)
+        return EXIT_OK
     control = None
     if schema is not None or args.regex is not None or args.json_object:
         from .constraints import GrammarControl, GrammarError, grammar_from, grammar_tokenizer
@@ -437,6 +480,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     if args.system is not None:
         check_text(args.system, "--system")
+    check_decode(args)
     model, tokenizer = load_for_generation(args)
     config = model.generation_config.updated(**generation_overrides(args, model.generation_config))
     generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
@@ -467,10 +511,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(f"dgemma: error: {err} (the line was not sent; /reset starts a new conversation)",
                   file=sys.stderr)
             continue
-        view = CanvasView(tokenizer, "model> ", stream_plain=False) if not args.no_canvas else None
-        new_ids, _, _ = generate_with_view(model, ids, config, args.sampling, generator, view)
-        if view is not None:
-            view.finish(None)
+        if args.decode == "autoregressive":
+            new_ids, _ = generate_autoregressive(model, ids, config, args.temperature, generator)
+        else:
+            view = CanvasView(tokenizer, "model> ", stream_plain=False) if not args.no_canvas else None
+            new_ids, _, _ = generate_with_view(model, ids, config, args.sampling, generator, view)
+            if view is not None:
+                view.finish(None)
         thought, answer = split_thinking(tokenizer.decode(new_ids, skip_special_tokens=False))
         answer = tokenizer.decode(tokenizer.encode(answer, add_special_tokens=False))  # drop control tokens
         if thought:

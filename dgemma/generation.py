@@ -22,6 +22,7 @@ from .cache import KVCache
 from .engine import SAMPLING_MODES, CanvasCommitted, DraftStep, Engine, Group, until_eos
 from .generation_config import GenerationConfig
 from .model import DiffusionGemma
+from .sampling import process_logits, truncate
 
 if TYPE_CHECKING:
     from .constraints import CanvasControl
@@ -145,26 +146,44 @@ def generate(model: DiffusionGemma, input_ids: torch.Tensor, attention_mask: tor
 @torch.no_grad()
 def autoregressive_steps(model: DiffusionGemma, input_ids: torch.Tensor, max_new_tokens: int,
                          eos_token_ids: list[int] | None = None, temperature: float = 1.0,
-                         generator: torch.Generator | None = None) -> Iterator[int]:
+                         generator: torch.Generator | None = None, *,
+                         processors: GenerationConfig | None = None) -> Iterator[int]:
     """Next-token decoding with the encoder alone (it is an autoregressive LM): yields each new token of a
-    single sequence [1, T]. temperature 0 is greedy. The baseline `dgemma bench` compares diffusion against."""
+    single sequence [1, T]. temperature 0 is greedy. `processors` brings the logits processors of a
+    GenerationConfig (top_k, top_p, logit_bias, and the penalties, counting the tokens generated so far), applied
+    as on a canvas: (soft-capped logits + bias) / T, then truncated. The baseline `dgemma bench` compares diffusion
+    against, and `--decode autoregressive`."""
     _check_inputs(model, input_ids, None, None)
     if input_ids.shape[0] != 1:
         raise ValueError("autoregressive decoding takes one sequence")
-    device = model.device
+    device, vocab = model.device, model.config.vocab_size
     cache = KVCache(model.config, 1, model.dtype, device, capacity=input_ids.shape[1] + max_new_tokens)
     tokens = input_ids.to(device)
     stop = set(eos_token_ids or [])
+    top_k, top_p = (processors.top_k, processors.top_p) if processors is not None else (None, None)
+    bias = counts = None
+    if processors is not None and processors.biases:
+        bias = torch.zeros(vocab, dtype=torch.float32, device=device)
+        for token, value in (processors.logit_bias or {}).items():
+            bias[token] = value
+        counts = torch.zeros(vocab, dtype=torch.float32, device=device)
     for _ in range(max_new_tokens):
         valid = torch.ones_like(tokens, dtype=torch.bool)
         hidden = model.encode(tokens, cache.encoder_plan(model.rope, valid))
         cache.commit(valid)
-        logits = model.logits(hidden[:, -1])
+        logits = model.logits(hidden[0, -1])
+        if bias is not None:
+            logits = logits + bias - processors.frequency_penalty * counts - processors.presence_penalty * (counts > 0)
+        processed = truncate(logits, top_k, top_p)
         if temperature == 0:
-            token = int(logits.argmax())
+            token = int(processed.argmax())
         else:
-            token = int(torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator))
+            probs = torch.softmax(process_logits(logits, temperature, None, top_k, top_p), dim=-1)
+            where = generator.device if generator is not None else device
+            token = int(torch.multinomial(probs.to(where), 1, generator=generator))
         yield token
         if token in stop:
             return
+        if counts is not None:
+            counts[token] += 1
         tokens = torch.tensor([[token]], device=device)

@@ -1,0 +1,56 @@
+"""`--decode autoregressive`: generate and chat token by token with the encoder, with the same logits processors,
+and refuse the options only a canvas has."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dgemma
+from dgemma.cli import main
+from dgemma.generation import autoregressive_steps
+from dgemma.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(text_model_dir):
+    return dgemma.load(text_model_dir), Tokenizer.from_directory(text_model_dir)
+
+
+def greedy(model, ids: list[int], count: int, **kwargs) -> list[int]:
+    processors = model.generation_config.updated(**kwargs) if kwargs else None
+    return list(autoregressive_steps(model, torch.tensor([ids]), count, model.generation_config.eos_token_ids, 0.0,
+                                     processors=processors))
+
+
+def test_greedy_autoregressive_generation_through_the_command(text_model_dir, model_and_tokenizer, capsys):
+    model, tokenizer = model_and_tokenizer
+    prompt = "It is a truth"
+    expected = greedy(model, tokenizer.encode(prompt), 8)
+    eos = model.generation_config.eos_token_ids
+    expected = expected[:-1] if expected and expected[-1] in eos else expected
+    assert main(["generate", "--model", str(text_model_dir), prompt, "--decode", "autoregressive",
+                 "--temperature", "0", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == prompt + tokenizer.decode(expected)
+
+
+def test_logits_processors_apply_to_autoregressive_decoding(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    ids = tokenizer.encode("It is a truth")
+    first = greedy(model, ids, 1)[0]
+    assert greedy(model, ids, 1, logit_bias={first: -100.0})[0] != first  # banned
+    other = (first + 7) % model.config.vocab_size
+    assert greedy(model, ids, 1, logit_bias={other: 100.0})[0] == other  # forced
+    # top_k 1 leaves one token: sampling at any temperature is the greedy choice
+    sampled = list(autoregressive_steps(model, torch.tensor([ids]), 6, None, 1.5, torch.Generator().manual_seed(3),
+                                        processors=model.generation_config.updated(top_k=1)))
+    assert sampled == greedy(model, ids, 6, top_k=1)[:len(sampled)]
+    # a repeated token is penalised: with a large presence penalty no token repeats in the first steps
+    tokens = greedy(model, ids, 6, presence_penalty=50.0)
+    assert len(set(tokens)) == len(tokens)
+
+
+def test_diffusion_only_options_are_refused_with_autoregressive_decoding(text_model_dir, capsys):
+    for flags in (["--steps", "4"], ["--show-denoising"], ["--json-object"], ["--sampling", "reference"]):
+        assert main(["generate", "--model", str(text_model_dir), "x", "--decode", "autoregressive", *flags]) == 2
+        assert "--decode autoregressive has no use for" in capsys.readouterr().err
