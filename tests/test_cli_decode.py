@@ -3,6 +3,8 @@ and refuse the options only a canvas has."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
@@ -54,3 +56,41 @@ def test_diffusion_only_options_are_refused_with_autoregressive_decoding(text_mo
     for flags in (["--steps", "4"], ["--show-denoising"], ["--json-object"], ["--sampling", "reference"]):
         assert main(["generate", "--model", str(text_model_dir), "x", "--decode", "autoregressive", *flags]) == 2
         assert "--decode autoregressive has no use for" in capsys.readouterr().err
+
+
+def test_the_server_decodes_autoregressively_on_request(text_model_dir, model_and_tokenizer):
+    """`decode: "autoregressive"` (an extension): the same tokens as the library, whole or streamed, batched with
+    diffusion requests; the options only a canvas has are a 400 naming them."""
+    import httpx
+    from test_serving import RunningServer
+
+    model, tokenizer = model_and_tokenizer
+    server = RunningServer(text_model_dir, max_sequences=3, max_tokens=16)
+    try:
+        client = server.client()
+        prompt = "It is a truth"
+        ids = tokenizer.encode(prompt)
+        expected = greedy(model, ids, 12)
+        eos = model.generation_config.eos_token_ids
+        expected = expected[:-1] if expected and expected[-1] in eos else expected
+        kwargs = dict(model="dgemma", prompt=prompt, max_tokens=12, temperature=0,
+                      extra_body={"decode": "autoregressive"})
+        whole = client.completions.create(**kwargs)
+        assert whole.choices[0].text == tokenizer.decode(expected)
+        streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kwargs))
+        assert streamed == whole.choices[0].text
+
+        async def beside_diffusion():
+            import openai
+            async_client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+            diffusion = async_client.completions.create(model="dgemma", prompt="Once", max_tokens=16, seed=1)
+            return await asyncio.gather(async_client.completions.create(**kwargs), diffusion)
+
+        together, _ = asyncio.run(beside_diffusion())
+        assert together.choices[0].text == whole.choices[0].text
+        for field, value in (("max_denoising_steps", 3), ("logprobs", 1), ("infill", True)):
+            response = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "decode": "autoregressive",
+                                                                        field: value})
+            assert response.status_code == 400 and response.json()["error"]["param"] == field
+    finally:
+        server.stop()

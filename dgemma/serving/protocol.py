@@ -183,6 +183,9 @@ class Body(BaseModel):
     t_max: float | None = Field(default=None, ge=0, le=1000)
     confidence_threshold: float | None = Field(default=None, gt=0, le=1e6)
     stability_threshold: int | None = Field(default=None, ge=0, le=1024)
+    # dgemma's: "autoregressive" writes token by token with the encoder (then `temperature` is the sampling
+    # temperature itself, default 1, and the diffusion extensions, drafts, infill and grammars do not apply)
+    decode: Literal["diffusion", "autoregressive"] = "diffusion"
 
     @model_validator(mode="before")
     @classmethod
@@ -522,7 +525,7 @@ class ResponsesRequest(Body):
         drafts = bool(self.stream_options and self.stream_options.include_drafts)
         shared = {key: getattr(self, key) for key in (
             "model", "seed", "temperature", "top_p", "top_k", "max_denoising_steps", "entropy_bound", "t_min",
-            "t_max", "confidence_threshold", "stability_threshold", "chat_template_kwargs")}
+            "t_max", "confidence_threshold", "stability_threshold", "chat_template_kwargs", "decode")}
         return ChatRequest.model_validate({
             **shared, "messages": messages, "max_tokens": self.max_output_tokens, "stream": self.stream,
             "stream_options": {"include_drafts": drafts} if drafts else None, "response_format": response_format,

@@ -30,13 +30,14 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from ..cache import KVCache
 from ..constraints import FixedTokens, GrammarControl, grammar_tokenizer
 from ..engine import CanvasCommitted, DraftStep, Engine, Group, until_eos
+from ..generation import autoregressive_steps
 from ..generation_config import GenerationConfig
 from ..model import DiffusionGemma
 from ..tokenizer import Tokenizer
@@ -94,11 +95,13 @@ class SequenceRequest:
     drafts: bool = False
     region: list[int] | None = None  # infilling: the tokens after the prompt, -1 where a hole is
     grammar: str | None = None  # structured output: an llguidance grammar
+    temperature: float | None = None  # set: decode autoregressively, token by token, at this temperature
     deadline: float | None = None
     cancelled: bool = False
     generated: list[int] = field(default_factory=list)
     ended_by_eos: bool = False
     group: Group | None = None
+    tokens: Iterator[int] | None = None  # autoregressive decoding: one new token per call of next()
 
 
 class Scheduler:
@@ -228,6 +231,15 @@ class Scheduler:
         if request.cancelled:
             request.on_event(Finish("cancelled", [], 0))
             return
+        # A CPU generator on every device: the same seed gives the same draws wherever the model runs.
+        generator = torch.Generator().manual_seed(request.seed)
+        if request.temperature is not None:  # token by token with the encoder, beside the engine's canvases
+            config = request.config
+            temperature = request.temperature if config.do_sample else 0.0
+            request.tokens = autoregressive_steps(self.model, torch.tensor([request.prompt]), config.max_new_tokens,
+                                                  config.eos_token_ids, temperature, generator, processors=config)
+            self.running.append(request)
+            return
         canvas = self.model.config.canvas_length
         control = None
         if request.region is not None:
@@ -238,8 +250,6 @@ class Scheduler:
                 self._grammar_tokenizers[eos] = grammar_tokenizer(self.tokenizer, self.model.config.vocab_size, eos)
             control = GrammarControl(request.grammar, self._grammar_tokenizers[eos], self.model.config.vocab_size,
                                      eos, 1, canvas, greedy=not request.config.do_sample)
-        # A CPU generator on every device: the same seed gives the same draws wherever the model runs.
-        generator = torch.Generator().manual_seed(request.seed)
         group = Group(torch.tensor([request.prompt]), request.config, generator=generator, control=control,
                       drafts=request.drafts)
         try:
@@ -263,7 +273,10 @@ class Scheduler:
 
     @torch.no_grad()
     def _step(self) -> None:
-        owners = {request.group: request for request in self.running}
+        self._advance_autoregressive()
+        owners = {request.group: request for request in self.running if request.group is not None}
+        if not owners:
+            return
         events = self.engine.step()
         self.steps_run += 1
         for event in events:
@@ -282,14 +295,29 @@ class Scheduler:
                         event.top_ids[0, :count].tolist(), event.top_logprobs[0, :count].tolist())]
                 request.on_event(commit)
         for request in list(self.running):
-            if request.group.done:
+            if request.group is not None and request.group.done:
+                self._finish(request, "stop" if request.ended_by_eos else "length")
+
+    def _advance_autoregressive(self) -> None:
+        """One token for every sequence decoded autoregressively (one encoder forward each)."""
+        for request in [r for r in self.running if r.tokens is not None]:
+            token = next(request.tokens, None)
+            if token is not None:
+                request.generated.append(token)
+                request.ended_by_eos = token in request.config.eos_token_ids
+                request.on_event(Commit(len(request.generated) - 1, [token], 1))
+            if token is None or request.ended_by_eos or len(request.generated) >= request.config.max_new_tokens:
                 self._finish(request, "stop" if request.ended_by_eos else "length")
 
     def _finish(self, request: SequenceRequest, reason: str, message: str = "") -> None:
-        """Free the sequence's rows now and report the end."""
-        self.engine.release(request.group)
+        """Free the sequence's rows (or its autoregressive decoder) now and report the end."""
+        if request.group is not None:
+            self.engine.release(request.group)
+            passes = int(request.group.passes[0]) if request.group.passes is not None else 0
+        else:
+            request.tokens = None
+            passes = len(request.generated)
         self.running.remove(request)
-        passes = int(request.group.passes[0]) if request.group.passes is not None else 0
         request.on_event(Finish(reason, list(request.generated), passes, message))
 
 

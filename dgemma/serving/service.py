@@ -264,6 +264,11 @@ def message_bytes(message: ChatMessage) -> int:
     return sum(utf8_size(t) for t in parts + [message.name or "", message.reasoning_content or ""])
 
 
+# Settings only a canvas has: refused with `decode: autoregressive`.
+DIFFUSION_ONLY = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "confidence_threshold",
+                  "stability_threshold", "infill", "response_format")
+
+
 class Service:
     def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer, settings: ServerSettings,
                  defaults: GenerationConfig, workers: int = 2):
@@ -295,6 +300,13 @@ class Service:
         """Refuse what cannot be served from its sizes alone, before any work: RequestError (400), NeverFits
         (400), QueueFull (429). Returns the number of sequences the request makes."""
         self.budget(request)
+        if request.decode == "autoregressive":
+            canvas_only = [name for name in DIFFUSION_ONLY if getattr(request, name, None) not in (None, False)]
+            canvas_only += ["stream_options.include_drafts"] if request.wants_drafts else []
+            canvas_only += ["logprobs"] if request.logprobs else []
+            if canvas_only:
+                raise RequestError(f"`{canvas_only[0]}` does not apply to `decode: autoregressive` (it writes token "
+                                   "by token, with no canvas)", canvas_only[0])
         chat = isinstance(request, ChatRequest)
         prompt = None if chat else request.prompt
         prompts = 1 if chat or isinstance(prompt, str) or not isinstance(prompt[0], str) else len(prompt)
@@ -452,6 +464,8 @@ class Service:
                     prompt=prompt.ids, config=config, seed=(base_seed + j) % SEED_MODULUS,
                     drafts=request.wants_drafts, region=prompt.region,
                     grammar=plan.grammar if prompt.region is None else None, deadline=deadline,
+                    temperature=None if request.decode == "diffusion" else (
+                        1.0 if request.temperature is None else request.temperature),
                     on_event=lambda event, i=index: loop.call_soon_threadsafe(queue.put_nowait, (i, event))))
         self.scheduler.submit(sequences)
         return Generation(self.scheduler, sequences, queue)
