@@ -8,7 +8,8 @@ from scipy.stats import chisquare
 
 import dgemma
 from dgemma.training.data import TextWindows, example_generator, lay_out
-from dgemma.training.objective import Example, canvas_layout, collate, corrupt, diffusion_loss, draw_noise
+from dgemma.training.objective import (Example, Noise, canvas_layout, collate, corrupt, diffusion_loss, draw_noise,
+                                       trained_canvases)
 
 EOS, PAD = 1, 0
 
@@ -42,12 +43,31 @@ def test_noise_draws_canvas_uniformly_t_in_range_and_self_conditioning_half_the_
     batch = collate([Example([2], list(range(10, 30)))] * 4000, 4, EOS, PAD)  # 5 canvases each
     gens = [example_generator(0, 0, i, "noise") for i in range(4000)]
     noise = draw_noise(batch, 4, 50, gens, eps=1e-3, self_conditioning_prob=0.5)
-    assert chisquare(torch.bincount(noise.chosen, minlength=5).numpy()).pvalue > 1e-3
+    assert noise.chosen.shape == (4000, 1) and noise.noisy.shape == (4000, 1, 4)
+    assert chisquare(torch.bincount(noise.chosen[:, 0], minlength=5).numpy()).pvalue > 1e-3
     assert noise.t.min() >= 1e-3 and noise.t.max() < 1.0 and abs(noise.t.mean().item() - 0.5) < 0.02
     assert abs(noise.use_self_conditioning.float().mean().item() - 0.5) < 0.03
     # The same (seed, step, example) always draws the same noise.
     again = draw_noise(batch, 4, 50, [example_generator(0, 0, i, "noise") for i in range(4000)], 1e-3, 0.5)
     assert torch.equal(again.noisy, noise.noisy)
+
+
+def test_all_canvases_rule_trains_every_canvas_with_its_own_t():
+    examples = [Example([2], list(range(10, 30))), Example([2, 3], list(range(10, 17)))] * 1000  # 5 and 2 canvases
+    batch = collate(examples, 4, EOS, PAD)
+    noise = draw_noise(batch, 4, 50, [example_generator(0, 0, i, "noise") for i in range(2000)], 1e-3, 0.5,
+                       canvases="all")
+    assert noise.chosen.shape == (2000, 5) and noise.noisy.shape == (2000, 5, 4)
+    assert noise.chosen[0].tolist() == [0, 1, 2, 3, 4] and noise.chosen[1].tolist() == [0, 1, -1, -1, -1]
+    assert [trained_canvases(e, 4, "all") for e in examples[:2]] == [5, 2]
+    assert [trained_canvases(e, 4, "one") for e in examples[:2]] == [1, 1]
+    t = noise.t[::2]  # the 5-canvas rows: every canvas its own t, uniform, independent of its neighbour's
+    assert t.min() >= 1e-3 and t.max() < 1.0 and abs(t.mean().item() - 0.5) < 0.02
+    assert abs(torch.corrcoef(t[:, :2].T)[0, 1].item()) < 0.1
+    assert abs(noise.use_self_conditioning[::2].float().mean().item() - 0.5) < 0.03
+    # Each canvas is corrupted at its own rate: the share of changed tokens follows t.
+    changed = (noise.noisy[::2] != batch.input_ids[::2, 1:21].view(-1, 5, 4)).float().mean(-1)
+    assert torch.corrcoef(torch.stack([changed.flatten(), t.flatten()]))[0, 1] > 0.6
 
 
 def test_text_windows_cut_at_canvas_aligned_points_with_bos_prompts():
@@ -59,6 +79,12 @@ def test_text_windows_cut_at_canvas_aligned_points_with_bos_prompts():
         assert len(ex.response) % 8 == 0 and len(ex.prompt) >= 8
         cuts.add(len(ex.response) // 8)
     assert cuts == {1, 2, 3, 4}
+    most = TextWindows(stream=torch.arange(3, 1003).numpy(), window=40, canvas_length=8, bos_id=2, min_prompt=8,
+                       response_canvases="most")
+    for i in range(20):
+        ex, same = most.example(example_generator(0, 0, i, "text")), windows.example(example_generator(0, 0, i, "text"))
+        assert len(ex.response) == 32 and len(ex.prompt) == 8
+        assert ex.prompt[1:] + ex.response == (same.prompt[1:] + same.response)[-39:]  # the same window
 
 
 def test_loss_equals_cross_entropy_of_the_reference_forward_over_the_chosen_canvas(checkpoint_dir):
@@ -71,17 +97,17 @@ def test_loss_equals_cross_entropy_of_the_reference_forward_over_the_chosen_canv
     examples = [Example([2, 7, 9, 11, 4], list(range(20, 61))), Example([2, 30], list(range(40, 52))),
                 Example(list(range(3, 25)), [8, 9, 10], encoder_loss_on_prompt=False)]
     ((batch, noise),) = lay_out(examples, 3, 16, 96, EOS, PAD, seed=3, step=0, eps=1e-3, self_conditioning_prob=0.5)
-    noise.use_self_conditioning = torch.tensor([True, False, True])
+    noise.use_self_conditioning = torch.tensor([[True], [False], [True]])
     with torch.no_grad():
         sums = diffusion_loss(model, batch, noise)
         expected_diffusion = expected_encoder = 0.0
         for row in range(3):
-            start = int(batch.prompt_lengths[row]) + int(noise.chosen[row]) * 16
+            start = int(batch.prompt_lengths[row]) + int(noise.chosen[row, 0]) * 16
             prefix = batch.input_ids[row:row + 1, :start]
             clean = batch.input_ids[row, start:start + 16]
-            first = ref(input_ids=prefix, decoder_input_ids=noise.noisy[row:row + 1]).logits
-            second = ref(input_ids=prefix, decoder_input_ids=noise.noisy[row:row + 1], self_conditioning_logits=first,
-                         self_conditioning_mask=noise.use_self_conditioning[row:row + 1]).logits
+            first = ref(input_ids=prefix, decoder_input_ids=noise.noisy[row]).logits
+            second = ref(input_ids=prefix, decoder_input_ids=noise.noisy[row], self_conditioning_logits=first,
+                         self_conditioning_mask=noise.use_self_conditioning[row]).logits
             expected_diffusion += F.cross_entropy(second[0], clean, reduction="sum").item()
             full = batch.input_ids[row:row + 1, :int(batch.valid[row].sum())]
             hidden = ref.model.encoder(input_ids=full).last_hidden_state
@@ -107,3 +133,78 @@ def test_no_gradient_flows_through_the_first_decoder_pass(checkpoint_dir):
     assert modes == [("soft", None), False, ("soft", False), True]
     (sums.diffusion + sums.encoder).backward()
     assert model.decoder.self_conditioning.gate_proj.weight.grad.abs().sum() > 0
+
+
+def test_all_canvases_in_one_pass_equal_each_canvas_alone(random_checkpoint):
+    """Under canvases="all" every canvas sees exactly what it sees alone (the clean prefix before it, the sliding
+    layers' window of it, itself, no other canvas): the loss and its gradient are the sums of the one-canvas losses
+    with the same corruption and self-conditioning coin. Rows have 4, 1 and 3 canvases (unused slots) and the
+    sliding window (8) is shorter than a canvas (16)."""
+    model = dgemma.load(random_checkpoint("moe")).train()
+    examples = [Example([2, 7, 9, 11, 4], list(range(20, 80))), Example([2, 30], list(range(40, 52))),
+                Example(list(range(3, 25)), list(range(30, 70)), encoder_loss_on_prompt=False)]
+    ((batch, noise),) = lay_out(examples, 3, 16, 96, EOS, PAD, seed=3, step=0, eps=1e-3, self_conditioning_prob=0.5,
+                                canvases="all")
+    assert noise.chosen.tolist() == [[0, 1, 2, 3], [0, -1, -1, -1], [0, 1, 2, -1]]
+    assert noise.use_self_conditioning[noise.chosen >= 0].any() and not noise.use_self_conditioning[
+        noise.chosen >= 0].all()
+
+    def gradient(loss):
+        model.zero_grad()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    together = diffusion_loss(model, batch, noise)
+    assert together.canvas_tokens == 8 * 16
+    grad_together = gradient(together.diffusion)
+    alone, tokens = 0.0, 0
+    for row in range(3):
+        for slot in range(int((noise.chosen[row] >= 0).sum())):
+            one = Noise(noise.chosen[row:row + 1, slot:slot + 1], noise.noisy[row:row + 1, slot:slot + 1],
+                        noise.use_self_conditioning[row:row + 1, slot:slot + 1], noise.t[row:row + 1, slot:slot + 1])
+            part = collate([examples[row]], 16, EOS, PAD)
+            sums = diffusion_loss(model, part, one)
+            alone = alone + sums.diffusion
+            tokens += sums.canvas_tokens
+    grad_alone = gradient(alone)
+    assert tokens == together.canvas_tokens
+    assert abs(together.diffusion.item() - alone.item()) < 1e-3 * abs(alone.item())
+    # fp32 sums in another order: 1e-4 of the gradient's norm (a canvas seeing a wrong key is off by far more)
+    assert (grad_together - grad_alone).norm() < 1e-4 * grad_alone.norm()
+
+
+def test_an_example_without_encoder_loss_has_no_encoder_targets():
+    batch = collate([Example([2, 3], [5, 6, 7], encoder_loss=False), Example([2, 3], [5, 6, 7])], 4, EOS, PAD)
+    assert batch.encoder_targets[0].sum() == 0
+    assert batch.encoder_targets[1].nonzero().flatten().tolist() == [1, 2, 3, 4]
+
+
+def test_distillation_samples_and_mixture(random_checkpoint, tmp_path):
+    """The encoder's batched samples are what it samples one row at a time (greedy: the same tokens as
+    autoregressive_steps); a distillation file's examples train the decoder only; a mixture draws from it the
+    given share of the time, reproducibly."""
+    import numpy as np
+    from dgemma.generation import autoregressive_steps
+    from dgemma.training.distill import DistilledExamples, Mixture, sample_continuations
+
+    model = dgemma.load(random_checkpoint("moe"))
+    prompts = torch.tensor([[2, 5, 9, 30, 7], [2, 40, 41, 42, 43], [2, 11, 3, 60, 61]])
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    greedy = sample_continuations(model, prompts, 6, 0.0, gens)
+    for row in range(3):
+        assert greedy[row].tolist() == list(autoregressive_steps(model, prompts[row:row + 1], 6, None, 0.0))
+    sampled = sample_continuations(model, prompts, 6, 0.7, [torch.Generator().manual_seed(i) for i in range(3)])
+    again = sample_continuations(model, prompts[1:], 6, 0.7, [torch.Generator().manual_seed(i) for i in range(1, 3)])
+    assert torch.equal(sampled[1:], again)  # a row's sample does not depend on the others
+
+    path = tmp_path / "distill.npz"
+    np.savez(path, prompts=prompts.numpy(), responses=sampled.numpy(), meta=np.array("{}"))
+    distilled = DistilledExamples.from_file(path)
+    ex = distilled.example(1)
+    assert ex.prompt == prompts[1].tolist() and ex.response == sampled[1].tolist() and not ex.encoder_loss
+    windows = TextWindows(stream=torch.arange(3, 1003).numpy(), window=40, canvas_length=8, bos_id=2)
+    mixture = Mixture(windows, distilled, 0.25)
+    drawn = mixture.examples(0, 5, 2000)
+    share = sum(len(e.response) == 6 for e in drawn) / 2000
+    assert abs(share - 0.25) < 0.03
+    assert [e.response for e in mixture.examples(0, 5, 50)] == [e.response for e in drawn[:50]]

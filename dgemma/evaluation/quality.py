@@ -470,7 +470,8 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate(model, tokenizer, judge, passages, diffusion, autoregressive, list(range(args.seeds)),
                       args.prompt_words, args.continuation_words, args.max_new_tokens, args.keep_whitespace)
     report.update(model=str(args.model or "bundled"), model_directory=str(directory),
-                  arguments={k: v for k, v in vars(args).items() if not callable(v)},
+                  arguments={k: v for k, v in vars(args).items()
+                             if isinstance(v, (str, int, float, bool, list, type(None)))},
                   threads=torch.get_num_threads(), total_seconds=time.perf_counter() - started)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

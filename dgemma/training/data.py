@@ -6,7 +6,9 @@ Design choices:
   number of processes and resuming after a crash therefore see exactly the same batches.
 - Plain text is tokenized once into a flat token stream (cached as .npy next to the corpus). A window of
   `window` tokens is cut at a random canvas-aligned point: the response is k whole canvases (no EOS: the text
-  goes on), the prompt is BOS plus what comes before.
+  goes on), the prompt is BOS plus what comes before. k is uniform over what fits (`response_canvases="random"`,
+  the recipe's), or always the most that fit (`"most"`: with every canvas trained, the longest response gives the
+  decoder the most targets per encoder pass).
 - Chat data is JSONL of {"messages": [...]}; the prompt is the conversation up to the last assistant turn
   rendered with the model's template, the response is what the template adds for that turn (its end-of-turn
   marker included) plus EOS.
@@ -67,8 +69,11 @@ class TextWindows:
     canvas_length: int
     bos_id: int
     min_prompt: int = 8
+    response_canvases: str = "random"  # "random": k uniform in 1..max; "most": k = max
 
     def __post_init__(self):
+        if self.response_canvases not in ("random", "most"):
+            raise ValueError(f"response_canvases must be 'random' or 'most', got {self.response_canvases!r}")
         self.max_canvases = (self.window - self.min_prompt) // self.canvas_length
         if self.max_canvases < 1:
             raise ValueError(f"window {self.window} leaves no room for a canvas of {self.canvas_length} after "
@@ -80,7 +85,9 @@ class TextWindows:
     def example(self, gen: torch.Generator) -> Example:
         start = int(torch.randint(0, len(self.stream) - self.window, (), generator=gen))
         tokens = self.stream[start:start + self.window].tolist()
-        k = int(torch.randint(1, self.max_canvases + 1, (), generator=gen))
+        k = int(torch.randint(1, self.max_canvases + 1, (), generator=gen))  # drawn either way: same stream
+        if self.response_canvases == "most":
+            k = self.max_canvases
         cut = self.window - k * self.canvas_length
         # Every prompt starts with BOS, as prompts do at generation time.
         prompt = [self.bos_id] + tokens[1:cut] if tokens[0] != self.bos_id else tokens[:cut]
@@ -128,13 +135,23 @@ class ChatExamples:
 
 
 def lay_out(examples: list[Example], micro_size: int, canvas_length: int, vocab_size: int, eos_id: int, pad_id: int,
-            seed: int, step: int, eps: float, self_conditioning_prob: float, first_index: int = 0
-            ) -> list[tuple[Batch, Noise]]:
-    """Consecutive micro-batches with their noise; example i's noise depends only on (seed, step, i)."""
+            seed: int, step: int, eps: float, self_conditioning_prob: float, first_index: int = 0,
+            canvases: str = "one") -> list[tuple[Batch, Noise]]:
+    """Consecutive micro-batches with their noise; example i's noise depends only on (seed, step, i).
+    `canvases`: train one canvas per example ("one") or all of them ("all"), see objective.draw_noise."""
     out = []
     for begin in range(0, len(examples), micro_size):
         group = examples[begin:begin + micro_size]
         batch = collate(group, canvas_length, eos_id, pad_id)
         generators = [example_generator(seed, step, first_index + begin + i, "noise") for i in range(len(group))]
-        out.append((batch, draw_noise(batch, canvas_length, vocab_size, generators, eps, self_conditioning_prob)))
+        out.append((batch, draw_noise(batch, canvas_length, vocab_size, generators, eps, self_conditioning_prob,
+                                         canvases)))
     return out
+
+
+def corpus_fingerprint(tokenizer_dir: Path, files: list[Path]) -> str:
+    """Names the token cache: the tokenizer and the corpus files (names, order, contents)."""
+    digest = hashlib.sha256((tokenizer_dir / "tokenizer.json").read_bytes())
+    for path in files:
+        digest.update(path.name.encode() + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]

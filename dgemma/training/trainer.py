@@ -23,7 +23,6 @@ Design choices:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -47,9 +46,10 @@ from ..config import ModelConfig
 from ..model import DiffusionGemma
 from ..pretrained import DiffusionGemmaForBlockDiffusion
 from ..tokenizer import Tokenizer
-from .data import ChatExamples, Source, TextWindows, lay_out, tokenize_texts
+from .data import ChatExamples, Source, TextWindows, corpus_fingerprint, lay_out, tokenize_texts
+from .distill import DistilledExamples, Mixture
 from .lora import add_lora, merge_lora
-from .objective import Batch, Example, LossSums, Noise, diffusion_loss
+from .objective import CANVAS_RULES, Batch, Example, LossSums, Noise, diffusion_loss, trained_canvases
 from .parallel import (Distributed, check_parallel, checkpoint_activations, clip_gradients, encoder_kv_hook, full_state_dict,
                        init_distributed, load_sharded, reshard, save_sharded, shard, world_from_environment)
 
@@ -73,6 +73,10 @@ class TrainConfig:
     eval_jsonl: str | None = None
     window: int = 256
     min_prompt: int = 8
+    response_canvases: str = "random"  # text windows: k canvases uniform ("random") or as many as fit ("most")
+    distill_file: str | None = None  # text: a distillation .npz (distill.py) mixed into the training examples
+    distill_fraction: float = 0.5  # the share of training examples drawn from it
+    distill_encoder_loss: bool = False  # train the encoder on its own samples too
     # optimisation
     steps: int = 1000
     batch_size: int = 16  # global examples per step
@@ -93,6 +97,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     # objective
     eps: float = 1e-3
+    canvases: str = "one"  # train one canvas per example (the recipe) or "all" of them
     self_conditioning_prob: float = 0.5
     diffusion_weight: float = 1.0
     encoder_weight: float = 1.0
@@ -136,10 +141,10 @@ class TrainConfig:
             flat["tokenizer"] = _join(base, raw["tokenizer"]["path"])
         data = raw.get("data", {})
         flat["data_kind"] = data.get("kind", "text")
-        for key in ("corpus_dir", "text_file", "train_jsonl", "eval_jsonl"):
+        for key in ("corpus_dir", "text_file", "train_jsonl", "eval_jsonl", "distill_file"):
             if key in data:
                 flat[key] = _join(base, data[key])
-        for key in ("window", "min_prompt"):
+        for key in ("window", "min_prompt", "response_canvases", "distill_fraction", "distill_encoder_loss"):
             if key in data:
                 flat[key] = data[key]
         flat.update(raw.get("train", {}))
@@ -180,6 +185,12 @@ class TrainConfig:
             raise ValueError(f"[train] parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.device not in ("cpu", "cuda", "mps"):
             raise ValueError(f"[train] device must be 'cpu', 'cuda' or 'mps', got {self.device!r}")
+        if self.canvases not in CANVAS_RULES:
+            raise ValueError(f"[train] canvases must be one of {CANVAS_RULES}, got {self.canvases!r}")
+        if self.distill_file and (self.data_kind != "text" or not 0 <= self.distill_fraction <= 1):
+            raise ValueError("data.distill_file mixes into text data, with 0 <= data.distill_fraction <= 1")
+        if self.response_canvases not in ("random", "most"):
+            raise ValueError(f"[data] response_canvases must be 'random' or 'most', got {self.response_canvases!r}")
 
     def model_config_object(self) -> ModelConfig:
         """The architecture, read without building the model (from the config or the checkpoint's config.json)."""
@@ -331,8 +342,12 @@ class Trainer:
             if not self.dist.main:
                 streams = [tokenize_texts(tok, pieces, cache / f"{name}.npy")
                            for name, pieces in (("train", texts[0]), ("heldout", texts[1]))]
-            return tuple(TextWindows(stream, config.window, canvas, tok.bos_token_id, config.min_prompt)
-                         for stream in streams)
+            train, heldout = (TextWindows(stream, config.window, canvas, tok.bos_token_id, config.min_prompt,
+                                          config.response_canvases) for stream in streams)
+            if config.distill_file:  # the held-out figures stay on real text
+                train = Mixture(train, DistilledExamples.from_file(config.distill_file, config.distill_encoder_loss),
+                                config.distill_fraction)
+            return train, heldout
         eos = self._eos_id()
         train = ChatExamples.from_jsonl(Path(config.train_jsonl), tok, eos)
         evaluation = ChatExamples.from_jsonl(Path(config.eval_jsonl), tok, eos) if config.eval_jsonl else train
@@ -363,7 +378,7 @@ class Trainer:
             text = texts[files[0].name]
             cut = _paragraph_cut(text, int(len(text) * 0.9))
             train, heldout = [text[:cut]], [text[cut:]]
-        return (train, heldout), directory / _fingerprint(self.tokenizer_dir, files)
+        return (train, heldout), directory / corpus_fingerprint(self.tokenizer_dir, files)
 
     def _eos_id(self) -> int:
         eos = self.generation_config.eos_token_ids or self.model.config.eos_token_ids
@@ -382,7 +397,7 @@ class Trainer:
         cfg = self.config
         return lay_out(examples, cfg.micro_batch_size, self.model.config.canvas_length, self.model.config.vocab_size,
                        self._eos_id(), self._pad_id(), seed, step, cfg.eps, cfg.self_conditioning_prob,
-                       first_index=first_index)
+                       first_index=first_index, canvases=cfg.canvases)
 
     def _loss(self, sums: LossSums, canvas_tokens: int, encoder_tokens: int) -> torch.Tensor:
         cfg = self.config
@@ -400,7 +415,8 @@ class Trainer:
         cfg, step = self.config, self.step
         started = time.perf_counter()
         examples = self.train_source.examples(cfg.seed, step, cfg.batch_size)
-        canvas_tokens = cfg.batch_size * self.model.config.canvas_length
+        canvas_length = self.model.config.canvas_length
+        canvas_tokens = canvas_length * sum(trained_canvases(e, canvas_length, cfg.canvases) for e in examples)
         encoder_tokens = sum(_encoder_target_count(e) for e in examples)
         per_rank = cfg.batch_size // self.dist.world
         first = self.dist.rank * per_rank
@@ -641,16 +657,10 @@ def _publish(directory: Path, target: Path) -> None:
 
 
 def _encoder_target_count(example: Example) -> int:
+    if not example.encoder_loss:
+        return 0
     total = len(example.prompt) + len(example.response)
     return total - (1 if example.encoder_loss_on_prompt else len(example.prompt))
-
-
-def _fingerprint(tokenizer_dir: Path, files: list[Path]) -> str:
-    """Names the token cache: the tokenizer and the corpus files (names, order, contents)."""
-    digest = hashlib.sha256((tokenizer_dir / "tokenizer.json").read_bytes())
-    for path in files:
-        digest.update(path.name.encode() + hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()[:16]
 
 
 def plot_losses(history: list[dict[str, float]], path: Path) -> None:
