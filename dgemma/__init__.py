@@ -39,13 +39,16 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
 
 
-def load(path: str | Path | None = None, dtype: torch.dtype | None = None,
-         device: str | torch.device = "cpu") -> DiffusionGemmaForBlockDiffusion:
-    """Load a checkpoint: a directory (config.json, safetensors, optional generation_config.json), a Hugging Face
-    repo id resolved from the local Hugging Face cache, or the bundled model when `path` is None."""
+def load(path: str | Path | None = None, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+         keep_quantized: bool = True, quantize: str | None = None) -> DiffusionGemmaForBlockDiffusion:
+    """Load a checkpoint: a directory (config.json, safetensors, optional generation_config.json), a GGUF file
+    (its quantised matrices kept quantised unless `keep_quantized=False`), a Hugging Face repo id resolved from
+    the local Hugging Face cache, or the bundled model when `path` is None. `quantize` ("int8" or "int4")
+    quantises a safetensors checkpoint's matrices as they load."""
     from .pretrained import DiffusionGemmaForBlockDiffusion
 
-    return DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=dtype, device=device)
+    return DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=dtype, device=device,
+                                                           keep_quantized=keep_quantized, quantize=quantize)
 
 
 def save(model: DiffusionGemma, path: str | Path, max_shard_bytes: int = 5 * 2**30,

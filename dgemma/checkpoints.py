@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from .config import ModelConfig
 from .gguf import GGUFCheckpoint
 from .model import DiffusionGemma
+from .quantized import QUANTIZED_TYPES, GroupQuantized, attach, quantized_weights, scheme_type
 
 logger = logging.getLogger(__name__)
 
@@ -264,8 +265,11 @@ def checkpoint_dtype(directory: str | Path) -> torch.dtype:
 
 
 def load_model(directory: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-               config: ModelConfig | None = None, model_class: type[DiffusionGemma] = DiffusionGemma) -> DiffusionGemma:
-    """Build a `model_class` from a checkpoint directory, converting weights to `dtype` (default: as stored)."""
+               config: ModelConfig | None = None, model_class: type[DiffusionGemma] = DiffusionGemma,
+               quantize: str | None = None) -> DiffusionGemma:
+    """Build a `model_class` from a checkpoint directory, converting weights to `dtype` (default: as stored).
+    `quantize` ("int8" or "int4", see `dgemma.quantized.scheme_type`) keeps the scheme's matrices quantised
+    instead, computed in `dtype`; they are quantised one at a time, as they are read."""
     directory = Path(directory)
     config = config or ModelConfig.from_file(directory)
     dtype = dtype or checkpoint_dtype(directory)
@@ -299,8 +303,13 @@ def load_model(directory: str | Path, dtype: torch.dtype | None = None, device: 
         raise CheckpointError("\n".join(lines))
     if skipped:
         logger.warning("skipped %d vision tensors: dgemma runs the text model only", skipped)
+    quantized = {}
+    for name in list(loaded) if quantize else []:
+        qtype = scheme_type(checkpoint_name(name), tuple(loaded[name].shape), quantize)
+        if qtype is not None:
+            quantized[name] = GroupQuantized.quantize(loaded.pop(name), qtype).to(device, dtype)
     state = {name: _convert(tensor, dtype, device, checkpoint_name(name)) for name, tensor in loaded.items()}
-    return _assign(model, state, device)
+    return _assign(model, state, device, quantized)
 
 
 def tied_names(model: DiffusionGemma) -> dict[str, str]:
@@ -308,9 +317,15 @@ def tied_names(model: DiffusionGemma) -> dict[str, str]:
     return {"encoder." + name: "decoder." + name for name in model.tied_parameter_names()}
 
 
-def _assign(model: DiffusionGemma, state: dict[str, torch.Tensor], device: str | torch.device) -> DiffusionGemma:
-    """Give a model built on the meta device its tensors (tied names share the decoder's)."""
-    state.update({encoder: state[decoder] for encoder, decoder in tied_names(model).items()})
+def _assign(model: DiffusionGemma, state: dict[str, torch.Tensor], device: str | torch.device,
+            quantized: dict[str, GroupQuantized] | None = None) -> DiffusionGemma:
+    """Give a model built on the meta device its tensors (tied names share the decoder's); `quantized` weights (by
+    module name) take the place of their parameters, in the decoder and in the encoder that ties to it."""
+    tied = tied_names(model)
+    for name, weight in (quantized or {}).items():
+        for target in [name, *(encoder for encoder, decoder in tied.items() if decoder == name)]:
+            attach(model, target, weight)
+    state.update({encoder: state[decoder] for encoder, decoder in tied.items() if decoder in state})
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()  # assignment gave tied names separate Parameter objects
     model.reset_rope(device)
@@ -318,10 +333,12 @@ def _assign(model: DiffusionGemma, state: dict[str, torch.Tensor], device: str |
 
 
 def load_gguf_model(checkpoint: GGUFCheckpoint, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                    model_class: type[DiffusionGemma] = DiffusionGemma) -> DiffusionGemma:
-    """Build a `model_class` from a read GGUF file, every tensor dequantised exactly as the `gguf` library does
-    and cast to `dtype` (default: bfloat16 when the file holds quantised tensors, else its float type). The file's
-    tensors were checked against its metadata when it was read."""
+                    model_class: type[DiffusionGemma] = DiffusionGemma, keep_quantized: bool = True) -> DiffusionGemma:
+    """Build a `model_class` from a read GGUF file. Quantised matrices stay quantised (`GroupQuantized`, computed in
+    `dtype`) unless `keep_quantized` is False; every other tensor, and all of them without `keep_quantized`, is
+    dequantised exactly as the `gguf` library does and cast to `dtype` (default: bfloat16 when the file holds
+    quantised tensors, else its float type). The file's tensors were checked against its metadata when it was
+    read."""
     config = ModelConfig.from_dict(checkpoint.config)
     if dtype is None:
         floats = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -330,9 +347,14 @@ def load_gguf_model(checkpoint: GGUFCheckpoint, dtype: torch.dtype | None = None
             else torch.bfloat16
     with torch.device("meta"):
         model = model_class(config)
-    state = {module_name(name): checkpoint.dequantized(name, dtype).to(device)
-             for name in checkpoint.tensor_names()}
-    return _assign(model, state, device)
+    state, quantized = {}, {}
+    for name in checkpoint.tensor_names():
+        data, qtype, shape = checkpoint.raw(name)
+        if keep_quantized and qtype.name in QUANTIZED_TYPES and len(shape) >= 2:
+            quantized[module_name(name)] = GroupQuantized.from_gguf(data, qtype, shape).to(device, dtype)
+        else:
+            state[module_name(name)] = checkpoint.dequantized(name, dtype).to(device)
+    return _assign(model, state, device, quantized)
 
 
 def _convert(tensor: torch.Tensor, dtype: torch.dtype, device: str | torch.device, name: str) -> torch.Tensor:
@@ -348,6 +370,10 @@ def save_model(model: DiffusionGemma, directory: str | Path, max_shard_bytes: in
                extra_files: dict[str, str | bytes] | None = None) -> Path:
     """Write config.json and safetensors (sharded above `max_shard_bytes`) atomically into `directory`."""
     directory = Path(directory)
+    if any(True for _ in quantized_weights(model)):
+        raise CheckpointError(f"cannot save to {directory}: the model's weights are kept quantised, and safetensors "
+                              "checkpoints hold floating point (load it with keep_quantized=False, or write a "
+                              "GGUF file with dgemma quantize)")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().contiguous().cpu() for name, t in to_checkpoint_names(model).items()}
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
@@ -373,6 +399,30 @@ def save_model(model: DiffusionGemma, directory: str | Path, max_shard_bytes: in
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def export_gguf(directory: str | Path, out: str | Path, scheme: str) -> tuple[Path, dict[str, str]]:
+    """Write a safetensors checkpoint as a DiffusionGemma GGUF file (llama.cpp's layout, so other runtimes read it)
+    with its matrices quantised by `scheme` (`dgemma.quantized.scheme_type`), the rest F32, its generation settings,
+    tokenizer and chat template in the metadata. Returns the path and the quantised tensors' types."""
+    from .gguf import write_gguf
+
+    directory = Path(directory)
+    config = json.loads((directory / "config.json").read_text())
+    tensors = to_checkpoint_names(load_model(directory, dtype=torch.float32))
+    types = {name: qtype for name, tensor in tensors.items()
+             if (qtype := scheme_type(name, tuple(tensor.shape), scheme)) is not None}
+
+    def text(name: str) -> str | None:
+        return (directory / name).read_text() if (directory / name).is_file() else None
+
+    generation, tokenizer_config = text("generation_config.json"), text("tokenizer_config.json")
+    tokenizer_config = json.loads(tokenizer_config) if tokenizer_config else {}
+    path = write_gguf(out, config, tensors, types=types,
+                      generation=json.loads(generation) if generation else None,
+                      tokenizer_json=text("tokenizer.json"), tokenizer_config=tokenizer_config,
+                      chat_template=text("chat_template.jinja") or tokenizer_config.get("chat_template"))
+    return path, types
 
 
 def _plan_shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:

@@ -20,6 +20,7 @@ Conventions, for every command:
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import io
 import json
 import logging
@@ -78,6 +79,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint directory or Hugging Face repo id (default: the bundled model)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: as stored)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
+    parser.add_argument("--weights", choices=("stored", "float", "int8", "int4"), default="stored",
+                        help="stored: as the checkpoint holds them (a GGUF file's quantised matrices stay quantised); "
+                             "float: a GGUF file's dequantised; int8, int4: a safetensors checkpoint's matrices "
+                             "quantised as they load (see dgemma quantize)")
     parser.add_argument("--threads", type=positive_int,
                         help="threads to compute with (default: one per core that is idle when the command starts)")
 
@@ -201,7 +206,9 @@ def load_for_generation(args: argparse.Namespace):
 
     check_device(args.device)
     directory = resolve_checkpoint(args.model)
-    model = load(directory, dtype=DTYPES[args.dtype] if args.dtype else None, device=args.device)
+    model = load(directory, dtype=DTYPES[args.dtype] if args.dtype else None, device=args.device,
+                 keep_quantized=args.weights != "float",
+                 quantize=args.weights if args.weights in ("int8", "int4") else None)
     return model, Tokenizer.from_checkpoint(directory)
 
 
@@ -450,6 +457,16 @@ def check_listen_address(host: str, port: int) -> None:
             raise ValueError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .checkpoints import export_gguf, resolve_checkpoint
+
+    source = resolve_checkpoint(args.source)
+    path, types = export_gguf(source, args.out, args.scheme)
+    counts = ", ".join(f"{count} {name}" for name, count in sorted(Counter(types.values()).items()))
+    print(f"{path}: {path.stat().st_size / 2**20:,.1f} MiB ({counts})")
+    return EXIT_OK
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serving.app import serve
 
@@ -594,6 +611,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model_dir", nargs="?", metavar="DIR", help="checkpoint directory (default: the bundled model)")
     info.add_argument("--model", help="the same as DIR")
     info.add_argument("--json", action="store_true")
+
+    quantize = command("quantize", cmd_quantize, help="write a safetensors checkpoint as a quantised GGUF file")
+    quantize.add_argument("source", metavar="SRC", help="checkpoint directory or Hugging Face repo id")
+    quantize.add_argument("out", metavar="OUT", help="the .gguf file to write")
+    quantize.add_argument("--scheme", choices=("int8", "int4"), default="int4",
+                          help="int8: every matrix Q8_0; int4: MLP and expert matrices Q4_K (Q4_0 where rows are "
+                               "not a multiple of 256), embeddings, router and attention Q8_0")
 
     serve = command("serve", cmd_serve, help="serve an OpenAI-compatible API and the playground")
     add_model_options(serve)

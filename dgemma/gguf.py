@@ -847,7 +847,7 @@ _K_ENCODERS: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]] = {
 _K_CHUNK = 4096  # super-blocks per numpy pass: about 4 MB of input, so the search's temporaries stay small
 
 
-def _quantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+def quantize_blocks(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     """data [..., n] as GGML `qtype`: float arrays for F32/F16, bytes [..., n / block * block_bytes] otherwise."""
     if qtype not in _K_ENCODERS:
         return _gguf_quantize(data, qtype)
@@ -1024,7 +1024,7 @@ def _encode(tensor: torch.Tensor, qtype: GGMLQuantizationType, name: str, source
     values = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
     if not np.isfinite(values).all():
         raise GGUFError(f"{source}: {name} holds NaN or infinite values")
-    return _quantize(values, qtype)
+    return quantize_blocks(values, qtype)
 
 
 def _add_tensor_info(writer: GGUFWriter, name: str, shape: tuple[int, ...], qtype: GGMLQuantizationType) -> None:

@@ -193,9 +193,11 @@ class Experts(nn.Module):
         expert_of, order = torch.sort(index.reshape(-1))  # (token, choice) pairs grouped by expert
         rows = x[order // top_k]
         counts = torch.bincount(expert_of, minlength=self.num_experts)
-        if not exact and x.device.type == "cpu":
+        stored_as_tensors = isinstance(self.gate_up_proj, torch.Tensor) and isinstance(self.down_proj, torch.Tensor)
+        if not exact and x.device.type == "cpu" and stored_as_tensors:
             # Each expert's rows in a [E, capacity, H] batch: two batched matmuls instead of 2E small ones, faster
             # than grouped_mm on a CPU. (Reading the capacity back is free there; elsewhere grouped_mm needs none.)
+            # Quantised experts are dequantised one at a time instead (grouped_linear), never all at once.
             slot = torch.arange(expert_of.numel(), device=x.device) - (torch.cumsum(counts, 0) - counts)[expert_of]
             batch = x.new_zeros(self.num_experts, int(counts.max()), x.shape[-1])
             batch[expert_of, slot] = rows
@@ -212,14 +214,16 @@ class Experts(nn.Module):
 
 
 def grouped_linear(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """rows [S, in] grouped by expert (group e ends at ends[e]) times weight[e].T, [E, out, in] -> [S, out]."""
-    weight_t = weight.transpose(-2, -1)
-    # grouped_mm (what the reference runs) needs every non-unit stride to be a multiple of 16 bytes.
-    strides = (*rows.stride(), *weight_t.stride())
-    aligned = all(stride == 1 or stride * rows.element_size() % 16 == 0 for stride in strides)
-    if aligned and rows.dtype == weight.dtype:
-        return F.grouped_mm(rows, weight_t, offs=ends)
-    # Odd sizes take one matmul per expert instead.
+    """rows [S, in] grouped by expert (group e ends at ends[e]) times weight[e].T, [E, out, in] -> [S, out]. A
+    quantised weight (`dgemma.quantized.GroupQuantized`) is dequantised one expert at a time."""
+    if isinstance(weight, torch.Tensor):
+        weight_t = weight.transpose(-2, -1)
+        # grouped_mm (what the reference runs) needs every non-unit stride to be a multiple of 16 bytes.
+        strides = (*rows.stride(), *weight_t.stride())
+        aligned = all(stride == 1 or stride * rows.element_size() % 16 == 0 for stride in strides)
+        if aligned and rows.dtype == weight.dtype:
+            return F.grouped_mm(rows, weight_t, offs=ends)
+    # Odd sizes and quantised weights take one matmul per expert instead.
     out = rows.new_empty(rows.shape[0], weight.shape[1])
     begin = 0
     for expert, end in enumerate(ends.tolist()):

@@ -29,17 +29,24 @@ class DiffusionGemmaForBlockDiffusion(DiffusionGemma):
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, dtype: torch.dtype | None = None,
-                        device: str | torch.device = "cpu") -> "DiffusionGemmaForBlockDiffusion":
+                        device: str | torch.device = "cpu", keep_quantized: bool = True,
+                        quantize: str | None = None) -> "DiffusionGemmaForBlockDiffusion":
         """Load a checkpoint directory, a GGUF file, a Hugging Face repo id (local cache first) or, with None, the
-        bundled model. Safetensors weights are memory-mapped and converted to `dtype` (default: as stored); GGUF
-        weights are dequantised as the `gguf` library does (default dtype: bfloat16 for quantised files)."""
+        bundled model. Safetensors weights are memory-mapped and converted to `dtype` (default: as stored), or with
+        `quantize` ("int8", "int4") the scheme's matrices are quantised as they load. A GGUF file's quantised
+        matrices stay quantised, or with `keep_quantized=False` are dequantised as the `gguf` library does (default
+        dtype: bfloat16 for quantised files)."""
         where = resolve_checkpoint(path)
         if is_gguf(where):
+            if quantize is not None:
+                raise ValueError(f"{where} is a GGUF file: its weights are quantised as stored (quantize= is for "
+                                 "safetensors checkpoints)")
             checkpoint = read_gguf(where)
-            model = load_gguf_model(checkpoint, dtype=dtype, device=device, model_class=cls)
+            model = load_gguf_model(checkpoint, dtype=dtype, device=device, model_class=cls,
+                                    keep_quantized=keep_quantized)
             model.generation_config = GenerationConfig.from_dict(checkpoint.generation)
             return model
-        model = load_model(where, dtype=dtype, device=device, model_class=cls)
+        model = load_model(where, dtype=dtype, device=device, model_class=cls, quantize=quantize)
         model.generation_config = GenerationConfig.from_file(where)
         return model
 

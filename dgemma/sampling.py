@@ -317,7 +317,10 @@ def fast_step(hidden: torch.Tensor, head: torch.Tensor, embedding: torch.Tensor,
     for start in range(0, n, outer):
         end = min(start + outer, n)
         logits = workspace.take("logits", end - start, vocab, head.dtype, hidden.device)
-        torch.mm(rows[start:end], head.t(), out=logits)  # [R, V] in the model dtype
+        if isinstance(head, torch.Tensor):
+            torch.mm(rows[start:end], head.t(), out=logits)  # [R, V] in the model dtype
+        else:  # a quantised vocabulary matrix, dequantised a tile of rows at a time
+            head.linear(rows[start:end], out=logits)
         totals = torch.empty(end - start, 1, dtype=torch.float32, device=hidden.device)
         for first in range(0, end - start, inner):
             last = min(first + inner, end - start)

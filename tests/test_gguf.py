@@ -24,7 +24,7 @@ from dgemma.checkpoints import to_checkpoint_names
 from dgemma.config import FULL, SLIDING, ModelConfig
 from dgemma.generation_config import GenerationConfig
 from dgemma.gguf import (SUPPORTED_TYPES, GGUFError, _config_from_metadata, _expected_shapes, _field_value,
-                         _model_metadata, _quantize, read_gguf, write_gguf)
+                         _model_metadata, quantize_blocks, read_gguf, write_gguf)
 from dgemma.model import DiffusionGemma
 
 from dgemma.recipes.bpe import train_tokenizer
@@ -140,7 +140,7 @@ GGML_REFERENCE = {
 @pytest.mark.parametrize("qtype", list(GGML_REFERENCE), ids=lambda t: t.name)
 def test_k_quants_are_ggml_reference_bytes(qtype):
     x = known_input()
-    blocks = _quantize(x, qtype)
+    blocks = quantize_blocks(x, qtype)
     assert hashlib.sha256(blocks.tobytes()).hexdigest() == GGML_REFERENCE[qtype]
     values = dequantize(blocks, qtype)
     assert values.shape == x.shape

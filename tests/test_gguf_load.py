@@ -1,4 +1,4 @@
-"""GGUF files as models: `dgemma.load("model.gguf")` dequantises exactly as the gguf library does, runs token for
+"""GGUF files as models: `dgemma.load("model.gguf", keep_quantized=False)` dequantises exactly as the gguf library does, runs token for
 token as transformers does with the same weights, reads its tokenizer and generation settings from the metadata,
 and every command takes `--model FILE.gguf`."""
 
@@ -38,7 +38,7 @@ def quantized(tmp_path_factory):
 
 
 def test_weights_are_the_gguf_librarys_dequantisation(quantized):
-    model = dgemma.load(quantized, dtype=torch.float32)
+    model = dgemma.load(quantized, dtype=torch.float32, keep_quantized=False)
     checkpoint = read_gguf(quantized)
     ours = to_checkpoint_names(model)
     assert sorted(ours) == sorted(checkpoint.tensor_names())
@@ -52,7 +52,7 @@ def test_weights_are_the_gguf_librarys_dequantisation(quantized):
 def test_reference_mode_is_token_identical_to_transformers_on_the_dequantised_weights(quantized, tmp_path):
     pytest.importorskip("transformers")
     from oracle import load_reference
-    ours = dgemma.load(quantized, dtype=torch.float32)
+    ours = dgemma.load(quantized, dtype=torch.float32, keep_quantized=False)
     ours.save_pretrained(tmp_path / "dequantised")
     reference = load_reference(tmp_path / "dequantised")
     ids = torch.randint(3, 8192, (1, 12), generator=torch.Generator().manual_seed(0))

@@ -40,6 +40,7 @@ from ..engine import CanvasCommitted, DraftStep, Engine, Group, until_eos
 from ..generation import autoregressive_steps
 from ..generation_config import GenerationConfig
 from ..model import DiffusionGemma
+from ..quantized import quantized_weights
 from ..tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -333,4 +334,7 @@ def model_fingerprint(model: DiffusionGemma) -> str:
             digest.update(torch.cat([flat[:8], flat[-8:]]).float().cpu().numpy().tobytes())
         except (RuntimeError, TypeError, IndexError):  # packed, exotic or empty: name, shape and dtype stand for it
             pass
+    for name, weight in quantized_weights(model):  # kept quantised: not in the state dict
+        digest.update(f"{name}{weight.shape}{weight.qtype}".encode())
+        digest.update(weight.codes.reshape(-1)[:16].cpu().numpy().tobytes())
     return digest.hexdigest()[:12]

@@ -1,0 +1,389 @@
+"""Quantised weights kept quantised in memory: GGUF block formats as integer codes with per-group scales.
+
+A `GroupQuantized` holds a weight [..., N, K] as unsigned integer codes plus one float32 scale (and, for some types,
+one float32 offset) per group of `group` consecutive values along K, and rebuilds the values with
+`value = (code - zero_code) * scale + offset`.
+
+Design choices:
+- One affine representation for every supported GGML type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K), so the
+  forward pass dequantises any of them with the same few elementwise torch ops, on whatever device the tensors are
+  on, with no per-type kernel. The GGUF block layouts (bit planes spread over byte ranges, 6-bit scales packed into
+  12 bytes, fp16 super-block scales) are decoded once, at load (`from_gguf`), by numpy over all blocks at once.
+- Dequantisation is bitwise equal to `gguf.quants.dequantize`, the oracle the rest of dgemma dequantises GGUF files
+  with, so a model run on quantised weights computes exactly what the same model dequantised at load computes. That
+  fixes the representation: the stored scales and offsets are the float32 per-group products gguf forms (d * sc and
+  dmin * m for the K-quants, d * scale for Q6_K, d and m themselves for the others). A K-quant product needs up to 18
+  significant bits, more than fp16 or bf16 hold: stored rounded, most values change. From there every step before
+  the offset is exact in float32: code - zero_code is a small integer, and code times scale needs at most 23
+  significant bits (Q6_K's 5-bit code magnitudes times 18-bit scales). The one rounding is the final addition of the
+  offset, a correctly rounded IEEE add in numpy and in torch alike, so the bits are the same on every device, fused
+  multiply-add or not. `dequantize` still does each step as its own in-place torch op, in gguf's order.
+- The offset is always added: +m for Q4_1 and Q5_1 (whose minimum is stored as is), -(dmin * m) for Q4_K and Q5_K
+  (which subtract it). x + (-y) and x - y are the same IEEE operation, so one formula serves both exactly. Types
+  without an offset (Q8_0, Q4_0, Q5_0, Q6_K) store None and skip the addition.
+- Codes are uint8 for every type, with the type's zero point as `zero_code`: 8 for Q4_0, 16 for Q5_0, 32 for Q6_K,
+  0 for the types with an offset. Q8_0's signed int8 codes are stored offset by 128 (its byte XOR 0x80) with
+  zero_code 128, so that every type unpacks the same way.
+- 4-bit codes (Q4_0, Q4_1, Q4_K) are packed two per byte, byte j of a row holding column 2j in its low nibble and
+  column 2j + 1 in its high nibble: this halves the memory of the types large models are shipped in, and adjacent
+  pairs unpack with one stack and a reshape, whatever the type's own GGUF nibble order. 5-, 6- and 8-bit codes take
+  one byte each: packing them would cost bit-plane gathers on every forward pass.
+- Memory, against the GGUF bytes of the same tensor: Q8_0 36/34 bytes per 32 values (1.06x), Q4_0 20/18 (1.11x),
+  Q4_1 24/20 (1.20x), Q5_0 36/22 (1.64x), Q5_1 40/24 (1.67x), Q4_K 192/144 per 256 (1.33x), Q5_K 320/176 (1.82x),
+  Q6_K 320/210 (1.52x). Scales are one float32 per 32 values (per 16 for Q6_K) instead of GGUF's fp16 super-block
+  scale times 6-bit sub-block scales: the price of exact, kernel-free dequantisation.
+- `dequantize(index)` dequantises only the selected leading-dimension entries (one expert of [E, N, K], some rows of
+  [N, K]), so a mixture-of-experts layer materialises the experts it runs, never the whole stacked tensor.
+- `from_gguf` decodes `_CHUNK_VALUES` values per numpy pass into preallocated outputs: vectorised over all the blocks
+  of a chunk, and a real expert tensor (hundreds of millions of values) never needs more than a few chunk-sized
+  temporaries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from torch import nn
+
+
+# eq=False: the fields are tensors, whose == is elementwise; identity is the only meaningful equality here.
+@dataclass(eq=False)
+class GroupQuantized:
+    """A weight of shape [..., N, K] kept as integer codes with one scale (and optional offset) per group of
+    `group` consecutive values along K: value = (code - zero_code) * scale[..., n, k // group] (+ offset[..., n, k //
+    group])."""
+
+    codes: torch.Tensor  # uint8 [..., N, K // 2] for 4-bit codes (column 2j low nibble, 2j + 1 high), else [..., N, K]
+    bits: int  # 4, 5, 6 or 8
+    group: int  # values per scale
+    scale: torch.Tensor  # float32 [..., N, K // group]
+    offset: torch.Tensor | None  # float32 [..., N, K // group], added after scaling; or None
+    zero_code: int  # subtracted from the code before scaling
+    shape: tuple[int, ...]  # the dequantized shape [..., N, K]
+    qtype: str  # the GGML type name it came from, e.g. "Q4_K"
+    dtype: torch.dtype = torch.float32  # what the network computes with it in: the dtype of its dequantised tiles
+
+    def __post_init__(self) -> None:
+        # Checked once here so that a mis-built instance fails with its shapes named, not inside a reshape later.
+        *lead, k = self.shape
+        packed = k // 2 if self.bits == 4 else k
+        groups = (*lead, k // self.group)
+        if (self.codes.dtype != torch.uint8 or tuple(self.codes.shape) != (*lead, packed) or k % self.group
+                or tuple(self.scale.shape) != groups
+                or (self.offset is not None and tuple(self.offset.shape) != groups)):
+            raise ValueError(
+                f"inconsistent {self.qtype} GroupQuantized for shape {self.shape}, {self.bits} bits, group "
+                f"{self.group}: codes {self.codes.dtype} {tuple(self.codes.shape)}, scale {tuple(self.scale.shape)}, "
+                f"offset {None if self.offset is None else tuple(self.offset.shape)}")
+
+    def dequantize(self, index: int | slice | torch.Tensor | None = None,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The values (of the leading-dimension entries `index` when given: an expert of [E, N, K], rows of [N, K]),
+        computed in float32 exactly as gguf.quants.dequantize does, then cast to dtype."""
+        codes, scale, offset = self.codes, self.scale, self.offset
+        if index is not None:
+            codes, scale = codes[index], scale[index]
+            offset = None if offset is None else offset[index]
+        if self.bits == 4:
+            codes = torch.stack((codes & 0x0F, codes >> 4), dim=-1)
+        # [..., K // group, group], so that each group's scale and offset broadcast over its values.
+        values = codes.reshape(*scale.shape, self.group).float()
+        # In place on the fresh float32 tensor (no temporaries), one op per step of gguf's formula, in its order.
+        if self.zero_code:
+            values.sub_(self.zero_code)
+        values.mul_(scale.unsqueeze(-1))
+        if offset is not None:
+            values.add_(offset.unsqueeze(-1))
+        return values.reshape(*scale.shape[:-1], self.shape[-1]).to(dtype)
+
+    def nbytes(self) -> int:
+        """bytes held (codes + scales + offsets)"""
+        tensors = [self.codes, self.scale] + ([] if self.offset is None else [self.offset])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> GroupQuantized:
+        """The same weight with its codes, scales and offsets on `device`, computed in `dtype` (the scales and
+        offsets stay float32 whatever it is: they are exact only there)."""
+        device = self.device if device is None else device
+        return replace(self, codes=self.codes.to(device), scale=self.scale.to(device),
+                       offset=None if self.offset is None else self.offset.to(device), dtype=dtype or self.dtype)
+
+    def __getitem__(self, index: int) -> GroupQuantized:
+        """Entry `index` of the leading dimension (one expert of [E, N, K]), still quantised."""
+        return replace(self, codes=self.codes[index], scale=self.scale[index],
+                       offset=None if self.offset is None else self.offset[index], shape=self.shape[1:])
+
+    @classmethod
+    def quantize(cls, tensor: torch.Tensor, qtype: str) -> GroupQuantized:
+        """A float tensor [..., N, K] quantised to GGML type `qtype` as `dgemma quantize` writes it."""
+        from .gguf import quantize_blocks
+
+        kind = GGMLQuantizationType[qtype]
+        values = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
+        return cls.from_gguf(quantize_blocks(values, kind), kind, tuple(tensor.shape))
+
+    def linear(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., K] @ self.T, into `out` when given (the sampler's preallocated logits)."""
+        return _linear(x, self, None, out)
+
+    def __rmatmul__(self, weights: torch.Tensor) -> torch.Tensor:
+        """weights [..., N] @ self [N, K]: the self-conditioning mix of embeddings."""
+        return _mix(weights, self)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        """The network's calls on a weight (see "as a weight of the network" below); anything else is refused by
+        name rather than silently dequantising a whole matrix."""
+        kwargs = kwargs or {}
+        if func is F.linear:
+            return _linear(*args, **kwargs)
+        if func is F.embedding:
+            ids, weight = args[0], args[1]
+            return weight.dequantize(ids.reshape(-1), weight.dtype).view(*ids.shape, -1)
+        raise TypeError(f"{getattr(func, '__name__', func)} is not defined on a quantised weight")
+
+    @classmethod
+    def from_gguf(cls, data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> GroupQuantized:
+        """From a GGUF tensor's raw block bytes (uint8, as gguf.GGUFReader's tensor.data gives them: shape [..., N,
+        K//block*type_size]) and its checkpoint shape [..., N, K] (K multiple of the block size)."""
+        qtype = GGMLQuantizationType(qtype)
+        if qtype.name not in _LAYOUTS:
+            raise ValueError(f"GGML type {qtype.name} cannot be kept quantized: supported types are "
+                             f"{', '.join(_LAYOUTS)}")
+        layout = _LAYOUTS[qtype.name]
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        *lead, k = shape = tuple(int(d) for d in shape)
+        if k % block:
+            raise ValueError(f"{qtype.name} tensor of shape {shape}: its last dimension is not a multiple of the "
+                             f"block size {block}")
+        expected = (*lead, k // block * type_size)
+        if data.dtype != np.uint8 or data.shape != expected:
+            raise ValueError(f"{qtype.name} tensor of shape {shape} needs uint8 block bytes of shape {expected}, "
+                             f"got {data.dtype} {data.shape}")
+
+        blocks = data.reshape(-1, type_size)
+        n_blocks = blocks.shape[0]
+        groups = block // layout.group
+        codes = np.empty((n_blocks, block // 2 if layout.bits == 4 else block), dtype=np.uint8)
+        scale = np.empty((n_blocks, groups), dtype=np.float32)
+        offset = np.empty((n_blocks, groups), dtype=np.float32) if layout.has_offset else None
+        step = max(1, _CHUNK_VALUES // block)
+        for start in range(0, n_blocks, step):
+            part = slice(start, start + step)
+            values, scale[part], chunk_offset = layout.decode(blocks[part])
+            codes[part] = values[:, 0::2] | (values[:, 1::2] << 4) if layout.bits == 4 else values
+            if offset is not None:
+                offset[part] = chunk_offset
+        return cls(codes=torch.from_numpy(codes.reshape(*lead, -1)), bits=layout.bits, group=layout.group,
+                   scale=torch.from_numpy(scale.reshape(*lead, -1)),
+                   offset=None if offset is None else torch.from_numpy(offset.reshape(*lead, -1)),
+                   zero_code=layout.zero_code, shape=shape, qtype=qtype.name)
+
+
+# ---- GGUF block layouts ------------------------------------------------------------------------------------------
+# Each decoder maps blocks uint8 [B, type_size] to (codes uint8 [B, block] one per column, scale float32 [B, groups],
+# offset float32 [B, groups] or None), the scales and offsets being the float32 products gguf's dequantize forms.
+
+_CHUNK_VALUES = 1 << 22  # values decoded per numpy pass: a few tens of MB of temporaries
+_QK_K = 256  # values per K-quant super-block
+
+_Decoded = tuple[np.ndarray, np.ndarray, np.ndarray | None]
+
+
+class _Layout(NamedTuple):
+    bits: int
+    group: int
+    zero_code: int
+    has_offset: bool
+    decode: Callable[[np.ndarray], _Decoded]
+
+
+def _fp16(blocks: np.ndarray, at: int) -> np.ndarray:
+    """The fp16 stored at byte `at` of each block, as float32 [B, 1]."""
+    return np.ascontiguousarray(blocks[:, at:at + 2]).view(np.float16).astype(np.float32)
+
+
+def _halves(packed: np.ndarray) -> np.ndarray:
+    """Bytes [..., P] -> [..., 2P]: the low nibbles of a run of P bytes, then its high nibbles (ggml's order)."""
+    return np.concatenate((packed & 0x0F, packed >> 4), axis=-1)
+
+
+def _fifth_bits(qh: np.ndarray) -> np.ndarray:
+    """Q5_0 / Q5_1's 32-bit little-endian mask [B, 4] -> bit i of it (column i's fifth bit) [B, 32]."""
+    return np.unpackbits(qh, axis=-1, bitorder="little")
+
+
+def _k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K's twelve scale bytes [B, 12] -> (the 6-bit scales, the 6-bit minimums), each [B, 8]. Sub-blocks
+    0-3 keep theirs in the low six bits of bytes 0-3 (scales) and 4-7 (minimums); sub-blocks 4-7 keep their low four
+    bits in bytes 8-11 (scale low nibble, minimum high nibble) and their top two bits in the spare top bits of bytes
+    0-3 (scales) and 4-7 (minimums)."""
+    first, second, third = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
+    scales = np.concatenate((first & 0x3F, (third & 0x0F) | ((first >> 6) << 4)), axis=1)
+    minimums = np.concatenate((second & 0x3F, (third >> 4) | ((second >> 6) << 4)), axis=1)
+    return scales, minimums
+
+
+def _q8_0(blocks: np.ndarray) -> _Decoded:
+    # d fp16, 32 int8 codes; XOR 0x80 turns each int8 into its value + 128 as uint8.
+    return blocks[:, 2:34] ^ 0x80, _fp16(blocks, 0), None
+
+
+def _q4_0(blocks: np.ndarray) -> _Decoded:
+    # d fp16, 16 bytes: columns 0-15 in the low nibbles, 16-31 in the high ones.
+    return _halves(blocks[:, 2:18]), _fp16(blocks, 0), None
+
+
+def _q4_1(blocks: np.ndarray) -> _Decoded:
+    # d fp16, m fp16, 16 bytes of nibbles as Q4_0.
+    return _halves(blocks[:, 4:20]), _fp16(blocks, 0), _fp16(blocks, 2)
+
+
+def _q5_0(blocks: np.ndarray) -> _Decoded:
+    # d fp16, 4 bytes of fifth bits, 16 bytes of low nibbles as Q4_0.
+    return _halves(blocks[:, 6:22]) | (_fifth_bits(blocks[:, 2:6]) << 4), _fp16(blocks, 0), None
+
+
+def _q5_1(blocks: np.ndarray) -> _Decoded:
+    # d fp16, m fp16, 4 bytes of fifth bits, 16 bytes of low nibbles as Q4_0.
+    return _halves(blocks[:, 8:24]) | (_fifth_bits(blocks[:, 4:8]) << 4), _fp16(blocks, 0), _fp16(blocks, 2)
+
+
+def _k_affine(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K's (scale d * sc, offset -(dmin * m)) per 32-value sub-block, each float32 [B, 8]."""
+    scales, minimums = _k_scales(blocks[:, 4:16])
+    return _fp16(blocks, 0) * scales.astype(np.float32), -(_fp16(blocks, 2) * minimums.astype(np.float32))
+
+
+def _k_low_nibbles(qs: np.ndarray) -> np.ndarray:
+    """Q4_K / Q5_K's 128 nibble bytes [B, 128] -> [B, 256]: bytes 32p..32p+31 hold sub-block 2p in their low
+    nibbles and sub-block 2p + 1 in their high ones."""
+    return _halves(qs.reshape(-1, 4, 32)).reshape(-1, _QK_K)
+
+
+def _q4_k(blocks: np.ndarray) -> _Decoded:
+    # d fp16, dmin fp16, 12 scale bytes, 128 nibble bytes.
+    return _k_low_nibbles(blocks[:, 16:144]), *_k_affine(blocks)
+
+
+def _q5_k(blocks: np.ndarray) -> _Decoded:
+    # d fp16, dmin fp16, 12 scale bytes, 32 bytes of fifth bits (bit s of byte j: column j of sub-block s),
+    # 128 nibble bytes as Q4_K.
+    fifth = (blocks[:, None, 16:48] >> np.arange(8, dtype=np.uint8)[:, None]) & 1
+    return _k_low_nibbles(blocks[:, 48:176]) | (fifth.reshape(-1, _QK_K) << 4), *_k_affine(blocks)
+
+
+def _q6_k(blocks: np.ndarray) -> _Decoded:
+    # 128 bytes of low nibbles, 64 bytes of 2-bit high parts, 16 int8 scales, d fp16. Each half h of the super-block
+    # (128 columns) has 64 low-nibble bytes (columns 0-63 of the half low, 64-127 high) and 32 high-part bytes
+    # (bits 2t, 2t + 1 of byte j: column 32t + j of the half).
+    low = _halves(blocks[:, 0:128].reshape(-1, 2, 64))
+    high = (blocks[:, 128:192].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8)[:, None]) & 0x03
+    codes = low.reshape(-1, _QK_K) | (high.reshape(-1, _QK_K) << 4)
+    return codes, _fp16(blocks, 208) * blocks[:, 192:208].view(np.int8).astype(np.float32), None
+
+
+_LAYOUTS: dict[str, _Layout] = {
+    "Q8_0": _Layout(bits=8, group=32, zero_code=128, has_offset=False, decode=_q8_0),
+    "Q4_0": _Layout(bits=4, group=32, zero_code=8, has_offset=False, decode=_q4_0),
+    "Q4_1": _Layout(bits=4, group=32, zero_code=0, has_offset=True, decode=_q4_1),
+    "Q5_0": _Layout(bits=5, group=32, zero_code=16, has_offset=False, decode=_q5_0),
+    "Q5_1": _Layout(bits=5, group=32, zero_code=0, has_offset=True, decode=_q5_1),
+    "Q4_K": _Layout(bits=4, group=32, zero_code=0, has_offset=True, decode=_q4_k),
+    "Q5_K": _Layout(bits=5, group=32, zero_code=0, has_offset=True, decode=_q5_k),
+    "Q6_K": _Layout(bits=6, group=16, zero_code=32, has_offset=False, decode=_q6_k),
+}
+
+QUANTIZED_TYPES = tuple(_LAYOUTS)  # the GGML types a model keeps quantised
+
+# ---- as a weight of the network ------------------------------------------------------------------------------------
+# A GroupQuantized stands where the network has a weight tensor: nn.Linear's F.linear, the embedding's F.embedding,
+# the self-conditioning `probs @ embedding`, an expert's `weight[e]` in grouped_linear, the sampler's head matmul.
+# Those calls reach `__torch_function__`, which dequantises a tile of rows at a time in the compute dtype, so no
+# matrix is ever expanded whole (the released vocabulary matrix alone is 1.5 GB in bf16).
+
+TILE_VALUES = 1 << 22  # values dequantised at once: 8 MB in bf16, a few tiles per vocabulary matrix row block
+
+
+def _rows_per_tile(width: int) -> int:
+    return max(1, TILE_VALUES // width)
+
+
+def _linear(x: torch.Tensor, weight: GroupQuantized, bias: torch.Tensor | None = None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ weight[N, K].T (+ bias) in x's dtype, a tile of weight rows at a time."""
+    rows, width = weight.shape
+    tile = _rows_per_tile(width)
+    if rows <= tile and out is None:
+        return F.linear(x, weight.dequantize(None, x.dtype), bias)
+    out = x.new_empty(*x.shape[:-1], rows) if out is None else out
+    for start in range(0, rows, tile):
+        end = min(start + tile, rows)
+        out[..., start:end] = F.linear(x, weight.dequantize(slice(start, end), x.dtype),
+                                       None if bias is None else bias[start:end])
+    return out
+
+
+def _mix(weights: torch.Tensor, matrix: GroupQuantized) -> torch.Tensor:
+    """weights [..., N] @ matrix[N, K] in weights' dtype, summed over tiles of matrix rows in fp32 and rounded once."""
+    rows, width = matrix.shape
+    tile = _rows_per_tile(width)
+    if rows <= tile:
+        return weights @ matrix.dequantize(None, weights.dtype)
+    total = torch.zeros(*weights.shape[:-1], width, dtype=torch.float32, device=weights.device)
+    for start in range(0, rows, tile):
+        end = min(start + tile, rows)
+        total += (weights[..., start:end] @ matrix.dequantize(slice(start, end), weights.dtype)).float()
+    return total.to(weights.dtype)
+
+
+def attach(model: nn.Module, name: str, weight: GroupQuantized) -> None:
+    """Put `weight` where the parameter `name` (a module path) was: the network's calls on it then reach it."""
+    owner_path, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_path)
+    owner._parameters.pop(attr, None)  # a Parameter slot refuses anything but a Parameter
+    setattr(owner, attr, weight)
+
+
+def quantized_weights(model: nn.Module) -> Iterator[tuple[str, GroupQuantized]]:
+    """(module path, weight) of every weight kept quantised, each once (an encoder tied to the decoder shares its
+    objects: the first path found, the decoder's, names it)."""
+    seen: set[int] = set()
+    modules = sorted(model.named_modules(), key=lambda item: not item[0].startswith("decoder"))
+    for path, module in modules:
+        for attr, value in vars(module).items():
+            if isinstance(value, GroupQuantized) and id(value) not in seen:
+                seen.add(id(value))
+                yield f"{path}.{attr}" if path else attr, value
+
+
+# ---- quantisation schemes ------------------------------------------------------------------------------------------
+
+SCHEMES = ("int8", "int4")
+# Under int4 these stay at eight bits: the embedding is also the vocabulary head, and quantised logits cost the
+# entropy-bound sampler steps (a noisier distribution has more entropy, so fewer positions pass the bound); the
+# router's choices and attention are small in bytes next to the experts, and sensitive.
+_EIGHT_BIT_UNDER_INT4 = ("embed_tokens.", "lm_head.", "router.", "self_attn.")
+
+
+def scheme_type(name: str, shape: tuple[int, ...], scheme: str) -> str | None:
+    """The GGML type a checkpoint tensor takes under `scheme`, or None to keep it in floating point. int8: every
+    matrix Q8_0. int4: the MLP, expert and self-conditioning matrices Q4_K (Q4_0 when their rows are not a multiple
+    of Q4_K's 256-value super-blocks, as the released experts' 704), the rest Q8_0. Vectors (norm weights, scales)
+    and matrices whose rows are not a multiple of 32 stay floating point."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantisation scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
+    if len(shape) < 2 or shape[-1] % 32:
+        return None
+    if scheme == "int8" or any(part in name for part in _EIGHT_BIT_UNDER_INT4):
+        return "Q8_0"
+    return "Q4_K" if shape[-1] % 256 == 0 else "Q4_0"

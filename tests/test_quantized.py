@@ -1,0 +1,169 @@
+"""dgemma.quantized: GGUF block formats kept as codes + per-group scales.
+
+Oracle: `gguf.quants.dequantize`, which dequantisation must match bit for bit. Test tensors are quantised by
+`gguf.quants.quantize` (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) or by dgemma's ports of ggml's reference K-quantizers
+(`dgemma.gguf.quantize_blocks`: Q4_K, Q5_K, Q6_K, which gguf-py cannot quantise).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize
+
+import dgemma.quantized
+from dgemma.gguf import quantize_blocks
+from dgemma.quantized import GroupQuantized
+
+TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
+SHAPES = [(6, 512), (3, 4, 512)]  # [N, K] and [E, N, K]; K spans two K-quant super-blocks
+
+
+@lru_cache(maxsize=None)
+def raw(qtype: T, shape: tuple[int, ...]) -> np.ndarray:
+    """Block bytes of a random tensor whose rows span magnitudes 1e-3..1e2, with one all-zero row (scale 0: signed
+    zeros) and one all-negative row (nonzero minimums), so scales, offsets and codes take varied values."""
+    rng = np.random.default_rng(sum(shape) * 100 + list(T).index(qtype))
+    rows = rng.standard_normal(shape, dtype=np.float32).reshape(-1, shape[-1])
+    rows *= np.float32(10.0) ** rng.uniform(-3, 2, size=(rows.shape[0], 1)).astype(np.float32)
+    rows[0] = 0
+    rows[1] = -1 - np.abs(rows[1])
+    return quantize_blocks(rows.reshape(shape), qtype)
+
+
+def oracle(qtype: T, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.from_numpy(dequantize(raw(qtype, shape), qtype).reshape(shape))
+
+
+def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    # torch.equal calls 0.0 and -0.0 equal; comparing the bit patterns as well makes the check truly bitwise.
+    assert actual.dtype == expected.dtype == torch.float32 and actual.shape == expected.shape
+    assert torch.equal(actual, expected)
+    assert torch.equal(actual.view(torch.int32), expected.view(torch.int32))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["2d", "3d"])
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_dequantize_is_bitwise_equal_to_gguf(qtype: T, shape: tuple[int, ...]) -> None:
+    quantized = GroupQuantized.from_gguf(raw(qtype, shape), qtype, shape)
+    assert quantized.shape == shape and quantized.qtype == qtype.name
+    assert_bitwise_equal(quantized.dequantize(), oracle(qtype, shape))
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_decoding_in_chunks_matches_one_pass(qtype: T, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Real tensors are decoded in many chunks, the test tensors above in one: force 3 blocks per chunk, which leaves
+    # a partial last chunk.
+    shape = SHAPES[1]
+    monkeypatch.setattr(dgemma.quantized, "_CHUNK_VALUES", 3 * GGML_QUANT_SIZES[qtype][0])
+    assert_bitwise_equal(GroupQuantized.from_gguf(raw(qtype, shape), qtype, shape).dequantize(), oracle(qtype, shape))
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_dequantize_index_selects_leading_entries(qtype: T) -> None:
+    for shape, indices in [(SHAPES[0], [4, slice(2, 5), torch.tensor([5, 0, 5])]),  # rows of [N, K]
+                           (SHAPES[1], [1, slice(1, 3), torch.tensor([2, 0])])]:  # experts of [E, N, K]
+        quantized, full = GroupQuantized.from_gguf(raw(qtype, shape), qtype, shape), oracle(qtype, shape)
+        for index in indices:
+            assert_bitwise_equal(quantized.dequantize(index), full[index])
+        assert torch.equal(quantized.dequantize(1, dtype=torch.bfloat16), full[1].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_dequantize_on_each_device_is_bitwise_equal_to_gguf(qtype: T, device: str) -> None:
+    # The ops run where the tensors are: every tensor must move, and the device's float32 ops must give gguf's bits.
+    shape = SHAPES[1]
+    quantized = GroupQuantized.from_gguf(raw(qtype, shape), qtype, shape).to(device)
+    tensors = [quantized.codes, quantized.scale] + ([] if quantized.offset is None else [quantized.offset])
+    assert all(t.device.type == torch.device(device).type for t in tensors)
+    full = oracle(qtype, shape)
+    assert_bitwise_equal(quantized.dequantize().cpu(), full)
+    assert_bitwise_equal(quantized.dequantize(torch.tensor([2, 0], device=device)).cpu(), full[[2, 0]])
+
+
+# (bits, group, zero_code, offset): "+m" adds the stored minimum, "-dmin*m" adds the negated product.
+REPRESENTATION = {"Q8_0": (8, 32, 128, None), "Q4_0": (4, 32, 8, None), "Q4_1": (4, 32, 0, "+m"),
+                  "Q5_0": (5, 32, 16, None), "Q5_1": (5, 32, 0, "+m"), "Q4_K": (4, 32, 0, "-dmin*m"),
+                  "Q5_K": (5, 32, 0, "-dmin*m"), "Q6_K": (6, 16, 32, None)}
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_representation_is_the_documented_one(qtype: T) -> None:
+    shape = SHAPES[0]
+    quantized = GroupQuantized.from_gguf(raw(qtype, shape), qtype, shape)
+    bits, group, zero_code, offset = REPRESENTATION[qtype.name]
+    assert (quantized.bits, quantized.group, quantized.zero_code) == (bits, group, zero_code)
+    assert quantized.codes.dtype == torch.uint8 and quantized.scale.dtype == torch.float32
+    assert quantized.scale.shape == (*shape[:-1], shape[-1] // group)
+    codes = quantized.codes
+    if bits == 4:  # two per byte: column 2j in the low nibble of byte j, column 2j + 1 in the high nibble
+        assert codes.shape == (*shape[:-1], shape[-1] // 2)
+        codes = torch.stack((codes & 0x0F, codes >> 4), dim=-1).reshape(shape)
+    assert codes.shape == shape and int(codes.max()) < 2 ** bits
+    expected = (codes.float() - zero_code) * quantized.scale.repeat_interleave(group, dim=-1)
+    if offset is None:
+        assert quantized.offset is None
+    else:
+        expected = expected + quantized.offset.repeat_interleave(group, dim=-1)
+        # Row 1 is all negative, so its minimum is negative in both conventions: the offset is always added.
+        assert bool((quantized.offset[1] < 0).all())
+    assert_bitwise_equal(expected, oracle(qtype, shape))
+
+
+# Bytes held per GGUF block of the type (codes + float32 scales + float32 offsets), next to the block's own bytes.
+BYTES_PER_BLOCK = {"Q8_0": 32 + 4, "Q4_0": 16 + 4, "Q4_1": 16 + 4 + 4, "Q5_0": 32 + 4, "Q5_1": 32 + 4 + 4,
+                   "Q4_K": 128 + 32 + 32, "Q5_K": 256 + 32 + 32, "Q6_K": 256 + 64}
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_nbytes_counts_codes_scales_and_offsets(qtype: T) -> None:
+    shape = SHAPES[1]
+    data = raw(qtype, shape)
+    quantized = GroupQuantized.from_gguf(data, qtype, shape)
+    tensors = [quantized.codes, quantized.scale] + ([] if quantized.offset is None else [quantized.offset])
+    assert quantized.nbytes() == sum(t.numel() * t.element_size() for t in tensors)
+    blocks = data.nbytes // GGML_QUANT_SIZES[qtype][1]
+    assert quantized.nbytes() == blocks * BYTES_PER_BLOCK[qtype.name]
+    if qtype == T.Q4_K:  # the type large models ship in stays within 1.5x of its file size
+        assert quantized.nbytes() <= 1.5 * data.nbytes
+
+
+def test_from_gguf_takes_gguf_readers_tensor_data(tmp_path) -> None:
+    # GGUFReader gives each tensor's bytes as a read-only memory-mapped [..., N, bytes per row] array and its shape
+    # in ggml order (reversed).
+    path = tmp_path / "t.gguf"
+    writer = GGUFWriter(path, "test")
+    for qtype, shape in [(T.Q4_K, SHAPES[1]), (T.Q8_0, SHAPES[0])]:
+        writer.add_tensor(qtype.name, raw(qtype, shape), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    for tensor in GGUFReader(path).tensors:
+        qtype, shape = T(tensor.tensor_type), tuple(int(d) for d in reversed(tensor.shape))
+        assert_bitwise_equal(GroupQuantized.from_gguf(tensor.data, qtype, shape).dequantize(), oracle(qtype, shape))
+
+
+@pytest.mark.parametrize("qtype", [T.F16, T.F32, T.Q2_K, T.Q3_K, T.IQ4_NL], ids=lambda t: t.name)
+def test_unsupported_type_raises_value_error_naming_it(qtype: T) -> None:
+    with pytest.raises(ValueError, match=rf"\b{qtype.name}\b"):
+        GroupQuantized.from_gguf(np.zeros((4, 256), dtype=np.uint8), qtype, (4, 256))
+
+
+def test_mismatched_bytes_or_shape_raise_value_error() -> None:
+    data = raw(T.Q4_K, SHAPES[0])
+    with pytest.raises(ValueError, match="needs uint8 block bytes of shape"):
+        GroupQuantized.from_gguf(data, T.Q4_K, (3, 1024))  # the same bytes, another shape
+    with pytest.raises(ValueError, match="needs uint8 block bytes of shape"):
+        GroupQuantized.from_gguf(data.view(np.int8), T.Q4_K, SHAPES[0])
+    with pytest.raises(ValueError, match="not a multiple of the block size 256"):
+        GroupQuantized.from_gguf(data, T.Q4_K, (6, 500))
+    quantized = GroupQuantized.from_gguf(data, T.Q4_K, SHAPES[0])
+    with pytest.raises(ValueError, match="inconsistent Q4_K GroupQuantized"):
+        GroupQuantized(codes=quantized.codes, bits=5, group=32, scale=quantized.scale, offset=quantized.offset,
+                       zero_code=0, shape=SHAPES[0], qtype="Q4_K")  # 5-bit codes would be unpacked, one per byte

@@ -1,0 +1,172 @@
+"""Models whose weights stay quantised: GGUF files as stored, safetensors checkpoints quantised at load, `dgemma
+quantize`. Each is compared with the same model given the dequantised values as float weights."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import dgemma
+from dgemma.cache import KVCache
+from dgemma.checkpoints import CheckpointError, bundled_model_dir, checkpoint_name, to_checkpoint_names
+from dgemma.cli import main as cli_main
+from dgemma.gguf import read_gguf, write_gguf
+from dgemma.quantized import quantized_weights, scheme_type
+
+from test_gguf import K_CONFIG, model_tensors
+
+TYPES = ("Q4_K", "Q8_0", "Q6_K", "Q4_0", "Q5_K", "Q4_1", "Q5_0", "Q5_1")
+# fp32 logits of a kept-quantised model against the same values as float weights: the matmuls see the same numbers,
+# but one expert or tile at a time instead of in one call, which may sum in another order.
+LOGITS_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """A MoE model with every matrix in one of the kept types (each type on several kinds of tensor)."""
+    config = dict(K_CONFIG, text_config=dict(K_CONFIG["text_config"], vocab_size=8192))
+    tensors = model_tensors(config)
+    matrices = sorted(name for name, tensor in tensors.items() if tensor.dim() > 1)
+    types = {name: TYPES[i % len(TYPES)] for i, name in enumerate(matrices)}
+    path = tmp_path_factory.mktemp("kept") / "mixed.gguf"
+    tokenizer_dir = bundled_model_dir()
+    write_gguf(path, config, tensors, types=types,
+               tokenizer_json=(tokenizer_dir / "tokenizer.json").read_text(),
+               tokenizer_config=json.loads((tokenizer_dir / "tokenizer_config.json").read_text()))
+    return path, types
+
+
+def both_logits(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder logits of the prompt, and decoder logits of a canvas after it (with self-conditioning)."""
+    cache = KVCache(model.config, ids.shape[0], model.dtype, model.device, capacity=ids.shape[1] + 8)
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    encoder = model.logits(model.encode(ids, cache.encoder_plan(model.rope, valid)))
+    cache.commit(valid)
+    canvas = ids[:, :model.config.canvas_length]
+    plan = cache.decoder_plan(model.rope, ids.shape[0], canvas.shape[1])
+    first = model.logits(model.decode(canvas, plan))
+    second = model.logits(model.decode(canvas, plan, model.soft_embeddings(first)))
+    return encoder, second
+
+
+def test_gguf_matrices_stay_quantised_and_compute_what_their_dequantised_values_compute(mixed):
+    path, types = mixed
+    kept = dgemma.load(path, dtype=torch.float32)
+    expanded = dgemma.load(path, dtype=torch.float32, keep_quantized=False)
+    held = dict(quantized_weights(kept))
+    # Every quantised matrix is held as it is stored (in the decoder, and tied into the encoder), none as floats.
+    assert {checkpoint_name(name): w.qtype for name, w in held.items()} == types
+    assert all(p.dim() == 1 for p in kept.parameters())
+    assert kept.encoder.layers[0].self_attn.q_proj.weight is kept.decoder.layers[0].self_attn.q_proj.weight
+    floats = to_checkpoint_names(expanded)
+    checkpoint = read_gguf(path)
+    for name, weight in held.items():
+        stored = checkpoint_name(name)
+        assert torch.equal(weight.dequantize(), checkpoint.dequantized(stored)), name
+        assert torch.equal(weight.dequantize(), floats[stored]), name
+    ids = torch.randint(3, 8192, (2, 12), generator=torch.Generator().manual_seed(0))
+    for ours, reference in zip(both_logits(kept, ids), both_logits(expanded, ids)):
+        torch.testing.assert_close(ours, reference, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_kept_quantised_model_generates_in_both_sampling_modes(mixed):
+    path, _ = mixed
+    model = dgemma.load(path)
+    assert model.dtype == torch.bfloat16  # quantised files compute in bf16 by default
+    ids = torch.randint(3, 8192, (1, 6), generator=torch.Generator().manual_seed(1))
+    for sampling in ("fast", "reference"):
+        out = model.generate(ids, max_new_tokens=10, max_denoising_steps=4, sampling=sampling,
+                             generator=torch.Generator().manual_seed(0))
+        assert out.sequences.shape == (1, 16) and out.sequences.dtype == torch.long
+
+
+def test_a_kept_quantised_model_is_not_saved_as_safetensors(mixed, tmp_path):
+    with pytest.raises(CheckpointError, match="kept quantised"):
+        dgemma.load(mixed[0]).save_pretrained(tmp_path / "out")
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantize_at_load_computes_what_the_quantised_values_compute(random_checkpoint, scheme):
+    directory = random_checkpoint("moe")
+    kept = dgemma.load(directory, dtype=torch.float32, quantize=scheme)
+    floats = dgemma.load(directory, dtype=torch.float32)
+    expected = {name: scheme_type(name, tuple(t.shape), scheme) for name, t in to_checkpoint_names(floats).items()}
+    held = dict(quantized_weights(kept))
+    assert {checkpoint_name(name): w.qtype for name, w in held.items()} == {n: t for n, t in expected.items() if t}
+    # The float model given the quantised values computes the same logits.
+    with torch.no_grad():
+        for name, weight in held.items():
+            floats.get_parameter(name).copy_(weight.dequantize())
+    ids = torch.randint(3, floats.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    for ours, reference in zip(both_logits(kept, ids), both_logits(floats, ids)):
+        torch.testing.assert_close(ours, reference, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_int4_scheme_keeps_embeddings_router_and_attention_at_eight_bits():
+    assert scheme_type("model.decoder.embed_tokens.weight", (1024, 256), "int4") == "Q8_0"
+    assert scheme_type("model.decoder.layers.0.self_attn.q_proj.weight", (512, 256), "int4") == "Q8_0"
+    assert scheme_type("model.decoder.layers.0.router.proj.weight", (4, 256), "int4") == "Q8_0"
+    assert scheme_type("model.decoder.layers.0.experts.gate_up_proj", (4, 512, 256), "int4") == "Q4_K"
+    assert scheme_type("model.decoder.layers.0.experts.down_proj", (4, 2816, 704), "int4") == "Q4_0"
+    assert scheme_type("model.decoder.layers.0.mlp.up_proj.weight", (512, 256), "int8") == "Q8_0"
+    assert scheme_type("model.decoder.norm.weight", (256,), "int4") is None
+    assert scheme_type("model.decoder.layers.0.mlp.up_proj.weight", (512, 40), "int4") is None  # rows not in blocks
+    with pytest.raises(ValueError, match="int2"):
+        scheme_type("model.decoder.norm.weight", (256,), "int2")
+
+
+def test_dgemma_quantize_writes_a_gguf_that_loads_as_the_quantised_checkpoint(random_checkpoint, tmp_path, capsys):
+    directory = random_checkpoint("moe")
+    out = tmp_path / "model-int4.gguf"
+    assert cli_main(["quantize", str(directory), str(out), "--scheme", "int4"]) == 0
+    assert str(out) in capsys.readouterr().out
+    from_file = dgemma.load(out, dtype=torch.float32)
+    at_load = dgemma.load(directory, dtype=torch.float32, quantize="int4")
+    file_weights, load_weights = dict(quantized_weights(from_file)), dict(quantized_weights(at_load))
+    assert sorted(file_weights) == sorted(load_weights)
+    for name in file_weights:
+        assert torch.equal(file_weights[name].dequantize(), load_weights[name].dequantize()), name
+    assert from_file.generation_config.max_denoising_steps == at_load.generation_config.max_denoising_steps
+
+
+def test_weights_option_on_the_command_line(mixed, tmp_path, capsys):
+    path, _ = mixed
+    for weights in ("stored", "float"):
+        assert cli_main(["generate", "hello", "--model", str(path), "--weights", weights, "--max-new-tokens", "8",
+                         "--steps", "2", "--seed", "0"]) == 0
+    capsys.readouterr()
+    assert cli_main(["generate", "hello", "--model", str(path), "--weights", "int8", "--max-new-tokens", "8"]) == 2
+    assert "GGUF" in capsys.readouterr().err
+
+
+def test_resident_memory_of_a_kept_quantised_model_is_within_1_5x_its_file(tmp_path):
+    """Measured in a fresh process: resident memory after loading, less before (the runtime), against the file."""
+    config = dict(K_CONFIG, text_config=dict(K_CONFIG["text_config"], vocab_size=32768, hidden_size=1024,
+                                             intermediate_size=1024, moe_intermediate_size=512, num_experts=8))
+    tensors = model_tensors(config)
+    types = {name: ("Q8_0" if "embed" in name or "self_attn" in name or "router" in name else "Q4_K")
+             for name, t in tensors.items() if t.dim() > 1}
+    path = write_gguf(tmp_path / "m.gguf", config, tensors, types=types)
+    del tensors
+    script = textwrap.dedent(f"""
+        import json, torch, dgemma
+        from dgemma.quantized import quantized_weights
+        def rss():
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
+        dgemma.load({str(bundled_model_dir())!r})  # the runtime's first-use costs, outside the measurement
+        before = rss()
+        model = dgemma.load({str(path)!r})
+        print(json.dumps({{"loaded": rss() - before,
+                          "held": sum(w.nbytes() for _, w in quantized_weights(model))}}))
+    """)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    measured = json.loads(result.stdout)
+    size = path.stat().st_size
+    assert measured["held"] <= 1.5 * size
+    assert measured["loaded"] <= 1.5 * size, (measured, size)
