@@ -114,7 +114,8 @@ def generate_steps(model: DiffusionGemma, input_ids: torch.Tensor, config: Gener
     sequences = group.sequences[:, :prompt_length + budget]
     new_tokens = sequences[:, prompt_length:]
     pad = config.pad_token_id
-    counted = (new_tokens != pad).sum(dim=-1) if pad is not None else torch.full((batch,), new_tokens.shape[1])
+    counted = (new_tokens != pad).sum(dim=-1) if pad is not None else torch.full((batch,), new_tokens.shape[1],
+                                                                                     device=new_tokens.device)
     output = GenerationOutput(sequences=sequences, tokens_per_forward=counted / group.passes.clamp_min(1),
                               past_key_values=cache, decoder_forward_passes=group.passes)
     if group.wants_logprobs:

@@ -127,7 +127,13 @@ def reference_step(logits: torch.Tensor, temperature: torch.Tensor | None, model
         processed = process_logits(logits, temperature, None if bias is None else bias[:, None, :], top_k, top_p)
     batch, length, vocab = processed.shape
     probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
-    sampled = torch.multinomial(probs.view(-1, vocab), num_samples=1, generator=generator).view(batch, length)
+    flat = probs.view(-1, vocab)
+    if generator is not None and generator.device != flat.device:
+        # A generator draws where it lives (a CPU generator for a CUDA model): the same numbers on any device.
+        sampled = torch.multinomial(flat.to(generator.device), 1, generator=generator).to(flat.device)
+    else:
+        sampled = torch.multinomial(flat, num_samples=1, generator=generator)
+    sampled = sampled.view(batch, length)
     return StepResult(sampled=sampled, argmax=torch.argmax(processed, dim=-1),
                       entropy=categorical_entropy(processed), self_conditioning=processed.to(model_dtype))
 
@@ -279,7 +285,8 @@ def fast_step(hidden: torch.Tensor, head: torch.Tensor, embedding: torch.Tensor,
               softcap: float | None, temperature: torch.Tensor | None, uniforms: torch.Tensor,
               workspace: Workspace | None = None, matmul_elements: int = 1 << 27, digest_elements: int = 1 << 21,
               block: int = 1024, controls: Controls | None = None) -> StepResult:
-    """hidden: final-normed decoder states [B, L, H]; head: [V, H]; embedding: [V, H] (tied: the same tensor);
+    """hidden: final-normed decoder states [B, L, H]; head: [V, H]; embedding: [V, H] (tied: the same tensor; either
+    may be a `dgemma.quantized.GroupQuantized`, dequantised a tile of rows at a time);
     temperature: None, a scalar, or one per batch row [B]; uniforms: [B * L, 1] from `draw_uniforms`;
     workspace: buffers kept from the previous step (a fresh one when None); controls: logits processors per
     batch row (None: none, the unchanged path).

@@ -15,7 +15,8 @@ import jsonschema
 import torch
 
 import dgemma
-from dgemma.constraints import generate_structured, grammar_from
+from dgemma.constraints import grammar_from
+from dgemma.tasks import generate_structured
 from dgemma.tokenizer import Tokenizer
 
 SCHEMAS = json.loads((Path(__file__).parents[1] / "tests" / "data" / "schemas.json").read_text())
