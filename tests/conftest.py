@@ -57,6 +57,17 @@ def device(request) -> str:
     return request.param
 
 
+ROUNDING_ON_CUDA = ("on CUDA, cuBLAS and attention kernels are chosen by shape, so the same row computed in another "
+                    "batch or call shape can round differently and sample another token (seen on an H200, "
+                    "docs/performance.md); bit-exact on the CPU")
+
+
+def exact_on_cpu_only(request, device: str) -> None:
+    """Token identity that holds on the CPU and is expected, not promised, on CUDA: reported as xfail/xpass there."""
+    if str(device).startswith("cuda"):
+        request.applymarker(pytest.mark.xfail(reason=ROUNDING_ON_CUDA, strict=False))
+
+
 def pytest_collection_modifyitems(items):
     # Tests that compare against transformers (they use its checkpoints) are the oracle tests.
     for item in items:

@@ -10,6 +10,8 @@ import dgemma
 from dgemma.cache import KVCache
 from dgemma.engine import CanvasCommitted, Engine, Group, until_eos
 
+from conftest import exact_on_cpu_only
+
 SETTINGS = [  # (prompt length, seed, generation overrides)
     (5, 1, dict(max_new_tokens=40, max_denoising_steps=4)),
     (11, 2, dict(max_new_tokens=16, max_denoising_steps=7, t_min=0.1, t_max=0.3, entropy_bound=2.0)),
@@ -62,20 +64,23 @@ def run_engine(model, rows: int, arrivals: dict[int, list[int]], sampling: str =
     return {i: torch.cat(parts) if parts else torch.empty(0, dtype=torch.long) for i, parts in tokens.items()}
 
 
-def test_groups_joining_at_different_steps_get_the_tokens_they_get_alone(model):
+def test_groups_joining_at_different_steps_get_the_tokens_they_get_alone(model, device, request):
+    exact_on_cpu_only(request, device)
     expected = {i: alone(model, *SETTINGS[i]) for i in range(len(SETTINGS))}
     got = run_engine(model, rows=3, arrivals={0: [0, 1], 2: [2], 9: [3]})
     for i in expected:
         assert torch.equal(got[i], expected[i][:len(got[i])]) and len(got[i]) == len(expected[i]), f"group {i}"
 
 
-def test_reference_mode_groups_each_draw_their_own_numbers(model):
+def test_reference_mode_groups_each_draw_their_own_numbers(model, device, request):
+    exact_on_cpu_only(request, device)
     expected = {i: alone(model, *SETTINGS[i], sampling="reference") for i in (0, 1)}
     got = run_engine(model, rows=2, arrivals={0: [0, 1]}, sampling="reference")
     assert all(torch.equal(got[i], expected[i]) for i in expected)
 
 
-def test_a_cancelled_group_frees_its_row_and_the_others_are_unaffected(model):
+def test_a_cancelled_group_frees_its_row_and_the_others_are_unaffected(model, device, request):
+    exact_on_cpu_only(request, device)
     expected = {i: alone(model, *SETTINGS[i]) for i in (1, 2)}
     got = run_engine(model, rows=2, arrivals={0: [0, 1], 3: [2]}, cancel={0: 2})
     assert all(torch.equal(got[i], expected[i]) for i in expected)

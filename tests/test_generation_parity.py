@@ -9,6 +9,7 @@ import dgemma
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.oracle
+from conftest import exact_on_cpu_only  # noqa: E402
 from oracle import load_reference  # noqa: E402
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig  # noqa: E402
 
@@ -41,7 +42,8 @@ def padded_prompt(batch: int, length: int, vocab: int, seed: int) -> tuple[torch
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_reference_mode_is_token_identical(checkpoint_dir, case, dtype, device):
+def test_reference_mode_is_token_identical(checkpoint_dir, case, dtype, device, request):
+    exact_on_cpu_only(request, device)
     name, batch, prompt_len, budget, overrides = CASES[case]
     path = checkpoint_dir(name)
     ref, ours = load_reference(path, dtype, device), dgemma.load(path, dtype=dtype, device=device)
