@@ -41,6 +41,7 @@ import torch  # noqa: E402
 
 from . import __version__  # noqa: E402
 from .allocator import tune_allocator  # noqa: E402
+from .quantized import SCHEMES  # noqa: E402
 from .serving.settings import ServerSettings  # noqa: E402
 from .terminal import CanvasView, is_terminal, write_text  # noqa: E402
 from .tokenizer import check_text  # noqa: E402
@@ -79,10 +80,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint directory or Hugging Face repo id (default: the bundled model)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: as stored)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
-    parser.add_argument("--weights", choices=("stored", "float", "int8", "int4"), default="stored",
+    parser.add_argument("--weights", choices=("stored", "float", *SCHEMES), default="stored",
                         help="stored: as the checkpoint holds them (a GGUF file's quantised matrices stay quantised); "
-                             "float: a GGUF file's dequantised; int8, int4: a safetensors checkpoint's matrices "
-                             "quantised as they load (see dgemma quantize)")
+                             "float: a GGUF file's dequantised; int8, int4, q4_k_m: a safetensors checkpoint's "
+                             "matrices quantised as they load (see dgemma quantize)")
     parser.add_argument("--threads", type=positive_int,
                         help="threads to compute with (default: one per core that is idle when the command starts)")
 
@@ -208,7 +209,7 @@ def load_for_generation(args: argparse.Namespace):
     directory = resolve_checkpoint(args.model)
     model = load(directory, dtype=DTYPES[args.dtype] if args.dtype else None, device=args.device,
                  keep_quantized=args.weights != "float",
-                 quantize=args.weights if args.weights in ("int8", "int4") else None)
+                 quantize=args.weights if args.weights in SCHEMES else None)
     return model, Tokenizer.from_checkpoint(directory)
 
 
@@ -615,9 +616,10 @@ def build_parser() -> argparse.ArgumentParser:
     quantize = command("quantize", cmd_quantize, help="write a safetensors checkpoint as a quantised GGUF file")
     quantize.add_argument("source", metavar="SRC", help="checkpoint directory or Hugging Face repo id")
     quantize.add_argument("out", metavar="OUT", help="the .gguf file to write")
-    quantize.add_argument("--scheme", choices=("int8", "int4"), default="int4",
+    quantize.add_argument("--scheme", choices=SCHEMES, default="int4",
                           help="int8: every matrix Q8_0; int4: MLP and expert matrices Q4_K (Q4_0 where rows are "
-                               "not a multiple of 256), embeddings, router and attention Q8_0")
+                               "not a multiple of 256), embeddings, router and attention Q8_0; q4_k_m: like "
+                               "llama.cpp's Q4_K_M (Q6_K for the embedding, attention values and down projections)")
 
     serve = command("serve", cmd_serve, help="serve an OpenAI-compatible API and the playground")
     add_model_options(serve)

@@ -368,22 +368,34 @@ def quantized_weights(model: nn.Module) -> Iterator[tuple[str, GroupQuantized]]:
 
 # ---- quantisation schemes ------------------------------------------------------------------------------------------
 
-SCHEMES = ("int8", "int4")
+SCHEMES = ("int8", "int4", "q4_k_m")
 # Under int4 these stay at eight bits: the embedding is also the vocabulary head, and quantised logits cost the
 # entropy-bound sampler steps (a noisier distribution has more entropy, so fewer positions pass the bound); the
 # router's choices and attention are small in bytes next to the experts, and sensitive.
 _EIGHT_BIT_UNDER_INT4 = ("embed_tokens.", "lm_head.", "router.", "self_attn.")
 
 
+# Under q4_k_m these take Q6_K, as llama.cpp's Q4_K_M gives more bits to the output matrix (here the tied
+# embedding), attention's values and the down projections (llama.cpp does so in some layers; here in all).
+_SIX_BIT_UNDER_Q4_K_M = ("embed_tokens.", "lm_head.", "v_proj.", "down_proj")
+# llama.cpp's fallbacks for rows that are not a multiple of the K-quants' 256-value super-blocks.
+_K_FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}
+
+
 def scheme_type(name: str, shape: tuple[int, ...], scheme: str) -> str | None:
     """The GGML type a checkpoint tensor takes under `scheme`, or None to keep it in floating point. int8: every
     matrix Q8_0. int4: the MLP, expert and self-conditioning matrices Q4_K (Q4_0 when their rows are not a multiple
-    of Q4_K's 256-value super-blocks, as the released experts' 704), the rest Q8_0. Vectors (norm weights, scales)
-    and matrices whose rows are not a multiple of 32 stay floating point."""
+    of Q4_K's 256-value super-blocks, as the released experts' 704), the rest Q8_0. q4_k_m, like llama.cpp's
+    Q4_K_M: Q6_K for the embedding, attention's values and the down projections, Q4_K for the rest (Q8_0 and Q5_0
+    where rows are not a multiple of 256). Vectors (norm weights, scales) and matrices whose rows are not a multiple
+    of 32 stay floating point."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantisation scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
     if len(shape) < 2 or shape[-1] % 32:
         return None
+    if scheme == "q4_k_m":
+        qtype = "Q6_K" if any(part in name for part in _SIX_BIT_UNDER_Q4_K_M) else "Q4_K"
+        return qtype if shape[-1] % 256 == 0 else _K_FALLBACK[qtype]
     if scheme == "int8" or any(part in name for part in _EIGHT_BIT_UNDER_INT4):
         return "Q8_0"
     return "Q4_K" if shape[-1] % 256 == 0 else "Q4_0"

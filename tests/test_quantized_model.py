@@ -89,7 +89,7 @@ def test_a_kept_quantised_model_is_not_saved_as_safetensors(mixed, tmp_path):
         dgemma.load(mixed[0]).save_pretrained(tmp_path / "out")
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "q4_k_m"])
 def test_quantize_at_load_computes_what_the_quantised_values_compute(random_checkpoint, scheme):
     directory = random_checkpoint("moe")
     kept = dgemma.load(directory, dtype=torch.float32, quantize=scheme)
@@ -106,7 +106,7 @@ def test_quantize_at_load_computes_what_the_quantised_values_compute(random_chec
         torch.testing.assert_close(ours, reference, atol=LOGITS_ATOL, rtol=0)
 
 
-def test_int4_scheme_keeps_embeddings_router_and_attention_at_eight_bits():
+def test_schemes_choose_each_tensors_type():
     assert scheme_type("model.decoder.embed_tokens.weight", (1024, 256), "int4") == "Q8_0"
     assert scheme_type("model.decoder.layers.0.self_attn.q_proj.weight", (512, 256), "int4") == "Q8_0"
     assert scheme_type("model.decoder.layers.0.router.proj.weight", (4, 256), "int4") == "Q8_0"
@@ -115,6 +115,10 @@ def test_int4_scheme_keeps_embeddings_router_and_attention_at_eight_bits():
     assert scheme_type("model.decoder.layers.0.mlp.up_proj.weight", (512, 256), "int8") == "Q8_0"
     assert scheme_type("model.decoder.norm.weight", (256,), "int4") is None
     assert scheme_type("model.decoder.layers.0.mlp.up_proj.weight", (512, 40), "int4") is None  # rows not in blocks
+    assert scheme_type("model.decoder.embed_tokens.weight", (1024, 256), "q4_k_m") == "Q6_K"
+    assert scheme_type("model.decoder.layers.0.experts.down_proj", (4, 2816, 704), "q4_k_m") == "Q8_0"
+    assert scheme_type("model.decoder.layers.0.self_attn.q_proj.weight", (512, 256), "q4_k_m") == "Q4_K"
+    assert scheme_type("model.decoder.layers.0.experts.gate_up_proj", (4, 512, 2816 + 32), "q4_k_m") == "Q5_0"
     with pytest.raises(ValueError, match="int2"):
         scheme_type("model.decoder.norm.weight", (256,), "int2")
 

@@ -36,6 +36,7 @@ import torch
 
 from ..engine import until_eos
 from ..generation import CanvasCommitted, DraftStep, autoregressive_steps, generate_steps
+from ..quantized import SCHEMES
 from .metrics import perplexity_metrics, text_metrics
 from .passages import Passage, complete_words, cut_words, load_passages, split_passage, spread
 
@@ -398,6 +399,8 @@ def plot_frontier(report: dict, path: Path) -> Path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint directory (default: the bundled model)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: as stored)")
+    parser.add_argument("--weights", choices=("stored", *SCHEMES), default="stored",
+                        help="a safetensors checkpoint's matrices quantised as they load (see dgemma quantize)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (model and judge)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
     text = parser.add_mutually_exclusive_group()
@@ -447,7 +450,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     directory = resolve_checkpoint(args.model)
-    model = load(directory, dtype=DTYPES[args.dtype] if args.dtype else None, device=args.device)
+    model = load(directory, dtype=DTYPES[args.dtype] if args.dtype else None, device=args.device,
+                 quantize=None if args.weights == "stored" else args.weights)
     tokenizer = Tokenizer.from_checkpoint(directory)
     needed = args.prompt_words + args.continuation_words
     available = load_passages(args.text, args.corpus, min_words=needed)
@@ -469,7 +473,8 @@ def run(args: argparse.Namespace) -> int:
                        log=lambda m: print(f"[quality] {m}", file=sys.stderr, flush=True))
     report = evaluate(model, tokenizer, judge, passages, diffusion, autoregressive, list(range(args.seeds)),
                       args.prompt_words, args.continuation_words, args.max_new_tokens, args.keep_whitespace)
-    report.update(model=str(args.model or "bundled"), model_directory=str(directory),
+    report.update(model=str(args.model or "bundled") + ("" if args.weights == "stored" else f" ({args.weights})"),
+                  model_directory=str(directory),
                   arguments={k: v for k, v in vars(args).items()
                              if isinstance(v, (str, int, float, bool, list, type(None)))},
                   threads=torch.get_num_threads(), total_seconds=time.perf_counter() - started)
