@@ -47,6 +47,8 @@ def test_distinct_n_and_unigram_entropy_of_hand_made_texts():
     assert metrics["distinct_1"] == pytest.approx((0.5 + 1.0 + 1.0) / 3)  # the empty text has no unigram
     assert metrics["distinct_2"] == pytest.approx((2 / 3 + 1.0) / 2)  # nor does "solo" have a bigram
     assert metrics["unigram_entropy"] == pytest.approx((1.0 + 2.0 + 0.0) / 3)
+    assert metrics["letter_words"] == 1.0
+    assert text_metrics(['to lay . " ."'])["letter_words"] == pytest.approx(2 / 5)
 
 
 def test_perplexity_pools_tokens_and_the_interval_resamples_passages():

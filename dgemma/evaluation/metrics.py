@@ -9,6 +9,9 @@ Definitions (docs/quality.md):
   number of those tokens): tokens pooled, so a long continuation weighs more than a short one, as in a
   corpus perplexity. The geometric mean of per-continuation perplexities is reported too.
 - The 95 % interval resamples passages (a passage's seeds together) 1,000 times with a fixed seed.
+- Letter words of a continuation = the share of its words holding at least one letter. Runs of quotes, stops and
+  blank lines also buy a low perplexity (the judge reads whitespace collapsed, and `"."` after `"` is easy); held-out
+  prose and the bundled model's AR samples are above 0.9, degenerate diffusion samples far below.
 """
 
 from __future__ import annotations
@@ -38,15 +41,20 @@ def unigram_entropy(tokens: Sequence[str]) -> float | None:
     return -sum(c / total * math.log2(c / total) for c in Counter(tokens).values())
 
 
+def letter_share(tokens: Sequence[str]) -> float | None:
+    """The share of words holding at least one letter (None when there is no word)."""
+    return sum(any(c.isalpha() for c in t) for t in tokens) / len(tokens) if tokens else None
+
+
 def _mean(values: list[float | None]) -> float | None:
     kept = [v for v in values if v is not None]
     return sum(kept) / len(kept) if kept else None
 
 
 def text_metrics(texts: Sequence[str]) -> dict[str, float | None]:
-    """Mean word count, unigram entropy and distinct-1/2/3 over a set of continuations."""
+    """Mean word count, letter words, unigram entropy and distinct-1/2/3 over a set of continuations."""
     split = [words(t) for t in texts]
-    return {"mean_words": _mean([len(w) for w in split]),
+    return {"mean_words": _mean([len(w) for w in split]), "letter_words": _mean([letter_share(w) for w in split]),
             "unigram_entropy": _mean([unigram_entropy(w) for w in split]),
             **{f"distinct_{n}": _mean([distinct_n(w, n) for w in split]) for n in (1, 2, 3)}}
 

@@ -306,7 +306,7 @@ def _number(value, digits: int = 2) -> str:
 def table(report: dict) -> str:
     """A markdown table: one row per setting, the held-out text first."""
     header = ("| setting | tok/forward | tok/s | gen-ppl | 95 % interval | entropy (bits) | distinct-1 | distinct-2 "
-              "| distinct-3 | words |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+              "| distinct-3 | words | letter words |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     lines = []
     for row in [report["reference"], *report["settings"]]:
         m = row["metrics"]
@@ -315,7 +315,8 @@ def table(report: dict) -> str:
                      f"| {_number(m['gen_ppl'], 1)} | "
                      f"{f'{_number(interval[0], 1)}-{_number(interval[1], 1)}' if interval else '-'} "
                      f"| {_number(m['unigram_entropy'])} | {_number(m['distinct_1'])} | {_number(m['distinct_2'])} "
-                     f"| {_number(m['distinct_3'])} | {_number(m['mean_words'], 1)} |")
+                     f"| {_number(m['distinct_3'])} | {_number(m['mean_words'], 1)} "
+                     f"| {_number(m.get('letter_words'))} |")
     return header + "\n".join(lines) + "\n"
 
 
