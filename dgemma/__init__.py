@@ -43,7 +43,7 @@ def load(path: str | Path | None = None, dtype: torch.dtype | None = None, devic
          keep_quantized: bool = True, quantize: str | None = None) -> DiffusionGemmaForBlockDiffusion:
     """Load a checkpoint: a directory (config.json, safetensors, optional generation_config.json), a GGUF file
     (its quantised matrices kept quantised unless `keep_quantized=False`), a Hugging Face repo id resolved from
-    the local Hugging Face cache, or the bundled model when `path` is None. `quantize` ("int8" or "int4")
+    the local Hugging Face cache, or the bundled model when `path` is None. `quantize` ("int8", "int4", "q4_k_m")
     quantises a safetensors checkpoint's matrices as they load."""
     from .pretrained import DiffusionGemmaForBlockDiffusion
 

@@ -268,7 +268,7 @@ def load_model(directory: str | Path, dtype: torch.dtype | None = None, device: 
                config: ModelConfig | None = None, model_class: type[DiffusionGemma] = DiffusionGemma,
                quantize: str | None = None) -> DiffusionGemma:
     """Build a `model_class` from a checkpoint directory, converting weights to `dtype` (default: as stored).
-    `quantize` ("int8" or "int4", see `dgemma.quantized.scheme_type`) keeps the scheme's matrices quantised
+    `quantize` (a scheme of `dgemma.quantized.scheme_type`) keeps the scheme's matrices quantised
     instead, computed in `dtype`; they are quantised one at a time, as they are read."""
     directory = Path(directory)
     config = config or ModelConfig.from_file(directory)

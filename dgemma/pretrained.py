@@ -33,9 +33,9 @@ class DiffusionGemmaForBlockDiffusion(DiffusionGemma):
                         quantize: str | None = None) -> "DiffusionGemmaForBlockDiffusion":
         """Load a checkpoint directory, a GGUF file, a Hugging Face repo id (local cache first) or, with None, the
         bundled model. Safetensors weights are memory-mapped and converted to `dtype` (default: as stored), or with
-        `quantize` ("int8", "int4") the scheme's matrices are quantised as they load. A GGUF file's quantised
-        matrices stay quantised, or with `keep_quantized=False` are dequantised as the `gguf` library does (default
-        dtype: bfloat16 for quantised files)."""
+        `quantize` ("int8", "int4", "q4_k_m") the scheme's matrices are quantised as they load. A GGUF file's
+        quantised matrices stay quantised, or with `keep_quantized=False` are dequantised as the `gguf` library does
+        (default dtype: bfloat16 for quantised files)."""
         where = resolve_checkpoint(path)
         if is_gguf(where):
             if quantize is not None:
