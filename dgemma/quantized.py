@@ -308,10 +308,10 @@ QUANTIZED_TYPES = tuple(_LAYOUTS)  # the GGML types a model keeps quantised
 # ---- as a weight of the network ------------------------------------------------------------------------------------
 # A GroupQuantized stands where the network has a weight tensor: nn.Linear's F.linear, the embedding's F.embedding,
 # the self-conditioning `probs @ embedding`, an expert's `weight[e]` in grouped_linear, the sampler's head matmul.
-# Those calls reach `__torch_function__`, which dequantises a tile of rows at a time in the compute dtype, so no
-# matrix is ever expanded whole (the released vocabulary matrix alone is 1.5 GB in bf16).
+# Those calls reach `__torch_function__` (`__rmatmul__` for the `@`), which dequantise a tile of rows at a time in
+# the compute dtype, so no matrix is ever expanded whole (the released vocabulary matrix alone is 1.5 GB in bf16).
 
-TILE_VALUES = 1 << 22  # values dequantised at once: 8 MB in bf16, a few tiles per vocabulary matrix row block
+TILE_VALUES = 1 << 22  # values dequantised at once: 8 MB in bf16; the released vocabulary matrix is 176 tiles
 
 
 def _rows_per_tile(width: int) -> int:
@@ -373,8 +373,6 @@ SCHEMES = ("int8", "int4", "q4_k_m")
 # entropy-bound sampler steps (a noisier distribution has more entropy, so fewer positions pass the bound); the
 # router's choices and attention are small in bytes next to the experts, and sensitive.
 _EIGHT_BIT_UNDER_INT4 = ("embed_tokens.", "lm_head.", "router.", "self_attn.")
-
-
 # Under q4_k_m these take Q6_K, as llama.cpp's Q4_K_M gives more bits to the output matrix (here the tied
 # embedding), attention's values and the down projections (llama.cpp does so in some layers; here in all).
 _SIX_BIT_UNDER_Q4_K_M = ("embed_tokens.", "lm_head.", "v_proj.", "down_proj")
