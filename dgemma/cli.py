@@ -20,7 +20,6 @@ Conventions, for every command:
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 import io
 import json
 import logging
@@ -29,6 +28,7 @@ import os
 import sys
 import time
 import traceback
+from collections import Counter
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
