@@ -569,8 +569,6 @@ def processed_logits_at(model: DiffusionGemma, hidden: torch.Tensor, temperature
     """Processed logits of single canvas positions, computed on demand (the fast step keeps none); `bias` is
     [rows, V] or None."""
     def logits_at(row: int, position: int) -> torch.Tensor:
-        logits = model.logits(hidden[row, position])
-        if bias is None and not top_k and (top_p is None or top_p >= 1):
-            return logits / temperature if temperature is not None else logits
-        return process_logits(logits, temperature, None if bias is None else bias[row], top_k, top_p)
+        return process_logits(model.logits(hidden[row, position]), temperature, None if bias is None else bias[row],
+                              top_k, top_p)
     return logits_at

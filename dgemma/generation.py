@@ -22,7 +22,7 @@ from .cache import KVCache
 from .engine import SAMPLING_MODES, CanvasCommitted, DraftStep, Engine, Group, until_eos
 from .generation_config import GenerationConfig
 from .model import DiffusionGemma
-from .sampling import process_logits, truncate
+from .sampling import process_logits
 
 if TYPE_CHECKING:
     from .constraints import CanvasControl
@@ -175,9 +175,8 @@ def autoregressive_steps(model: DiffusionGemma, input_ids: torch.Tensor, max_new
         logits = model.logits(hidden[0, -1])
         if bias is not None:
             logits = logits + bias - processors.frequency_penalty * counts - processors.presence_penalty * (counts > 0)
-        processed = truncate(logits, top_k, top_p)
-        if temperature == 0:
-            token = int(processed.argmax())
+        if temperature == 0:  # truncation always keeps the argmax
+            token = int(logits.argmax())
         else:
             probs = torch.softmax(process_logits(logits, temperature, None, top_k, top_p), dim=-1)
             where = generator.device if generator is not None else device

@@ -120,11 +120,8 @@ def reference_step(logits: torch.Tensor, temperature: torch.Tensor | None, model
                    generator: torch.Generator | None, bias: torch.Tensor | None = None, top_k: int | None = None,
                    top_p: float | None = None) -> StepResult:
     """logits: fp32 [B, L, V] soft-capped decoder logits; bias: [B, V] fp32 or None; top_k, top_p: the group's.
-    Without bias and truncation, the reference's own operations."""
-    if bias is None and not top_k and (top_p is None or top_p >= 1):
-        processed = logits / temperature if temperature is not None else logits
-    else:
-        processed = process_logits(logits, temperature, None if bias is None else bias[:, None, :], top_k, top_p)
+    Without bias and truncation, the reference's own operations (`process_logits` is then `logits / T`)."""
+    processed = process_logits(logits, temperature, None if bias is None else bias[:, None, :], top_k, top_p)
     batch, length, vocab = processed.shape
     probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
     flat = probs.view(-1, vocab)
