@@ -341,11 +341,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     view = CanvasView(tokenizer, prefix, eos_token_ids=config.eos_token_ids) if args.show_denoising else None
     started = time.perf_counter()
     new_ids, output, ended = generate_with_view(model, ids, config, args.sampling, generator, view, control)
-    text = prefix + tokenizer.decode(new_ids)
-    if view is not None:
-        view.finish(text)
-    else:
-        write_text(text)
+    show_result(view, prefix + tokenizer.decode(new_ids))
     if args.stats:
         print_stats(len(new_ids), started, output)
     if control is not None and not ended:
@@ -355,6 +351,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
               f"before {what} was complete, so it is unfinished; raise --max-new-tokens", file=sys.stderr)
         return EXIT_INCOMPLETE
     return EXIT_OK
+
+
+def show_result(view: CanvasView | None, text: str) -> None:
+    """The final text: the live view replaced by it, or written out."""
+    if view is not None:
+        view.finish(text)
+    else:
+        write_text(text)
 
 
 def generate_infill(args: argparse.Namespace, model, tokenizer, config, generator) -> int:
@@ -379,11 +383,7 @@ def generate_infill(args: argparse.Namespace, model, tokenizer, config, generato
     started = time.perf_counter()
     _, output, _ = generate_with_view(model, encoded, config, args.sampling, generator, view, control)
     filled = output.sequences[0, len(encoded) + moved:].tolist()
-    text = prompt_text + tokenizer.decode(filled)
-    if view is not None:
-        view.finish(text)
-    else:
-        write_text(text)
+    show_result(view, prompt_text + tokenizer.decode(filled))
     if args.stats:
         print_stats(sum(p.size for p in token_parts if isinstance(p, Hole)), started, output)
     return EXIT_OK
