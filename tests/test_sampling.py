@@ -157,20 +157,26 @@ def chi_square_pvalue(samples: torch.Tensor, probs: torch.Tensor) -> float:
     return float(chisquare(counts.numpy(), expected.numpy() * counts.sum().item() / expected.sum().item()).pvalue)
 
 
-@pytest.mark.parametrize("temperature", [0.45, 0.8])
-def test_fast_step_samples_the_reference_distribution_on_model_states(random_checkpoint, temperature):
-    """Draws of the fast step for one real decoder state follow softmax(softcap(logits) / T) exactly."""
+@torch.no_grad()
+def decoder_states(model) -> torch.Tensor:
+    """The decoder's final states [1, L, H] for a fixed noise canvas after a fixed 6-token prompt."""
     from dgemma.cache import KVCache
-    model = dgemma.load(random_checkpoint("moe"))
     cache = KVCache(model.config, 1, model.dtype)
     prompt = torch.tensor([[5, 17, 33, 2, 9, 41]])
     valid = torch.ones_like(prompt, dtype=torch.bool)
     model.encode(prompt, cache.encoder_plan(model.rope, valid))
     cache.commit(valid)
     length = model.config.canvas_length
-    plan = cache.decoder_plan(model.rope, 1, length)
+    canvas = torch.randint(0, 96, (1, length), generator=torch.Generator().manual_seed(0))
+    return model.decode(canvas, cache.decoder_plan(model.rope, 1, length))
+
+
+@pytest.mark.parametrize("temperature", [0.45, 0.8])
+def test_fast_step_samples_the_reference_distribution_on_model_states(random_checkpoint, temperature):
+    """Draws of the fast step for one real decoder state follow softmax(softcap(logits) / T) exactly."""
+    model = dgemma.load(random_checkpoint("moe"))
+    hidden = decoder_states(model)
     with torch.no_grad():
-        hidden = model.decode(torch.randint(0, 96, (1, length), generator=torch.Generator().manual_seed(0)), plan)
         state = hidden[:, 3:4].expand(20_000, 1, -1).contiguous()  # one position, drawn 20k times
         temp = torch.tensor(temperature)
         fast = fast_step(state, model.head_matrix, model.embedding_matrix, torch.tensor(1.0), 30.0, temp,
@@ -310,23 +316,16 @@ def test_fast_and_reference_steps_sample_the_truncated_distribution(random_check
     """Draws of the fast step and of the reference step for one decoder state follow the truncated distribution
     softmax(truncate((softcap(l) + bias) / T)) exactly (chi-square), never a token outside it; the untruncated
     distribution is rejected by the same test, so it tells them apart."""
-    from dgemma.cache import KVCache
     from dgemma.sampling import truncate
     model = dgemma.load(random_checkpoint("moe"))
-    cache = KVCache(model.config, 1, model.dtype)
-    prompt = torch.tensor([[5, 17, 33, 2, 9, 41]])
-    valid = torch.ones_like(prompt, dtype=torch.bool)
-    model.encode(prompt, cache.encoder_plan(model.rope, valid))
-    cache.commit(valid)
-    length, vocab, draws_ = model.config.canvas_length, model.config.vocab_size, 20_000
+    vocab, draws_ = model.config.vocab_size, 20_000
     top_k, top_p = settings.get("top_k"), settings.get("top_p")
     bias = None
     if settings.get("bias"):
         bias = torch.zeros(vocab)
         bias[::3] = 1.0
+    hidden = decoder_states(model)
     with torch.no_grad():
-        hidden = model.decode(torch.randint(0, 96, (1, length), generator=torch.Generator().manual_seed(0)),
-                              cache.decoder_plan(model.rope, 1, length))
         state = hidden[:, 3:4].expand(draws_, 1, -1).contiguous()
         temp = torch.tensor(2.0)  # spread out, so that the truncation removes real mass
         logits = model.logits(hidden[0, 3])
