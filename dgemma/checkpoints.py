@@ -30,7 +30,8 @@ from safetensors.torch import save_file
 from .config import ModelConfig
 from .gguf import GGUFCheckpoint
 from .model import DiffusionGemma
-from .quantized import QUANTIZED_TYPES, GroupQuantized, attach, quantized_weights, scheme_type
+from .quantized import (QUANTIZED_TYPES, CpuInt4, GroupQuantized, attach, cpu_int4_applies, quantized_weights,
+                        scheme_type)
 
 logger = logging.getLogger(__name__)
 
@@ -320,9 +321,14 @@ def tied_names(model: DiffusionGemma) -> dict[str, str]:
 def _assign(model: DiffusionGemma, state: dict[str, torch.Tensor], device: str | torch.device,
             quantized: dict[str, GroupQuantized] | None = None) -> DiffusionGemma:
     """Give a model built on the meta device its tensors (tied names share the decoder's); `quantized` weights (by
-    module name) take the place of their parameters, in the decoder and in the encoder that ties to it."""
+    module name) take the place of their parameters, in the decoder and in the encoder that ties to it (4-bit
+    experts computed in bf16 on the CPU in torch's int4 layout: `dgemma.quantized.CpuInt4`)."""
     tied = tied_names(model)
-    for name, weight in (quantized or {}).items():
+    quantized = quantized or {}
+    for name in list(quantized):
+        weight = quantized.pop(name)  # not held twice while converted
+        if cpu_int4_applies(name, weight, device):
+            weight = CpuInt4.from_grouped(weight)
         for target in [name, *(encoder for encoder, decoder in tied.items() if decoder == name)]:
             attach(model, target, weight)
     state.update({encoder: state[decoder] for encoder, decoder in tied.items() if decoder in state})

@@ -1,17 +1,18 @@
-"""How to multiply by a kept-quantised weight on this CPU: dequantise tile by tile (what dgemma does) or torch's
-weight-only kernels, at the released model's matrix shapes, for a denoising step (256 rows) and an autoregressive
-token (1 row). Writes JSON and prints a table.
+"""How to multiply by a kept-quantised weight on this CPU: dequantise tile by tile, or torch's weight-only kernels,
+at the released model's matrix shapes, for a denoising step's canvas (256 rows), an expert's share of it (16 rows:
+2,048 (token, expert) pairs over 128 experts) and an autoregressive token (1 row). Writes JSON and prints a table.
 
     python scripts/quantized_matmul.py [--out docs/quantized_matmul.json] [--threads 2] [--repeats 5]
 
-Methods, each on the same random Q4_K / Q8_0 weight:
-- `bf16`: the dequantised weight held in bf16 and F.linear (the float baseline: what kept-quantised must not be
-  much slower than).
-- `tiles-q4k`, `tiles-q8`: `GroupQuantized.dequantize(bf16)` then F.linear, per call (dgemma's path).
-- `int4pack`: `torch._weight_int4pack_mm_for_cpu` on the 4-bit codes repacked unchanged into group-32 int4, with
-  bf16 scales and zeros ((q - 8) * scale + zero = q * d*sc - dmin*m for Q4_K): the repack rounds the scale and the
-  zero to bf16, and its relative RMS error against the exact values is reported. (The expert down matrix, rows of
-  704, is Q4_0 under dgemma's int4 scheme: Q4_K needs rows of 256.)
+Each method multiplies by enough copies of the matrix (at least 256 MB of bf16) that the weights come from memory,
+not cache, as in a model whose every matrix is read once per step; times are per matrix. Methods, each on the same
+random Q4_K / Q8_0 weight:
+- `bf16`: the dequantised weight held in bf16 and F.linear (the float baseline).
+- `tiles-q4k`, `tiles-q8`: `GroupQuantized.dequantize(bf16)` then F.linear, per call (dgemma's path but for experts).
+- `int4pack`: `dgemma.quantized.CpuInt4` (`torch._weight_int4pack_mm_for_cpu` on the same 4-bit codes repacked with
+  bf16 scales and zeros: what dgemma runs experts with in bf16 on a CPU); the relative RMS error of the repacked
+  values against the exact ones is reported. (The expert down matrix, rows of 704, is Q4_0 under dgemma's int4
+  scheme: Q4_K needs rows of 256.)
 - `int8pack`: `torch._weight_int8pack_mm` (per-channel int8: a different, coarser quantisation than Q8_0's
   per-32 scales, timed for its speed only).
 """
@@ -23,6 +24,7 @@ import json
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dgemma.quantized import GroupQuantized  # noqa: E402
+from dgemma.quantized import CpuInt4, GroupQuantized  # noqa: E402
 
 # (name, N out, K in) of the released model's matrices: an expert's gate+up and down, attention q, the dense MLP's up
 SHAPES = [("expert gate_up", 1408, 2816), ("expert down", 2816, 704),
@@ -47,14 +49,20 @@ def timed(fn, repeats: int) -> float:
     return best
 
 
-def int4pack(weight: GroupQuantized) -> tuple[torch.Tensor, torch.Tensor]:
-    """4-bit codes (value = (q - zero_code) * scale + offset) as the CPU int4 kernel's packed weight and bf16 scales
-    and zeros [K / 32, N, 2] with value = (q - 8) * scale + zero: zero = (8 - zero_code) * scale + offset."""
-    codes = torch.stack((weight.codes & 0x0F, weight.codes >> 4), dim=-1).reshape(weight.shape).to(torch.int32)
-    packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
-    zero = (8 - weight.zero_code) * weight.scale + (0 if weight.offset is None else weight.offset)
-    scales_and_zeros = torch.stack((weight.scale, zero), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-    return packed, scales_and_zeros
+COPIES_BYTES = 256 << 20  # bf16 bytes of weight copies a timing cycles through: past this CPU's caches
+
+
+def copies_of(weight, count: int) -> list:
+    """`count` copies of a tensor or GroupQuantized in distinct memory (the same values)."""
+    if isinstance(weight, torch.Tensor):
+        return [weight.clone() for _ in range(count)]
+    return [replace(weight, codes=weight.codes.clone(), scale=weight.scale.clone(),
+                    offset=None if weight.offset is None else weight.offset.clone()) for _ in range(count)]
+
+
+def per_matrix(multiply, weights: list, repeats: int) -> float:
+    """Best time of one pass of `multiply` over every copy, per copy."""
+    return timed(lambda: [multiply(weight) for weight in weights], repeats) / len(weights)
 
 
 def main() -> int:
@@ -70,23 +78,29 @@ def main() -> int:
         values = torch.randn(n, k, generator=generator) * 0.02
         q4k = GroupQuantized.quantize(values, "Q4_K") if k % 256 == 0 else GroupQuantized.quantize(values, "Q4_0")
         q8 = GroupQuantized.quantize(values, "Q8_0")
-        dense = q4k.dequantize(dtype=torch.bfloat16)
         exact = q4k.dequantize()
-        packed, scales_and_zeros = int4pack(q4k)
+        count = max(1, COPIES_BYTES // (2 * n * k))
+        dense = copies_of(q4k.dequantize(dtype=torch.bfloat16), count)
+        tiles_q4k, tiles_q8 = copies_of(q4k.to(dtype=torch.bfloat16), count), copies_of(q8, count)
+        int4 = CpuInt4.from_grouped(q4k.to(dtype=torch.bfloat16))
+        packed = [CpuInt4(codes=int4.codes.clone(), scales_and_zeros=int4.scales_and_zeros.clone(), shape=int4.shape,
+                          qtype=int4.qtype) for _ in range(count)]
         eye = torch.eye(k, dtype=torch.bfloat16)
-        repacked = torch._weight_int4pack_mm_for_cpu(eye, packed, 32, scales_and_zeros).t().float()
+        repacked = F.linear(eye, int4).t().float()
         repack_error = float((repacked - exact).pow(2).mean().sqrt() / exact.pow(2).mean().sqrt())
-        int8_codes = (values / values.abs().amax(1, keepdim=True) * 127).round().to(torch.int8)
+        int8_codes = copies_of((values / values.abs().amax(1, keepdim=True) * 127).round().to(torch.int8), count)
         int8_scales = (values.abs().amax(1) / 127).to(torch.bfloat16)
-        for m in (256, 1):
+        for m in (256, 16, 1):
             x = torch.randn(m, k, generator=generator).to(torch.bfloat16)
-            result = {"matrix": name, "shape": [n, k], "rows": m, "type": q4k.qtype,
-                      "bf16": timed(lambda: F.linear(x, dense), args.repeats),
-                      "tiles-q4k": timed(lambda: F.linear(x, q4k.dequantize(dtype=torch.bfloat16)), args.repeats),
-                      "tiles-q8": timed(lambda: F.linear(x, q8.dequantize(dtype=torch.bfloat16)), args.repeats),
-                      "int4pack": timed(lambda: torch._weight_int4pack_mm_for_cpu(x, packed, 32, scales_and_zeros),
-                                        args.repeats),
-                      "int8pack": timed(lambda: torch._weight_int8pack_mm(x, int8_codes, int8_scales), args.repeats),
+            result = {"matrix": name, "shape": [n, k], "rows": m, "type": q4k.qtype, "copies": count,
+                      "bf16": per_matrix(lambda w: F.linear(x, w), dense, args.repeats),
+                      "tiles-q4k": per_matrix(lambda w: F.linear(x, w.dequantize(dtype=torch.bfloat16)), tiles_q4k,
+                                              args.repeats),
+                      "tiles-q8": per_matrix(lambda w: F.linear(x, w.dequantize(dtype=torch.bfloat16)), tiles_q8,
+                                             args.repeats),
+                      "int4pack": per_matrix(lambda w: F.linear(x, w), packed, args.repeats),
+                      "int8pack": per_matrix(lambda w: torch._weight_int8pack_mm(x, w, int8_scales), int8_codes,
+                                             args.repeats),
                       "int4pack_repack_rel_rms_error": repack_error}
             rows_out.append(result)
     report = {"cpu": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,

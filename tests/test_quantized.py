@@ -12,13 +12,14 @@ from functools import lru_cache
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
 import dgemma.quantized
 from dgemma.gguf import quantize_blocks
-from dgemma.quantized import GroupQuantized
+from dgemma.quantized import CpuInt4, GroupQuantized
 
 TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
 SHAPES = [(6, 512), (3, 4, 512)]  # [N, K] and [E, N, K]; K spans two K-quant super-blocks
@@ -167,3 +168,32 @@ def test_mismatched_bytes_or_shape_raise_value_error() -> None:
     with pytest.raises(ValueError, match="inconsistent Q4_K GroupQuantized"):
         GroupQuantized(codes=quantized.codes, bits=5, group=32, scale=quantized.scale, offset=quantized.offset,
                        zero_code=0, shape=SHAPES[0], qtype="Q4_K")  # 5-bit codes would be unpacked, one per byte
+
+
+# ---- torch's CPU int4 layout (experts computed in bf16 on the CPU) --------------------------------------------------
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q4_K], ids=lambda t: t.name)
+def test_cpu_int4_layout_multiplies_by_the_exact_values_to_bf16_rounding(qtype: T) -> None:
+    shape = (2, 32, 512)  # [E, N, K]: the kernel packs rows in multiples of 16
+    weight = GroupQuantized.from_gguf(raw(qtype, shape), qtype, shape).to(dtype=torch.bfloat16)
+    kernel = CpuInt4.from_grouped(weight)
+    assert kernel.shape == shape and kernel.qtype == qtype.name and kernel.nbytes() <= weight.nbytes()
+    exact = oracle(qtype, shape)
+    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    for expert in range(shape[0]):
+        out = F.linear(x, kernel[expert])
+        assert out.dtype == torch.bfloat16 and out.shape == (5, 32)
+        truth = x.float() @ exact[expert].T
+        # Scales and zeros rounded to bf16 (relative 2^-9) and the output rounded to bf16: within 2^-9 of the
+        # largest a row could sum to. (A zero off by one quantisation step is about 2^-4 of it.)
+        bound = 2**-9 * x.float().abs().sum(-1, keepdim=True) * exact[expert].abs().amax(-1)
+        assert ((out.float() - truth).abs() <= bound).all()
+
+
+def test_cpu_int4_layout_refuses_what_it_cannot_compute() -> None:
+    shape = (32, 512)
+    kernel = CpuInt4.from_grouped(GroupQuantized.from_gguf(raw(T.Q4_K, shape), T.Q4_K, shape).to(dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="bfloat16"):
+        F.linear(torch.randn(2, 512), kernel)
+    with pytest.raises(TypeError, match="embedding is not defined"):
+        F.embedding(torch.tensor([0]), kernel)
