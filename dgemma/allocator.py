@@ -28,17 +28,32 @@ _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THR
                   "GLIBC_TUNABLES")
 
 
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):
+        return None
+    # other C libraries' mallopt takes other parameter numbers, and they have no malloc_trim
+    return libc if hasattr(libc, "gnu_get_libc_version") else None
+
+
+def release_free_memory() -> None:
+    """Give the memory glibc holds free back to the system (`malloc_trim`): after a load whose temporaries (codes
+    decoded and repacked) a tuned allocator would otherwise keep. A no-op with other C libraries."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+        libc.malloc_trim(0)
+
+
 def tune_allocator() -> bool:
     """Serve large blocks from the heap and keep freed memory there instead of unmapping it. Returns whether the settings were applied: not
     when the C library is not glibc, when the user set glibc's allocator variables (theirs win), or when
     DGEMMA_TUNE_MALLOC=0."""
     if os.environ.get("DGEMMA_TUNE_MALLOC", "1") == "0" or any(name in os.environ for name in _USER_SETTINGS):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    except (OSError, TypeError):
-        return False
-    if not hasattr(libc, "gnu_get_libc_version"):  # other C libraries' mallopt takes other parameter numbers
+    libc = _glibc()
+    if libc is None:
         return False
     mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int

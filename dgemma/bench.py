@@ -138,8 +138,9 @@ def call_times(fn: Callable[[], object], repeat: int) -> list[float]:
     return times
 
 
-def measure_machine(threads: int, repeat: int = 5) -> dict[str, float]:
-    """bf16 matmul FLOP/s (a decoder-sized and a vocabulary-sized product) and memory copy bandwidth, here."""
+def measure_machine(threads: int, repeat: int = 5, copy_bytes: int = 64 * 2**20) -> dict[str, float]:
+    """bf16 matmul FLOP/s (a decoder-sized and a vocabulary-sized product) and memory copy bandwidth, here (of
+    `copy_bytes`: make it larger than the last-level cache to time the memory itself)."""
     torch.set_num_threads(threads)
 
     def best(fn) -> float:
@@ -147,7 +148,7 @@ def measure_machine(threads: int, repeat: int = 5) -> dict[str, float]:
 
     a, b = torch.randn(256, 512, dtype=torch.bfloat16), torch.randn(512, 2048, dtype=torch.bfloat16)
     head = torch.randn(65_536, 512, dtype=torch.bfloat16)
-    big = torch.empty(64 * 2**20, dtype=torch.uint8)
+    big = torch.ones(copy_bytes, dtype=torch.uint8)
     copy = torch.empty_like(big)
     return {"matmul_flops_layer_shape": 2 * 256 * 512 * 2048 / best(lambda: a @ b),
             "matmul_flops_vocab_shape": 2 * 256 * 512 * 65_536 / best(lambda: torch.nn.functional.linear(a, head)),
@@ -423,6 +424,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--serving", action="store_true",
                         help="measure `dgemma serve`: --clients concurrent requests against the same one by one")
     parser.add_argument("--clients", type=int, default=8, help="requests per run with --serving")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="time and memory part by part at a config's real shapes for each weight form (--forms) "
+                             "against AR and transformers, projected to the full depth (bench_breakdown)")
     parser.add_argument("--vocab", type=int, help="override the named config's vocabulary size")
     parser.add_argument("--layers", type=int, help="keep the named config's first N layers (e.g. --config release "
                                                    "--layers 2: the released shapes, 2 of its 30 layers)")

@@ -27,6 +27,7 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import save_file
 
+from .allocator import release_free_memory
 from .config import ModelConfig
 from .gguf import GGUFCheckpoint
 from .model import DiffusionGemma
@@ -325,6 +326,7 @@ def _assign(model: DiffusionGemma, state: dict[str, torch.Tensor], device: str |
     experts computed in bf16 on the CPU in torch's int4 layout: `dgemma.quantized.CpuInt4`)."""
     tied = tied_names(model)
     quantized = quantized or {}
+    quantized_count = len(quantized)
     for name in list(quantized):
         weight = quantized.pop(name)  # not held twice while converted
         if cpu_int4_applies(name, weight, device):
@@ -335,6 +337,8 @@ def _assign(model: DiffusionGemma, state: dict[str, torch.Tensor], device: str |
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()  # assignment gave tied names separate Parameter objects
     model.reset_rope(device)
+    if quantized_count:
+        release_free_memory()  # the decoding and repacking temporaries, kept by a tuned allocator
     return model.eval()
 
 

@@ -82,8 +82,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
     parser.add_argument("--weights", choices=("stored", "float", *SCHEMES), default="stored",
                         help="stored: as the checkpoint holds them (a GGUF file's quantised matrices stay quantised); "
-                             "float: a GGUF file's dequantised; int8, int4, q4_k_m: a safetensors checkpoint's "
-                             "matrices quantised as they load (see dgemma quantize)")
+                             "float: a GGUF file's dequantised; int8, int4, q4_k_m, int4_experts: a safetensors "
+                             "checkpoint's matrices quantised as they load (see dgemma quantize)")
     parser.add_argument("--threads", type=positive_int,
                         help="threads to compute with (default: one per core that is idle when the command starts)")
 
@@ -549,6 +549,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.serving:
         from .bench_serving import main_run
         main_run(args)
+    elif args.breakdown:
+        from .bench_breakdown import main_run as breakdown
+        breakdown(args)
     else:
         from .bench import run
         run(args)
@@ -619,7 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--scheme", choices=SCHEMES, default="int4",
                           help="int8: every matrix Q8_0; int4: MLP and expert matrices Q4_K (Q4_0 where rows are "
                                "not a multiple of 256), embeddings, router and attention Q8_0; q4_k_m: like "
-                               "llama.cpp's Q4_K_M (Q6_K for the embedding, attention values and down projections)")
+                               "llama.cpp's Q4_K_M (Q6_K for the embedding, attention values and down projections); "
+                               "int4_experts: the experts as under int4, the rest float (the CPU form: docs/cpu.md)")
 
     serve = command("serve", cmd_serve, help="serve an OpenAI-compatible API and the playground")
     add_model_options(serve)
@@ -643,6 +647,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_arguments as add_bench_arguments
     bench = command("bench", cmd_bench, help="dgemma vs the transformers reference vs autoregressive decoding")
     add_bench_arguments(bench)
+    from .bench_breakdown import add_arguments as add_breakdown_arguments
+    add_breakdown_arguments(bench)
 
     train = command("train", cmd_train, help="train or fine-tune (also under torchrun -m dgemma train)")
     train.add_argument("--config", required=True, help="training config (.toml or .yaml)")

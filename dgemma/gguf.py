@@ -1039,12 +1039,15 @@ def _add_tensor_info(writer: GGUFWriter, name: str, shape: tuple[int, ...], qtyp
 def write_gguf(path: str | Path, config: dict[str, Any], tensors: Mapping[str, torch.Tensor],
                types: Mapping[str, str] | None = None, generation: Mapping[str, Any] | None = None,
                tokenizer_json: str | None = None, tokenizer_config: Mapping[str, Any] | None = None,
-               chat_template: str | None = None) -> Path:
+               chat_template: str | None = None, blocks: Mapping[str, np.ndarray] | None = None) -> Path:
     """Write checkpoint-named tensors and a config.json-shaped config as a DiffusionGemma GGUF.
 
     `types` maps checkpoint names to GGML type names (default F32); 1-D tensors take F32, F16 or BF16 only.
     `generation` (generation_config.json-shaped) adds the `diffusion.eb_*` keys; `tokenizer_json` (with
-    `tokenizer_config` for its special tokens and add_bos_token) the `tokenizer.*` keys."""
+    `tokenizer_config` for its special tokens and add_bos_token) the `tokenizer.*` keys. `blocks` gives some
+    tensors already encoded in their type (uint8 block bytes [..., row bytes], as GGUFReader reads them back:
+    a converter's output, or random codes for a speed benchmark); their `tensors` entries give only their shapes
+    (meta tensors will do)."""
     path = Path(path)
     source = str(path)
     model_config = _model_config(config, source)
@@ -1052,6 +1055,14 @@ def write_gguf(path: str | Path, config: dict[str, Any], tensors: Mapping[str, t
     meta, rope_freqs = _model_metadata(model_config, source)
     _check_round_trip(model_config, meta, rope_freqs, source)
     plan = _tensor_plan(model_config, tensors, types or {}, source)
+    blocks = blocks or {}
+    for name, _, qtype, shape in plan:
+        if name in blocks:
+            block, size = GGML_QUANT_SIZES[qtype]
+            expected = (*shape[:-1], shape[-1] // block * size)
+            if blocks[name].dtype != np.uint8 or tuple(blocks[name].shape) != expected:
+                raise GGUFError(f"{source}: {name} as {qtype.name} needs uint8 block bytes of shape {expected}, "
+                                f"got {blocks[name].dtype} {tuple(blocks[name].shape)}")
     if generation is not None:
         meta.update(_generation_metadata(generation, source))
     token_ids = {"bos_token_id": model_config.bos_token_id, "padding_token_id": model_config.pad_token_id,
@@ -1079,7 +1090,7 @@ def write_gguf(path: str | Path, config: dict[str, Any], tensors: Mapping[str, t
         if rope_freqs is not None:
             writer.write_tensor_data(rope_freqs)
         for name, _, qtype, _ in plan:  # one tensor's encoding in memory at a time
-            writer.write_tensor_data(_encode(tensors[name], qtype, name, source))
+            writer.write_tensor_data(blocks[name] if name in blocks else _encode(tensors[name], qtype, name, source))
         writer.close()
         os.replace(tmp, path)
     except BaseException:

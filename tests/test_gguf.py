@@ -501,3 +501,17 @@ def test_writer_checks_tensors_and_leaves_no_partial_file(tmp_path):
                   "stability_threshold": 1, "confidence_threshold": 0.005}
     with pytest.raises(GGUFError, match=r"generation t_min is missing or None"):
         write_gguf(tmp_path / "m.gguf", config_dict(), model_tensors(config_dict()), generation=generation)
+
+
+def test_writer_takes_tensors_already_encoded_as_blocks(tmp_path):
+    tensors = model_tensors(config_dict())
+    name = "model.decoder.layers.0.experts.gate_up_proj"
+    types = {name: "Q4_0"}
+    encoded = quantize_blocks(tensors[name].numpy(), T.Q4_0)
+    direct = write_gguf(tmp_path / "direct.gguf", config_dict(), tensors, types=types)
+    shapes_only = dict(tensors, **{name: torch.empty(tensors[name].shape, device="meta")})
+    given = write_gguf(tmp_path / "given.gguf", config_dict(), shapes_only, types=types, blocks={name: encoded})
+    assert direct.read_bytes() == given.read_bytes()
+    with pytest.raises(GGUFError, match=r"gate_up_proj as Q4_0 needs uint8 block bytes of shape \(4, 64, 36\)"):
+        write_gguf(tmp_path / "bad.gguf", config_dict(), shapes_only, types=types, blocks={name: encoded[..., :-2]})
+    assert not (tmp_path / "bad.gguf").exists()

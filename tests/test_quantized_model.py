@@ -89,7 +89,7 @@ def test_a_kept_quantised_model_is_not_saved_as_safetensors(mixed, tmp_path):
         dgemma.load(mixed[0]).save_pretrained(tmp_path / "out")
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4", "q4_k_m"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "q4_k_m", "int4_experts"])
 def test_quantize_at_load_computes_what_the_quantised_values_compute(random_checkpoint, scheme):
     directory = random_checkpoint("moe")
     kept = dgemma.load(directory, dtype=torch.float32, quantize=scheme)
@@ -119,6 +119,11 @@ def test_schemes_choose_each_tensors_type():
     assert scheme_type("model.decoder.layers.0.experts.down_proj", (4, 2816, 704), "q4_k_m") == "Q8_0"
     assert scheme_type("model.decoder.layers.0.self_attn.q_proj.weight", (512, 256), "q4_k_m") == "Q4_K"
     assert scheme_type("model.decoder.layers.0.experts.gate_up_proj", (4, 512, 2816 + 32), "q4_k_m") == "Q5_0"
+    assert scheme_type("model.decoder.layers.0.experts.gate_up_proj", (4, 512, 256), "int4_experts") == "Q4_K"
+    assert scheme_type("model.decoder.layers.0.experts.down_proj", (4, 2816, 704), "int4_experts") == "Q4_0"
+    for name in ("embed_tokens.weight", "layers.0.self_attn.q_proj.weight", "layers.0.mlp.up_proj.weight",
+                 "layers.0.router.proj.weight", "self_conditioning.up_proj.weight"):
+        assert scheme_type(f"model.decoder.{name}", (512, 256), "int4_experts") is None
     with pytest.raises(ValueError, match="int2"):
         scheme_type("model.decoder.norm.weight", (256,), "int2")
 

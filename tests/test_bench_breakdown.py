@@ -1,0 +1,65 @@
+"""`dgemma bench --breakdown`'s pieces: random quantised blocks that are valid GGUF, one form's parts measured on a
+tiny slice and adding up, and the projection's arithmetic. (The measurement itself is a command, not a test.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
+
+from dgemma.bench import build_checkpoint
+from dgemma.bench_breakdown import full_config, measure_parts, project, random_blocks, weights_file
+from dgemma.gguf import read_gguf
+from dgemma.quantized import CpuInt4, quantized_weights
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_K"])
+def test_random_blocks_decode_to_finite_values_of_about_the_asked_spread(qtype):
+    shape = (64, 512)
+    blocks = random_blocks(qtype, shape, 0.02, np.random.default_rng(0))
+    values = dequantize(blocks, GGMLQuantizationType[qtype]).reshape(shape)
+    assert np.isfinite(values).all()
+    assert 0.01 < values.std() < 0.04
+
+
+def test_parts_of_a_kept_quantised_slice_add_up(tmp_path):
+    checkpoint = build_checkpoint("tiny", None, 16, tmp_path / "tiny", layers=2)
+    path = weights_file(checkpoint, "int4")
+    assert path.suffix == ".gguf" and weights_file(checkpoint, "int4") == path  # built once
+    file = read_gguf(path)
+    assert file.raw("model.decoder.layers.0.experts.gate_up_proj")[1].name == "Q4_0"  # rows of 64: no Q4_K
+    parts = measure_parts(path, threads=1, prompt_length=8, repeat=1, ar_tokens=2, seed=0)
+    assert parts["layer_types"] == [True, False]
+    for total, layers in (("decoder_seconds", "decoder_layers"), ("prefill_seconds", "prefill_layers"),
+                          ("ar_token_seconds", "ar_layers")):
+        assert len(parts[layers]) == 2 and all(t > 0 for t in parts[layers])
+        assert sum(parts[layers]) <= parts[total]
+    assert parts["sampler_seconds"] > 0
+    held = parts["held_bytes"]
+    assert set(held) == {"rest", "layer0", "layer1", "layer0.experts", "layer1.experts"}
+    # (resident_bytes is measured in the worker's fresh process; here, inside pytest's, it means nothing)
+
+
+def test_load_keeps_the_slices_four_bit_experts_in_torchs_int4_layout(tmp_path):
+    import dgemma
+
+    model = dgemma.load(weights_file(build_checkpoint("tiny", None, 16, tmp_path / "tiny", layers=2), "int4"))
+    kinds = {name: type(weight) for name, weight in quantized_weights(model)}
+    assert {kind for name, kind in kinds.items() if ".experts." in name} == {CpuInt4}
+    assert CpuInt4 not in {kind for name, kind in kinds.items() if ".experts." not in name}
+
+
+def test_projection_counts_each_layer_kind_of_the_full_model():
+    full = full_config("release", 256)  # 30 layers: 25 sliding, 5 full
+    parts = {"layer_types": [True, False], "decoder_layers": [1.0, 2.0], "decoder_seconds": 3.5, "sampler_seconds": 1.0,
+             "prefill_layers": [0.1, 0.2], "prefill_seconds": 0.4, "ar_layers": [0.01, 0.02], "ar_token_seconds": 0.05,
+             "held_bytes": {"rest": 100, "layer0": 10, "layer0.experts": 1000, "layer1": 20, "layer1.experts": 1000},
+             "resident_bytes": 3000}
+    projected = project(parts, full, steps=16)
+    assert projected["step_seconds"] == pytest.approx(25 * 1.0 + 5 * 2.0 + 0.5 + 1.0)
+    assert projected["ar_token_seconds"] == pytest.approx(25 * 0.01 + 5 * 0.02 + 0.02)
+    assert projected["prefill_seconds"] == pytest.approx(25 * 0.1 + 5 * 0.2 + 0.1)
+    assert projected["weights_bytes"] == pytest.approx(25 * 1010 + 5 * 1020 + 100)
+    assert projected["break_even_tokens_per_forward"] == pytest.approx(36.5 / 0.37)
+    assert projected["diffusion_tokens_per_second"]["16.0"] == pytest.approx(16 / 36.5)
