@@ -40,11 +40,11 @@ def __getattr__(name: str) -> Any:
 
 
 def load(path: str | Path | None = None, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-         keep_quantized: bool = True, quantize: str | None = None) -> DiffusionGemmaForBlockDiffusion:
+         keep_quantized: bool | str = True, quantize: str | None = None) -> DiffusionGemmaForBlockDiffusion:
     """Load a checkpoint: a directory (config.json, safetensors, optional generation_config.json), a GGUF file
-    (its quantised matrices kept quantised unless `keep_quantized=False`), a Hugging Face repo id resolved from
-    the local Hugging Face cache, or the bundled model when `path` is None. `quantize` ("int8", "int4", "q4_k_m")
-    quantises a safetensors checkpoint's matrices as they load."""
+    (its quantised matrices kept quantised unless `keep_quantized=False`; only its experts with "experts"), a
+    Hugging Face repo id resolved from the local Hugging Face cache, or the bundled model when `path` is None.
+    `quantize` (a scheme of `dgemma.quantized.SCHEMES`) quantises a safetensors checkpoint's matrices as they load."""
     from .pretrained import DiffusionGemmaForBlockDiffusion
 
     return DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=dtype, device=device,

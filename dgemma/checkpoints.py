@@ -343,9 +343,10 @@ def _assign(model: DiffusionGemma, state: dict[str, torch.Tensor], device: str |
 
 
 def load_gguf_model(checkpoint: GGUFCheckpoint, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                    model_class: type[DiffusionGemma] = DiffusionGemma, keep_quantized: bool = True) -> DiffusionGemma:
+                    model_class: type[DiffusionGemma] = DiffusionGemma,
+                    keep_quantized: bool | str = True) -> DiffusionGemma:
     """Build a `model_class` from a read GGUF file. Quantised matrices stay quantised (`GroupQuantized`, computed in
-    `dtype`) unless `keep_quantized` is False; every other tensor, and all of them without `keep_quantized`, is
+    `dtype`) unless `keep_quantized` is False (with "experts", only the experts' matrices); every other tensor is
     dequantised exactly as the `gguf` library does and cast to `dtype` (default: bfloat16 when the file holds
     quantised tensors, else its float type). The file's tensors were checked against its metadata when it was
     read."""
@@ -360,7 +361,8 @@ def load_gguf_model(checkpoint: GGUFCheckpoint, dtype: torch.dtype | None = None
     state, quantized = {}, {}
     for name in checkpoint.tensor_names():
         data, qtype, shape = checkpoint.raw(name)
-        if keep_quantized and qtype.name in QUANTIZED_TYPES and len(shape) >= 2:
+        keep = keep_quantized is True or (keep_quantized == "experts" and ".experts." in name)
+        if keep and qtype.name in QUANTIZED_TYPES and len(shape) >= 2:
             quantized[module_name(name)] = GroupQuantized.from_gguf(data, qtype, shape).to(device, dtype)
         else:
             state[module_name(name)] = checkpoint.dequantized(name, dtype).to(device)

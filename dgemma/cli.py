@@ -80,10 +80,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint directory or Hugging Face repo id (default: the bundled model)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: as stored)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
-    parser.add_argument("--weights", choices=("stored", "float", *SCHEMES), default="stored",
+    parser.add_argument("--weights", choices=("stored", "float", "experts", *SCHEMES), default="stored",
                         help="stored: as the checkpoint holds them (a GGUF file's quantised matrices stay quantised); "
-                             "float: a GGUF file's dequantised; int8, int4, q4_k_m, int4_experts: a safetensors "
-                             "checkpoint's matrices quantised as they load (see dgemma quantize)")
+                             "float: a GGUF file's dequantised; experts: a GGUF file's experts kept quantised, the "
+                             "rest dequantised (the CPU form, docs/cpu.md); int8, int4, q4_k_m, int4_experts: a "
+                             "safetensors checkpoint's matrices quantised as they load (see dgemma quantize)")
     parser.add_argument("--threads", type=positive_int,
                         help="threads to compute with (default: one per core that is idle when the command starts)")
 
@@ -208,7 +209,7 @@ def load_for_generation(args: argparse.Namespace):
     check_device(args.device)
     directory = resolve_checkpoint(args.model)
     model = load(directory, dtype=DTYPES[args.dtype] if args.dtype else None, device=args.device,
-                 keep_quantized=args.weights != "float",
+                 keep_quantized={"float": False, "experts": "experts"}.get(args.weights, True),
                  quantize=args.weights if args.weights in SCHEMES else None)
     return model, Tokenizer.from_checkpoint(directory)
 

@@ -29,14 +29,21 @@ class DiffusionGemmaForBlockDiffusion(DiffusionGemma):
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, dtype: torch.dtype | None = None,
-                        device: str | torch.device = "cpu", keep_quantized: bool = True,
+                        device: str | torch.device = "cpu", keep_quantized: bool | str = True,
                         quantize: str | None = None) -> "DiffusionGemmaForBlockDiffusion":
         """Load a checkpoint directory, a GGUF file, a Hugging Face repo id (local cache first) or, with None, the
         bundled model. Safetensors weights are memory-mapped and converted to `dtype` (default: as stored), or with
         `quantize` ("int8", "int4", "q4_k_m") the scheme's matrices are quantised as they load. A GGUF file's
         quantised matrices stay quantised, or with `keep_quantized=False` are dequantised as the `gguf` library does
-        (default dtype: bfloat16 for quantised files)."""
+        (default dtype: bfloat16 for quantised files); `keep_quantized="experts"` keeps only the experts quantised
+        (the CPU form of docs/cpu.md for a GGUF file)."""
+        if keep_quantized not in (True, False, "experts"):
+            raise ValueError(f"keep_quantized must be True, False or 'experts', not {keep_quantized!r}")
         where = resolve_checkpoint(path)
+        if not is_gguf(where) and keep_quantized == "experts":
+            raise ValueError(f"{where} is not a GGUF file: keep_quantized='experts' chooses among a GGUF file's "
+                             "quantised matrices (quantize='int4_experts' quantises a safetensors checkpoint's "
+                             "experts)")
         if is_gguf(where):
             if quantize is not None:
                 raise ValueError(f"{where} is a GGUF file: its weights are quantised as stored (quantize= is for "

@@ -142,9 +142,24 @@ def test_dgemma_quantize_writes_a_gguf_that_loads_as_the_quantised_checkpoint(ra
     assert from_file.generation_config.max_denoising_steps == at_load.generation_config.max_denoising_steps
 
 
+def test_a_gguf_files_experts_alone_stay_quantised_with_keep_quantized_experts(mixed, random_checkpoint):
+    path, types = mixed
+    model = dgemma.load(path, dtype=torch.float32, keep_quantized="experts")
+    held = {checkpoint_name(name): w.qtype for name, w in quantized_weights(model)}
+    assert held == {name: qtype for name, qtype in types.items() if ".experts." in name} and held
+    expanded = dgemma.load(path, dtype=torch.float32, keep_quantized=False)
+    ids = torch.randint(3, 8192, (2, 12), generator=torch.Generator().manual_seed(0))
+    for ours, reference in zip(both_logits(model, ids), both_logits(expanded, ids)):
+        torch.testing.assert_close(ours, reference, atol=LOGITS_ATOL, rtol=0)
+    with pytest.raises(ValueError, match="not a GGUF file: keep_quantized='experts'"):
+        dgemma.load(random_checkpoint("moe"), keep_quantized="experts")
+    with pytest.raises(ValueError, match="keep_quantized must be True, False or 'experts'"):
+        dgemma.load(path, keep_quantized="attention")
+
+
 def test_weights_option_on_the_command_line(mixed, tmp_path, capsys):
     path, _ = mixed
-    for weights in ("stored", "float"):
+    for weights in ("stored", "float", "experts"):
         assert cli_main(["generate", "hello", "--model", str(path), "--weights", weights, "--max-new-tokens", "8",
                          "--steps", "2", "--seed", "0"]) == 0
     capsys.readouterr()
