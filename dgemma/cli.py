@@ -111,38 +111,57 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
                         help="add BIAS to token id TOKEN's logit at every position (repeatable; -100 bans it)")
     parser.add_argument("--sampling", choices=("fast", "reference"), default="fast")
     parser.add_argument("--seed", type=seed_value, help="random seed (default: nondeterministic)")
-    parser.add_argument("--decode", choices=("diffusion", "autoregressive"), default="diffusion",
+    parser.add_argument("--decode", choices=("diffusion", "autoregressive", "speculative"), default="diffusion",
                         help="autoregressive: token by token with the encoder alone (an AR language model over the "
-                             "same weights); --temperature is then the sampling temperature itself (default 1)")
+                             "same weights); --temperature is then the sampling temperature itself (default 1); "
+                             "speculative: the same tokens, a diffusion draft (--steps etc.) verified per encoder pass")
 
 
-DIFFUSION_ONLY = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "confidence_threshold", "no_adaptive_stopping",
-                  "show_denoising", "infill", "json_schema", "json_object", "regex")
+# Options of the canvas's output (refused by both token-by-token modes) and of its sampler (which speculative
+# decoding's drafts use).
+CANVAS_OUTPUT = ("show_denoising", "infill", "json_schema", "json_object", "regex")
+DIFFUSION_SAMPLER = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "confidence_threshold",
+                     "no_adaptive_stopping")
 
 
 def check_decode(args: argparse.Namespace) -> None:
-    """--decode autoregressive has no canvas: refuse the options that only a canvas has."""
-    if args.decode != "autoregressive":
+    """Token-by-token decoding has no canvas to show, fill or constrain (and autoregressive decoding no sampler
+    settings): refuse those options by name."""
+    if args.decode == "diffusion":
         return
-    given = [name for name in DIFFUSION_ONLY if getattr(args, name, None) not in (None, False)]
+    refused = CANVAS_OUTPUT + (DIFFUSION_SAMPLER if args.decode == "autoregressive" else ())
+    given = [name for name in refused if getattr(args, name, None) not in (None, False)]
     if args.sampling != "fast":
         given.append("sampling")
     if given:
         flags = ", ".join("--" + ("steps" if n == "max_denoising_steps" else n.replace("_", "-")) for n in given)
-        raise ValueError(f"{flags}: diffusion options, which --decode autoregressive has no use for")
+        raise ValueError(f"{flags}: diffusion options, which --decode {args.decode} has no use for")
 
 
 def generate_autoregressive(model, ids: list[int], config: GenerationConfig, temperature: float | None,
-                            generator: torch.Generator | None) -> tuple[list[int], bool]:
-    """--decode autoregressive: the new tokens before the first EOS, and whether an EOS ended them."""
-    from .generation import autoregressive_steps
+                            generator: torch.Generator | None, speculative: bool = False
+                            ) -> tuple[list[int], bool, dict]:
+    """--decode autoregressive or speculative: the new tokens before the first EOS, whether an EOS ended them, and
+    the passes spent (the prompt's prefill included). Speculative drafts use `config`'s diffusion settings and their
+    own generator (seeded after `generator`), so the tokens are those of autoregressive decoding with `generator`."""
+    from .generation import SpeculativeStats, autoregressive_steps, speculative_steps
 
     temperature = 0.0 if not config.do_sample else (1.0 if temperature is None else temperature)
     budget = config.token_budget(len(ids))
-    new_ids = list(autoregressive_steps(model, torch.tensor([ids]), budget, config.eos_token_ids, temperature,
-                                        generator, processors=config))
-    ended = bool(new_ids) and new_ids[-1] in config.eos_token_ids
-    return (new_ids[:-1] if ended else new_ids), ended
+    prompt, eos = torch.tensor([ids]), config.eos_token_ids
+    if speculative:
+        stats = SpeculativeStats()
+        drafts = None if generator is None else torch.Generator().manual_seed(generator.initial_seed() + 1)
+        new_ids = list(speculative_steps(model, prompt, budget, eos, temperature, generator, draft=config,
+                                         draft_generator=drafts, processors=config, stats=stats))
+        passes = {"encoder_passes": stats.encoder_passes + 1, "decoder_passes": stats.decoder_passes,
+                  "drafted_tokens_kept": stats.drafted_tokens_kept, "forwards": stats.forwards}
+    else:
+        new_ids = list(autoregressive_steps(model, prompt, budget, eos, temperature, generator, processors=config))
+        passes = {"encoder_passes": len(new_ids) + 1, "forwards": len(new_ids)}
+    ended = bool(new_ids) and new_ids[-1] in eos
+    passes["tokens_per_forward"] = round(len(new_ids) / max(passes.pop("forwards"), 1), 2)
+    return (new_ids[:-1] if ended else new_ids), ended, passes
 
 
 def logit_bias_entry(text: str) -> tuple[int, float]:
@@ -316,15 +335,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         ids = tokenizer.encode(args.prompt)
     budget = check_context(model, config, len(ids))
-    if args.decode == "autoregressive":
+    if args.decode != "diffusion":
         started = time.perf_counter()
-        new_ids, _ = generate_autoregressive(model, ids, config, args.temperature, generator)
+        new_ids, _, passes = generate_autoregressive(model, ids, config, args.temperature, generator,
+                                                     speculative=args.decode == "speculative")
         write_text(("" if args.chat else args.prompt) + tokenizer.decode(new_ids))
         if args.stats:
             elapsed = time.perf_counter() - started
             print(json.dumps({"new_tokens": len(new_ids), "seconds": round(elapsed, 3),
                               "tokens_per_second": round(len(new_ids) / elapsed, 2) if elapsed > 0 else None,
-                              "encoder_passes": len(new_ids) + 1, "tokens_per_forward": 1.0}), file=sys.stderr)
+                              **passes}), file=sys.stderr)
         return EXIT_OK
     control = None
     if schema is not None or args.regex is not None or args.json_object:
@@ -530,8 +550,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(f"dgemma: error: {err} (the line was not sent; /reset starts a new conversation)",
                   file=sys.stderr)
             continue
-        if args.decode == "autoregressive":
-            new_ids, _ = generate_autoregressive(model, ids, config, args.temperature, generator)
+        if args.decode != "diffusion":
+            new_ids, _, _ = generate_autoregressive(model, ids, config, args.temperature, generator,
+                                                    speculative=args.decode == "speculative")
         else:
             view = CanvasView(tokenizer, "model> ", stream_plain=False) if not args.no_canvas else None
             new_ids, _, _ = generate_with_view(model, ids, config, args.sampling, generator, view)

@@ -500,7 +500,8 @@ class Engine:
     def _prefill(self) -> None:
         """Encode every group's pending tokens (new prompts, committed canvases), then start their canvases."""
         pending = [g for g in self.groups if g.pending is not None]
-        for batch in _similar_lengths(pending):
+        # A group whose tokens are all cached already (a draft after a committed prefix) has nothing to encode.
+        for batch in _similar_lengths([g for g in pending if g.pending.shape[1]]):
             width = max(g.pending.shape[1] for g in batch)
             ids = torch.cat([torch.nn.functional.pad(g.pending, (0, width - g.pending.shape[1])) for g in batch])
             valid = torch.cat([torch.nn.functional.pad(g.pending_valid, (0, width - g.pending.shape[1]))

@@ -1,5 +1,6 @@
 """The generation API: `generate` and `generate_steps` run one batch through the engine; `autoregressive_steps`
-decodes token by token with the encoder alone.
+decodes token by token with the encoder alone; `speculative_steps` decodes exactly as it does, verifying diffusion
+drafts a canvas at a time.
 
 Design choices:
 - `generate_steps` is a generator of events over token ids (a DraftStep after every denoising step, a
@@ -27,7 +28,8 @@ from .sampling import process_logits
 if TYPE_CHECKING:
     from .constraints import CanvasControl
 
-__all__ = ["generate", "generate_steps", "autoregressive_steps", "GenerationOutput", "DraftStep", "CanvasCommitted"]
+__all__ = ["generate", "generate_steps", "autoregressive_steps", "speculative_steps", "SpeculativeStats",
+           "GenerationOutput", "DraftStep", "CanvasCommitted"]
 
 
 @dataclass
@@ -144,46 +146,144 @@ def generate(model: DiffusionGemma, input_ids: torch.Tensor, attention_mask: tor
     raise AssertionError("generate_steps ended without an output")
 
 
+class _NextToken:
+    """The autoregressive sampler of `autoregressive_steps` and `speculative_steps`: one token from the encoder's
+    logits at a position, under the logits processors of a GenerationConfig (top_k, top_p, logit_bias, and the
+    penalties, counting the tokens generated so far), applied as on a canvas: (soft-capped logits + bias) / T,
+    then truncated; temperature 0 is the argmax. One draw from `generator` per token, so that both decoders consume
+    the same random numbers for the same tokens."""
+
+    def __init__(self, model: DiffusionGemma, temperature: float, generator: torch.Generator | None,
+                 processors: GenerationConfig | None):
+        device, vocab = model.device, model.config.vocab_size
+        self.temperature, self.generator, self.processors, self.device = temperature, generator, processors, device
+        self.top_k, self.top_p = (processors.top_k, processors.top_p) if processors is not None else (None, None)
+        self.bias = self.counts = None
+        if processors is not None and processors.biases:
+            self.bias = torch.zeros(vocab, dtype=torch.float32, device=device)
+            for token, value in (processors.logit_bias or {}).items():
+                self.bias[token] = value
+            self.counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """The next token from fp32 logits [V]; counted for the penalties from then on."""
+        if self.bias is not None:
+            penalties = self.processors.frequency_penalty * self.counts + \
+                self.processors.presence_penalty * (self.counts > 0)
+            logits = logits + self.bias - penalties
+        if self.temperature == 0:  # truncation always keeps the argmax
+            token = int(logits.argmax())
+        else:
+            probs = torch.softmax(process_logits(logits, self.temperature, None, self.top_k, self.top_p), dim=-1)
+            where = self.generator.device if self.generator is not None else self.device
+            token = int(torch.multinomial(probs.to(where), 1, generator=self.generator))
+        if self.counts is not None:
+            self.counts[token] += 1
+        return token
+
+
+def _check_single(model: DiffusionGemma, input_ids: torch.Tensor, what: str) -> None:
+    _check_inputs(model, input_ids, None, None)
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"{what} decoding takes one sequence")
+
+
 @torch.no_grad()
 def autoregressive_steps(model: DiffusionGemma, input_ids: torch.Tensor, max_new_tokens: int,
                          eos_token_ids: list[int] | None = None, temperature: float = 1.0,
                          generator: torch.Generator | None = None, *,
                          processors: GenerationConfig | None = None) -> Iterator[int]:
     """Next-token decoding with the encoder alone (it is an autoregressive LM): yields each new token of a
-    single sequence [1, T]. temperature 0 is greedy. `processors` brings the logits processors of a
-    GenerationConfig (top_k, top_p, logit_bias, and the penalties, counting the tokens generated so far), applied
-    as on a canvas: (soft-capped logits + bias) / T, then truncated. The baseline `dgemma bench` compares diffusion
-    against, and `--decode autoregressive`."""
-    _check_inputs(model, input_ids, None, None)
-    if input_ids.shape[0] != 1:
-        raise ValueError("autoregressive decoding takes one sequence")
-    device, vocab = model.device, model.config.vocab_size
-    cache = KVCache(model.config, 1, model.dtype, device, capacity=input_ids.shape[1] + max_new_tokens)
-    tokens = input_ids.to(device)
+    single sequence [1, T], sampled by `_NextToken` (temperature 0 is greedy; `processors` brings a
+    GenerationConfig's logits processors). The baseline `dgemma bench` compares diffusion against, and `--decode
+    autoregressive`."""
+    _check_single(model, input_ids, "autoregressive")
+    cache = KVCache(model.config, 1, model.dtype, model.device, capacity=input_ids.shape[1] + max_new_tokens)
+    tokens = input_ids.to(model.device)
     stop = set(eos_token_ids or [])
-    top_k, top_p = (processors.top_k, processors.top_p) if processors is not None else (None, None)
-    bias = counts = None
-    if processors is not None and processors.biases:
-        bias = torch.zeros(vocab, dtype=torch.float32, device=device)
-        for token, value in (processors.logit_bias or {}).items():
-            bias[token] = value
-        counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+    next_token = _NextToken(model, temperature, generator, processors)
     for _ in range(max_new_tokens):
         valid = torch.ones_like(tokens, dtype=torch.bool)
         hidden = model.encode(tokens, cache.encoder_plan(model.rope, valid))
         cache.commit(valid)
-        logits = model.logits(hidden[0, -1])
-        if bias is not None:
-            logits = logits + bias - processors.frequency_penalty * counts - processors.presence_penalty * (counts > 0)
-        if temperature == 0:  # truncation always keeps the argmax
-            token = int(logits.argmax())
-        else:
-            probs = torch.softmax(process_logits(logits, temperature, None, top_k, top_p), dim=-1)
-            where = generator.device if generator is not None else device
-            token = int(torch.multinomial(probs.to(where), 1, generator=generator))
+        token = next_token(model.logits(hidden[0, -1]))
         yield token
         if token in stop:
             return
-        if counts is not None:
-            counts[token] += 1
-        tokens = torch.tensor([[token]], device=device)
+        tokens = torch.tensor([[token]], device=model.device)
+
+
+@dataclass
+class SpeculativeStats:
+    """What `speculative_steps` spent: decoder passes drafting, encoder passes verifying (the prompt's prefill not
+    counted, as for autoregressive decoding), and drafted tokens kept."""
+
+    decoder_passes: int = 0
+    encoder_passes: int = 0
+    drafts: int = 0
+    drafted_tokens_kept: int = 0
+
+    @property
+    def forwards(self) -> int:
+        return self.decoder_passes + self.encoder_passes
+
+
+@torch.no_grad()
+def speculative_steps(model: DiffusionGemma, input_ids: torch.Tensor, max_new_tokens: int,
+                      eos_token_ids: list[int] | None = None, temperature: float = 1.0,
+                      generator: torch.Generator | None = None, *, draft: GenerationConfig,
+                      draft_generator: torch.Generator | None = None, processors: GenerationConfig | None = None,
+                      stats: SpeculativeStats | None = None) -> Iterator[int]:
+    """Autoregressive decoding drafted by diffusion: exactly the tokens `autoregressive_steps` yields with the same
+    arguments and generator, at more than one token per forward where the drafts are good.
+
+    Each round the diffusion decoder drafts one canvas after the committed tokens (with `draft`'s sampler settings
+    and `draft_generator`), its first position fixed to the last token sampled. One causal encoder pass over the
+    canvas gives the autoregressive distribution at every position after it; walking left to right, the next token
+    is drawn from that distribution with `generator` (one draw per token, as `autoregressive_steps` draws), and the
+    walk goes on while it equals the drafted token. The first token that differs ends the round: it is kept (it is
+    a sample of the right distribution), and the cache keeps the keys and values of the tokens before it. Every
+    token yielded is therefore drawn from p(token | everything before it), whatever the draft; the draft only
+    decides how many of them one encoder pass verifies. `stats` counts the passes (tokens per forward =
+    tokens / stats.forwards)."""
+    from .constraints import FixedTokens
+
+    _check_single(model, input_ids, "speculative")
+    length = model.config.canvas_length
+    cache = KVCache(model.config, 1, model.dtype, model.device,
+                    capacity=input_ids.shape[1] + max_new_tokens + length)
+    stop = set(eos_token_ids or [])
+    stats = stats if stats is not None else SpeculativeStats()
+    next_token = _NextToken(model, temperature, generator, processors)
+    prompt = input_ids.to(model.device)
+    valid = torch.ones_like(prompt, dtype=torch.bool)
+    hidden = model.encode(prompt, cache.encoder_plan(model.rope, valid))
+    cache.commit(valid)
+    last = next_token(model.logits(hidden[0, -1]))
+    yield last
+    produced = 1
+    draft = draft.updated(max_new_tokens=length, max_length=None)
+    while produced < max_new_tokens and last not in stop:
+        engine = Engine(model, cache, "fast")
+        group = engine.add(Group(torch.empty(1, 0, dtype=torch.long), draft, generator=draft_generator,
+                                 control=FixedTokens(torch.tensor([[last]]), length), drafts=False))
+        while not group.done:
+            engine.step()
+        stats.decoder_passes += group.steps_run
+        stats.drafts += 1
+        canvas = group.sequences[:, -length:].to(model.device)
+        canvas_valid = torch.ones_like(canvas, dtype=torch.bool)
+        logits = model.logits(model.encode(canvas, cache.encoder_plan(model.rope, canvas_valid))[0])
+        stats.encoder_passes += 1
+        kept = 1  # the canvas's first token, `last`, was sampled from the right distribution
+        for position in range(length):
+            last = next_token(logits[position])
+            yield last
+            produced += 1
+            matches = position + 1 < length and last == int(canvas[0, position + 1])
+            if matches:
+                kept += 1
+                stats.drafted_tokens_kept += 1
+            if not matches or produced == max_new_tokens or last in stop:
+                break
+        cache.commit(canvas_valid, counts=[kept])

@@ -1,9 +1,10 @@
-"""`--decode autoregressive`: generate and chat token by token with the encoder, with the same logits processors,
-and refuse the options only a canvas has."""
+"""`--decode autoregressive` and `--decode speculative`: generate and chat token by token with the encoder (drafted
+by diffusion for speculative), with the same logits processors, and refuse the options only a canvas has."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 import torch
@@ -52,10 +53,36 @@ def test_logits_processors_apply_to_autoregressive_decoding(model_and_tokenizer)
     assert len(set(tokens)) == len(tokens)
 
 
+def test_speculative_decoding_through_the_command_writes_the_autoregressive_sample(text_model_dir, capsys):
+    command = ["generate", "--model", str(text_model_dir), "It is a truth", "--max-new-tokens", "12", "--seed", "3",
+               "--temperature", "0.9", "--stats"]
+    assert main([*command, "--decode", "autoregressive"]) == 0
+    autoregressive = capsys.readouterr()
+    assert main([*command, "--decode", "speculative", "--steps", "2"]) == 0
+    speculative = capsys.readouterr()
+    assert speculative.out == autoregressive.out
+    stats = json.loads(speculative.err.strip().splitlines()[-1])
+    assert stats["decoder_passes"] <= 2 * (stats["encoder_passes"] - 1) and stats["tokens_per_forward"] > 0
+
+
+def test_chat_answers_alike_by_speculative_and_autoregressive_decoding(text_model_dir, capsys, monkeypatch):
+    answers = []
+    for decode in ("autoregressive", "speculative"):
+        lines = iter(["Good morning", ""])
+        monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+        assert main(["chat", "--model", str(text_model_dir), "--seed", "1", "--max-new-tokens", "10",
+                     "--temperature", "0.8", "--decode", decode]) == 0
+        answers.append(capsys.readouterr().out)
+    assert answers[0] == answers[1] and "model> " in answers[0]
+
+
 def test_diffusion_only_options_are_refused_with_autoregressive_decoding(text_model_dir, capsys):
     for flags in (["--steps", "4"], ["--show-denoising"], ["--json-object"], ["--sampling", "reference"]):
         assert main(["generate", "--model", str(text_model_dir), "x", "--decode", "autoregressive", *flags]) == 2
         assert "--decode autoregressive has no use for" in capsys.readouterr().err
+    for flags in (["--show-denoising"], ["--infill"], ["--regex", "a+"], ["--sampling", "reference"]):
+        assert main(["generate", "--model", str(text_model_dir), "x", "--decode", "speculative", *flags]) == 2
+        assert "--decode speculative has no use for" in capsys.readouterr().err
 
 
 def test_the_server_decodes_autoregressively_on_request(text_model_dir, model_and_tokenizer):

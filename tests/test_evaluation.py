@@ -259,7 +259,7 @@ def test_sweep_on_a_tiny_model_writes_a_complete_report_table_and_plot(text_mode
 
 def test_samples_are_what_generate_and_autoregressive_decoding_give(text_model_dir):
     import dgemma
-    from dgemma.generation import autoregressive_steps
+    from dgemma.generation import SpeculativeStats, autoregressive_steps, speculative_steps
     from dgemma.tokenizer import Tokenizer
 
     model, tokenizer = dgemma.load(text_model_dir), Tokenizer.from_directory(text_model_dir)
@@ -277,10 +277,22 @@ def test_samples_are_what_generate_and_autoregressive_decoding_give(text_model_d
     short, *_ = quality.sample_diffusion(model, tokenizer, ids, config, torch.Generator().manual_seed(5), words=3)
     assert cut_words(short, 3) == cut_words(text, 3)
 
-    text, tokens, forwards, _ = quality.sample_autoregressive(model, tokenizer, ids, 24, eos, 0.9,
+    text, tokens, forwards, _ = quality.sample_autoregressive(model, tokenizer, ids, 24, eos, quality.ARSetting(0.9),
                                                               torch.Generator().manual_seed(5), words=1000)
     steps = list(autoregressive_steps(model, torch.tensor([ids]), 24, eos, 0.9, torch.Generator().manual_seed(5)))
     assert text == tokenizer.decode([t for t in steps if t not in eos]) and tokens == forwards == len(steps)
+
+    # Speculative decoding writes the same sample; its forwards are its drafts' decoder passes and its encoder passes.
+    speculative = quality.ARSetting(0.9, draft_steps=2)
+    assert speculative.kind == "speculative" and "drafts of 2 steps" in speculative.label
+    same, tokens, forwards, _ = quality.sample_autoregressive(model, tokenizer, ids, 24, eos, speculative,
+                                                              torch.Generator().manual_seed(5), words=1000,
+                                                              draft=config)
+    stats = SpeculativeStats()
+    list(speculative_steps(model, torch.tensor([ids]), 24, eos, 0.9, torch.Generator().manual_seed(5),
+                           draft=config.updated(max_denoising_steps=2), draft_generator=torch.Generator().manual_seed(6),
+                           stats=stats))
+    assert same == text and tokens == len(steps) and forwards == stats.forwards
 
 
 def test_denoiser_report_compares_decoder_and_encoder_on_true_continuations(text_model_dir):

