@@ -351,9 +351,9 @@ def _mix(weights: torch.Tensor, matrix: GroupQuantized) -> torch.Tensor:
 # 128 experts: 16 rows each; an autoregressive token, one), so an expert matmul is bound by reading its weight, and a
 # dequantised tile costs far more than the matmul it feeds. torch's weight-only int4 kernel reads the packed codes
 # directly. Measured on this project's 2-core Xeon (`python scripts/quantized_matmul.py`, one released gate/up expert,
-# 1,408 x 2,816, weights not in cache): 16 rows 0.83 ms against 0.51 ms in bf16 and 11.4 ms dequantising a tile; one
-# row 0.10 ms against 0.36 ms in bf16. For a few hundred rows (attention, dense MLP, vocabulary) the kernel is 10x
-# bf16 and tiles are 3x, so only experts take it.
+# 1,408 x 2,816, weights read from memory): 16 rows 0.87 ms against 0.51 ms in bf16 and 5.2 ms dequantising a tile;
+# one row 0.15 ms against 0.48 ms in bf16. For a canvas's 256 rows (attention, dense MLP, vocabulary) the kernel
+# takes 8 to 9 times bf16's time and tiles 3 to 6 times, so only experts take it (docs/quantization.md).
 
 def cpu_int4_applies(name: str, weight: GroupQuantized, device: torch.device | str) -> bool:
     """Whether an expert matrix computed in bf16 on the CPU runs through torch's int4 kernel (`CpuInt4`): 4-bit

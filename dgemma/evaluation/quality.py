@@ -497,7 +497,9 @@ def run(args: argparse.Namespace) -> int:
     autoregressive += [ARSetting(t, int(steps)) for t in parse_floats(args.speculative_temperatures)
                        for steps in args.draft_steps.split(",")]
     print(f"[quality] {directory}: {len(passages)} passages x {args.seeds} seeds, {len(diffusion)} diffusion "
-          f"settings, {len(autoregressive)} AR temperatures; loading the judge", file=sys.stderr, flush=True)
+          f"settings, {sum(s.draft_steps is None for s in autoregressive)} AR and "
+          f"{sum(s.draft_steps is not None for s in autoregressive)} speculative settings; loading the judge",
+          file=sys.stderr, flush=True)
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # our own progress line is enough
