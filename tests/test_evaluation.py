@@ -49,6 +49,8 @@ def test_distinct_n_and_unigram_entropy_of_hand_made_texts():
     assert metrics["unigram_entropy"] == pytest.approx((1.0 + 2.0 + 0.0) / 3)
     assert metrics["letter_words"] == 1.0
     assert text_metrics(['to lay . " ."'])["letter_words"] == pytest.approx(2 / 5)
+    assert metrics["adjacent_repeats"] == 0.0  # "a b a b" repeats words, never next to each other
+    assert text_metrics(["of of the the king", "solo"])["adjacent_repeats"] == pytest.approx(2 / 4)
 
 
 def test_perplexity_pools_tokens_and_the_interval_resamples_passages():

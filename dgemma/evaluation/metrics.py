@@ -46,15 +46,24 @@ def letter_share(tokens: Sequence[str]) -> float | None:
     return sum(any(c.isalpha() for c in t) for t in tokens) / len(tokens) if tokens else None
 
 
+def adjacent_repeats(tokens: Sequence[str]) -> float | None:
+    """The share of adjacent word pairs that repeat a word ("the the", "KING. KING."): what sampling neighbouring
+    positions in parallel writes and left-to-right decoding rarely does (None below two words)."""
+    pairs = len(tokens) - 1
+    return sum(a == b for a, b in zip(tokens, tokens[1:])) / pairs if pairs > 0 else None
+
+
 def _mean(values: list[float | None]) -> float | None:
     kept = [v for v in values if v is not None]
     return sum(kept) / len(kept) if kept else None
 
 
 def text_metrics(texts: Sequence[str]) -> dict[str, float | None]:
-    """Mean word count, letter words, unigram entropy and distinct-1/2/3 over a set of continuations."""
+    """Mean word count, letter words, adjacent repeats, unigram entropy and distinct-1/2/3 over a set of
+    continuations."""
     split = [words(t) for t in texts]
     return {"mean_words": _mean([len(w) for w in split]), "letter_words": _mean([letter_share(w) for w in split]),
+            "adjacent_repeats": _mean([adjacent_repeats(w) for w in split]),
             "unigram_entropy": _mean([unigram_entropy(w) for w in split]),
             **{f"distinct_{n}": _mean([distinct_n(w, n) for w in split]) for n in (1, 2, 3)}}
 

@@ -328,7 +328,7 @@ def _number(value, digits: int = 2) -> str:
 def table(report: dict) -> str:
     """A markdown table: one row per setting, the held-out text first."""
     header = ("| setting | tok/forward | tok/s | gen-ppl | 95 % interval | entropy (bits) | distinct-1 | distinct-2 "
-              "| distinct-3 | words | letter words |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+              "| distinct-3 | words | letter words | repeats |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     lines = []
     for row in [report["reference"], *report["settings"]]:
         m = row["metrics"]
@@ -338,8 +338,16 @@ def table(report: dict) -> str:
                      f"{f'{_number(interval[0], 1)}-{_number(interval[1], 1)}' if interval else '-'} "
                      f"| {_number(m['unigram_entropy'])} | {_number(m['distinct_1'])} | {_number(m['distinct_2'])} "
                      f"| {_number(m['distinct_3'])} | {_number(m['mean_words'], 1)} "
-                     f"| {_number(m.get('letter_words'))} |")
+                     f"| {_number(m.get('letter_words'))} | {_number(m.get('adjacent_repeats'), 3)} |")
     return header + "\n".join(lines) + "\n"
+
+
+def rescore(report: dict) -> dict:
+    """A saved report with the text metrics of its stored samples computed again (after a metric was added):
+    nothing is sampled or judged."""
+    for row in [report["reference"], *report["settings"]]:
+        row["metrics"].update(text_metrics([sample["text"] for sample in row["samples"]]))
+    return report
 
 
 def _point_label(row: dict, one_steps: bool) -> str:
@@ -458,6 +466,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-whitespace", action="store_true", help="the judge reads the text as written "
                                                                        "(default: whitespace runs collapsed)")
     parser.add_argument("--out", default="runs/quality", help="output directory: report.json, frontier.png")
+    parser.add_argument("--rescore", metavar="REPORT", help="print a saved report.json's table with its text metrics "
+                                                          "computed again; nothing is sampled or judged")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -467,6 +477,13 @@ def run(args: argparse.Namespace) -> int:
     from .judge import MISSING_JUDGE, MISSING_TRANSFORMERS, default_judge_available, load_judge
 
     # Errors are ValueErrors, as `dgemma` reports them: one line, exit status 2.
+    if args.rescore:
+        try:
+            report = json.loads(Path(args.rescore).read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--rescore {args.rescore}: not a readable report ({err})") from None
+        print(table(rescore(report)), end="")
+        return 0
     if importlib.util.find_spec("transformers") is None:
         raise ValueError(MISSING_TRANSFORMERS)
     if args.judge is None and not default_judge_available():
