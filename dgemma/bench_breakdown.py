@@ -309,6 +309,9 @@ def main_run(args: argparse.Namespace) -> dict:
     if unknown:
         raise ValueError(f"unknown weight forms {unknown} (choose from {', '.join(FORMS)})")
     layers = args.layers or 2
+    if layers < 2:
+        raise ValueError(f"--layers {layers}: the breakdown projects each layer kind, so the slice needs 2 layers or "
+                         "more (the last is full attention, the first sliding)")
     work = Path(args.work_dir or tempfile.gettempdir()) / f"dgemma-breakdown-{args.config}-{args.canvas}-{layers}l"
     checkpoint = build_checkpoint(args.config, args.vocab, args.canvas, work, layers=layers)
     full = full_config(args.config, args.canvas)

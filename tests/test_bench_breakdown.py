@@ -50,6 +50,14 @@ def test_load_keeps_the_slices_four_bit_experts_in_torchs_int4_layout(tmp_path):
     assert CpuInt4 not in {kind for name, kind in kinds.items() if ".experts." not in name}
 
 
+def test_a_one_layer_slice_is_refused_by_name(tmp_path, capsys):
+    from dgemma.cli import main
+
+    assert main(["bench", "--breakdown", "--config", "tiny", "--layers", "1", "--work-dir", str(tmp_path)]) == 2
+    assert "--layers 1: the breakdown projects each layer kind" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # refused before any checkpoint is built
+
+
 def test_projection_counts_each_layer_kind_of_the_full_model():
     full = full_config("release", 256)  # 30 layers: 25 sliding, 5 full
     parts = {"layer_types": [True, False], "decoder_layers": [1.0, 2.0], "decoder_seconds": 3.5, "sampler_seconds": 1.0,
