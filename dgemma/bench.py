@@ -59,6 +59,20 @@ SYSTEMS = ("dgemma-fast", "dgemma-reference", "transformers", "dgemma-ar")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+def named_config(name: str, canvas: int, vocab: int | None = None, layers: int | None = None):
+    """The ModelConfig of a named config, optionally with another vocabulary or cut to its first `layers` layers
+    (the last one full attention, as in the reference)."""
+    import dgemma
+
+    text = dict(NAMED_CONFIGS[name], pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    if vocab:
+        text["vocab_size"] = vocab
+    if layers:
+        text.update(num_hidden_layers=layers, layer_types=text["layer_types"][:layers])
+    return dgemma.ModelConfig.from_dict({"model_type": "diffusion_gemma", "canvas_length": canvas,
+                                         "text_config": text})
+
+
 def build_checkpoint(name: str, vocab: int | None, canvas: int, directory: Path, seed: int = 0,
                      layers: int | None = None) -> Path:
     """A random bf16 checkpoint of a named config in transformers' layout (reused if already built), optionally
@@ -67,13 +81,7 @@ def build_checkpoint(name: str, vocab: int | None, canvas: int, directory: Path,
 
     if (directory / "config.json").is_file():
         return directory
-    text = dict(NAMED_CONFIGS[name], pad_token_id=0, eos_token_id=1, bos_token_id=2)
-    if vocab:
-        text["vocab_size"] = vocab
-    if layers:
-        text.update(num_hidden_layers=layers, layer_types=text["layer_types"][:layers])
-    config = dgemma.ModelConfig.from_dict({"model_type": "diffusion_gemma", "canvas_length": canvas,
-                                           "text_config": text})
+    config = named_config(name, canvas, vocab, layers)
     with torch.device("meta"):
         model = dgemma.DiffusionGemma(config).to(torch.bfloat16)
     model = model.to_empty(device="cpu")
@@ -157,15 +165,11 @@ def measure_machine(threads: int, repeat: int = 5, copy_bytes: int = 64 * 2**20)
 
 def print_roofline(args: argparse.Namespace) -> dict:
     """The measured machine and, for the named config at both vocabulary sizes, each step's floor."""
-    import dgemma
-
     machine = measure_machine(args.threads)
     flops = machine["matmul_flops_vocab_shape"]
     rows = []
     for vocab in (args.vocab or 262_144, 32_768):
-        text = dict(NAMED_CONFIGS[args.config], vocab_size=vocab)
-        config = dgemma.ModelConfig.from_dict({"model_type": "diffusion_gemma", "canvas_length": args.canvas,
-                                               "text_config": text})
+        config = named_config(args.config, args.canvas, vocab)
         floor = roofline(config, args.prompt_length, args.steps, flops, machine["copy_bytes_per_second"])
         rows.append({"vocab": vocab, **floor})
     report = {"machine": machine, "config": args.config, "steps": args.steps, "floors": rows}

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bench import NAMED_CONFIGS, build_checkpoint, machine, measure_machine, spawn, step_cost, write_report
+from .bench import build_checkpoint, machine, measure_machine, named_config, spawn, step_cost, write_report
 
 FORMS = ("bf16", "int8", "int4", "int4_experts")
 SCHEME_OF_FORM = {"bf16": None, "int8": "int8", "int4": "int4", "int4_experts": "int4_experts"}
@@ -248,13 +248,6 @@ def spawn_parts(path: Path, args: argparse.Namespace) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def full_config(name: str, canvas: int):
-    import dgemma
-
-    text = dict(NAMED_CONFIGS[name], pad_token_id=0, eos_token_id=1, bos_token_id=2)
-    return dgemma.ModelConfig.from_dict({"model_type": "diffusion_gemma", "canvas_length": canvas, "text_config": text})
-
-
 def project(parts: dict, full, steps: int) -> dict:
     """The full model from the slice: each layer kind's measured time (and bytes) times the model's count of that
     kind, plus the parts outside the layers (embedding, self-conditioning, sampler, head)."""
@@ -296,11 +289,10 @@ def ar_bytes(parts: dict, full) -> float:
 
 
 def floors(parts: dict, full, prompt: int, rates: dict) -> dict:
-    cost = step_cost(full, prompt)
+    cost, token_bytes = step_cost(full, prompt), ar_bytes(parts, full)
     step = max(cost["flops"] / rates["matmul_flops"], cost["weight_bytes"] / rates["copy_bytes_per_second"])
-    token = ar_bytes(parts, full) / rates["copy_bytes_per_second"]
-    return {"step_seconds": step, "ar_token_seconds": token, "step_flops": cost["flops"],
-            "ar_token_bytes": ar_bytes(parts, full)}
+    return {"step_seconds": step, "ar_token_seconds": token_bytes / rates["copy_bytes_per_second"],
+            "step_flops": cost["flops"], "ar_token_bytes": token_bytes}
 
 
 def main_run(args: argparse.Namespace) -> dict:
@@ -314,7 +306,7 @@ def main_run(args: argparse.Namespace) -> dict:
                          "more (the last is full attention, the first sliding)")
     work = Path(args.work_dir or tempfile.gettempdir()) / f"dgemma-breakdown-{args.config}-{args.canvas}-{layers}l"
     checkpoint = build_checkpoint(args.config, args.vocab, args.canvas, work, layers=layers)
-    full = full_config(args.config, args.canvas)
+    full = named_config(args.config, args.canvas)
     here = measure_machine(args.threads, copy_bytes=2**30)  # past a server CPU's last-level cache (480 MiB here)
     rates = {"matmul_flops": here["matmul_flops_vocab_shape"], "copy_bytes_per_second": here["copy_bytes_per_second"]}
     print(f"[breakdown] {args.config}, {layers} of {full.num_hidden_layers} layers, forms {', '.join(forms)}, "

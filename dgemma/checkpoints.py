@@ -31,8 +31,8 @@ from .allocator import release_free_memory
 from .config import ModelConfig
 from .gguf import GGUFCheckpoint
 from .model import DiffusionGemma
-from .quantized import (QUANTIZED_TYPES, CpuInt4, GroupQuantized, attach, cpu_int4_applies, quantized_weights,
-                        scheme_type)
+from .quantized import (QUANTIZED_TYPES, CpuInt4, GroupQuantized, attach, cpu_int4_applies, is_expert,
+                        quantized_weights, scheme_type)
 
 logger = logging.getLogger(__name__)
 
@@ -361,7 +361,7 @@ def load_gguf_model(checkpoint: GGUFCheckpoint, dtype: torch.dtype | None = None
     state, quantized = {}, {}
     for name in checkpoint.tensor_names():
         data, qtype, shape = checkpoint.raw(name)
-        keep = keep_quantized is True or (keep_quantized == "experts" and ".experts." in name)
+        keep = keep_quantized is True or (keep_quantized == "experts" and is_expert(name))
         if keep and qtype.name in QUANTIZED_TYPES and len(shape) >= 2:
             quantized[module_name(name)] = GroupQuantized.from_gguf(data, qtype, shape).to(device, dtype)
         else:

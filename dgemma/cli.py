@@ -155,12 +155,13 @@ def generate_autoregressive(model, ids: list[int], config: GenerationConfig, tem
         new_ids = list(speculative_steps(model, prompt, budget, eos, temperature, generator, draft=config,
                                          draft_generator=drafts, processors=config, stats=stats))
         passes = {"encoder_passes": stats.encoder_passes + 1, "decoder_passes": stats.decoder_passes,
-                  "drafted_tokens_kept": stats.drafted_tokens_kept, "forwards": stats.forwards}
+                  "drafted_tokens_kept": stats.drafted_tokens_kept}
+        forwards = stats.forwards
     else:
         new_ids = list(autoregressive_steps(model, prompt, budget, eos, temperature, generator, processors=config))
-        passes = {"encoder_passes": len(new_ids) + 1, "forwards": len(new_ids)}
+        passes, forwards = {"encoder_passes": len(new_ids) + 1}, len(new_ids)
     ended = bool(new_ids) and new_ids[-1] in eos
-    passes["tokens_per_forward"] = round(len(new_ids) / max(passes.pop("forwards"), 1), 2)
+    passes["tokens_per_forward"] = round(len(new_ids) / max(forwards, 1), 2)
     return (new_ids[:-1] if ended else new_ids), ended, passes
 
 

@@ -355,10 +355,15 @@ def _mix(weights: torch.Tensor, matrix: GroupQuantized) -> torch.Tensor:
 # one row 0.15 ms against 0.48 ms in bf16. For a canvas's 256 rows (attention, dense MLP, vocabulary) the kernel
 # takes 8 to 9 times bf16's time and tiles 3 to 6 times, so only experts take it (docs/quantization.md).
 
+def is_expert(name: str) -> bool:
+    """Whether a tensor (by checkpoint or module name) is one of the experts' stacked matrices."""
+    return ".experts." in name
+
+
 def cpu_int4_applies(name: str, weight: GroupQuantized, device: torch.device | str) -> bool:
     """Whether an expert matrix computed in bf16 on the CPU runs through torch's int4 kernel (`CpuInt4`): 4-bit
     codes in groups of 32 (Q4_0, Q4_1, Q4_K) and rows a multiple of the kernel's 16."""
-    return (".experts." in name and weight.bits == 4 and weight.group == 32 and weight.dtype == torch.bfloat16
+    return (is_expert(name) and weight.bits == 4 and weight.group == 32 and weight.dtype == torch.bfloat16
             and torch.device(device).type == "cpu" and weight.shape[-2] % 16 == 0)
 
 
@@ -472,7 +477,7 @@ def scheme_type(name: str, shape: tuple[int, ...], scheme: str) -> str | None:
     kernel; the rest keeps bf16's fast matmuls for a canvas's hundreds of rows; docs/cpu.md)."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantisation scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
-    if len(shape) < 2 or shape[-1] % 32 or (scheme == "int4_experts" and ".experts." not in name):
+    if len(shape) < 2 or shape[-1] % 32 or (scheme == "int4_experts" and not is_expert(name)):
         return None
     if scheme == "q4_k_m":
         qtype = "Q6_K" if any(part in name for part in _SIX_BIT_UNDER_Q4_K_M) else "Q4_K"

@@ -8,8 +8,8 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
-from dgemma.bench import build_checkpoint
-from dgemma.bench_breakdown import full_config, measure_parts, project, random_blocks, weights_file
+from dgemma.bench import build_checkpoint, named_config
+from dgemma.bench_breakdown import measure_parts, project, random_blocks, weights_file
 from dgemma.gguf import read_gguf
 from dgemma.quantized import CpuInt4, quantized_weights
 
@@ -59,7 +59,7 @@ def test_a_one_layer_slice_is_refused_by_name(tmp_path, capsys):
 
 
 def test_projection_counts_each_layer_kind_of_the_full_model():
-    full = full_config("release", 256)  # 30 layers: 25 sliding, 5 full
+    full = named_config("release", 256)  # 30 layers: 25 sliding, 5 full
     parts = {"layer_types": [True, False], "decoder_layers": [1.0, 2.0], "decoder_seconds": 3.5, "sampler_seconds": 1.0,
              "prefill_layers": [0.1, 0.2], "prefill_seconds": 0.4, "ar_layers": [0.01, 0.02], "ar_token_seconds": 0.05,
              "held_bytes": {"rest": 100, "layer0": 10, "layer0.experts": 1000, "layer1": 20, "layer1.experts": 1000},
