@@ -44,25 +44,41 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return F.relu
 
 
-class RMSNorm(nn.Module):
-    """RMS norm in fp32; `with_scale=False` gives the reference's scale-free variant (v-norm, router, ...)."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """x * (mean(x^2) + eps)^-1/2 * weight over the last dimension, computed in fp32 as the reference does.
 
-    def __init__(self, dim: int, eps: float, with_scale: bool = True):
+    On a CPU, torch's own `rms_norm` gives bit-identical results (tests/test_model.py) and is faster in fp32 (one
+    call instead of seven: 16 against 29 us for a 32-token canvas of the bundled model), but slower for bf16
+    input, which it widens as a whole first (217 against 132 us at [256, 512]): there the reference's own
+    sequence of operations runs."""
+    if x.dtype == torch.float32 and x.device.type == "cpu" and (weight is None or weight.dtype == torch.float32):
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return rms_norm_as_reference(x, weight, eps)
+
+
+def rms_norm_as_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    h = x.float()
+    h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        h = h * weight  # a bf16 weight is widened inside the multiply: no fp32 copy, the same values
+    return h.type_as(x)
+
+
+class RMSNorm(nn.Module):
+    """RMS norm in fp32 with a learned scale (see `rms_norm`)."""
+
+    def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+        self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
-        if self.weight is not None:
-            h = h * self.weight  # a bf16 weight is widened inside the multiply: no fp32 copy, the same values
-        return h.type_as(x)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rms_norm_without_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
-    h = x.float()
-    return (h * torch.pow(h.pow(2).mean(-1, keepdim=True) + eps, -0.5)).type_as(x)
+    """The reference's scale-free RMS norm (v-norm, router input, self-conditioning output)."""
+    return rms_norm(x, None, eps)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
