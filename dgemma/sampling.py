@@ -280,7 +280,7 @@ def controlled_digest(logits: torch.Tensor, inv_softcap: float | None, scale: to
 @torch.no_grad()  # a sampler: nothing to differentiate, and the out= matmul would refuse parameters needing grad
 def fast_step(hidden: torch.Tensor, head: torch.Tensor, embedding: torch.Tensor, embed_scale: torch.Tensor,
               softcap: float | None, temperature: torch.Tensor | None, uniforms: torch.Tensor,
-              workspace: Workspace | None = None, matmul_elements: int = 1 << 27, digest_elements: int = 1 << 21,
+              workspace: Workspace | None = None, matmul_elements: int = 1 << 27, digest_elements: int = 1 << 22,
               block: int = 1024, controls: Controls | None = None) -> StepResult:
     """hidden: final-normed decoder states [B, L, H]; head: [V, H]; embedding: [V, H] (tied: the same tensor; either
     may be a `dgemma.quantized.GroupQuantized`, dequantised a tile of rows at a time);
@@ -289,12 +289,13 @@ def fast_step(hidden: torch.Tensor, head: torch.Tensor, embedding: torch.Tensor,
     batch row (None: none, the unchanged path).
 
     The two vocabulary matmuls (logits, self-conditioning) run on up to `matmul_elements` logits at a time, in
-    the model dtype, so the vocabulary matrix is read once per step. In between, `digest_elements` at a time
-    (small enough to stay in cache) are turned into weights: the transforms are monotonic, so the argmax and
-    maximum of the processed logits come from per-block maxima of the raw ones, and one pass gives the weights
-    and their block sums (both compiled and fused for vocabularies of 16k and more; DGEMMA_COMPILE=0 disables
-    it). The
-    self-conditioning matmul is normalised afterwards, on [R, H] instead of [R, V]. No fp32 [B, L, V] tensor
+    the model dtype, so the vocabulary matrix is read once per step. In between, `digest_elements` at a time are
+    turned into weights (fewer, larger chunks measured faster than cache-sized ones: a 256-position step took 30.1
+    against 31.7 ms at vocabulary 32k and 220 against 233 ms at 262k with 2^22 against 2^21; the results do not
+    depend on the chunk sizes): the transforms are monotonic, so the argmax and maximum of the processed logits
+    come from per-block maxima of the raw ones, and one pass gives the weights and their block sums (both compiled
+    and fused for vocabularies of 16k and more; DGEMMA_COMPILE=0 disables it). The self-conditioning matmul is
+    normalised afterwards, on [R, H] instead of [R, V]. No fp32 [B, L, V] tensor
     is ever built. With controls, each chunk's processed logits are built in fp32 (`digest_elements` at a time,
     eagerly) so that the bias and the truncation threshold can be applied; see `controlled_digest`.
     """

@@ -98,6 +98,22 @@ def test_fast_step_computes_what_the_reference_computes(vocab, temperature):
     torch.testing.assert_close(fast.self_conditioning, soft, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("vocab", [3072, 16384])  # the eager digest, and the compiled one (16k and more)
+def test_chunk_sizes_change_no_result(vocab):
+    """How many logits the matmuls and the digest take at a time is a speed choice only: every output is
+    bit-identical, with chunks that split the rows (unevenly too, for the eager digest) and with one chunk for all."""
+    hidden, head = make_head(vocab, 16, seed=vocab, sharpness=2.0)
+    hidden, head = hidden.to(torch.bfloat16), head.to(torch.bfloat16)
+    args = (hidden, head, head, torch.tensor(4.0), 30.0, torch.tensor([0.7, 0.3]))
+    results = [fast_step(*args, draw_uniforms(10, torch.Generator().manual_seed(0)), matmul_elements=matmul,
+                         digest_elements=digest)
+               for matmul, digest in [(1 << 27, 1 << 22), (10 * vocab, 5 * vocab), (4 * vocab, 3 * vocab)]
+               [:None if vocab < 16_384 else 2]]  # each chunk shape is compiled anew: two are enough there
+    for other in results[1:]:
+        for name in ("sampled", "argmax", "entropy", "self_conditioning"):
+            assert torch.equal(getattr(other, name), getattr(results[0], name)), name
+
+
 def test_workspace_reuses_its_buffers_and_changes_no_result():
     """Steps that share a workspace (as a generation's do) give exactly what fresh buffers give, and a smaller
     step reuses the storage of a larger one."""
