@@ -295,9 +295,9 @@ def fast_step(hidden: torch.Tensor, head: torch.Tensor, embedding: torch.Tensor,
     depend on the chunk sizes): the transforms are monotonic, so the argmax and maximum of the processed logits
     come from per-block maxima of the raw ones, and one pass gives the weights and their block sums (both compiled
     and fused for vocabularies of 16k and more; DGEMMA_COMPILE=0 disables it). The self-conditioning matmul is
-    normalised afterwards, on [R, H] instead of [R, V]. No fp32 [B, L, V] tensor
-    is ever built. With controls, each chunk's processed logits are built in fp32 (`digest_elements` at a time,
-    eagerly) so that the bias and the truncation threshold can be applied; see `controlled_digest`.
+    normalised afterwards, on [R, H] instead of [R, V]. No fp32 [B, L, V] tensor is ever built. With controls,
+    each chunk's processed logits are built in fp32 (`digest_elements` at a time, eagerly) so that the bias and
+    the truncation threshold can be applied; see `controlled_digest`.
     """
     batch, length, width = hidden.shape
     rows = hidden.reshape(-1, width)
