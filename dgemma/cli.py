@@ -142,8 +142,8 @@ def generate_autoregressive(model, ids: list[int], config: GenerationConfig, tem
                             generator: torch.Generator | None, speculative: bool = False
                             ) -> tuple[list[int], bool, dict]:
     """--decode autoregressive or speculative: the new tokens before the first EOS, whether an EOS ended them, and
-    the passes spent (the prompt's prefill included). Speculative drafts use `config`'s diffusion settings and their
-    own generator (seeded after `generator`), so the tokens are those of autoregressive decoding with `generator`."""
+    the passes spent (the prompt's prefill included). Speculative drafts use `config`'s diffusion settings; the
+    tokens are those of autoregressive decoding with `generator`."""
     from .generation import SpeculativeStats, autoregressive_steps, speculative_steps
 
     temperature = 0.0 if not config.do_sample else (1.0 if temperature is None else temperature)
@@ -151,9 +151,8 @@ def generate_autoregressive(model, ids: list[int], config: GenerationConfig, tem
     prompt, eos = torch.tensor([ids]), config.eos_token_ids
     if speculative:
         stats = SpeculativeStats()
-        drafts = None if generator is None else torch.Generator().manual_seed(generator.initial_seed() + 1)
         new_ids = list(speculative_steps(model, prompt, budget, eos, temperature, generator, draft=config,
-                                         draft_generator=drafts, processors=config, stats=stats))
+                                         processors=config, stats=stats))
         passes = {"encoder_passes": stats.encoder_passes + 1, "decoder_passes": stats.decoder_passes,
                   "drafted_tokens_kept": stats.drafted_tokens_kept}
         forwards = stats.forwards

@@ -238,7 +238,8 @@ def speculative_steps(model: DiffusionGemma, input_ids: torch.Tensor, max_new_to
     arguments and generator, at more than one token per forward where the drafts are good.
 
     Each round the diffusion decoder drafts one canvas after the committed tokens (with `draft`'s sampler settings
-    and `draft_generator`), its first position fixed to the last token sampled. One causal encoder pass over the
+    and `draft_generator`; by default a CPU generator seeded with `generator`'s seed + 1, so that a seeded call drafts
+    the same canvases every time), its first position fixed to the last token sampled. One causal encoder pass over the
     canvas gives the autoregressive distribution at every position after it; walking left to right, the next token
     is drawn from that distribution with `generator` (one draw per token, as `autoregressive_steps` draws), and the
     walk goes on while it equals the drafted token. The first token that differs ends the round: it is kept (it is
@@ -255,6 +256,8 @@ def speculative_steps(model: DiffusionGemma, input_ids: torch.Tensor, max_new_to
     stop = set(eos_token_ids or [])
     stats = stats if stats is not None else SpeculativeStats()
     next_token = _NextToken(model, temperature, generator, processors)
+    if draft_generator is None and generator is not None:
+        draft_generator = torch.Generator().manual_seed(generator.initial_seed() + 1)
     prompt = input_ids.to(model.device)
     valid = torch.ones_like(prompt, dtype=torch.bool)
     hidden = model.encode(prompt, cache.encoder_plan(model.rope, valid))

@@ -177,10 +177,8 @@ def sample_autoregressive(model, tokenizer, prompt_ids: list[int], max_new_token
     if setting.draft_steps is None:
         tokens = autoregressive_steps(model, ids, max_new_tokens, eos, setting.temperature, generator)
     else:  # the drafts draw from their own generator, so the samples are the autoregressive ones
-        draft_generator = torch.Generator(model.device).manual_seed(generator.initial_seed() + 1)
         tokens = speculative_steps(model, ids, max_new_tokens, eos, setting.temperature, generator,
-                                   draft=draft.updated(max_denoising_steps=setting.draft_steps),
-                                   draft_generator=draft_generator, stats=stats)
+                                   draft=draft.updated(max_denoising_steps=setting.draft_steps), stats=stats)
     for token in tokens:
         new.append(token)
         text, done = _stop_text(tokenizer, new, eos, words)
