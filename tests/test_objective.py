@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from scipy.stats import chisquare
@@ -85,6 +86,48 @@ def test_text_windows_cut_at_canvas_aligned_points_with_bos_prompts():
         ex, same = most.example(example_generator(0, 0, i, "text")), windows.example(example_generator(0, 0, i, "text"))
         assert len(ex.response) == 32 and len(ex.prompt) == 8
         assert ex.prompt[1:] + ex.response == (same.prompt[1:] + same.response)[-39:]  # the same window
+
+
+def test_text_windows_cut_anywhere_give_short_prompts_and_unaligned_canvases():
+    """prompt_cut="any": the prompt ends at any point from min_prompt on (short prompts included), the response is
+    the whole canvases that fit after it, and prompt + response is the start of the window."""
+    stream = torch.arange(3, 1003).numpy()
+    lengths = set()
+    for rule in ("random", "most"):
+        windows = TextWindows(stream=stream, window=40, canvas_length=8, bos_id=2, min_prompt=2,
+                              response_canvases=rule, prompt_cut="any")
+        for i in range(400):
+            ex = windows.example(example_generator(0, 0, i, "text"))
+            fit = (40 - len(ex.prompt)) // 8
+            assert ex.prompt[0] == 2 and 2 <= len(ex.prompt) <= 32 and len(ex.response) % 8 == 0
+            assert 8 <= len(ex.response) <= 8 * fit and (rule == "random" or len(ex.response) == 8 * fit)
+            run = ex.prompt[1:] + ex.response
+            assert run == list(range(run[0], run[0] + len(run)))  # one unbroken stretch of the stream
+            lengths.add(len(ex.prompt))
+    assert lengths == set(range(2, 33))  # every length, not only the aligned 8, 16, 24, 32
+    with pytest.raises(ValueError, match="prompt_cut must be one of"):
+        TextWindows(stream=stream, window=40, canvas_length=8, bos_id=2, prompt_cut="anywhere")
+    with pytest.raises(ValueError, match="no room for a canvas of 8 after 36 prompt tokens"):
+        TextWindows(stream=stream, window=40, canvas_length=8, bos_id=2, min_prompt=36, prompt_cut="any")
+
+
+def test_distilled_samples_cut_anywhere_are_prefixes_of_prompt_and_sample(tmp_path):
+    import numpy as np
+    from dgemma.training.distill import DistilledExamples
+
+    prompts = np.arange(2, 2 + 4 * 8, dtype=np.int32).reshape(4, 8)
+    responses = np.arange(100, 100 + 4 * 24, dtype=np.int32).reshape(4, 24)
+    np.savez(tmp_path / "d.npz", prompts=prompts, responses=responses, meta=np.array("{}"))
+    aligned = DistilledExamples.from_file(tmp_path / "d.npz")
+    cut = DistilledExamples.from_file(tmp_path / "d.npz", canvas_length=8, min_prompt=2, prompt_cut="any")
+    seen = set()
+    for a, b in zip(aligned.examples(0, 3, 200), cut.examples(0, 3, 200)):
+        assert len(a.prompt) == 8 and len(a.response) == 24  # the file's own split
+        assert (b.prompt + b.response) == (a.prompt + a.response)[:len(b.prompt) + len(b.response)]
+        assert 2 <= len(b.prompt) <= 24 and len(b.response) == 8 * ((32 - len(b.prompt)) // 8)
+        assert not b.encoder_loss
+        seen.add(len(b.prompt))
+    assert min(seen) < 8 and len(seen) > 15
 
 
 def test_loss_equals_cross_entropy_of_the_reference_forward_over_the_chosen_canvas(checkpoint_dir):
@@ -200,7 +243,7 @@ def test_distillation_samples_and_mixture(random_checkpoint, tmp_path):
     path = tmp_path / "distill.npz"
     np.savez(path, prompts=prompts.numpy(), responses=sampled.numpy(), meta=np.array("{}"))
     distilled = DistilledExamples.from_file(path)
-    ex = distilled.example(1)
+    ex = distilled.example(1, torch.Generator())
     assert ex.prompt == prompts[1].tolist() and ex.response == sampled[1].tolist() and not ex.encoder_loss
     windows = TextWindows(stream=torch.arange(3, 1003).numpy(), window=40, canvas_length=8, bos_id=2)
     mixture = Mixture(windows, distilled, 0.25)

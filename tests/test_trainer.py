@@ -224,6 +224,8 @@ def test_chat_data_trains_on_the_assistant_turn(corpus, tmp_path):
     (lambda s: s["model"].update(checkpoint="x"), "exactly one of"),
     (lambda s: s["train"].update(batch_size=6, micro_batch_size=4), "not a multiple"),
     (lambda s: s["data"].update(kind="images"), "data.kind"),
+    (lambda s: s["data"].update(prompt_cut="anywhere"), "prompt_cut must be one of \\('aligned', 'any'\\)"),
+    (lambda s: s["data"].update(response_canvases="all"), "response_canvases must be one of"),
 ])
 def test_bad_training_configs_are_refused(corpus, tmp_path, mutate, message):
     sections = tiny_config(corpus, tmp_path / "x")

@@ -5,10 +5,13 @@ Design choices:
   is each example's noise (canvas choice, t, corruption, self-conditioning coin). Gradient accumulation, any
   number of processes and resuming after a crash therefore see exactly the same batches.
 - Plain text is tokenized once into a flat token stream (cached as .npy next to the corpus). A window of
-  `window` tokens is cut at a random canvas-aligned point: the response is k whole canvases (no EOS: the text
-  goes on), the prompt is BOS plus what comes before. k is uniform over what fits (`response_canvases="random"`,
-  the recipe's), or always the most that fit (`"most"`: with every canvas trained, the longest response gives the
-  decoder the most targets per encoder pass).
+  `window` tokens is cut into a prompt (BOS plus what comes before the cut) and a response of k whole canvases (no
+  EOS: the text goes on). k is uniform over what fits (`response_canvases="random"`, the recipe's), or always the
+  most that fit (`"most"`: with every canvas trained, the longest response gives the decoder the most targets per
+  encoder pass). The cut is canvas-aligned from the window's end (`prompt_cut="aligned"`: a prompt is then
+  window - k * canvas_length long, 32 to 224 tokens for windows of 256 and canvases of 32), or at any point from
+  `min_prompt` on (`"any"`: the decoder also meets short prompts, as generation does after a short one, and
+  canvases at every offset; the response ends where its last whole canvas does).
 - Chat data is JSONL of {"messages": [...]}; the prompt is the conversation up to the last assistant turn
   rendered with the model's template, the response is what the template adds for that turn (its end-of-turn
   marker included) plus EOS.
@@ -60,24 +63,53 @@ def tokenize_texts(tokenizer: Tokenizer, texts: list[str], cache: Path | None = 
     return stream
 
 
+RESPONSE_CANVASES = ("random", "most")  # k canvases uniform over what fits, or the most that fit
+PROMPT_CUTS = ("aligned", "any")  # the prompt ends canvas-aligned from the window's end, or anywhere
+
+
+def check_window_rules(window: int, canvas_length: int, min_prompt: int, response_canvases: str,
+                       prompt_cut: str) -> None:
+    if response_canvases not in RESPONSE_CANVASES:
+        raise ValueError(f"response_canvases must be one of {RESPONSE_CANVASES}, got {response_canvases!r}")
+    if prompt_cut not in PROMPT_CUTS:
+        raise ValueError(f"prompt_cut must be one of {PROMPT_CUTS}, got {prompt_cut!r}")
+    if min_prompt < 1:
+        raise ValueError(f"min_prompt must be at least 1 (the BOS token), got {min_prompt}")
+    if window - min_prompt < canvas_length:
+        raise ValueError(f"window {window} leaves no room for a canvas of {canvas_length} after {min_prompt} "
+                         f"prompt tokens")
+
+
+def cut_window(window: int, canvas_length: int, min_prompt: int, response_canvases: str, prompt_cut: str,
+               gen: torch.Generator) -> tuple[int, int]:
+    """Where a window of `window` tokens is cut: (prompt length, response canvases k), drawn from `gen`."""
+    if prompt_cut == "any":
+        prompt = int(torch.randint(min_prompt, window - canvas_length + 1, (), generator=gen))
+        fit = (window - prompt) // canvas_length
+    else:
+        fit = (window - min_prompt) // canvas_length
+    k = int(torch.randint(1, fit + 1, (), generator=gen))  # drawn either way: "most" keeps the same stream
+    if response_canvases == "most":
+        k = fit
+    if prompt_cut == "aligned":
+        prompt = window - k * canvas_length
+    return prompt, k
+
+
 @dataclass
 class TextWindows:
-    """Random windows of a token stream, each cut at a random canvas-aligned point into prompt and response."""
+    """Random windows of a token stream, each cut into a prompt and a response of whole canvases (see above)."""
 
     stream: np.ndarray
     window: int
     canvas_length: int
     bos_id: int
     min_prompt: int = 8
-    response_canvases: str = "random"  # "random": k uniform in 1..max; "most": k = max
+    response_canvases: str = "random"
+    prompt_cut: str = "aligned"
 
     def __post_init__(self):
-        if self.response_canvases not in ("random", "most"):
-            raise ValueError(f"response_canvases must be 'random' or 'most', got {self.response_canvases!r}")
-        self.max_canvases = (self.window - self.min_prompt) // self.canvas_length
-        if self.max_canvases < 1:
-            raise ValueError(f"window {self.window} leaves no room for a canvas of {self.canvas_length} after "
-                             f"{self.min_prompt} prompt tokens")
+        check_window_rules(self.window, self.canvas_length, self.min_prompt, self.response_canvases, self.prompt_cut)
         if len(self.stream) <= self.window:
             raise ValueError(f"the token stream ({len(self.stream)} tokens) is shorter than one window "
                              f"({self.window})")
@@ -85,13 +117,11 @@ class TextWindows:
     def example(self, gen: torch.Generator) -> Example:
         start = int(torch.randint(0, len(self.stream) - self.window, (), generator=gen))
         tokens = self.stream[start:start + self.window].tolist()
-        k = int(torch.randint(1, self.max_canvases + 1, (), generator=gen))  # drawn either way: same stream
-        if self.response_canvases == "most":
-            k = self.max_canvases
-        cut = self.window - k * self.canvas_length
+        cut, k = cut_window(self.window, self.canvas_length, self.min_prompt, self.response_canvases,
+                            self.prompt_cut, gen)
         # Every prompt starts with BOS, as prompts do at generation time.
         prompt = [self.bos_id] + tokens[1:cut] if tokens[0] != self.bos_id else tokens[:cut]
-        return Example(prompt=prompt, response=tokens[cut:], encoder_loss_on_prompt=True)
+        return Example(prompt=prompt, response=tokens[cut:cut + k * self.canvas_length], encoder_loss_on_prompt=True)
 
     def examples(self, seed: int, step: int, count: int) -> list[Example]:
         return [self.example(example_generator(seed, step, i, "text")) for i in range(count)]

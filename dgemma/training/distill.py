@@ -18,7 +18,8 @@ Design choices:
   the batch size changes the file only through float rounding of the batched forwards.
 - `DistilledExamples` is a training source: prompt + response as an Example whose encoder loss is off by default
   (the encoder keeps learning from real text only, so the autoregressive model is not trained on its own samples).
-  `Mixture` mixes it with the text windows, the choice per example a pure function of (seed, step, index).
+  `Mixture` mixes it with the text windows, the choice per example a pure function of (seed, step, index). With the
+  text windows' `prompt_cut="any"`, each drawn sample is cut again at a random point, as a text window is.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import Source, corpus_fingerprint, example_generator, tokenize_texts
+from .data import Source, check_window_rules, corpus_fingerprint, cut_window, example_generator, tokenize_texts
 from .objective import Example
 
 
@@ -133,20 +134,40 @@ class DistilledExamples:
     prompts: np.ndarray
     responses: np.ndarray
     encoder_loss: bool = False  # also train the encoder's next-token loss on them (off: real text only)
+    # With prompt_cut="any", prompt + response is re-cut like a text window (data.cut_window); "aligned" keeps the
+    # file's own split.
+    canvas_length: int = 0
+    min_prompt: int = 8
+    response_canvases: str = "most"
+    prompt_cut: str = "aligned"
+
+    def __post_init__(self):
+        if self.prompt_cut == "any":
+            check_window_rules(self.prompts.shape[1] + self.responses.shape[1], self.canvas_length, self.min_prompt,
+                               self.response_canvases, self.prompt_cut)
 
     @classmethod
-    def from_file(cls, path: str | Path, encoder_loss: bool = False) -> "DistilledExamples":
+    def from_file(cls, path: str | Path, encoder_loss: bool = False, canvas_length: int = 0, min_prompt: int = 8,
+                  response_canvases: str = "most", prompt_cut: str = "aligned") -> "DistilledExamples":
         with np.load(path) as data:
-            return cls(data["prompts"], data["responses"], encoder_loss)
+            return cls(data["prompts"], data["responses"], encoder_loss, canvas_length, min_prompt, response_canvases,
+                       prompt_cut)
 
-    def example(self, index: int) -> Example:
-        return Example(prompt=self.prompts[index].tolist(), response=self.responses[index].tolist(),
-                       encoder_loss_on_prompt=True, encoder_loss=self.encoder_loss)
+    def example(self, index: int, gen: torch.Generator) -> Example:
+        prompt, response = self.prompts[index].tolist(), self.responses[index].tolist()
+        if self.prompt_cut == "any":
+            tokens = prompt + response
+            cut, k = cut_window(len(tokens), self.canvas_length, self.min_prompt, self.response_canvases,
+                                self.prompt_cut, gen)
+            prompt, response = tokens[:cut], tokens[cut:cut + k * self.canvas_length]
+        return Example(prompt=prompt, response=response, encoder_loss_on_prompt=True, encoder_loss=self.encoder_loss)
 
     def examples(self, seed: int, step: int, count: int) -> list[Example]:
-        return [self.example(int(torch.randint(0, len(self.prompts), (),
-                                               generator=example_generator(seed, step, i, "distill"))))
-                for i in range(count)]
+        out = []
+        for i in range(count):
+            gen = example_generator(seed, step, i, "distill")
+            out.append(self.example(int(torch.randint(0, len(self.prompts), (), generator=gen)), gen))
+        return out
 
 
 @dataclass

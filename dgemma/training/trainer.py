@@ -46,7 +46,8 @@ from ..config import ModelConfig
 from ..model import DiffusionGemma
 from ..pretrained import DiffusionGemmaForBlockDiffusion
 from ..tokenizer import Tokenizer
-from .data import ChatExamples, Source, TextWindows, corpus_fingerprint, lay_out, tokenize_texts
+from .data import (PROMPT_CUTS, RESPONSE_CANVASES, ChatExamples, Source, TextWindows, corpus_fingerprint, lay_out,
+                   tokenize_texts)
 from .distill import DistilledExamples, Mixture
 from .lora import add_lora, merge_lora
 from .objective import CANVAS_RULES, Batch, Example, LossSums, Noise, diffusion_loss, trained_canvases
@@ -74,6 +75,7 @@ class TrainConfig:
     window: int = 256
     min_prompt: int = 8
     response_canvases: str = "random"  # text windows: k canvases uniform ("random") or as many as fit ("most")
+    prompt_cut: str = "aligned"  # text windows and distilled samples: cut canvas-aligned, or "any"where
     distill_file: str | None = None  # text: a distillation .npz (distill.py) mixed into the training examples
     distill_fraction: float = 0.5  # the share of training examples drawn from it
     distill_encoder_loss: bool = False  # train the encoder on its own samples too
@@ -144,7 +146,8 @@ class TrainConfig:
         for key in ("corpus_dir", "text_file", "train_jsonl", "eval_jsonl", "distill_file"):
             if key in data:
                 flat[key] = _join(base, data[key])
-        for key in ("window", "min_prompt", "response_canvases", "distill_fraction", "distill_encoder_loss"):
+        for key in ("window", "min_prompt", "response_canvases", "prompt_cut", "distill_fraction",
+                    "distill_encoder_loss"):
             if key in data:
                 flat[key] = data[key]
         flat.update(raw.get("train", {}))
@@ -189,8 +192,11 @@ class TrainConfig:
             raise ValueError(f"[train] canvases must be one of {CANVAS_RULES}, got {self.canvases!r}")
         if self.distill_file and (self.data_kind != "text" or not 0 <= self.distill_fraction <= 1):
             raise ValueError("data.distill_file mixes into text data, with 0 <= data.distill_fraction <= 1")
-        if self.response_canvases not in ("random", "most"):
-            raise ValueError(f"[data] response_canvases must be 'random' or 'most', got {self.response_canvases!r}")
+        if self.response_canvases not in RESPONSE_CANVASES:
+            raise ValueError(f"[data] response_canvases must be one of {RESPONSE_CANVASES}, got "
+                             f"{self.response_canvases!r}")
+        if self.prompt_cut not in PROMPT_CUTS:
+            raise ValueError(f"[data] prompt_cut must be one of {PROMPT_CUTS}, got {self.prompt_cut!r}")
 
     def model_config_object(self) -> ModelConfig:
         """The architecture, read without building the model (from the config or the checkpoint's config.json)."""
@@ -343,10 +349,11 @@ class Trainer:
                 streams = [tokenize_texts(tok, pieces, cache / f"{name}.npy")
                            for name, pieces in (("train", texts[0]), ("heldout", texts[1]))]
             train, heldout = (TextWindows(stream, config.window, canvas, tok.bos_token_id, config.min_prompt,
-                                          config.response_canvases) for stream in streams)
+                                          config.response_canvases, config.prompt_cut) for stream in streams)
             if config.distill_file:  # the held-out figures stay on real text
-                train = Mixture(train, DistilledExamples.from_file(config.distill_file, config.distill_encoder_loss),
-                                config.distill_fraction)
+                distilled = DistilledExamples.from_file(config.distill_file, config.distill_encoder_loss, canvas,
+                                                        config.min_prompt, config.response_canvases, config.prompt_cut)
+                train = Mixture(train, distilled, config.distill_fraction)
             return train, heldout
         eos = self._eos_id()
         train = ChatExamples.from_jsonl(Path(config.train_jsonl), tok, eos)
