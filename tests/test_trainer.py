@@ -234,6 +234,15 @@ def test_bad_training_configs_are_refused(corpus, tmp_path, mutate, message):
         TrainConfig.from_sections(sections)
 
 
+def test_the_repository_training_configs_parse():
+    """Every config under configs/ (the documented commands that rebuild the bundled model and the experiments)
+    is a valid training config, its data rules included."""
+    paths = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.toml"))
+    assert len(paths) >= 5
+    cuts = {path.name: TrainConfig.from_file(path).prompt_cut for path in paths}
+    assert cuts["bundled_short_prompts.toml"] == "any" and cuts["bundled_distill.toml"] == "aligned"
+
+
 def test_a_run_is_not_started_over_by_accident_and_resume_says_what_it_does(corpus, tmp_path, capsys):
     from dgemma.training.trainer import main
     out = tmp_path / "run"
