@@ -150,6 +150,18 @@ def processed(logits: torch.Tensor, inv_softcap: float | None, scale: torch.Tens
     return (1 - 2 / (torch.exp(x * (2 * inv_softcap)) + 1)) * scale
 
 
+# exp(-87) = 1.6e-38 is just above fp32's smallest normal number, 1.18e-38 = exp(-87.34).
+NORMAL_EXP_FLOOR = -87.0
+
+
+def normal_exp(shifted: torch.Tensor) -> torch.Tensor:
+    """exp of processed logits minus their row maximum (<= 0), with every weight that would be subnormal (below
+    1.2e-38 of the maximum's) set to 0. Such weights change no sum, draw or entropy in fp32, but arithmetic on
+    subnormal numbers runs in microcode on x86 CPUs: at low temperatures, where a trained model's logits put much
+    of the vocabulary there, the digest of 256 positions x 262k logits took 245 instead of 44 ms."""
+    return torch.where(shifted >= NORMAL_EXP_FLOOR, torch.exp(shifted.clamp_min(NORMAL_EXP_FLOOR)), 0.0)
+
+
 def block_maxima(logits: torch.Tensor, block: int) -> torch.Tensor:
     """The maximum of each block of `block` raw logits, [R, V / block]: one cheap pass over the model-dtype
     logits, from which the row maximum and argmax follow (the sampler's transforms are monotonic)."""
@@ -168,7 +180,7 @@ def digest_logits(logits: torch.Tensor, peak: torch.Tensor, inv_softcap: float |
     # a single loop nest (weights written once in the logits' dtype, block sums accumulated on the way).
     shifted = (processed(logits.view(rows * blocks, block), inv_softcap, scale.repeat_interleave(blocks, dim=0))
                - peak.repeat_interleave(blocks, dim=0))
-    weights = torch.exp(shifted)
+    weights = normal_exp(shifted)
     return (weights.to(logits.dtype).view(rows, -1), weights.sum(dim=-1).view(rows, blocks),
             (weights * shifted).sum(dim=-1).view(rows, blocks))
 
@@ -230,7 +242,7 @@ def truncation_threshold(x: torch.Tensor, peak: torch.Tensor, top_k: torch.Tenso
     active_p = (top_p < 1)[:, None]
     total = None
     if uses_top_p:  # the normaliser of rows without top_k; with it, the candidates hold the mass
-        total = torch.exp(x - peak).view(rows, -1, block).sum(dim=-1).double().sum(dim=-1, keepdim=True)
+        total = normal_exp(x - peak).view(rows, -1, block).sum(dim=-1).double().sum(dim=-1, keepdim=True)
     count = min(vocab, max(max_top_k + 1, CANDIDATES))  # one past the k-th: a tie there shows
     while True:
         values = torch.topk(x, count, dim=-1).values  # [R, M], descending
@@ -269,7 +281,7 @@ def controlled_digest(logits: torch.Tensor, inv_softcap: float | None, scale: to
     threshold = (truncation_threshold(x, peak, top_k, top_p, controls.max_top_k, controls.uses_top_p, block)
                  if controls.truncates else None)
     shifted = x - peak
-    weights = torch.exp(shifted)
+    weights = normal_exp(shifted)
     if threshold is not None:
         weights = torch.where(x >= threshold, weights, 0.0)
     blocks = weights.view(rows, -1, block)
@@ -377,7 +389,7 @@ def sample_from_blocks(logits: torch.Tensor, block_sums: torch.Tensor, peak: tor
     before = torch.where(chosen > 0, block_cdf.gather(1, (chosen - 1).clamp_min(0)), 0.0)
     columns = chosen * block + torch.arange(block, device=logits.device)  # [R, block]
     x = processed(logits.gather(1, columns), inv_softcap, scale)
-    inner = torch.exp(x - peak)
+    inner = normal_exp(x - peak)
     if threshold is not None:
         inner = torch.where(x >= threshold, inner, 0.0)
     inner_cdf = torch.cumsum(inner, dim=-1, dtype=torch.float64) + before

@@ -258,6 +258,33 @@ def test_compiled_kernels_for_large_vocabularies_match_the_eager_ones():
     assert torch.equal(block_maxima(logits, 1024), _kernel("maxima", block_maxima, large=True)(logits, 1024))
 
 
+def test_weights_too_small_for_a_normal_float_are_zero_and_change_no_result():
+    """At a low temperature much of the vocabulary lies 87 to 104 nats below the maximum, where exp gives fp32
+    subnormals (slow on x86: microcode). The digest sets those weights to 0 instead, eager and compiled alike, and
+    the step still computes what the reference (which keeps them) computes."""
+    from dgemma.sampling import NORMAL_EXP_FLOOR, _kernel, processed
+    vocab, temperature = 16384, torch.tensor(0.1)
+    hidden, head = make_head(vocab, 16, seed=5, sharpness=3.0)
+    logits = torch.tanh(hidden @ head.T / 30.0) * 30.0
+    shifted = (logits - logits.amax(-1, keepdim=True)) / temperature
+    subnormal_range = ((shifted < NORMAL_EXP_FLOOR) & (shifted > -103.9)).float().mean()
+    assert subnormal_range > 0.01  # the case this test is about: exp would give subnormals here
+    rows = logits.view(-1, vocab)
+    scale = torch.full((rows.shape[0], 1), 30.0 / temperature.item())
+    peak = processed(rows.max(dim=-1, keepdim=True).values, 1 / 30.0, scale)
+    for large in (False, True):
+        weights, block_w, block_wx = _kernel("digest", digest_logits, large)(rows, peak, 1 / 30.0, scale, 1024)
+        tiny = torch.finfo(torch.float32).tiny
+        for tensor in (weights.float(), block_w, block_wx):
+            assert not bool(((tensor != 0) & (tensor.abs() < tiny)).any()), "a subnormal number was computed"
+    ref = reference_step(logits, temperature, torch.float32, torch.Generator().manual_seed(0))
+    fast = fast_step(hidden, head, head, torch.tensor(1.0), 30.0, temperature,
+                     draw_uniforms(10, torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(fast.entropy, ref.entropy, atol=1e-5, rtol=1e-5)
+    assert torch.equal(fast.argmax, ref.argmax)
+    torch.testing.assert_close(fast.self_conditioning, ref.self_conditioning.softmax(-1) @ head, atol=1e-4, rtol=1e-4)
+
+
 # ---- logits processors: bias, top_k, top_p (issue 15) ------------------------------------------------------------
 
 def test_truncation_threshold_keeps_what_sorting_keeps():
