@@ -43,19 +43,17 @@ def main() -> None:
     prompt = torch.randint(3, config.vocab_size, (1, args.prompt))
     valid = torch.ones_like(prompt, dtype=torch.bool)
     with torch.no_grad():
-        model.encode(prompt, cache.plan(model.rope(torch.arange(args.prompt)[None]), valid, encoder=True))
+        model.encode(prompt, cache.encoder_plan(model.rope, valid))
         cache.commit(valid)
         canvas = torch.randint(0, config.vocab_size, (1, args.canvas))
-        positions = torch.arange(args.prompt, args.prompt + args.canvas)[None]
-        plan = cache.plan(model.rope(positions), torch.ones(1, args.canvas, dtype=torch.bool), encoder=False,
-                          fast_kernels=True)
+        plan = cache.decoder_plan(model.rope, 1, args.canvas)
         hidden = model.decode(canvas, plan)
         soft = torch.zeros_like(hidden)
         head, scale = model.head_matrix, model.decoder.embed_tokens.scale_as(dtype)
         rows = hidden.reshape(-1, config.hidden_size)
         weights = torch.nn.functional.linear(rows, head)  # stands in for the sampler's unnormalised weights
         parts = {
-            "decoder forward (with self-conditioning)": lambda: model.decode(canvas, plan, soft),
+            "decoder forward (with self-conditioning)": lambda: model.decode(canvas, plan, soft, exact=False),
             "fast sampler, total": lambda: fast_step(hidden, head, head, scale, 30.0, torch.tensor(0.6),
                                                     draw_uniforms(args.canvas, None)),
             "  logits matmul": lambda: torch.nn.functional.linear(rows, head),
