@@ -53,6 +53,25 @@ def test_noise_draws_canvas_uniformly_t_in_range_and_self_conditioning_half_the_
     assert torch.equal(again.noisy, noise.noisy)
 
 
+def test_t_power_puts_more_canvases_near_pure_noise_and_corrupts_at_that_rate():
+    """t = 1 - (1 - u)^p: P(t > 0.9) = 0.1^(1/p); p = 1 is the recipe's uniform t, draw for draw."""
+    batch = collate([Example([2], list(range(10, 30)))] * 4000, 4, EOS, PAD)
+    uniform = draw_noise(batch, 4, 50, [example_generator(0, 0, i, "noise") for i in range(4000)], 1e-3, 0.5)
+    same = draw_noise(batch, 4, 50, [example_generator(0, 0, i, "noise") for i in range(4000)], 1e-3, 0.5,
+                      t_power=1.0)
+    assert torch.equal(same.t, uniform.t) and torch.equal(same.noisy, uniform.noisy)
+    noisier = draw_noise(batch, 4, 50, [example_generator(0, 0, i, "noise") for i in range(4000)], 1e-3, 0.5,
+                         t_power=3.0)
+    assert abs((noisier.t > 0.9).float().mean().item() - 0.1 ** (1 / 3)) < 0.03
+    assert abs((uniform.t > 0.9).float().mean().item() - 0.1) < 0.02
+    assert noisier.t.min() >= 1e-3 and noisier.t.max() <= 1.0
+    # The corruption follows the drawn t: the share of replaced tokens (a replacement can draw the same token,
+    # 1 in 50) is about t * 49 / 50 on average.
+    clean = batch.input_ids[:, 1:21].view(-1, 5, 4).gather(1, noisier.chosen[:, :, None].expand(-1, -1, 4))
+    changed = (noisier.noisy != clean).float().mean()
+    assert abs(changed.item() - noisier.t.mean().item() * 49 / 50) < 0.02
+
+
 def test_all_canvases_rule_trains_every_canvas_with_its_own_t():
     examples = [Example([2], list(range(10, 30))), Example([2, 3], list(range(10, 17)))] * 1000  # 5 and 2 canvases
     batch = collate(examples, 4, EOS, PAD)

@@ -226,6 +226,7 @@ def test_chat_data_trains_on_the_assistant_turn(corpus, tmp_path):
     (lambda s: s["data"].update(kind="images"), "data.kind"),
     (lambda s: s["data"].update(prompt_cut="anywhere"), "prompt_cut must be one of \\('aligned', 'any'\\)"),
     (lambda s: s["data"].update(response_canvases="all"), "response_canvases must be one of"),
+    (lambda s: s["train"].update(t_power=0), "t_power must be positive"),
 ])
 def test_bad_training_configs_are_refused(corpus, tmp_path, mutate, message):
     sections = tiny_config(corpus, tmp_path / "x")

@@ -5,7 +5,9 @@ For each example (prompt, response):
 - the response is cut into canvases of `canvas_length`; the last partial canvas is filled with EOS to its end;
   canvases past it are padding and ignored;
 - one canvas is chosen uniformly; each of its tokens is replaced by a uniform random token with probability t,
-  t ~ U(eps, 1) per example (the network is not told t);
+  t ~ U(eps, 1) per example (the network is not told t); `t_power` p != 1 (dgemma's, not the recipe's) draws
+  t = 1 - (1 - u)^p instead, u ~ U(eps, 1): p > 1 puts more canvases near pure noise, where generation starts
+  (P(t > 0.9) = 0.1^(1/p));
 - a first decoder pass without gradient gives logits; with probability `self_conditioning_prob` per example they
   become the second pass's self-conditioning input (zeros otherwise); the loss is taken on the second pass;
 - loss = diffusion_weight * cross-entropy over all positions of the chosen canvas (corrupted or not, EOS fill
@@ -128,7 +130,7 @@ def trained_canvases(example: Example, canvas_length: int, canvases: str = "one"
 
 
 def draw_noise(batch: Batch, canvas_length: int, vocab_size: int, generators: list[torch.Generator], eps: float,
-               self_conditioning_prob: float, canvases: str = "one") -> Noise:
+               self_conditioning_prob: float, canvases: str = "one", t_power: float = 1.0) -> Noise:
     """Per example, with its own generator. `canvases="one"`: a canvas uniformly among its canvases, t ~ U(eps, 1),
     the corruption, and whether the first pass's logits feed the second pass. `canvases="all"`: for each canvas
     in order, its own t, corruption and coin."""
@@ -145,6 +147,8 @@ def draw_noise(batch: Batch, canvas_length: int, vocab_size: int, generators: li
         for k in ks:
             start = int(batch.prompt_lengths[row]) + k * canvas_length
             t = eps + (1 - eps) * float(torch.rand((), generator=gen))
+            if t_power != 1.0:
+                t = 1 - (1 - t) ** t_power
             canvas, _ = corrupt(batch.input_ids[row, start:start + canvas_length], t, vocab_size, gen)
             coin = bool(torch.rand((), generator=gen) < self_conditioning_prob)
             drawn.append((k, canvas, coin, t))

@@ -99,6 +99,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     # objective
     eps: float = 1e-3
+    t_power: float = 1.0  # t = 1 - (1 - u)^t_power, u ~ U(eps, 1): 1 is the recipe's uniform t
     canvases: str = "one"  # train one canvas per example (the recipe) or "all" of them
     self_conditioning_prob: float = 0.5
     diffusion_weight: float = 1.0
@@ -188,6 +189,8 @@ class TrainConfig:
             raise ValueError(f"[train] parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.device not in ("cpu", "cuda", "mps"):
             raise ValueError(f"[train] device must be 'cpu', 'cuda' or 'mps', got {self.device!r}")
+        if self.t_power <= 0:
+            raise ValueError(f"[train] t_power must be positive, got {self.t_power}")
         if self.canvases not in CANVAS_RULES:
             raise ValueError(f"[train] canvases must be one of {CANVAS_RULES}, got {self.canvases!r}")
         if self.distill_file and (self.data_kind != "text" or not 0 <= self.distill_fraction <= 1):
@@ -404,7 +407,7 @@ class Trainer:
         cfg = self.config
         return lay_out(examples, cfg.micro_batch_size, self.model.config.canvas_length, self.model.config.vocab_size,
                        self._eos_id(), self._pad_id(), seed, step, cfg.eps, cfg.self_conditioning_prob,
-                       first_index=first_index, canvases=cfg.canvases)
+                       first_index=first_index, canvases=cfg.canvases, t_power=cfg.t_power)
 
     def _loss(self, sums: LossSums, canvas_tokens: int, encoder_tokens: int) -> torch.Tensor:
         cfg = self.config
