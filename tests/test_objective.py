@@ -147,6 +147,8 @@ def test_distilled_samples_cut_anywhere_are_prefixes_of_prompt_and_sample(tmp_pa
         assert not b.encoder_loss
         seen.add(len(b.prompt))
     assert min(seen) < 8 and len(seen) > 15
+    with pytest.raises(ValueError, match="canvas_length must be at least 1"):
+        DistilledExamples.from_file(tmp_path / "d.npz", prompt_cut="any")  # cutting needs the canvas length
 
 
 def test_loss_equals_cross_entropy_of_the_reference_forward_over_the_chosen_canvas(checkpoint_dir):

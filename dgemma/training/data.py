@@ -73,6 +73,8 @@ def check_window_rules(window: int, canvas_length: int, min_prompt: int, respons
         raise ValueError(f"response_canvases must be one of {RESPONSE_CANVASES}, got {response_canvases!r}")
     if prompt_cut not in PROMPT_CUTS:
         raise ValueError(f"prompt_cut must be one of {PROMPT_CUTS}, got {prompt_cut!r}")
+    if canvas_length < 1:
+        raise ValueError(f"canvas_length must be at least 1, got {canvas_length}")
     if min_prompt < 1:
         raise ValueError(f"min_prompt must be at least 1 (the BOS token), got {min_prompt}")
     if window - min_prompt < canvas_length:
