@@ -23,6 +23,7 @@ Design choices:
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -747,5 +748,11 @@ def main(config_path: str, resume: bool = False, overwrite: bool = False, device
         print(f"model written to {model} (try: dgemma generate --model {model} \"...\"); "
               f"loss curve in {Path(config.out_dir) / 'loss.png'}")
     if trainer.dist.world > 1:
+        # Every rank past its last collective, then the trainer's tensors (FSDP's too) freed while the interpreter
+        # is whole: a tensor that gloo's work still holds when the interpreter shuts down aborts the process
+        # ("terminate called without an active exception", seen once in the 2-rank tests).
+        trainer.dist.barrier()
+        del trainer
+        gc.collect()
         dist.destroy_process_group()
     return 0
