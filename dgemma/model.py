@@ -207,6 +207,8 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, exact: bool = True) -> torch.Tensor:
         tokens, top_k = index.shape
         expert_of, order = torch.sort(index.reshape(-1))  # (token, choice) pairs grouped by expert
+        position = torch.empty_like(order)  # the inverse: where each (token, choice) pair went
+        position[order] = torch.arange(order.numel(), device=order.device)
         rows = x[order // top_k]
         counts = torch.bincount(expert_of, minlength=self.num_experts)
         stored_as_tensors = isinstance(self.gate_up_proj, torch.Tensor) and isinstance(self.down_proj, torch.Tensor)
@@ -219,17 +221,11 @@ class Experts(nn.Module):
             batch[expert_of, slot] = rows
             gate, up = torch.bmm(batch, self.gate_up_proj.transpose(-2, -1)).chunk(2, dim=-1)
             out = torch.bmm(self.act(gate) * up, self.down_proj.transpose(-2, -1))
-            # read back in (token, choice) order: pair order[j] sits in expert expert_of[j], slot slot[j]
-            slot_of_pair = torch.empty_like(slot)
-            slot_of_pair[order] = slot
-            out = out[index.reshape(-1), slot_of_pair]
+            out = out[index.reshape(-1), slot[position]]  # back in (token, choice) order
         else:
             ends = torch.cumsum(counts, dim=0).to(torch.int32)
             gate, up = grouped_linear(rows, self.gate_up_proj, ends).chunk(2, dim=-1)
-            out = grouped_linear(self.act(gate) * up, self.down_proj, ends)
-            position = torch.empty_like(order)
-            position[order] = torch.arange(order.numel(), device=order.device)
-            out = out[position]  # back in (token, choice) order
+            out = grouped_linear(self.act(gate) * up, self.down_proj, ends)[position]  # back in (token, choice) order
         # The k contributions, weighted in fp32, are summed in fp32 and rounded once, as the reference's grouped path
         # does.
         return (out.view(tokens, top_k, -1) * weights[..., None]).sum(dim=1).to(x.dtype)
