@@ -67,12 +67,16 @@ RESPONSE_CANVASES = ("random", "most")  # k canvases uniform over what fits, or 
 PROMPT_CUTS = ("aligned", "any")  # the prompt ends canvas-aligned from the window's end, or anywhere
 
 
-def check_window_rules(window: int, canvas_length: int, min_prompt: int, response_canvases: str,
-                       prompt_cut: str) -> None:
+def check_window_names(response_canvases: str, prompt_cut: str) -> None:
     if response_canvases not in RESPONSE_CANVASES:
         raise ValueError(f"response_canvases must be one of {RESPONSE_CANVASES}, got {response_canvases!r}")
     if prompt_cut not in PROMPT_CUTS:
         raise ValueError(f"prompt_cut must be one of {PROMPT_CUTS}, got {prompt_cut!r}")
+
+
+def check_window_rules(window: int, canvas_length: int, min_prompt: int, response_canvases: str,
+                       prompt_cut: str) -> None:
+    check_window_names(response_canvases, prompt_cut)
     if canvas_length < 1:
         raise ValueError(f"canvas_length must be at least 1, got {canvas_length}")
     if min_prompt < 1:

@@ -47,7 +47,7 @@ from ..config import ModelConfig
 from ..model import DiffusionGemma
 from ..pretrained import DiffusionGemmaForBlockDiffusion
 from ..tokenizer import Tokenizer
-from .data import (PROMPT_CUTS, RESPONSE_CANVASES, ChatExamples, Source, TextWindows, corpus_fingerprint, lay_out,
+from .data import (ChatExamples, Source, TextWindows, check_window_names, corpus_fingerprint, lay_out,
                    tokenize_texts)
 from .distill import DistilledExamples, Mixture
 from .lora import add_lora, merge_lora
@@ -196,11 +196,10 @@ class TrainConfig:
             raise ValueError(f"[train] canvases must be one of {CANVAS_RULES}, got {self.canvases!r}")
         if self.distill_file and (self.data_kind != "text" or not 0 <= self.distill_fraction <= 1):
             raise ValueError("data.distill_file mixes into text data, with 0 <= data.distill_fraction <= 1")
-        if self.response_canvases not in RESPONSE_CANVASES:
-            raise ValueError(f"[data] response_canvases must be one of {RESPONSE_CANVASES}, got "
-                             f"{self.response_canvases!r}")
-        if self.prompt_cut not in PROMPT_CUTS:
-            raise ValueError(f"[data] prompt_cut must be one of {PROMPT_CUTS}, got {self.prompt_cut!r}")
+        try:  # the sizes are checked when the windows are built, against the model's canvas length
+            check_window_names(self.response_canvases, self.prompt_cut)
+        except ValueError as err:
+            raise ValueError(f"[data] {err}") from None
 
     def model_config_object(self) -> ModelConfig:
         """The architecture, read without building the model (from the config or the checkpoint's config.json)."""
