@@ -26,12 +26,13 @@ from typing import Any, Iterator
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from .allocator import release_free_memory
 from .config import ModelConfig
 from .gguf import GGUFCheckpoint
 from .model import DiffusionGemma
-from .quantized import (QUANTIZED_TYPES, CpuInt4, GroupQuantized, attach, cpu_int4_applies, is_expert,
+from .quantized import (QUANTIZED_TYPES, CpuInt4, GroupQuantized, attach, cpu_int4_layout, is_expert,
                         quantized_weights, scheme_type)
 
 logger = logging.getLogger(__name__)
@@ -323,14 +324,17 @@ def _assign(model: DiffusionGemma, state: dict[str, torch.Tensor], device: str |
             quantized: dict[str, GroupQuantized] | None = None) -> DiffusionGemma:
     """Give a model built on the meta device its tensors (tied names share the decoder's); `quantized` weights (by
     module name) take the place of their parameters, in the decoder and in the encoder that ties to it (4-bit
-    experts computed in bf16 on the CPU in torch's int4 layout: `dgemma.quantized.CpuInt4`)."""
+    matrices computed in bf16 on the CPU in a CPU int4 kernel's layout: `dgemma.quantized.cpu_int4_layout`)."""
     tied = tied_names(model)
     quantized = quantized or {}
     quantized_count = len(quantized)
     for name in list(quantized):
         weight = quantized.pop(name)  # not held twice while converted
-        if cpu_int4_applies(name, weight, device):
-            weight = CpuInt4.from_grouped(weight)
+        owner = model.get_submodule(name.rpartition(".")[0])
+        layout = cpu_int4_layout(name, weight, device, linear_only=isinstance(owner, nn.Linear)
+                                 and owner is not model.lm_head)
+        if layout is not None:
+            weight = CpuInt4.from_grouped(weight, layout)
         for target in [name, *(encoder for encoder, decoder in tied.items() if decoder == name)]:
             attach(model, target, weight)
     state.update({encoder: state[decoder] for encoder, decoder in tied.items() if decoder in state})

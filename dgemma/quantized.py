@@ -50,6 +50,8 @@ import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
+from . import amx_int4
+
 
 # eq=False: the fields are tensors, whose == is elementwise; identity is the only meaningful equality here.
 @dataclass(eq=False)
@@ -346,46 +348,64 @@ def _mix(weights: torch.Tensor, matrix: GroupQuantized) -> torch.Tensor:
     return total.to(weights.dtype)
 
 
-# ---- torch's CPU int4 kernel, for the experts ----------------------------------------------------------------------
+# ---- CPU int4 kernels, for experts and (on AMX) every 4-bit matrix reached through F.linear ---------------------------
 # An expert sees few rows per step (a 256-token canvas routes 2,048 (token, expert) pairs over the released model's
 # 128 experts: 16 rows each; an autoregressive token, one), so an expert matmul is bound by reading its weight, and a
-# dequantised tile costs far more than the matmul it feeds. torch's weight-only int4 kernel reads the packed codes
-# directly. Measured on this project's 2-core Xeon (`python scripts/quantized_matmul.py`, one released gate/up expert,
-# 1,408 x 2,816, weights read from memory): 16 rows 0.87 ms against 0.51 ms in bf16 and 5.2 ms dequantising a tile;
-# one row 0.15 ms against 0.48 ms in bf16. For a canvas's 256 rows (attention, dense MLP, vocabulary) the kernel
-# takes 8 to 9 times bf16's time and tiles 3 to 6 times, so only experts take it (docs/quantization.md).
+# dequantised tile costs far more than the matmul it feeds. An int4 kernel reads the packed codes directly. Measured
+# on this project's 2-core Xeon (`python scripts/quantized_matmul.py`, one released gate/up expert, 1,408 x 2,816,
+# weights read from memory): 16 rows 0.39 ms on the AMX kernel and 0.75 ms in torch's eager one against 0.43 ms in
+# bf16 and 4.7 ms dequantising a tile; one row 0.38 ms (AMX), 0.12 ms (eager) and 0.43 ms (bf16). For a canvas's 256
+# rows (attention, dense MLP) the AMX kernel takes 1.1 to 1.3 times bf16's time, tiles 3 to 5 times and the eager
+# kernel 9 times: so on AMX every 4-bit matrix takes its kernel, elsewhere only experts take the eager one
+# (docs/quantization.md).
 
 def is_expert(name: str) -> bool:
     """Whether a tensor (by checkpoint or module name) is one of the experts' stacked matrices."""
     return ".experts." in name
 
 
-def cpu_int4_applies(name: str, weight: GroupQuantized, device: torch.device | str) -> bool:
-    """Whether an expert matrix computed in bf16 on the CPU runs through torch's int4 kernel (`CpuInt4`): 4-bit
-    codes in groups of 32 (Q4_0, Q4_1, Q4_K) and rows a multiple of the kernel's 16."""
-    return (is_expert(name) and weight.bits == 4 and weight.group == 32 and weight.dtype == torch.bfloat16
-            and torch.device(device).type == "cpu" and weight.shape[-2] % 16 == 0)
+def cpu_int4_layout(name: str, weight: GroupQuantized, device: torch.device | str, linear_only: bool) -> str | None:
+    """The layout (`CpuInt4`) of the CPU int4 kernel a matrix computed in bf16 on the CPU runs through, or None for
+    tiles. It needs 4-bit codes in groups of 32 (Q4_0, Q4_1, Q4_K) and a matrix the network reaches only through
+    F.linear (`linear_only`: an nn.Linear's weight, not the head the sampler reads; experts always). With the AMX
+    kernel (amx_int4.available()) every such matrix whose rows are a multiple of 32: faster than tiles at any number
+    of rows. Without it, experts with rows a multiple of 16, in torch's eager kernel: faster than tiles at an
+    expert's few rows, slower at a canvas's 256 (docs/quantization.md)."""
+    if not (weight.bits == 4 and weight.group == 32 and weight.dtype == torch.bfloat16
+            and torch.device(device).type == "cpu" and (linear_only or is_expert(name))):
+        return None
+    rows = weight.shape[-2]
+    if rows % amx_int4.BLOCK_N == 0 and amx_int4.available():
+        return "amx"
+    return "int4pack" if is_expert(name) and rows % 16 == 0 else None
 
 
 @dataclass(eq=False)
 class CpuInt4:
-    """A 4-bit weight [..., N, K] in the layout of torch's CPU weight-only int4 kernel: codes packed by
-    `torch._convert_weight_to_int4pack_for_cpu`, and per group of 32 values a bf16 scale and zero with value =
-    (code - 8) * scale + zero. A GroupQuantized value (code - zero_code) * s + o is that with scale = s and zero =
-    (8 - zero_code) * s + o, formed in float32 and rounded once to bf16: the one rounding of the repack (relative
-    2^-9 of the scale and of the zero, about 1/64 of a quantisation step for Q4_K's zero). Computes in bf16."""
+    """A 4-bit weight [..., N, K] for a CPU int4 kernel: codes packed in the kernel's layout, and per group of 32
+    values a bf16 scale and zero with value = (code - 8) * scale + zero. A GroupQuantized value (code - zero_code) *
+    s + o is that with scale = s and zero = (8 - zero_code) * s + o, formed in float32 and rounded once to bf16: the
+    one rounding of the repack (relative 2^-9 of the scale and of the zero, about 1/64 of a quantisation step for
+    Q4_K's zero). Computes in bf16.
 
-    codes: torch.Tensor  # uint8 [..., N, K // 2], packed in the kernel's own order
+    Two kernels, two layouts (`cpu_int4_layout` chooses): "amx", Inductor's AMX template (dgemma.amx_int4), and
+    "int4pack", torch's eager kernel, packed by `torch._convert_weight_to_int4pack_for_cpu`."""
+
+    codes: torch.Tensor  # uint8 [..., N, K // 2], packed in the layout's order
     scales_and_zeros: torch.Tensor  # bf16 [..., K // 32, N, 2]
     shape: tuple[int, ...]
     qtype: str
+    layout: str  # "amx" or "int4pack"
 
     GROUP = 32
 
     @classmethod
-    def from_grouped(cls, weight: GroupQuantized) -> CpuInt4:
-        """The same codes repacked (one leading entry, e.g. one expert, at a time: the kernel packs 2-D weights)."""
+    def from_grouped(cls, weight: GroupQuantized, layout: str) -> CpuInt4:
+        """The same codes repacked (one leading entry, e.g. one expert, at a time: the kernels pack 2-D weights),
+        in `layout` ("amx" or "int4pack", as `cpu_int4_layout` chooses)."""
         *lead, n, k = weight.shape
+        if layout not in ("amx", "int4pack"):
+            raise ValueError(f"layout must be 'amx' or 'int4pack', not {layout!r}")
         codes = weight.codes.reshape(-1, n, k // 2)
         scale = weight.scale.reshape(-1, n, k // cls.GROUP)
         offset = None if weight.offset is None else weight.offset.reshape(-1, n, k // cls.GROUP)
@@ -394,12 +414,13 @@ class CpuInt4:
         scales_and_zeros = torch.empty(entries, k // cls.GROUP, n, 2, dtype=torch.bfloat16)
         for entry in range(entries):
             unpacked = torch.stack((codes[entry] & 0x0F, codes[entry] >> 4), dim=-1).reshape(n, k).to(torch.int32)
-            packed[entry] = torch._convert_weight_to_int4pack_for_cpu(unpacked, 1)
+            packed[entry] = (amx_int4.block_codes(unpacked) if layout == "amx"
+                             else torch._convert_weight_to_int4pack_for_cpu(unpacked, 1))
             zero = (8 - weight.zero_code) * scale[entry] + (0 if offset is None else offset[entry])
             scales_and_zeros[entry] = torch.stack((scale[entry], zero), dim=-1).transpose(0, 1)
         return cls(codes=packed.reshape(*lead, n, k // 2),
                    scales_and_zeros=scales_and_zeros.reshape(*lead, k // cls.GROUP, n, 2), shape=tuple(weight.shape),
-                   qtype=weight.qtype)
+                   qtype=weight.qtype, layout=layout)
 
     def nbytes(self) -> int:
         """bytes held (packed codes + scales and zeros)"""
@@ -418,13 +439,16 @@ class CpuInt4:
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         """F.linear, the one call an expert's weight receives; anything else is refused by name."""
         if func is not F.linear:
-            raise TypeError(f"{getattr(func, '__name__', func)} is not defined on a weight in torch's int4 layout")
+            raise TypeError(f"{getattr(func, '__name__', func)} is not defined on a weight in a CPU int4 layout")
         x, weight, *rest = args
         bias = rest[0] if rest else (kwargs or {}).get("bias")
         if x.dtype != torch.bfloat16:
-            raise TypeError(f"a weight in torch's int4 layout computes in bfloat16, not {x.dtype}")
+            raise TypeError(f"a weight in a CPU int4 layout computes in bfloat16, not {x.dtype}")
         flat = x.reshape(-1, x.shape[-1]).contiguous()
-        out = torch._weight_int4pack_mm_for_cpu(flat, weight.codes, cls.GROUP, weight.scales_and_zeros)
+        if weight.layout == "amx":
+            out = amx_int4.matmul(flat, weight.codes, weight.scales_and_zeros)
+        else:
+            out = torch._weight_int4pack_mm_for_cpu(flat, weight.codes, cls.GROUP, weight.scales_and_zeros)
         out = out.view(*x.shape[:-1], weight.shape[-2])
         return out if bias is None else out + bias
 

@@ -32,11 +32,11 @@ reference's own processing (the temperature) reaches all of them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import os
 from typing import Callable
 
 import torch
+
+from . import compiling
 
 
 @dataclass
@@ -190,7 +190,7 @@ _compiled: dict[str, Callable] = {}
 
 def _kernel(name: str, function: Callable, large: bool) -> Callable:
     """The compiled, fused version of a sampler kernel for large vocabularies, the eager one otherwise."""
-    if not large or os.environ.get("DGEMMA_COMPILE", "1") == "0":
+    if not large or not compiling.allowed():
         return function
     if name not in _compiled:
         _compiled[name] = torch.compile(function, dynamic=False, fullgraph=True)

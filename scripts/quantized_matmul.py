@@ -13,6 +13,8 @@ random Q4_K / Q8_0 weight:
   bf16 scales and zeros: what dgemma runs experts with in bf16 on a CPU); the relative RMS error of the repacked
   values against the exact ones is reported. (The expert down matrix, rows of 704, is Q4_0 under dgemma's int4
   scheme: Q4_K needs rows of 256.)
+- `int4amx`: the same codes in `dgemma.amx_int4`'s layout, through Inductor's AMX int4 template (what dgemma runs
+  experts with where this process's check passes; columns left out where the CPU has no AMX).
 - `int8pack`: `torch._weight_int8pack_mm` (per-channel int8: a different, coarser quantisation than Q8_0's
   per-32 scales, timed for its speed only).
 """
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dgemma import amx_int4  # noqa: E402
 from dgemma.quantized import CpuInt4, GroupQuantized  # noqa: E402
 
 # (name, N out, K in) of the released model's matrices: an expert's gate+up and down, attention q, the dense MLP's up
@@ -73,6 +76,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)
+    amx = amx_int4.available()
     rows_out = []
     for name, n, k in SHAPES:
         values = torch.randn(n, k, generator=generator) * 0.02
@@ -82,9 +86,13 @@ def main() -> int:
         count = max(1, COPIES_BYTES // (2 * n * k))
         dense = copies_of(q4k.dequantize(dtype=torch.bfloat16), count)
         tiles_q4k, tiles_q8 = copies_of(q4k.to(dtype=torch.bfloat16), count), copies_of(q8, count)
-        int4 = CpuInt4.from_grouped(q4k.to(dtype=torch.bfloat16))
-        packed = [CpuInt4(codes=int4.codes.clone(), scales_and_zeros=int4.scales_and_zeros.clone(), shape=int4.shape,
-                          qtype=int4.qtype) for _ in range(count)]
+        int4 = CpuInt4.from_grouped(q4k.to(dtype=torch.bfloat16), "int4pack")
+        packed = [replace(int4, codes=int4.codes.clone(), scales_and_zeros=int4.scales_and_zeros.clone())
+                  for _ in range(count)]
+        if amx:
+            blocked = CpuInt4.from_grouped(q4k.to(dtype=torch.bfloat16), "amx")
+            packed_amx = [replace(blocked, codes=blocked.codes.clone(),
+                                  scales_and_zeros=blocked.scales_and_zeros.clone()) for _ in range(count)]
         eye = torch.eye(k, dtype=torch.bfloat16)
         repacked = F.linear(eye, int4).t().float()
         repack_error = float((repacked - exact).pow(2).mean().sqrt() / exact.pow(2).mean().sqrt())
@@ -102,13 +110,15 @@ def main() -> int:
                       "int8pack": per_matrix(lambda w: torch._weight_int8pack_mm(x, w, int8_scales), int8_codes,
                                              args.repeats),
                       "int4pack_repack_rel_rms_error": repack_error}
+            if amx:
+                result["int4amx"] = per_matrix(lambda w: F.linear(x, w), packed_amx, args.repeats)
             rows_out.append(result)
     report = {"cpu": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,
               "seconds_are": "best of --repeats", "results": rows_out}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
-    methods = ("bf16", "tiles-q4k", "tiles-q8", "int4pack", "int8pack")
+    methods = ("bf16", "tiles-q4k", "tiles-q8", "int4pack", *(("int4amx",) if amx else ()), "int8pack")
     print("| matrix | rows | " + " | ".join(f"{m} ms" for m in methods) + " | int4pack repack error |")
     print("|---|---:|" + "---:|" * (len(methods) + 1))
     for r in rows_out:

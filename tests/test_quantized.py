@@ -7,6 +7,7 @@ Oracle: `gguf.quants.dequantize`, which dequantisation must match bit for bit. T
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 import numpy as np
@@ -18,6 +19,7 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
 import dgemma.quantized
+from dgemma import amx_int4
 from dgemma.gguf import quantize_blocks
 from dgemma.quantized import CpuInt4, GroupQuantized
 
@@ -172,27 +174,72 @@ def test_mismatched_bytes_or_shape_raise_value_error() -> None:
 
 # ---- torch's CPU int4 layout (experts computed in bf16 on the CPU) --------------------------------------------------
 
+needs_amx = pytest.mark.skipif(not torch.cpu._is_amx_tile_supported() or os.environ.get("DGEMMA_COMPILE") == "0",
+                               reason="no AMX on this CPU, or compiling turned off")
+LAYOUTS = ["int4pack", pytest.param("amx", marks=needs_amx)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q4_K], ids=lambda t: t.name)
-def test_cpu_int4_layout_multiplies_by_the_exact_values_to_bf16_rounding(qtype: T) -> None:
-    shape = (2, 32, 512)  # [E, N, K]: the kernel packs rows in multiples of 16
+def test_cpu_int4_layout_multiplies_by_the_exact_values_to_bf16_rounding(qtype: T, layout: str) -> None:
+    shape = (2, 32, 512)  # [E, N, K]: the kernels pack rows in multiples of 16 (int4pack) and 32 (amx)
     weight = GroupQuantized.from_gguf(raw(qtype, shape), qtype, shape).to(dtype=torch.bfloat16)
-    kernel = CpuInt4.from_grouped(weight)
+    kernel = CpuInt4.from_grouped(weight, layout)
     assert kernel.shape == shape and kernel.qtype == qtype.name and kernel.nbytes() <= weight.nbytes()
+    assert kernel.layout == layout
     exact = oracle(qtype, shape)
-    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    for expert in range(shape[0]):
-        out = F.linear(x, kernel[expert])
-        assert out.dtype == torch.bfloat16 and out.shape == (5, 32)
-        truth = x.float() @ exact[expert].T
-        # Scales and zeros rounded to bf16 (relative 2^-9) and the output rounded to bf16: within 2^-9 of the
-        # largest a row could sum to. (A zero off by one quantisation step is about 2^-4 of it.)
-        bound = 2**-9 * x.float().abs().sum(-1, keepdim=True) * exact[expert].abs().amax(-1)
-        assert ((out.float() - truth).abs() <= bound).all()
+    for rows in (1, 5, 40):  # one row (an autoregressive token, padded to two on amx) and dynamic counts
+        x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+        for expert in range(shape[0]):
+            out = F.linear(x, kernel[expert])
+            assert out.dtype == torch.bfloat16 and out.shape == (rows, 32)
+            truth = x.float() @ exact[expert].T
+            # Scales and zeros rounded to bf16 (relative 2^-9) and the output rounded to bf16: within 2^-9 of the
+            # largest a row could sum to. (A zero off by one quantisation step is about 2^-4 of it.)
+            bound = 2**-9 * x.float().abs().sum(-1, keepdim=True) * exact[expert].abs().amax(-1)
+            assert ((out.float() - truth).abs() <= bound).all()
+
+
+def test_cpu_int4_layout_takes_amx_where_it_applies_and_otherwise_only_experts_in_torchs_kernel(monkeypatch) -> None:
+    def q4(rows: int, dtype: torch.dtype = torch.bfloat16) -> GroupQuantized:
+        return GroupQuantized.quantize(torch.randn(rows, 256), "Q4_0").to(dtype=dtype)
+
+    layout = dgemma.quantized.cpu_int4_layout
+    expert, linear = "decoder.layers.0.experts.down_proj", "decoder.layers.0.mlp.up_proj.weight"
+    for amx in (True, False):
+        monkeypatch.setattr(amx_int4, "available", lambda: amx)
+        assert layout(expert, q4(64), "cpu", linear_only=False) == ("amx" if amx else "int4pack")
+        assert layout(linear, q4(64), "cpu", linear_only=True) == ("amx" if amx else None)
+        assert layout(expert, q4(48), "cpu", linear_only=False) == "int4pack"  # rows not in 32s
+        assert layout(linear, q4(48), "cpu", linear_only=True) is None
+        # the embedding (also the head) is read by more than F.linear; fp32 is the parity path: tiles, exact
+        assert layout("decoder.embed_tokens.weight", q4(64), "cpu", linear_only=False) is None
+        assert layout(expert, q4(64, torch.float32), "cpu", linear_only=False) is None
+
+
+@needs_amx
+def test_amx_int4_kernel_compiles_once_per_shape_for_any_rows_and_refuses_gradients() -> None:
+    assert amx_int4.available()  # its own check against torch's eager kernel passed
+    with pytest.raises(ValueError, match="multiples of 32, got a weight of 48 x 256"):
+        amx_int4.block_codes(torch.zeros(48, 256, dtype=torch.int32))
+    weight = GroupQuantized.quantize(torch.randn(96, 128), "Q4_0").to(dtype=torch.bfloat16)
+    kernel = CpuInt4.from_grouped(weight, "amx")
+    for rows in (3, 17, 64, 2, 1):  # every count of rows through one compiled graph, in and out of inference mode
+        F.linear(torch.randn(rows, 128).to(torch.bfloat16), kernel)
+        with torch.inference_mode():
+            F.linear(torch.randn(rows, 128).to(torch.bfloat16), kernel)
+    compiled = amx_int4._kernels[96, 128]
+    code = compiled._torchdynamo_orig_callable.__code__
+    assert code.co_name == "amx_int4_matmul_96x128"  # its own code object: dynamo's recompile limit is its own
+    assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code)) <= 2  # no mode, one for inference
+    with pytest.raises(TypeError, match="without gradients"):
+        F.linear(torch.randn(3, 128).to(torch.bfloat16).requires_grad_(), kernel)
 
 
 def test_cpu_int4_layout_refuses_what_it_cannot_compute() -> None:
     shape = (32, 512)
-    kernel = CpuInt4.from_grouped(GroupQuantized.from_gguf(raw(T.Q4_K, shape), T.Q4_K, shape).to(dtype=torch.bfloat16))
+    kernel = CpuInt4.from_grouped(GroupQuantized.from_gguf(raw(T.Q4_K, shape), T.Q4_K, shape).to(dtype=torch.bfloat16),
+                                  "int4pack")
     with pytest.raises(TypeError, match="bfloat16"):
         F.linear(torch.randn(2, 512), kernel)
     with pytest.raises(TypeError, match="embedding is not defined"):
