@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from . import compiling
+from .compiling import compiling_allowed
 
 GROUP = 32  # values per scale and zero, as CpuInt4 stores them
 BLOCK_N = 32  # output columns per block of the AMX micro-kernel's weight layout
@@ -103,7 +103,7 @@ def available() -> bool:
     """Whether this process computes 4-bit matrices with the AMX template: the CPU has AMX, compiling is allowed
     (DGEMMA_COMPILE is not 0) and works, and the compiled kernel on blocked codes agrees with torch's eager kernel on
     its own layout (to bf16 rounding) on a small weight."""
-    if not compiling.allowed() or not torch.cpu._is_amx_tile_supported():
+    if not compiling_allowed() or not torch.cpu._is_amx_tile_supported():
         return False
     generator = torch.Generator().manual_seed(0)
     n, k = 64, 256

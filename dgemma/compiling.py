@@ -10,5 +10,5 @@ from __future__ import annotations
 import os
 
 
-def allowed() -> bool:
+def compiling_allowed() -> bool:
     return os.environ.get("DGEMMA_COMPILE", "1") != "0"

@@ -50,7 +50,8 @@ import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
-from . import amx_int4
+from .amx_int4 import BLOCK_N as AMX_BLOCK_N
+from .amx_int4 import available as amx_int4_available, block_codes, matmul as amx_int4_matmul
 
 
 # eq=False: the fields are tensors, whose == is elementwise; identity is the only meaningful equality here.
@@ -368,14 +369,14 @@ def cpu_int4_layout(name: str, weight: GroupQuantized, device: torch.device | st
     """The layout (`CpuInt4`) of the CPU int4 kernel a matrix computed in bf16 on the CPU runs through, or None for
     tiles. It needs 4-bit codes in groups of 32 (Q4_0, Q4_1, Q4_K) and a matrix the network reaches only through
     F.linear (`linear_only`: an nn.Linear's weight, not the head the sampler reads; experts always). With the AMX
-    kernel (amx_int4.available()) every such matrix whose rows are a multiple of 32: faster than tiles at any number
+    kernel (amx_int4_available()) every such matrix whose rows are a multiple of 32: faster than tiles at any number
     of rows. Without it, experts with rows a multiple of 16, in torch's eager kernel: faster than tiles at an
     expert's few rows, slower at a canvas's 256 (docs/quantization.md)."""
     if not (weight.bits == 4 and weight.group == 32 and weight.dtype == torch.bfloat16
             and torch.device(device).type == "cpu" and (linear_only or is_expert(name))):
         return None
     rows = weight.shape[-2]
-    if rows % amx_int4.BLOCK_N == 0 and amx_int4.available():
+    if rows % AMX_BLOCK_N == 0 and amx_int4_available():
         return "amx"
     return "int4pack" if is_expert(name) and rows % 16 == 0 else None
 
@@ -414,7 +415,7 @@ class CpuInt4:
         scales_and_zeros = torch.empty(entries, k // cls.GROUP, n, 2, dtype=torch.bfloat16)
         for entry in range(entries):
             unpacked = torch.stack((codes[entry] & 0x0F, codes[entry] >> 4), dim=-1).reshape(n, k).to(torch.int32)
-            packed[entry] = (amx_int4.block_codes(unpacked) if layout == "amx"
+            packed[entry] = (block_codes(unpacked) if layout == "amx"
                              else torch._convert_weight_to_int4pack_for_cpu(unpacked, 1))
             zero = (8 - weight.zero_code) * scale[entry] + (0 if offset is None else offset[entry])
             scales_and_zeros[entry] = torch.stack((scale[entry], zero), dim=-1).transpose(0, 1)
@@ -446,7 +447,7 @@ class CpuInt4:
             raise TypeError(f"a weight in a CPU int4 layout computes in bfloat16, not {x.dtype}")
         flat = x.reshape(-1, x.shape[-1]).contiguous()
         if weight.layout == "amx":
-            out = amx_int4.matmul(flat, weight.codes, weight.scales_and_zeros)
+            out = amx_int4_matmul(flat, weight.codes, weight.scales_and_zeros)
         else:
             out = torch._weight_int4pack_mm_for_cpu(flat, weight.codes, cls.GROUP, weight.scales_and_zeros)
         out = out.view(*x.shape[:-1], weight.shape[-2])

@@ -36,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from . import compiling
+from .compiling import compiling_allowed
 
 
 @dataclass
@@ -190,7 +190,7 @@ _compiled: dict[str, Callable] = {}
 
 def _kernel(name: str, function: Callable, large: bool) -> Callable:
     """The compiled, fused version of a sampler kernel for large vocabularies, the eager one otherwise."""
-    if not large or not compiling.allowed():
+    if not large or not compiling_allowed():
         return function
     if name not in _compiled:
         _compiled[name] = torch.compile(function, dynamic=False, fullgraph=True)

@@ -65,7 +65,8 @@ def test_no_import_cycles_lazy_imports_included():
 
 def test_the_network_imports_nothing_built_on_it():
     assert graph()["dgemma.model"] <= {"dgemma.config"}
-    assert graph()["dgemma.sampling"] == set(), "the sampler is pure: no model, cache or tokenizer"
+    # whether to compile its kernels (an environment setting) is all it reads
+    assert graph()["dgemma.sampling"] <= {"dgemma.compiling"}, "the sampler is pure: no model, cache or tokenizer"
 
 
 def test_only_the_scheduler_touches_tensors_in_the_server():

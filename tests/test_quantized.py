@@ -207,7 +207,7 @@ def test_cpu_int4_layout_takes_amx_where_it_applies_and_otherwise_only_experts_i
     layout = dgemma.quantized.cpu_int4_layout
     expert, linear = "decoder.layers.0.experts.down_proj", "decoder.layers.0.mlp.up_proj.weight"
     for amx in (True, False):
-        monkeypatch.setattr(amx_int4, "available", lambda: amx)
+        monkeypatch.setattr(dgemma.quantized, "amx_int4_available", lambda: amx)
         assert layout(expert, q4(64), "cpu", linear_only=False) == ("amx" if amx else "int4pack")
         assert layout(linear, q4(64), "cpu", linear_only=True) == ("amx" if amx else None)
         assert layout(expert, q4(48), "cpu", linear_only=False) == "int4pack"  # rows not in 32s
