@@ -1,9 +1,9 @@
 """4-bit matrices on AMX: Inductor's weight-only int4 GEMM template, called with each matrix's codes as an input.
 
 torch's eager CPU int4 kernel (`torch._weight_int4pack_mm_for_cpu`) does not use AMX: at an expert's share of a
-canvas (16 rows) it takes 1.2 to 1.7 times a bf16 matmul's time, at a canvas's 256 rows 7 to 10 times.
-Inductor lowers the same op, under max-autotune, to a C++ template whose AMX micro-kernel dequantises the codes in
-registers (about 2x faster than the eager kernel at 16 rows, 7x at 256; docs/quantization.md), but only for a
+canvas (16 rows) it takes 1.3 to 1.5 times a bf16 matmul's time, at a canvas's 256 rows 6 to 9 times. Inductor
+lowers the same op, under max-autotune, to a C++ template whose AMX micro-kernel dequantises the codes in registers
+(about 2x faster than the eager kernel at 16 rows, 7 to 9x at 256; docs/quantization.md), but only for a
 weight that is a frozen module constant, which it re-blocks at compile time. A mixture of experts has thousands of
 such matrices (128 experts x 2 x 30 layers of the released model): compiling each is out of the question. So this
 module compiles one graph per weight shape with the weight as an input, already in the template's blocked layout

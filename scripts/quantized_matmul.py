@@ -5,13 +5,14 @@ at the released model's matrix shapes, for a denoising step's canvas (256 rows),
     python scripts/quantized_matmul.py [--out docs/quantized_matmul.json] [--threads 2] [--repeats 5]
 
 Each method multiplies by enough copies of the matrix (at least 256 MB of bf16) that the weights come from memory,
-not cache, as in a model whose every matrix is read once per step; times are per matrix. Methods, each on the same
-random Q4_K / Q8_0 weight:
+not cache, as in a model whose every matrix is read once per step; times are per matrix, with the allocator settings
+the CLI uses (`dgemma.allocator`). Methods, each on the same random Q4_K / Q8_0 weight:
 - `bf16`: the dequantised weight held in bf16 and F.linear (the float baseline).
-- `tiles-q4k`, `tiles-q8`: `GroupQuantized.dequantize(bf16)` then F.linear, per call (dgemma's path but for experts).
+- `tiles-q4k`, `tiles-q8`: `GroupQuantized.dequantize(bf16)` then F.linear, per call (dgemma's path for matrices
+  without an int4 kernel; Q8_0 tiles take its one compiled pass).
 - `int4pack`: `dgemma.quantized.CpuInt4` (`torch._weight_int4pack_mm_for_cpu` on the same 4-bit codes repacked with
-  bf16 scales and zeros: what dgemma runs experts with in bf16 on a CPU); the relative RMS error of the repacked
-  values against the exact ones is reported. (The expert down matrix, rows of 704, is Q4_0 under dgemma's int4
+  bf16 scales and zeros: what dgemma runs experts with in bf16 on a CPU without AMX); the relative RMS error of the
+  repacked values against the exact ones is reported. (The expert down matrix, rows of 704, is Q4_0 under dgemma's int4
   scheme: Q4_K needs rows of 256.)
 - `int4amx`: the same codes in `dgemma.amx_int4`'s layout, through Inductor's AMX int4 template (what dgemma runs
   experts with where this process's check passes; columns left out where the CPU has no AMX).
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dgemma import amx_int4  # noqa: E402
+from dgemma.allocator import tune_allocator  # noqa: E402
 from dgemma.quantized import CpuInt4, GroupQuantized  # noqa: E402
 
 # (name, N out, K in) of the released model's matrices: an expert's gate+up and down, attention q, the dense MLP's up
@@ -77,6 +79,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)
     amx = amx_int4.available()
+    tune_allocator()  # as the CLI runs: a tile's fresh megabytes come from the heap, not from new page mappings
     rows_out = []
     for name, n, k in SHAPES:
         values = torch.randn(n, k, generator=generator) * 0.02

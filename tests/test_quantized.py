@@ -200,6 +200,28 @@ def test_cpu_int4_layout_multiplies_by_the_exact_values_to_bf16_rounding(qtype: 
             assert ((out.float() - truth).abs() <= bound).all()
 
 
+@pytest.mark.skipif(os.environ.get("DGEMMA_COMPILE") == "0", reason="compiling turned off")
+def test_large_q8_0_tiles_take_one_compiled_pass_with_the_eager_bits(monkeypatch) -> None:
+    shape = (2, 1024, 1024)  # an expert is a tile of 2^20 values: the compiled pass's threshold
+    weight = GroupQuantized.from_gguf(raw(T.Q8_0, shape), T.Q8_0, shape).to(dtype=torch.bfloat16)
+    calls = []
+    compiled = dgemma.quantized._compiled_q8_0()
+    monkeypatch.setattr(dgemma.quantized, "_compiled_q8_0", lambda: lambda *args: calls.append(1) or compiled(*args))
+    exact = oracle(T.Q8_0, shape)
+
+    def bits(values: torch.Tensor) -> torch.Tensor:  # signed zeros told apart, as torch.equal does not
+        return values.view(torch.int16)
+
+    for index in (1, 0):
+        assert torch.equal(bits(weight.dequantize(index, torch.bfloat16)), bits(exact[index].to(torch.bfloat16)))
+    assert torch.equal(bits(weight.dequantize(None, torch.float16)), bits(exact.to(torch.float16)))
+    assert len(calls) == 3
+    weight.dequantize(0, torch.float32)  # float32 and smaller tiles stay eager
+    small = GroupQuantized.from_gguf(raw(T.Q8_0, (512, 1024)), T.Q8_0, (512, 1024)).to(dtype=torch.bfloat16)
+    small.dequantize(None, torch.bfloat16)
+    assert len(calls) == 3
+
+
 def test_cpu_int4_layout_takes_amx_where_it_applies_and_otherwise_only_experts_in_torchs_kernel(monkeypatch) -> None:
     def q4(rows: int, dtype: torch.dtype = torch.bfloat16) -> GroupQuantized:
         return GroupQuantized.quantize(torch.randn(rows, 256), "Q4_0").to(dtype=dtype)
