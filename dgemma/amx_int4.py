@@ -85,6 +85,8 @@ def matmul(rows: torch.Tensor, codes: torch.Tensor, scales_and_zeros: torch.Tens
     if rows.requires_grad and torch.is_grad_enabled():
         raise TypeError("4-bit weights on the AMX kernel compute without gradients (the input requires grad)")
     count = rows.shape[0]
+    if count == 0:
+        return rows.new_empty(0, codes.shape[0])
     if count == 1:
         rows = torch.cat((rows, rows))
     kernel = _kernel(codes.shape[0], rows.shape[-1])

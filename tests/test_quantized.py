@@ -246,6 +246,7 @@ def test_amx_int4_kernel_compiles_once_per_shape_for_any_rows_and_refuses_gradie
         amx_int4.block_codes(torch.zeros(48, 256, dtype=torch.int32))
     weight = GroupQuantized.quantize(torch.randn(96, 128), "Q4_0").to(dtype=torch.bfloat16)
     kernel = CpuInt4.from_grouped(weight, "amx")
+    assert F.linear(torch.randn(0, 128).to(torch.bfloat16), kernel).shape == (0, 96)
     for rows in (3, 17, 64, 2, 1):  # every count of rows through one compiled graph, in and out of inference mode
         F.linear(torch.randn(rows, 128).to(torch.bfloat16), kernel)
         with torch.inference_mode():
