@@ -52,8 +52,11 @@ def test_load_keeps_the_slices_four_bit_matrices_in_a_cpu_int4_kernels_layout(tm
     # of rows; the 8-bit embedding, attention and router stay tiles.
     on_kernel = {name for name, weight in weights.items() if isinstance(weight, CpuInt4)}
     four_bit = {name for name, weight in weights.items() if weight.qtype == "Q4_0"}
-    expected = four_bit if amx_int4.available() else {name for name in four_bit if ".experts." in name}
-    assert on_kernel == expected and len(expected) > 4
+    amx = amx_int4.available()
+    expected = four_bit if amx else {name for name in four_bit if ".experts." in name}
+    assert on_kernel == expected
+    assert {".experts.", *((".mlp.", "self_conditioning.") if amx else ())} <= {
+        part for name in expected for part in (".experts.", ".mlp.", "self_conditioning.") if part in name}
 
 
 def test_a_one_layer_slice_is_refused_by_name(tmp_path, capsys):
