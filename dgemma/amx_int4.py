@@ -14,14 +14,16 @@ recompile.
 The graph means "codes in the blocked layout": run eagerly, the same op would read them as torch's own layout and
 return garbage. Three things keep that from happening: `available()` compiles and checks the kernel against the
 eager one once per process before any weight is blocked for it (no AMX, no compiler, another torch: the eager
-layout stays); a recompile (a guard that fails) can only pick this template, or raise; and each shape gets its own
-code object, whose recompile limit raises when hit instead of falling back to eager. A single row (dynamo
-specialises size 1, for which Inductor picks its AVX-512 micro-kernel and that kernel's layout) is padded to two.
+layout stays); a recompile (a guard that fails) can only pick this template, or raise; the function raises if it
+ever runs eagerly (a compiler stance that forces eager, or falls back to it); and each shape gets its own code object,
+whose recompile limit, with fullgraph, raises when hit. A single row (dynamo specialises size 1, for which Inductor
+picks its AVX-512 micro-kernel and that kernel's layout) is padded to two.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 import types
 from typing import Callable
 
@@ -44,11 +46,15 @@ def block_codes(codes: torch.Tensor) -> torch.Tensor:
 
 
 def _int4_matmul(rows: torch.Tensor, codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    if not torch.compiler.is_compiling():  # traced away; run eagerly (a stance that forces it) it would misread
+        raise RuntimeError("the AMX int4 kernel ran eagerly on blocked codes: it only exists compiled")
     return torch._weight_int4pack_mm_for_cpu(rows, codes, GROUP, scales_and_zeros)
 
 
 _kernels: dict[tuple[int, int], Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {}
-_running = False  # set while this module's kernels run (and compile, or recompile on a failed guard)
+# Set in a thread while it runs one of this module's kernels (Inductor lowers in the calling thread, so a compile
+# or a recompile on a failed guard happens inside that window).
+_running = threading.local()
 
 
 @functools.cache
@@ -62,7 +68,8 @@ def _allow_weight_as_input() -> None:
     stock = quantized_lowerings.use_cpp_gemm_template
 
     def use_cpp_gemm_template(*args, **kwargs):
-        return stock(*args, **({**kwargs, "require_constant_mat2": False} if _running else kwargs))
+        ours = getattr(_running, "kernel", False)
+        return stock(*args, **({**kwargs, "require_constant_mat2": False} if ours else kwargs))
 
     quantized_lowerings.use_cpp_gemm_template = use_cpp_gemm_template
 
@@ -81,7 +88,6 @@ def _kernel(n: int, k: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Tenso
 def matmul(rows: torch.Tensor, codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
     """rows [M, K] bf16 times the weight [N, K] held as blocked codes [N, K // 2] and bf16 scales and zeros
     [K // 32, N, 2] (value = (code - 8) * scale + zero): [M, N] bf16."""
-    global _running
     if rows.requires_grad and torch.is_grad_enabled():
         raise TypeError("4-bit weights on the AMX kernel compute without gradients (the input requires grad)")
     count = rows.shape[0]
@@ -90,14 +96,15 @@ def matmul(rows: torch.Tensor, codes: torch.Tensor, scales_and_zeros: torch.Tens
     if count == 1:
         rows = torch.cat((rows, rows))
     kernel = _kernel(codes.shape[0], rows.shape[-1])
-    torch._dynamo.maybe_mark_dynamic(rows, 0)  # compiled once for every number of rows
-    limit_raises = torch._dynamo.config.fail_on_recompile_limit_hit
-    _running, torch._dynamo.config.fail_on_recompile_limit_hit = True, True
+    # Compiled once for every number of rows: a row count fixed at compile time below 5 would get Inductor's
+    # AVX-512 micro-kernel, which reads the other layout. Strict, so that a specialisation raises instead.
+    torch._dynamo.mark_dynamic(rows, 0)
+    _running.kernel = True
     try:
         with torch.no_grad():  # one grad mode for every call: no recompile for it
             return kernel(rows, codes, scales_and_zeros)[:count]
     finally:
-        _running, torch._dynamo.config.fail_on_recompile_limit_hit = False, limit_raises
+        _running.kernel = False
 
 
 @functools.cache
@@ -108,15 +115,18 @@ def available() -> bool:
     if not compiling_allowed() or not torch.cpu._is_amx_tile_supported():
         return False
     generator = torch.Generator().manual_seed(0)
-    n, k = 64, 256
+    n, k = 128, 256  # four blocks of columns, two of them a multiple of 64 (where the AVX-512 kernel could apply)
     codes = torch.randint(0, 16, (n, k), generator=generator, dtype=torch.int32)
     scales_and_zeros = (torch.rand(k // GROUP, n, 2, generator=generator) - 0.5).to(torch.bfloat16)
-    rows = torch.randn(5, k, generator=generator).to(torch.bfloat16)
-    try:
-        expected = torch._weight_int4pack_mm_for_cpu(rows, torch._convert_weight_to_int4pack_for_cpu(codes, 1), GROUP,
-                                                      scales_and_zeros)
-        got = matmul(rows, block_codes(codes), scales_and_zeros)
-    except Exception:  # no C++ compiler, or an Inductor that lowers the op differently: the eager kernel stays
-        return False
-    # Both products round to bf16 once, from fp32 sums in different orders.
-    return bool(((got.float() - expected.float()).abs() <= 2**-7 * expected.float().abs().amax() + 1e-3).all())
+    packed, blocked = torch._convert_weight_to_int4pack_for_cpu(codes, 1), block_codes(codes)
+    for count in (5, 2, 3, 4, 17, 1):
+        rows = torch.randn(count, k, generator=generator).to(torch.bfloat16)
+        try:
+            expected = torch._weight_int4pack_mm_for_cpu(rows, packed, GROUP, scales_and_zeros)
+            got = matmul(rows, blocked, scales_and_zeros)
+        except Exception:  # no C++ compiler, or an Inductor that lowers the op differently: the eager kernel stays
+            return False
+        # Both products round to bf16 once, from fp32 sums in different orders.
+        if not ((got.float() - expected.float()).abs() <= 2**-7 * expected.float().abs().amax() + 1e-3).all():
+            return False
+    return True

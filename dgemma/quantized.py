@@ -89,14 +89,14 @@ class GroupQuantized:
     def dequantize(self, index: int | slice | torch.Tensor | None = None,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The values (of the leading-dimension entries `index` when given: an expert of [E, N, K], rows of [N, K]),
-        computed in float32 exactly as gguf.quants.dequantize does, then cast to dtype. (A large Q8_0 tile cast to
-        bf16 or fp16 takes one compiled pass, `_q8_0_in_one_pass`, with the same bits.)"""
+        computed in float32 exactly as gguf.quants.dequantize does, then cast to dtype. (A large Q8_0 tile on the CPU
+        cast to bf16 or fp16 takes one compiled pass, `_q8_0_in_one_pass`, with the same bits.)"""
         codes, scale, offset = self.codes, self.scale, self.offset
         if index is not None:
             codes, scale = codes[index], scale[index]
             offset = None if offset is None else offset[index]
-        if (self.qtype == "Q8_0" and dtype != torch.float32 and scale.numel() * self.group >= COMPILED_TILE_VALUES
-                and compiling_allowed()):
+        if (self.qtype == "Q8_0" and dtype != torch.float32 and codes.device.type == "cpu"
+                and scale.numel() * self.group >= COMPILED_TILE_VALUES and compiling_allowed()):
             for tensor in (codes, scale):
                 torch._dynamo.maybe_mark_dynamic(tensor, list(range(tensor.dim())))  # every tile shape, one graph
             return _compiled_q8_0()(codes, scale, self.zero_code, self.group, dtype)

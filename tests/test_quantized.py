@@ -239,24 +239,38 @@ def test_cpu_int4_layout_takes_amx_where_it_applies_and_otherwise_only_experts_i
         assert layout(expert, q4(64, torch.float32), "cpu", linear_only=False) is None
 
 
+def test_amx_int4_layout_is_the_one_inductors_template_blocks_its_constant_weights_into() -> None:
+    import torch._inductor.lowering  # noqa: F401  (imports the template module in dependency order)
+    from torch._inductor.codegen.cpp_gemm_template import CppWoqInt4GemmTemplate
+
+    for n, k in [(32, 64), (128, 256), (96, 512)]:
+        codes = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(n), dtype=torch.int32)
+        stock = CppWoqInt4GemmTemplate[32].block_weight(torch._convert_weight_to_int4pack_for_cpu(codes, 1), None, None)
+        assert torch.equal(amx_int4.block_codes(codes), stock)
+
+
 @needs_amx
 def test_amx_int4_kernel_compiles_once_per_shape_for_any_rows_and_refuses_gradients() -> None:
     assert amx_int4.available()  # its own check against torch's eager kernel passed
     with pytest.raises(ValueError, match="multiples of 32, got a weight of 48 x 256"):
         amx_int4.block_codes(torch.zeros(48, 256, dtype=torch.int32))
-    weight = GroupQuantized.quantize(torch.randn(96, 128), "Q4_0").to(dtype=torch.bfloat16)
-    kernel = CpuInt4.from_grouped(weight, "amx")
-    assert F.linear(torch.randn(0, 128).to(torch.bfloat16), kernel).shape == (0, 96)
-    for rows in (3, 17, 64, 2, 1):  # every count of rows through one compiled graph, in and out of inference mode
-        F.linear(torch.randn(rows, 128).to(torch.bfloat16), kernel)
-        with torch.inference_mode():
-            F.linear(torch.randn(rows, 128).to(torch.bfloat16), kernel)
-    compiled = amx_int4._kernels[96, 128]
+    weight = GroupQuantized.quantize(torch.randn(192, 128), "Q4_0").to(dtype=torch.bfloat16)
+    kernel, eager = CpuInt4.from_grouped(weight, "amx"), CpuInt4.from_grouped(weight, "int4pack")
+    assert F.linear(torch.randn(0, 128).to(torch.bfloat16), kernel).shape == (0, 192)
+    for rows in (3, 17, 64, 2, 4, 1):  # every count of rows through one compiled graph, in and out of inference mode
+        x = torch.randn(rows, 128).to(torch.bfloat16)
+        expected = F.linear(x, eager).float()
+        for got in (F.linear(x, kernel), torch.inference_mode()(F.linear)(x, kernel)):
+            # the same codes, scales and zeros: the two kernels differ by their fp32 sums' order and one bf16 rounding
+            assert ((got.float() - expected).abs() <= 2**-7 * expected.abs().amax()).all()
+    compiled = amx_int4._kernels[192, 128]
     code = compiled._torchdynamo_orig_callable.__code__
-    assert code.co_name == "amx_int4_matmul_96x128"  # its own code object: dynamo's recompile limit is its own
-    assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code)) <= 2  # no mode, one for inference
+    assert code.co_name == "amx_int4_matmul_192x128"  # its own code object: dynamo's recompile limit is its own
+    assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code)) <= 3  # grad modes and inference tensors
     with pytest.raises(TypeError, match="without gradients"):
         F.linear(torch.randn(3, 128).to(torch.bfloat16).requires_grad_(), kernel)
+    with torch.compiler.set_stance("force_eager"), pytest.raises(RuntimeError, match="ran eagerly on blocked codes"):
+        F.linear(torch.randn(3, 128).to(torch.bfloat16), kernel)
 
 
 def test_cpu_int4_layout_refuses_what_it_cannot_compute() -> None:

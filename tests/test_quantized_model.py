@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import dgemma
+import dgemma.amx_int4
 from dgemma.cache import KVCache
 from dgemma.checkpoints import CheckpointError, bundled_model_dir, checkpoint_name, to_checkpoint_names
 from dgemma.cli import main as cli_main
@@ -155,6 +156,27 @@ def test_a_gguf_files_experts_alone_stay_quantised_with_keep_quantized_experts(m
         dgemma.load(random_checkpoint("moe"), keep_quantized="experts")
     with pytest.raises(ValueError, match="keep_quantized must be True, False or 'experts'"):
         dgemma.load(path, keep_quantized="attention")
+
+
+def test_a_four_bit_embedding_stays_tiles_while_the_linear_matrices_take_a_cpu_int4_kernel(tmp_path):
+    """A file with every matrix Q4_0 (llama.cpp writes such files): the embedding, which is also the head the sampler
+    reads as a matrix, is reached by more than F.linear and must stay tiles; the model generates."""
+    config = dict(K_CONFIG, text_config=dict(K_CONFIG["text_config"], vocab_size=512))
+    tensors = model_tensors(config)
+    path = write_gguf(tmp_path / "q4.gguf", config, tensors,
+                      types={name: "Q4_0" for name, t in tensors.items() if t.dim() > 1})
+    model = dgemma.load(path)
+    weights = {checkpoint_name(name): w for name, w in quantized_weights(model)}
+    assert type(weights.pop("model.decoder.embed_tokens.weight")).__name__ == "GroupQuantized"
+    for name, weight in weights.items():
+        # experts always; on AMX every other matrix whose rows fill its 32-column blocks (not the router's 2)
+        on_kernel = ".experts." in name or (dgemma.amx_int4.available() and weight.shape[-2] % 32 == 0)
+        assert type(weight).__name__ == ("CpuInt4" if on_kernel else "GroupQuantized"), name
+    assert any(".mlp." in name and type(w).__name__ == "CpuInt4" for name, w in weights.items()) \
+        == dgemma.amx_int4.available()
+    out = model.generate(torch.tensor([[2, 5, 6, 7]]), max_new_tokens=16, max_denoising_steps=4,
+                         generator=torch.Generator().manual_seed(0))
+    assert out.sequences.shape == (1, 4 + 16)
 
 
 def test_weights_option_on_the_command_line(mixed, tmp_path, capsys):
