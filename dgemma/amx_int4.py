@@ -85,11 +85,7 @@ def _kernel(n: int, k: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Tenso
     return _kernels[n, k]
 
 
-def matmul(rows: torch.Tensor, codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    """rows [M, K] bf16 times the weight [N, K] held as blocked codes [N, K // 2] and bf16 scales and zeros
-    [K // 32, N, 2] (value = (code - 8) * scale + zero): [M, N] bf16."""
-    if rows.requires_grad and torch.is_grad_enabled():
-        raise TypeError("4-bit weights on the AMX kernel compute without gradients (the input requires grad)")
+def _run(rows: torch.Tensor, codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
     count = rows.shape[0]
     if count == 0:
         return rows.new_empty(0, codes.shape[0])
@@ -105,6 +101,27 @@ def matmul(rows: torch.Tensor, codes: torch.Tensor, scales_and_zeros: torch.Tens
             return kernel(rows, codes, scales_and_zeros)[:count]
     finally:
         _running.kernel = False
+
+
+class _WithoutBackward(torch.autograd.Function):
+    """The product inside a graph that records gradients: computed, with a backward that raises, as torch's eager
+    int4 op behaves (its derivative is not implemented either)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+        return _run(rows, codes, scales_and_zeros)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        raise RuntimeError("4-bit weights on the AMX int4 kernel have no backward (torch's int4 kernels have none)")
+
+
+def matmul(rows: torch.Tensor, codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """rows [M, K] bf16 times the weight [N, K] held as blocked codes [N, K // 2] and bf16 scales and zeros
+    [K // 32, N, 2] (value = (code - 8) * scale + zero): [M, N] bf16."""
+    if rows.requires_grad and torch.is_grad_enabled():
+        return _WithoutBackward.apply(rows, codes, scales_and_zeros)
+    return _run(rows, codes, scales_and_zeros)
 
 
 @functools.cache

@@ -250,7 +250,7 @@ def test_amx_int4_layout_is_the_one_inductors_template_blocks_its_constant_weigh
 
 
 @needs_amx
-def test_amx_int4_kernel_compiles_once_per_shape_for_any_rows_and_refuses_gradients() -> None:
+def test_amx_int4_kernel_compiles_once_per_shape_for_any_rows_and_has_no_backward() -> None:
     assert amx_int4.available()  # its own check against torch's eager kernel passed
     with pytest.raises(ValueError, match="multiples of 32, got a weight of 48 x 256"):
         amx_int4.block_codes(torch.zeros(48, 256, dtype=torch.int32))
@@ -267,8 +267,12 @@ def test_amx_int4_kernel_compiles_once_per_shape_for_any_rows_and_refuses_gradie
     code = compiled._torchdynamo_orig_callable.__code__
     assert code.co_name == "amx_int4_matmul_192x128"  # its own code object: dynamo's recompile limit is its own
     assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code)) <= 3  # grad modes and inference tensors
-    with pytest.raises(TypeError, match="without gradients"):
-        F.linear(torch.randn(3, 128).to(torch.bfloat16).requires_grad_(), kernel)
+    # With gradients recorded: computed (a forward pass outside no_grad works), but no backward, as torch's int4 op
+    x = torch.randn(3, 128).to(torch.bfloat16).requires_grad_()
+    out = F.linear(x, kernel)
+    assert torch.allclose(out.float(), F.linear(x.detach(), kernel).float())
+    with pytest.raises(RuntimeError, match="no backward"):
+        out.sum().backward()
     with torch.compiler.set_stance("force_eager"), pytest.raises(RuntimeError, match="ran eagerly on blocked codes"):
         F.linear(torch.randn(3, 128).to(torch.bfloat16), kernel)
 
