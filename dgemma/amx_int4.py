@@ -12,7 +12,7 @@ that shape then runs through the same compiled kernel. Rows are dynamic, so a ca
 recompile.
 
 The graph means "codes in the blocked layout": run eagerly, the same op would read them as torch's own layout and
-return garbage. Three things keep that from happening: `available()` compiles and checks the kernel against the
+return garbage. Four things keep that from happening: `available()` compiles and checks the kernel against the
 eager one once per process before any weight is blocked for it (no AMX, no compiler, another torch: the eager
 layout stays); a recompile (a guard that fails) can only pick this template, or raise; the function raises if it
 ever runs eagerly (a compiler stance that forces eager, or falls back to it); and each shape gets its own code object,
@@ -46,7 +46,7 @@ def block_codes(codes: torch.Tensor) -> torch.Tensor:
 
 
 def _int4_matmul(rows: torch.Tensor, codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    if not torch.compiler.is_compiling():  # traced away; run eagerly (a stance that forces it) it would misread
+    if not torch.compiler.is_compiling():  # dropped when traced; an eager run (a stance can force one) misreads
         raise RuntimeError("the AMX int4 kernel ran eagerly on blocked codes: it only exists compiled")
     return torch._weight_int4pack_mm_for_cpu(rows, codes, GROUP, scales_and_zeros)
 
