@@ -51,8 +51,7 @@ import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
-from .amx_int4 import BLOCK_N as AMX_BLOCK_N
-from .amx_int4 import available as amx_int4_available, block_codes, matmul as amx_int4_matmul
+from .amx_int4 import BLOCK_N as AMX_BLOCK_N, available as amx_int4_available, block_codes, matmul as amx_int4_matmul
 from .compiling import compiling_allowed
 
 

@@ -43,6 +43,10 @@ def main() -> None:
     length, vocab = model.config.canvas_length, model.config.vocab_size
     noise = torch.randint(0, vocab, (args.canvases, length), generator=torch.Generator().manual_seed(0))
 
+    def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
+        """mean over positions of KL(p || q), from log-probabilities"""
+        return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+
     def top(probabilities: torch.Tensor) -> str:
         values, ids = probabilities.topk(5)
         return ", ".join(f"{tokenizer.decode([i])!r} {v:.3f}" for v, i in zip(values.tolist(), ids.tolist()))
@@ -61,14 +65,13 @@ def main() -> None:
         mean = log_probs.exp().mean(0)
         # How much the prediction depends on which noise the canvas holds (it should not: noise carries nothing).
         pairs = list(itertools.combinations(range(args.canvases), 2))
-        between_noise = sum(float((log_probs[i].exp() * (log_probs[i] - log_probs[j])).sum(-1).mean())
-                            for i, j in pairs) / len(pairs)
+        between_noise = sum(kl(log_probs[i], log_probs[j]) for i, j in pairs) / len(pairs)
         report[name] = {"encoder_next": top(model.logits(encoded[:1, -1:]).float().softmax(-1)[0, 0]),
                         "decoder_position_0": top(mean[0]),
                         f"decoder_position_{args.position}": top(mean[args.position]),
                         "mean_kl_between_noise_canvases": round(between_noise, 3)}
     report["mean_kl_between_prompts"] = {
-        f"{a} | {b}": round(float((decoder[a].exp() * (decoder[a] - decoder[b])).sum(-1).mean()), 3)
+        f"{a} | {b}": round(kl(decoder[a], decoder[b]), 3)
         for a, b in itertools.combinations(PROMPTS, 2)}
     print(json.dumps(report, indent=1, ensure_ascii=False))
 

@@ -132,8 +132,8 @@ def trained_canvases(example: Example, canvas_length: int, canvases: str = "one"
 def draw_noise(batch: Batch, canvas_length: int, vocab_size: int, generators: list[torch.Generator], eps: float,
                self_conditioning_prob: float, canvases: str = "one", t_power: float = 1.0) -> Noise:
     """Per example, with its own generator. `canvases="one"`: a canvas uniformly among its canvases, t ~ U(eps, 1)
-    (or 1 - (1 - t)^t_power), the corruption, and whether the first pass's logits feed the second pass. `canvases="all"`: for each canvas
-    in order, its own t, corruption and coin."""
+    (or 1 - (1 - t)^t_power), the corruption, and whether the first pass's logits feed the second pass.
+    `canvases="all"`: for each canvas in order, its own t, corruption and coin."""
     if canvases not in CANVAS_RULES:
         raise ValueError(f"canvases must be one of {CANVAS_RULES}, got {canvases!r}")
     rows = []

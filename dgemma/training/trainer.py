@@ -76,7 +76,7 @@ class TrainConfig:
     window: int = 256
     min_prompt: int = 8
     response_canvases: str = "random"  # text windows: k canvases uniform ("random") or as many as fit ("most")
-    prompt_cut: str = "aligned"  # text windows and distilled samples: cut canvas-aligned, or "any"where
+    prompt_cut: str = "aligned"  # text windows and distilled samples: cut canvas-aligned, or anywhere ("any")
     distill_file: str | None = None  # text: a distillation .npz (distill.py) mixed into the training examples
     distill_fraction: float = 0.5  # the share of training examples drawn from it
     distill_encoder_loss: bool = False  # train the encoder on its own samples too
