@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import functools
 import threading
-import types
 from typing import Callable
 
 import torch
 
-from .compiling import compiling_allowed
+from .compiling import compiled_under_own_name, compiling_allowed
 
 GROUP = 32  # values per scale and zero, as CpuInt4 stores them
 BLOCK_N = 32  # output columns per block of the AMX micro-kernel's weight layout
@@ -78,10 +77,9 @@ def _kernel(n: int, k: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Tenso
     """The kernel for weights of n x k, behind its own code object."""
     if (n, k) not in _kernels:
         _allow_weight_as_input()
-        code = _int4_matmul.__code__.replace(co_name=f"amx_int4_matmul_{n}x{k}")
-        _kernels[n, k] = torch.compile(types.FunctionType(code, _int4_matmul.__globals__, code.co_name),
-                                       dynamic=False, fullgraph=True,
-                                       options={"max_autotune": True, "max_autotune_gemm_backends": "CPP"})
+        _kernels[n, k] = compiled_under_own_name(
+            _int4_matmul, f"amx_int4_matmul_{n}x{k}", dynamic=False, fullgraph=True,
+            options={"max_autotune": True, "max_autotune_gemm_backends": "CPP"})
     return _kernels[n, k]
 
 

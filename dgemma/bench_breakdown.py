@@ -40,8 +40,8 @@ import torch
 
 from .bench import build_checkpoint, machine, measure_machine, named_config, spawn, step_cost, write_report
 
-FORMS = ("bf16", "int8", "int4", "int4_experts")
-SCHEME_OF_FORM = {"bf16": None, "int8": "int8", "int4": "int4", "int4_experts": "int4_experts"}
+FORMS = ("bf16", "int8", "int4", "int4_experts", "q4_k_m")
+SCHEME_OF_FORM = {"bf16": None, "int8": "int8", "int4": "int4", "int4_experts": "int4_experts", "q4_k_m": "q4_k_m"}
 # The released model card's tokens per forward pass (../design: 15-20; vLLM runs 16 fixed steps per 256-token canvas)
 # and the bundled model's at its shipped settings (docs/quality.md), for the diffusion tok/s projections.
 TOKENS_PER_FORWARD = (1.0, 5.6, 16.0)
@@ -55,9 +55,10 @@ DESKTOP = {"name": "16-core Zen 4 desktop (Ryzen 9 7950X, dual-channel DDR5-6000
 # ---- random quantised weights --------------------------------------------------------------------------------------
 
 # Offsets of the fp16 fields (d, and dmin for Q4_K) in a block, and the d that gives random codes a standard deviation
-# near `std`: Q8_0 codes -128..127 (std 74), Q4_0 codes - 8 (std 4.6), Q4_K codes 0..15 times 6-bit sub-scales
-# (std about 145 in units of d).
-_SCALE_FIELDS = {"Q8_0": ((0,), 74.0), "Q4_0": ((0,), 4.6), "Q4_K": ((0, 2), 145.0)}
+# near `std`: Q8_0 codes -128..127 (std 74), Q4_0 codes - 8 (std 4.6), Q5_0 codes - 16 (std 9.2), Q4_K codes 0..15
+# times 6-bit sub-scales (std about 145 in units of d), Q6_K codes - 32 (std 18.5) times int8 sub-scales (rms 74).
+_SCALE_FIELDS = {"Q8_0": ((0,), 74.0), "Q4_0": ((0,), 4.6), "Q5_0": ((0,), 9.2), "Q4_K": ((0, 2), 145.0),
+                 "Q6_K": ((208,), 18.5 * 74.0)}
 
 
 def random_blocks(qtype: str, shape: tuple[int, ...], std: float, rng: np.random.Generator) -> np.ndarray:

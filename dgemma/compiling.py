@@ -1,16 +1,29 @@
 """Whether dgemma compiles its kernels with torch.compile (Inductor) in this process.
 
-The sampler's fused digest for large vocabularies, the AMX int4 kernel and the one-pass dequantisation of large Q8_0
-tiles are compiled; each has an eager version that computes the same thing (the AMX kernel's is torch's eager int4
-kernel, in its own layout). `DGEMMA_COMPILE=0` keeps every kernel eager: for a machine without a C++ compiler, or to
-time the eager paths.
+The sampler's fused digest for large vocabularies, the AMX int4 kernel, the one-pass dequantisation of large Q8_0
+tiles and the product of a few rows with a quantised matrix are compiled; each has an eager version that computes the
+same thing (the AMX kernel's is torch's eager int4 kernel, in its own layout; the few-row product's, dequantised
+tiles, which round the weights to the model dtype where it rounds only its result). `DGEMMA_COMPILE=0` keeps every
+kernel eager: for a machine without a C++ compiler, or to time the eager paths.
 """
 
 from __future__ import annotations
 
 import os
+import types
+from typing import Any, Callable
+
+import torch
 
 
 def compiling_allowed() -> bool:
     """False when DGEMMA_COMPILE=0."""
     return os.environ.get("DGEMMA_COMPILE", "1") != "0"
+
+
+def compiled_under_own_name(function: Callable, name: str, **options: Any) -> Callable:
+    """torch.compile of `function` behind a code object of its own, named `name`: dynamo counts recompiles (and
+    caches graphs) per code object, so kernels compiled this way for different weight shapes or types never use up
+    each other's recompile limit."""
+    code = function.__code__.replace(co_name=name)
+    return torch.compile(types.FunctionType(code, function.__globals__, name), **options)

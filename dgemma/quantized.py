@@ -52,7 +52,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
 from .amx_int4 import BLOCK_N as AMX_BLOCK_N, available as amx_int4_available, block_codes, matmul as amx_int4_matmul
-from .compiling import compiling_allowed
+from .compiling import compiled_under_own_name, compiling_allowed
 
 
 # eq=False: the fields are tensors, whose == is elementwise; identity is the only meaningful equality here.
@@ -88,17 +88,17 @@ class GroupQuantized:
     def dequantize(self, index: int | slice | torch.Tensor | None = None,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The values (of the leading-dimension entries `index` when given: an expert of [E, N, K], rows of [N, K]),
-        computed in float32 exactly as gguf.quants.dequantize does, then cast to dtype. (A large Q8_0 tile on the CPU
-        cast to bf16 or fp16 takes one compiled pass, `_q8_0_in_one_pass`, with the same bits.)"""
+        computed in float32 exactly as gguf.quants.dequantize does, then cast to dtype. (A large tile of one-byte
+        codes on the CPU cast to bf16 or fp16 takes one compiled pass, `_in_one_pass`, with the same bits.)"""
         codes, scale, offset = self.codes, self.scale, self.offset
         if index is not None:
             codes, scale = codes[index], scale[index]
             offset = None if offset is None else offset[index]
-        if (self.qtype == "Q8_0" and dtype != torch.float32 and codes.device.type == "cpu"
+        if (self.bits != 4 and dtype != torch.float32 and codes.device.type == "cpu"
                 and scale.numel() * self.group >= COMPILED_TILE_VALUES and compiling_allowed()):
-            for tensor in (codes, scale):
+            for tensor in (codes, scale) + (() if offset is None else (offset,)):
                 torch._dynamo.maybe_mark_dynamic(tensor, list(range(tensor.dim())))  # every tile shape, one graph
-            return _compiled_q8_0()(codes, scale, self.zero_code, self.group, dtype)
+            return _one_pass_kernel(self.qtype, dtype)(codes, scale, offset, self.zero_code, self.group, dtype)
         if self.bits == 4:
             codes = torch.stack((codes & 0x0F, codes >> 4), dim=-1)
         # [..., K // group, group], so that each group's scale and offset broadcast over its values.
@@ -327,31 +327,94 @@ TILE_VALUES = 1 << 22  # values dequantised at once: 8 MB in bf16; the released 
 COMPILED_TILE_VALUES = 1 << 20  # smaller tiles (small matrices, test models) stay eager: compiling costs seconds
 
 
-def _q8_0_in_one_pass(codes: torch.Tensor, scale: torch.Tensor, zero_code: int, group: int,
-                      dtype: torch.dtype) -> torch.Tensor:
-    """`GroupQuantized.dequantize` of Q8_0 codes as one expression, which Inductor fuses into one pass: 3.2 to 3.7
-    times faster than the eager steps on a tile of the released model's matrices (1,490 x 2,816 in bf16: 0.54
-    against 1.71 ms). The same bits: code - zero_code and its product with the scale are exact in float32 (module
-    docstring), so the cast is the one rounding. (Tiles of the other types, and float32 tiles, measured no faster
-    compiled, or slower.)"""
+def _in_one_pass(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, zero_code: int, group: int,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """`GroupQuantized.dequantize` of one-byte codes (Q8_0, Q6_K, Q5_*) as one expression, which Inductor fuses into
+    one pass: 2.7 to 3.7 times faster than the eager steps on the released model's matrices (a 1,490 x 2,816 Q8_0 tile
+    in bf16: 0.54 against 1.71 ms; the whole 262,144 x 2,816 vocabulary matrix at Q6_K or Q5_K: 149 or 141 against
+    398 ms). The same bits: code - zero_code and its product with the scale are exact in float32 (module docstring),
+    so the offset's addition, fused into a multiply-add or not, and the cast are the only roundings, as in the eager
+    steps. (4-bit tiles, whose codes are unpacked from nibbles, and float32 tiles measured no faster compiled.)"""
     values = (codes.reshape(*scale.shape, group).float() - zero_code) * scale.unsqueeze(-1)
+    if offset is not None:
+        values = values + offset.unsqueeze(-1)
     return values.reshape(*scale.shape[:-1], -1).to(dtype)
 
 
 @functools.cache
-def _compiled_q8_0() -> Callable[..., torch.Tensor]:
-    """Compiled at first use (importing the compiler costs a process that never dequantises a large Q8_0 tile
-    nothing). Past dynamo's recompile limit it runs eagerly: the same bits, slower."""
-    return torch.compile(_q8_0_in_one_pass)
+def _one_pass_kernel(qtype: str, dtype: torch.dtype) -> Callable[..., torch.Tensor]:
+    """Compiled at first use (importing the compiler costs a process that never dequantises a large tile nothing),
+    one code object per type and dtype (its constants), so that no mix of types runs into dynamo's recompile limit,
+    past which it would run eagerly: the same bits, slower."""
+    return compiled_under_own_name(_in_one_pass, f"dequantize_in_one_pass_{qtype}_{str(dtype).removeprefix('torch.')}")
 
 
 def _rows_per_tile(width: int) -> int:
     return max(1, TILE_VALUES // width)
 
 
+# ---- a few rows times a matrix of one-byte codes: one compiled reduction over the codes -----------------------------
+# An autoregressive token multiplies one row by every matrix it uses. Tiles would dequantise the whole matrix into
+# memory and read it back for a matmul that has almost nothing to compute; one compiled loop that dequantises each code
+# in registers and accumulates it straight into the product reads the codes once. Measured on this project's 2-core
+# Xeon (`python scripts/quantized_matmul.py`, released shapes, weights from memory), one row: Q8_0 0.70 against 1.22
+# ms for tiles (an expert's gate/up), 2.14 against 3.40 (attention's q); Q6_K 0.78 and 1.88 against 2.4 and 7.3. The
+# loop redoes the dequantisation for each row (about 0.33 ms a row on the gate/up), so past FEW_ROWS rows Q8_0's
+# compiled tiles win again (4 rows: 1.68 against 1.21). 4-bit codes (two per byte) measured slower than tiles this
+# way (Inductor does not vectorise the nibble unpacking), and on AMX they have their own kernel anyway.
+FEW_ROWS = 2
+
+
+def _few_rows_product(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+                      zero_code: int, group: int) -> torch.Tensor:
+    """x [M, K] @ W.T for W [N, K] held as one-byte codes, accumulated in float32 and rounded once to x's dtype."""
+    if not torch.compiler.is_compiling():  # eagerly, [M, N, K] float32 temporaries: the whole matrix, M times over
+        raise RuntimeError("the few-row quantised product ran eagerly: it only exists compiled")
+    n, groups = scale.shape
+    values = (codes.reshape(n, groups, group).float() - zero_code) * scale.unsqueeze(-1)
+    if offset is not None:
+        values = values + offset.unsqueeze(-1)
+    return (values * x.float().view(-1, 1, groups, group)).sum((-2, -1)).to(x.dtype)
+
+
+@functools.cache
+def _few_rows_kernel(qtype: str, dtype: torch.dtype) -> Callable[..., torch.Tensor]:
+    """The compiled product for one GGML type (its zero code, group and offset are constants of the graph) and one
+    model dtype, behind its own code object. Every size is dynamic: one graph for a single row (which dynamo
+    specialises) and one for more, whatever the matrix's shape."""
+    return compiled_under_own_name(_few_rows_product, f"few_rows_product_{qtype}_{str(dtype).removeprefix('torch.')}",
+                                   fullgraph=True)
+
+
+def _takes_few_rows_kernel(x: torch.Tensor, weight: GroupQuantized) -> bool:
+    """Whether x [..., K] @ weight.T runs as the compiled few-row product: a large matrix of one-byte codes on the CPU,
+    computed in bf16 or fp16 (float32 keeps the exact dequantised tiles), at most FEW_ROWS rows, and no gradient to
+    record (the kernel has no backward)."""
+    return (weight.bits != 4 and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+            and x.numel() <= FEW_ROWS * x.shape[-1] and x.numel() > 0 and len(weight.shape) == 2
+            and weight.shape[0] * weight.shape[1] >= COMPILED_TILE_VALUES
+            and not (x.requires_grad and torch.is_grad_enabled()) and compiling_allowed())
+
+
+def _few_rows_linear(x: torch.Tensor, weight: GroupQuantized) -> torch.Tensor:
+    # Contiguous, and every size dynamic, so that no stride or shape ever asks for another graph.
+    rows, codes, scale = (t.contiguous() for t in (x.reshape(-1, x.shape[-1]), weight.codes, weight.scale))
+    offset = None if weight.offset is None else weight.offset.contiguous()
+    for tensor in (rows, codes, scale) + (() if offset is None else (offset,)):
+        torch._dynamo.maybe_mark_dynamic(tensor, list(range(tensor.dim())))
+    with torch.no_grad():  # one grad mode for every call: no recompile for it
+        out = _few_rows_kernel(weight.qtype, x.dtype)(rows, codes, scale, offset, weight.zero_code, weight.group)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
 def _linear(x: torch.Tensor, weight: GroupQuantized, bias: torch.Tensor | None = None,
             out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ weight[N, K].T (+ bias) in x's dtype, a tile of weight rows at a time."""
+    """x [..., K] @ weight[N, K].T (+ bias) in x's dtype: a few rows in one compiled pass over the codes
+    (`_takes_few_rows_kernel`), else a tile of weight rows at a time."""
+    if _takes_few_rows_kernel(x, weight):
+        product = _few_rows_linear(x, weight)
+        product = product if bias is None else product + bias
+        return product if out is None else out.copy_(product)
     rows, width = weight.shape
     tile = _rows_per_tile(width)
     if rows <= tile and out is None:

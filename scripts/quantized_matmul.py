@@ -10,6 +10,9 @@ the CLI uses (`dgemma.allocator`). Methods, each on the same random Q4_K / Q8_0 
 - `bf16`: the dequantised weight held in bf16 and F.linear (the float baseline).
 - `tiles-q4k`, `tiles-q8`: `GroupQuantized.dequantize(bf16)` then F.linear, per call (dgemma's path for matrices
   without an int4 kernel; Q8_0 tiles take its one compiled pass).
+- `q8`, `q6k`: F.linear on the Q8_0 and Q6_K `GroupQuantized` itself, as the network calls it: tiles, or at up to
+  `FEW_ROWS` rows the compiled few-row product over the codes (`q6k` is Q8_0 where rows are not a multiple of
+  Q6_K's 256, as under dgemma's q4_k_m scheme).
 - `int4pack`: `dgemma.quantized.CpuInt4` (`torch._weight_int4pack_mm_for_cpu` on the same 4-bit codes repacked with
   bf16 scales and zeros: what dgemma runs experts with in bf16 on a CPU without AMX); the relative RMS error of the
   repacked values against the exact ones is reported. (The expert down matrix, rows of 704, is Q4_0 under dgemma's int4
@@ -84,11 +87,13 @@ def main() -> int:
     for name, n, k in SHAPES:
         values = torch.randn(n, k, generator=generator) * 0.02
         q4k = GroupQuantized.quantize(values, "Q4_K") if k % 256 == 0 else GroupQuantized.quantize(values, "Q4_0")
-        q8 = GroupQuantized.quantize(values, "Q8_0")
+        q8 = GroupQuantized.quantize(values, "Q8_0").to(dtype=torch.bfloat16)
+        q6k = GroupQuantized.quantize(values, "Q6_K" if k % 256 == 0 else "Q8_0").to(dtype=torch.bfloat16)
         exact = q4k.dequantize()
         count = max(1, COPIES_BYTES // (2 * n * k))
         dense = copies_of(q4k.dequantize(dtype=torch.bfloat16), count)
         tiles_q4k, tiles_q8 = copies_of(q4k.to(dtype=torch.bfloat16), count), copies_of(q8, count)
+        sixes = copies_of(q6k, count)
         int4 = CpuInt4.from_grouped(q4k.to(dtype=torch.bfloat16), "int4pack")
         packed = [replace(int4, codes=int4.codes.clone(), scales_and_zeros=int4.scales_and_zeros.clone())
                   for _ in range(count)]
@@ -101,7 +106,7 @@ def main() -> int:
         repack_error = float((repacked - exact).pow(2).mean().sqrt() / exact.pow(2).mean().sqrt())
         int8_codes = copies_of((values / values.abs().amax(1, keepdim=True) * 127).round().to(torch.int8), count)
         int8_scales = (values.abs().amax(1) / 127).to(torch.bfloat16)
-        for m in (256, 16, 1):
+        for m in (256, 16, 4, 2, 1):
             x = torch.randn(m, k, generator=generator).to(torch.bfloat16)
             result = {"matrix": name, "shape": [n, k], "rows": m, "type": q4k.qtype, "copies": count,
                       "bf16": per_matrix(lambda w: F.linear(x, w), dense, args.repeats),
@@ -109,6 +114,8 @@ def main() -> int:
                                               args.repeats),
                       "tiles-q8": per_matrix(lambda w: F.linear(x, w.dequantize(dtype=torch.bfloat16)), tiles_q8,
                                              args.repeats),
+                      "q8": per_matrix(lambda w: F.linear(x, w), tiles_q8, args.repeats),
+                      "q6k": per_matrix(lambda w: F.linear(x, w), sixes, args.repeats), "q6k_type": q6k.qtype,
                       "int4pack": per_matrix(lambda w: F.linear(x, w), packed, args.repeats),
                       "int8pack": per_matrix(lambda w: torch._weight_int8pack_mm(x, w, int8_scales), int8_codes,
                                              args.repeats),
@@ -121,7 +128,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
-    methods = ("bf16", "tiles-q4k", "tiles-q8", "int4pack", *(("int4amx",) if amx else ()), "int8pack")
+    methods = ("bf16", "tiles-q4k", "tiles-q8", "q8", "q6k", "int4pack", *(("int4amx",) if amx else ()), "int8pack")
     print("| matrix | rows | " + " | ".join(f"{m} ms" for m in methods) + " | int4pack repack error |")
     print("|---|---:|" + "---:|" * (len(methods) + 1))
     for r in rows_out:

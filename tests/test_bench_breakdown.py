@@ -15,7 +15,7 @@ from dgemma.gguf import read_gguf
 from dgemma.quantized import CpuInt4, quantized_weights
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_K"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q6_K"])
 def test_random_blocks_decode_to_finite_values_of_about_the_asked_spread(qtype):
     shape = (64, 512)
     blocks = random_blocks(qtype, shape, 0.02, np.random.default_rng(0))

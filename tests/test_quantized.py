@@ -176,6 +176,7 @@ def test_mismatched_bytes_or_shape_raise_value_error() -> None:
 
 needs_amx = pytest.mark.skipif(not torch.cpu._is_amx_tile_supported() or os.environ.get("DGEMMA_COMPILE") == "0",
                                reason="no AMX on this CPU, or compiling turned off")
+needs_compiling = pytest.mark.skipif(os.environ.get("DGEMMA_COMPILE") == "0", reason="compiling turned off")
 LAYOUTS = ["int4pack", pytest.param("amx", marks=needs_amx)]
 
 
@@ -200,14 +201,20 @@ def test_cpu_int4_layout_multiplies_by_the_exact_values_to_bf16_rounding(qtype: 
             assert ((out.float() - truth).abs() <= bound).all()
 
 
-@pytest.mark.skipif(os.environ.get("DGEMMA_COMPILE") == "0", reason="compiling turned off")
-def test_large_q8_0_tiles_take_one_compiled_pass_with_the_eager_bits(monkeypatch) -> None:
+@needs_compiling
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q6_K, T.Q5_K], ids=lambda t: t.name)  # Q5_K: an offset to add
+def test_large_tiles_of_byte_codes_take_one_compiled_pass_with_the_eager_bits(qtype: T, monkeypatch) -> None:
     shape = (2, 1024, 1024)  # an expert is a tile of 2^20 values: the compiled pass's threshold
-    weight = GroupQuantized.from_gguf(raw(T.Q8_0, shape), T.Q8_0, shape).to(dtype=torch.bfloat16)
+    weight = GroupQuantized.from_gguf(raw(qtype, shape), qtype, shape).to(dtype=torch.bfloat16)
     calls = []
-    compiled = dgemma.quantized._compiled_q8_0()
-    monkeypatch.setattr(dgemma.quantized, "_compiled_q8_0", lambda: lambda *args: calls.append(1) or compiled(*args))
-    exact = oracle(T.Q8_0, shape)
+    kernel = dgemma.quantized._one_pass_kernel
+
+    def counted(*key):
+        compiled = kernel(*key)
+        return lambda *args: calls.append(key) or compiled(*args)
+
+    monkeypatch.setattr(dgemma.quantized, "_one_pass_kernel", counted)
+    exact = oracle(qtype, shape)
 
     def bits(values: torch.Tensor) -> torch.Tensor:  # signed zeros told apart, as torch.equal does not
         return values.view(torch.int16)
@@ -215,11 +222,56 @@ def test_large_q8_0_tiles_take_one_compiled_pass_with_the_eager_bits(monkeypatch
     for index in (1, 0):
         assert torch.equal(bits(weight.dequantize(index, torch.bfloat16)), bits(exact[index].to(torch.bfloat16)))
     assert torch.equal(bits(weight.dequantize(None, torch.float16)), bits(exact.to(torch.float16)))
-    assert len(calls) == 3
+    assert calls == [(qtype.name, torch.bfloat16)] * 2 + [(qtype.name, torch.float16)]
     weight.dequantize(0, torch.float32)  # float32 and smaller tiles stay eager
-    small = GroupQuantized.from_gguf(raw(T.Q8_0, (512, 1024)), T.Q8_0, (512, 1024)).to(dtype=torch.bfloat16)
+    small = GroupQuantized.from_gguf(raw(qtype, (512, 1024)), qtype, (512, 1024)).to(dtype=torch.bfloat16)
     small.dequantize(None, torch.bfloat16)
     assert len(calls) == 3
+
+
+@needs_compiling
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q6_K, T.Q5_1], ids=lambda t: t.name)  # zero codes 128, 32, 0 + offsets
+def test_a_few_rows_times_a_large_matrix_of_byte_codes_take_one_compiled_pass_as_exact_as_tiles(qtype: T) -> None:
+    shape = (1024, 1024)  # 2^20 values: the smallest matrix the few-row kernel takes
+    weight = GroupQuantized.from_gguf(raw(qtype, shape), qtype, shape)
+    exact = oracle(qtype, shape)
+    for dtype in (torch.bfloat16, torch.float16) if qtype == T.Q8_0 else (torch.bfloat16,):
+        typed = weight.to(dtype=dtype)
+        for leading in [(1,), (2,), (1, 1), (2, 1)]:  # an AR token, two sequences' tokens, [B, L, K] inputs
+            x = torch.randn(*leading, 1024, generator=torch.Generator().manual_seed(len(leading))).to(dtype)
+            assert dgemma.quantized._takes_few_rows_kernel(x, typed)
+            out = F.linear(x, typed)
+            assert out.dtype == dtype and out.shape == (*leading, 1024)
+            truth = x.float() @ exact.T
+            tiles = F.linear(x, exact.to(dtype)).float()  # what the tiles compute: weights rounded to the dtype
+            # float32 sums rounded once to the dtype (2^-8 of a value in bf16, 2^-11 in fp16), against float32 sums
+            # of the rounded weights: no further from the exact product than the tiles, to one rounding of the largest.
+            slack = 2**-8 * truth.abs().amax()
+            assert (out.float() - truth).abs().max() <= (tiles - truth).abs().max() + slack
+    kernel = dgemma.quantized._few_rows_kernel(qtype.name, torch.bfloat16)
+    code = kernel._torchdynamo_orig_callable.__code__
+    assert code.co_name == f"few_rows_product_{qtype.name}_bfloat16"
+    assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code)) <= 2  # one row, and two
+    with torch.compiler.set_stance("force_eager"), pytest.raises(RuntimeError, match="ran eagerly"):
+        F.linear(torch.randn(1, 1024).to(torch.bfloat16), weight.to(dtype=torch.bfloat16))
+
+
+def test_the_few_row_kernel_takes_only_what_it_computes_faster_and_without_a_backward() -> None:
+    takes = dgemma.quantized._takes_few_rows_kernel
+    q8 = GroupQuantized.quantize(torch.randn(1024, 1024), "Q8_0").to(dtype=torch.bfloat16)
+    row = torch.randn(1, 1024).to(torch.bfloat16)
+    assert takes(row, q8) == (os.environ.get("DGEMMA_COMPILE") != "0")
+    if not takes(row, q8):
+        return
+    many = torch.randn(dgemma.quantized.FEW_ROWS + 1, 1024).to(torch.bfloat16)
+    assert not takes(many, q8)  # past FEW_ROWS the dequantisation, redone per row, costs more than tiles
+    assert not takes(row.float(), q8)  # float32: the exact dequantised tiles (the parity path)
+    assert not takes(row.requires_grad_(), q8)  # a gradient to record: tiles, which have a backward
+    assert not takes(row[:0], q8)
+    small = GroupQuantized.quantize(torch.randn(512, 1024), "Q8_0").to(dtype=torch.bfloat16)
+    assert not takes(torch.randn(1, 1024).to(torch.bfloat16), small)  # small matrices: not worth a compile
+    q4 = GroupQuantized.quantize(torch.randn(1024, 1024), "Q4_0").to(dtype=torch.bfloat16)
+    assert not takes(torch.randn(1, 1024).to(torch.bfloat16), q4)  # nibbles: measured slower than tiles
 
 
 def test_cpu_int4_layout_takes_amx_where_it_applies_and_otherwise_only_experts_in_torchs_kernel(monkeypatch) -> None:
