@@ -107,6 +107,8 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
                         help="subtract this times a token's count in the canvases committed so far from its logit")
     parser.add_argument("--presence-penalty", type=float,
                         help="subtract this from the logit of every token the committed canvases hold")
+    parser.add_argument("--guidance-scale", type=float,
+                        help="classifier-free guidance on the prompt (1: off; each step then runs the decoder twice)")
     parser.add_argument("--logit-bias", type=logit_bias_entry, action="append", metavar="TOKEN=BIAS",
                         help="add BIAS to token id TOKEN's logit at every position (repeatable; -100 bans it)")
     parser.add_argument("--sampling", choices=("fast", "reference"), default="fast")
@@ -121,7 +123,7 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
 # decoding's drafts use).
 CANVAS_OUTPUT = ("show_denoising", "infill", "json_schema", "json_object", "regex")
 DIFFUSION_SAMPLER = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "confidence_threshold",
-                     "no_adaptive_stopping")
+                     "no_adaptive_stopping", "guidance_scale")
 
 
 def check_decode(args: argparse.Namespace) -> None:
@@ -181,7 +183,7 @@ def generation_overrides(args: argparse.Namespace, defaults: GenerationConfig | 
     --temperature scales."""
     overrides = {key: getattr(args, key) for key in ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min",
                                                      "t_max", "confidence_threshold", "top_p", "frequency_penalty",
-                                                     "presence_penalty")
+                                                     "presence_penalty", "guidance_scale")
                  if getattr(args, key) is not None}
     if args.no_adaptive_stopping:
         overrides["stability_threshold"] = None

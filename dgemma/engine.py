@@ -23,6 +23,11 @@ Design choices:
   of its commits (the penalties count the tokens committed so far), and [rows] top_k / top_p. Rows whose group
   uses none of them take the sampler's unchanged path, the others its controlled path (two calls when a step has
   both), so a row's tokens depend on its own settings only.
+- Guidance on the prompt (`guidance_scale`): a second KV cache, created when a guided group first joins, holds for
+  each guided row BOS and the canvases it has committed, without its prompt. Each step then runs the decoder a
+  second time over the same canvases against that cache, in one forward for every row (a row without guidance has
+  an empty prefix there and ignores the result), and a guided row's states become h_bos + scale * (h - h_bos)
+  before anything reads them. The guide cache's rows move and clear with the main cache's.
 - Log-probabilities are computed when a canvas commits, not per step: the engine keeps, for rows whose group asks
   for them, the hidden states and temperature of the last step that ran for the row (a row that stopped early
   keeps those of its stopping step, whose argmax it commits), and at the commit recomputes that step's processed
@@ -176,16 +181,17 @@ class Engine:
         self.confidence = zeros(dtype=torch.float32)
         self.top_k = zeros(dtype=torch.long)  # 0: off
         self.top_p = zeros(dtype=torch.float32)  # 1: off
+        self.guidance = zeros(dtype=torch.float32)  # guidance_scale, 1: off
         # What a commit needs for log-probabilities: the last step's states and temperature of each row.
         self.last_hidden = zeros(length, config.hidden_size, dtype=model.dtype)
         self.last_temperature = zeros(dtype=torch.float32)
         self.bias: torch.Tensor | None = None  # [rows, V] fp32, allocated when a group first needs one
         self.row_state = [self.canvas, self.argmax, self.soft, self.stopped, self.run, self.steps_left,
                           self.max_steps, self.t_min, self.t_span, self.tempered, self.bound, self.greedy,
-                          self.adaptive, self.stability, self.confidence, self.top_k, self.top_p, self.last_hidden,
-                          self.last_temperature]
-        self._plan_key: tuple | None = None
-        self._plan = None
+                          self.adaptive, self.stability, self.confidence, self.top_k, self.top_p, self.guidance,
+                          self.last_hidden, self.last_temperature]
+        self.guide_cache: KVCache | None = None  # BOS and committed canvases of guided rows, created when needed
+        self._plans: dict[bool, tuple[tuple, object]] = {}  # decoder plans (main or guide cache) and their keys
         self._layout_version = 0  # bumped whenever rows move or caches change: the decoder plan is rebuilt
 
     # ---- membership ---------------------------------------------------------------------------------------
@@ -206,6 +212,8 @@ class Engine:
             raise ValueError("fixed tokens and grammars need sampling='fast' (the reference has neither)")
         if not group.config.do_sample and self.exact:
             raise ValueError("do_sample=False (argmax sampling) needs sampling='fast' (the reference has no such mode)")
+        if group.config.guides and self.exact:
+            raise ValueError("guidance_scale needs sampling='fast' (the reference has no guidance)")
         outside = [t for t in (group.config.logit_bias or {}) if t >= self.vocab_size]
         if outside:
             raise ValueError(f"`logit_bias` names token ids outside the vocabulary [0, {self.vocab_size}): "
@@ -223,6 +231,9 @@ class Engine:
         group.pending_valid = (torch.ones_like(group.sequences, dtype=torch.bool) if group.attention_mask is None
                                else group.attention_mask.to(device=device, dtype=torch.bool))
         self._write_settings(group)  # may fail (a setting fp32/int32 cannot hold): the rows are not taken yet
+        if group.config.guides and self.guide_cache is None:
+            cache = self.cache
+            self.guide_cache = KVCache(self.model.config, cache.batch_size, cache.dtype, cache.device, cache.capacity)
         for row in group.rows:
             self.owner[row] = group
         self.groups.append(group)
@@ -244,6 +255,7 @@ class Engine:
             self.confidence[rows] = config.confidence_threshold
         self.top_k[rows] = self._top_k(config)
         self.top_p[rows] = 1.0 if config.top_p is None else config.top_p
+        self.guidance[rows] = config.guidance_scale
         if config.biases:
             self._write_bias(group)
 
@@ -281,7 +293,8 @@ class Engine:
             if row != last:
                 self._move_row(last, row)
             else:
-                self.cache.clear(row)
+                for cache in self._caches():
+                    cache.clear(row)
                 self.owner[row] = None
         group.rows = []
         self._layout_version += 1
@@ -289,11 +302,15 @@ class Engine:
     def _move_row(self, source: int, target: int) -> None:
         moved = self.owner[source]
         self._layout_version += 1
-        self.cache.move(source, target)
+        for cache in self._caches():
+            cache.move(source, target)
         for state in self.row_state:
             state[target] = state[source]
         moved.rows[moved.rows.index(source)] = target
         self.owner[target], self.owner[source] = moved, None
+
+    def _caches(self) -> list[KVCache]:
+        return [self.cache] + ([] if self.guide_cache is None else [self.guide_cache])
 
     def _select(self, group: Group) -> slice | torch.Tensor:
         """Index of a group's rows in the per-row state: a slice when they are consecutive (the usual case)."""
@@ -316,12 +333,18 @@ class Engine:
         if not running:
             return []
         n = self.in_use
+        guided = any(g.config.guides for g in running)
         for group in running:
             rows = self._select(group)
-            group.passes += ~(self.stopped[rows] | group.finished)
+            # A guided step is two decoder passes over the row's canvas.
+            group.passes += ~(self.stopped[rows] | group.finished) * (2 if group.config.guides else 1)
         model = self.model
         soft = self.soft[:n] if any(g.has_signal for g in running) else None
         hidden = model.decode(self.canvas[:n], self._decoder_plan(n), soft, exact=self.exact)
+        if guided:
+            unprompted = model.decode(self.canvas[:n], self._decoder_plan(n, guide=True), soft, exact=self.exact)
+            scale = self.guidance[:n, None, None]
+            hidden = torch.where(scale != 1, (unprompted + scale * (hidden - unprompted)).to(hidden.dtype), hidden)
         temperature = temperature_schedule(self.steps_left[:n], self.max_steps[:n], self.t_min[:n], self.t_span[:n])
         temperature = torch.where(self.tempered[:n], temperature, 1.0)  # dividing by 1 changes nothing
         if any(g.wants_logprobs for g in running):  # a row that has stopped keeps its stopping step's
@@ -445,12 +468,13 @@ class Engine:
             group.canvas_index, self.canvas[rows], mine, group.config.entropy_bound, group.logits_at, group.generator)
         result.sampled[rows], result.argmax[rows], result.entropy[rows] = mine.sampled, mine.argmax, mine.entropy
 
-    def _decoder_plan(self, n: int):
+    def _decoder_plan(self, n: int, guide: bool = False):
+        """The decoder's plan over rows 0 .. n - 1 of the main cache (or the guide cache), kept while nothing moved."""
         key = (n, self._layout_version)
-        if key != self._plan_key:
-            self._plan = self.cache.decoder_plan(self.model.rope, n, self.canvas_length)
-            self._plan_key = key
-        return self._plan
+        if guide not in self._plans or self._plans[guide][0] != key:
+            cache = self.guide_cache if guide else self.cache
+            self._plans[guide] = key, cache.decoder_plan(self.model.rope, n, self.canvas_length)
+        return self._plans[guide][1]
 
     # ---- canvas boundaries ------------------------------------------------------------------------------------
 
@@ -501,18 +525,28 @@ class Engine:
         """Encode every group's pending tokens (new prompts, committed canvases), then start their canvases."""
         pending = [g for g in self.groups if g.pending is not None]
         # A group whose tokens are all cached already (a draft after a committed prefix) has nothing to encode.
-        for batch in _similar_lengths([g for g in pending if g.pending.shape[1]]):
-            width = max(g.pending.shape[1] for g in batch)
-            ids = torch.cat([torch.nn.functional.pad(g.pending, (0, width - g.pending.shape[1])) for g in batch])
-            valid = torch.cat([torch.nn.functional.pad(g.pending_valid, (0, width - g.pending.shape[1]))
-                               for g in batch])
-            rows = [row for g in batch for row in g.rows]
-            counts = [g.pending.shape[1] for g in batch for _ in g.rows]
-            self.model.encode(ids, self.cache.encoder_plan(self.model.rope, valid, rows, counts), exact=self.exact)
-            self.cache.commit(valid, rows, counts)
-            self._layout_version += 1
+        self._encode(self.cache, [(g, g.pending, g.pending_valid) for g in pending if g.pending.shape[1]])
+        # The guide cache: BOS in place of the prompt, then the same committed canvases.
+        bos = self.model.config.bos_token_id
+        self._encode(self.guide_cache, [
+            (g, torch.full((g.size, 1), bos, device=self.model.device) if g.canvas_index == 0 else g.pending,
+             torch.ones(g.size, 1 if g.canvas_index == 0 else g.pending.shape[1], dtype=torch.bool,
+                        device=self.model.device))
+            for g in pending if g.config.guides])
         for group in pending:
             self._start_canvas(group)
+
+    def _encode(self, cache: KVCache | None, items: list[tuple[Group, torch.Tensor, torch.Tensor]]) -> None:
+        """Encode (group, ids [B, T], valid [B, T]) items into the groups' rows of `cache`, batched by length."""
+        for batch in _similar_lengths(items):
+            width = max(ids.shape[1] for _, ids, _ in batch)
+            ids = torch.cat([torch.nn.functional.pad(ids, (0, width - ids.shape[1])) for _, ids, _ in batch])
+            valid = torch.cat([torch.nn.functional.pad(valid, (0, width - valid.shape[1])) for _, _, valid in batch])
+            rows = [row for group, _, _ in batch for row in group.rows]
+            counts = [ids.shape[1] for group, ids, _ in batch for _ in group.rows]
+            self.model.encode(ids, cache.encoder_plan(self.model.rope, valid, rows, counts), exact=self.exact)
+            cache.commit(valid, rows, counts)
+            self._layout_version += 1
 
     def _start_canvas(self, group: Group) -> None:
         rows = self._select(group)
@@ -530,18 +564,20 @@ class Engine:
         group.pending = group.pending_valid = None
 
 
-def _similar_lengths(groups: list[Group]) -> list[list[Group]]:
-    """Groups to encode, batched so that padding at most doubles the work of a batch."""
-    batches: list[list[Group]] = []
-    for group in sorted(groups, key=lambda g: -g.pending.shape[1]):
+def _similar_lengths(items: list[tuple[Group, torch.Tensor, torch.Tensor]]
+                     ) -> list[list[tuple[Group, torch.Tensor, torch.Tensor]]]:
+    """(group, ids, valid) items to encode, batched so that padding at most doubles the work of a batch."""
+    batches: list[list[tuple[Group, torch.Tensor, torch.Tensor]]] = []
+    for item in sorted(items, key=lambda item: -item[1].shape[1]):
+        group, ids, _ = item
         if batches:
             batch = batches[-1]
-            width = batch[0].pending.shape[1]
-            tokens = sum(g.pending.shape[1] * g.size for g in batch) + group.pending.shape[1] * group.size
-            if width * (sum(g.size for g in batch) + group.size) <= 2 * tokens:
-                batch.append(group)
+            width = batch[0][1].shape[1]
+            tokens = sum(i.shape[1] * g.size for g, i, _ in batch) + ids.shape[1] * group.size
+            if width * (sum(g.size for g, _, _ in batch) + group.size) <= 2 * tokens:
+                batch.append(item)
                 continue
-        batches.append([group])
+        batches.append([item])
     return batches
 
 

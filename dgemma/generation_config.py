@@ -6,9 +6,9 @@ From generation_config.json a null means "use the default"; passed as an overrid
 
 dgemma adds per-call settings (PER_CALL), never read from or written to generation_config.json: `do_sample`,
 the logits processors `top_k`, `top_p`, `logit_bias`, `frequency_penalty`, `presence_penalty` (see the field
-comments and sampling.py for their exact meaning on a canvas), and the outputs `logprobs`, `top_logprobs`. At
-their defaults they change nothing, so `sampling="reference"` stays token-identical to transformers; set, they
-apply in both sampling modes (do_sample=False in fast mode only).
+comments and sampling.py for their exact meaning on a canvas), the prompt's `guidance_scale`, and the outputs
+`logprobs`, `top_logprobs`. At their defaults they change nothing, so `sampling="reference"` stays token-identical
+to transformers; set, they apply in both sampling modes (do_sample=False and guidance_scale in fast mode only).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ DEFAULT_MAX_NEW_TOKENS = 1024  # the reference's 256 cuts answers to one canvas
 # Per-call settings: dgemma's own, never written to generation_config.json nor read from it (transformers'
 # GenerationConfig has top_k and top_p with other defaults, which the reference's generate() does not apply).
 PER_CALL = ("do_sample", "top_k", "top_p", "logit_bias", "frequency_penalty", "presence_penalty", "logprobs",
-            "top_logprobs")
+            "top_logprobs", "guidance_scale")
 
 
 @dataclass
@@ -82,6 +82,11 @@ class GenerationConfig:
     # times j occurs in the canvases committed so far (the prompt and the canvas being denoised excluded).
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    # Classifier-free guidance on the prompt, per call (fast sampling only): each step the decoder also runs on the
+    # same canvas after BOS and the canvases committed so far, without the prompt, and the final states h become
+    # h_bos + guidance_scale * (h - h_bos) before the vocabulary head (which is linear before its soft-cap, so the
+    # logits combine the same way). 1: off. It costs a second decoder pass per step, counted as a pass.
+    guidance_scale: float = 1.0
     # Return the log-probability of every committed token under the processed distribution of the last step that
     # ran for its row (the distribution the committed argmax was taken from), and `top_logprobs` alternatives.
     logprobs: bool = False
@@ -96,6 +101,11 @@ class GenerationConfig:
     def biases(self) -> bool:
         """Whether a bias is added to the logits (logit_bias, or a penalty that may apply)."""
         return bool(self.logit_bias) or self.frequency_penalty != 0 or self.presence_penalty != 0
+
+    @property
+    def guides(self) -> bool:
+        """Whether the decoder's states are guided by the prompt (guidance_scale other than 1)."""
+        return self.guidance_scale != 1
 
     @property
     def entropy_bound(self) -> float:
@@ -218,6 +228,9 @@ class GenerationConfig:
                     raise ValueError(f"`logit_bias` keys must be token ids (integers >= 0), got {token!r}")
                 if not _is_number(bias) or not math.isfinite(bias):
                     raise ValueError(f"`logit_bias` values must be finite numbers, got {bias!r} for token {token}")
+        scale = self.guidance_scale
+        if not _is_number(scale) or not math.isfinite(scale) or scale < 1:
+            raise ValueError(f"`guidance_scale` must be a finite number >= 1 (1: off), got {scale!r}")
         top = self.top_logprobs
         if not isinstance(top, int) or isinstance(top, bool) or top < 0:
             raise ValueError(f"`top_logprobs` must be an integer >= 0, got {top!r}")

@@ -5,7 +5,11 @@ positions 0 and `--position`, averaged over `--canvases` noise canvases, and the
 on two different noise canvases (how much it reads the noise); and the mean KL between the decoder's canvas
 distributions after each pair of prompts (how much it reads the prompt).
 
-    python scripts/noise_canvas_prior.py [--model DIR] [--position 8] [--canvases 8]
+With `--guidance W,...`, the same for the decoder's states pushed away from what it predicts after BOS alone on the
+same noise (classifier-free guidance on the prompt: h + w (h - h_bos), which the vocabulary head, being linear before
+its soft-cap, turns into the same combination of logits), one report per weight (0: the decoder as it is).
+
+    python scripts/noise_canvas_prior.py [--model DIR] [--position 8] [--canvases 8] [--guidance 0,1,2]
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ def main() -> None:
     parser.add_argument("--model", help="checkpoint directory (default: the bundled model)")
     parser.add_argument("--position", type=int, default=8)
     parser.add_argument("--canvases", type=int, default=8)
+    parser.add_argument("--guidance", default="0", help="comma-separated guidance weights (default 0: none)")
     args = parser.parse_args()
     model = dgemma.load(args.model)
     tokenizer = Tokenizer.from_directory(args.model or bundled_model_dir())
@@ -51,7 +56,7 @@ def main() -> None:
         values, ids = probabilities.topk(5)
         return ", ".join(f"{tokenizer.decode([i])!r} {v:.3f}" for v, i in zip(values.tolist(), ids.tolist()))
 
-    report, decoder = {}, {}
+    hidden, encoder_next = {}, {}
     for name, text in PROMPTS.items():
         ids = torch.tensor([[model.config.bos_token_id] + tokenizer.encode(text, add_special_tokens=False)])
         ids = ids.expand(args.canvases, -1)
@@ -59,21 +64,28 @@ def main() -> None:
         valid = torch.ones_like(ids, dtype=torch.bool)
         encoded = model.encode(ids, cache.encoder_plan(model.rope, valid))
         cache.commit(valid)
-        log_probs = model.logits(model.decode(noise, cache.decoder_plan(model.rope, args.canvases, length),
-                                              exact=False)).float().log_softmax(-1)  # [N, L, V]
-        decoder[name] = log_probs
-        mean = log_probs.exp().mean(0)
-        # How much the prediction depends on which noise the canvas holds (it should not: noise carries nothing).
-        pairs = list(itertools.combinations(range(args.canvases), 2))
-        between_noise = sum(kl(log_probs[i], log_probs[j]) for i, j in pairs) / len(pairs)
-        report[name] = {"encoder_next": top(model.logits(encoded[:1, -1:]).float().softmax(-1)[0, 0]),
-                        "decoder_position_0": top(mean[0]),
-                        f"decoder_position_{args.position}": top(mean[args.position]),
-                        "mean_kl_between_noise_canvases": round(between_noise, 3)}
-    report["mean_kl_between_prompts"] = {
-        f"{a} | {b}": round(kl(decoder[a], decoder[b]), 3)
-        for a, b in itertools.combinations(PROMPTS, 2)}
-    print(json.dumps(report, indent=1, ensure_ascii=False))
+        hidden[name] = model.decode(noise, cache.decoder_plan(model.rope, args.canvases, length), exact=False)
+        encoder_next[name] = top(model.logits(encoded[:1, -1:]).float().softmax(-1)[0, 0])
+
+    reports = {}
+    for weight in (float(w) for w in args.guidance.split(",")):
+        report, decoder = {}, {}
+        for name, states in hidden.items():
+            guided = states + weight * (states - hidden["bos only"])
+            log_probs = model.logits(guided).float().log_softmax(-1)  # [N, L, V]
+            decoder[name] = log_probs
+            mean = log_probs.exp().mean(0)
+            # How much the prediction depends on which noise the canvas holds (it should not: noise carries nothing).
+            pairs = list(itertools.combinations(range(args.canvases), 2))
+            between_noise = sum(kl(log_probs[i], log_probs[j]) for i, j in pairs) / len(pairs)
+            report[name] = {"encoder_next": encoder_next[name], "decoder_position_0": top(mean[0]),
+                            f"decoder_position_{args.position}": top(mean[args.position]),
+                            "mean_kl_between_noise_canvases": round(between_noise, 3)}
+        report["mean_kl_between_prompts"] = {
+            f"{a} | {b}": round(kl(decoder[a], decoder[b]), 3)
+            for a, b in itertools.combinations(PROMPTS, 2)}
+        reports[f"guidance {weight:g}"] = report
+    print(json.dumps(reports if len(reports) > 1 else reports["guidance 0"], indent=1, ensure_ascii=False))
 
 
 if __name__ == "__main__":

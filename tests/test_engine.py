@@ -226,3 +226,57 @@ def test_logprobs_are_those_of_the_last_step_that_ran_for_each_row(random_checkp
     assert len({step for _, _, step in last_steps}) > 1, "the test needs rows that stop at different steps"
     assert output.logprobs.shape == output.sequences[:, ids.shape[1]:].shape
     assert output.top_logprobs.shape[-1] == 3 and bool((output.logprobs[~output.logprobs.isnan()] <= 0).all())
+
+
+GUIDED = [  # SETTINGS with guidance on the prompt, beside one without
+    (5, 1, dict(max_new_tokens=40, max_denoising_steps=4, guidance_scale=2.0)),
+    (11, 2, dict(max_new_tokens=16, max_denoising_steps=7, t_min=0.1, t_max=0.3, entropy_bound=2.0)),
+    (8, 4, dict(max_new_tokens=33, max_denoising_steps=3, guidance_scale=1.5)),
+]
+
+
+def test_guided_and_unguided_groups_together_get_the_tokens_they_get_alone(model, device, request):
+    exact_on_cpu_only(request, device)
+    expected = {i: alone(model, *GUIDED[i]) for i in range(len(GUIDED))}
+    got = run_engine(model, rows=3, arrivals={0: [0, 1], 3: [2]}, settings=GUIDED)
+    for i in expected:
+        assert torch.equal(got[i], expected[i]), f"group {i}"
+    assert not torch.equal(expected[0], alone(model, 5, 1, dict(max_new_tokens=40, max_denoising_steps=4)))
+
+
+def test_guidance_mixes_the_states_after_the_prompt_with_those_after_bos_alone(model, device, request, monkeypatch):
+    """The oracle: two unguided groups with one seed, one after the prompt and one after BOS alone, whose decoder
+    states are replaced, every step, by h_bos + scale * (h - h_bos) of the pair; both then sample and commit the
+    same tokens. The guided group gives those tokens, in twice the decoder passes."""
+    exact_on_cpu_only(request, device)
+    scale, ids = 2.5, prompt(6, 7)
+    config = model.generation_config.updated(max_new_tokens=40, max_denoising_steps=5)
+    guided = model.generate(ids, generator=torch.Generator().manual_seed(7), guidance_scale=scale,
+                            max_new_tokens=40, max_denoising_steps=5)
+    decode = model.decode
+
+    def mixed(canvas, plan, soft=None, exact=True):
+        h = decode(canvas, plan, soft, exact)
+        both = h[1] + scale * (h[0] - h[1])
+        return torch.stack((both, both))
+
+    monkeypatch.setattr(model, "decode", mixed)
+    engine = Engine(model, KVCache(model.config, 2, model.dtype, model.device, capacity=128))
+    pair = [engine.add(Group(first, config, generator=torch.Generator().manual_seed(7)))
+            for first in (ids, torch.tensor([[model.config.bos_token_id]]))]
+    while not all(group.done for group in pair):
+        engine.step()
+    # (a group's sequences hold whole canvases; generate cuts them to the budget)
+    with_prompt, with_bos = (group.sequences[0, group.prompt_length:][:40].cpu() for group in pair)
+    assert torch.equal(with_prompt, with_bos)
+    assert torch.equal(guided.sequences[0, ids.shape[1]:].cpu(), with_prompt)
+    assert guided.decoder_forward_passes.tolist() == [2 * int(pair[0].passes[0])]
+
+
+def test_guidance_is_checked_and_needs_fast_sampling(model):
+    for bad in (0.5, float("nan"), True, "2"):
+        with pytest.raises(ValueError, match="guidance_scale"):
+            model.generation_config.updated(guidance_scale=bad)
+    with pytest.raises(ValueError, match="guidance_scale needs sampling='fast'"):
+        model.generate(prompt(4, 0), guidance_scale=2.0, sampling="reference", max_new_tokens=8)
+    assert "guidance_scale" not in model.generation_config.updated(guidance_scale=3.0).to_dict()  # per call

@@ -127,10 +127,13 @@ def test_sweep_settings_put_the_shipped_settings_first_without_repeating_them():
                                           "bound 8, t 0.3→0.1, 32 steps"]
     off = quality.DiffusionSetting(1.0, None, None, 4, adaptive=False)
     assert off.overrides() == {"entropy_bound": 1.0, "t_min": None, "t_max": None, "max_denoising_steps": 4,
-                               "stability_threshold": None}
+                               "guidance_scale": 1.0, "stability_threshold": None}
     assert off.label == "bound 1, t 1, 4 steps, all steps"
     config = base.updated(**off.overrides())
     assert not config.has_temperature and not config.stops_adaptively
+    guided = quality.sweep_settings(base, [8.0], [(0.3, 0.1)], [32], [True], shipped=False, guidance=(1.0, 2.0))
+    assert [s.label for s in guided] == ["bound 8, t 0.3→0.1, 32 steps", "bound 8, t 0.3→0.1, 32 steps, guidance 2"]
+    assert base.updated(**guided[1].overrides()).guidance_scale == 2.0
 
 
 # ---- the judge ---------------------------------------------------------------------------------------------------

@@ -55,17 +55,19 @@ class DiffusionSetting:
     steps: int
     adaptive: bool = True  # the checkpoint's stopping thresholds; False runs every step
     shipped: bool = False  # the checkpoint's own generation_config.json
+    guidance: float = 1.0  # guidance_scale on the prompt (1: none); a guided step counts two decoder passes
     kind: str = field(default="diffusion", init=False)
 
     @property
     def label(self) -> str:
         schedule = f"t {self.t_max:g}→{self.t_min:g}" if self.t_max is not None else "t 1"
         text = f"bound {self.entropy_bound:g}, {schedule}, {self.steps} steps"
+        text += "" if self.guidance == 1 else f", guidance {self.guidance:g}"
         return text + ("" if self.adaptive else ", all steps") + (" (shipped)" if self.shipped else "")
 
     def overrides(self) -> dict:
         overrides = {"entropy_bound": self.entropy_bound, "t_min": self.t_min, "t_max": self.t_max,
-                     "max_denoising_steps": self.steps}
+                     "max_denoising_steps": self.steps, "guidance_scale": self.guidance}
         return overrides if self.adaptive else dict(overrides, stability_threshold=None)
 
 
@@ -108,15 +110,15 @@ def parse_schedules(text: str) -> list[tuple[float | None, float | None]]:
 
 
 def sweep_settings(base, bounds: list[float], schedules: list[tuple], steps: list[int], adaptive: list[bool],
-                   shipped: bool = True) -> list[DiffusionSetting]:
+                   shipped: bool = True, guidance: tuple[float, ...] = (1.0,)) -> list[DiffusionSetting]:
     """The checkpoint's own settings (from GenerationConfig `base`), then the grid, without repeats."""
     settings = []
     if shipped:
         settings.append(DiffusionSetting(base.entropy_bound, base.t_max if base.has_temperature else None,
                                          base.t_min if base.has_temperature else None, base.max_denoising_steps,
                                          base.stops_adaptively, shipped=True))
-    for bound, (t_max, t_min), n, stops in itertools.product(bounds, schedules, steps, adaptive):
-        setting = DiffusionSetting(bound, t_max, t_min, n, stops)
+    for bound, (t_max, t_min), n, stops, scale in itertools.product(bounds, schedules, steps, adaptive, guidance):
+        setting = DiffusionSetting(bound, t_max, t_min, n, stops, guidance=scale)
         if setting not in {replace(s, shipped=False) for s in settings}:
             settings.append(setting)
     return settings
@@ -153,10 +155,11 @@ def sample_diffusion(model, tokenizer, prompt_ids: list[int], config, generator:
     eos = config.eos_token_ids
     new: list[int] = []
     text, forwards = "", 0
+    passes_per_step = 2 if config.guides else 1  # a guided step runs the decoder twice
     started = time.perf_counter()
     for event in generate_steps(model, torch.tensor([prompt_ids]), config, generator=generator):
         if isinstance(event, DraftStep):
-            forwards += 1
+            forwards += passes_per_step
         elif isinstance(event, CanvasCommitted):
             new += event.tokens[0].tolist()
             text, done = _stop_text(tokenizer, new, eos, words)
@@ -452,6 +455,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", help="max denoising steps, comma-separated (default: the checkpoint's)")
     parser.add_argument("--adaptive", default="on", help="adaptive stopping: on, off or on,off")
     parser.add_argument("--no-shipped", action="store_true", help="leave out the checkpoint's own settings")
+    parser.add_argument("--guidance", default="1",
+                        help="guidance scales on the prompt for the diffusion grid (1: none; each guided step is two "
+                             "decoder passes)")
     parser.add_argument("--ar-temperatures", default="1.0,0.9,0.8,0.7",
                         help="autoregressive temperatures ('' for none; 0 is greedy)")
     parser.add_argument("--speculative-temperatures", default="",
@@ -507,7 +513,7 @@ def run(args: argparse.Namespace) -> int:
     steps = [int(s) for s in args.steps.split(",")] if args.steps else [base.max_denoising_steps]
     adaptive = [a.strip() == "on" for a in args.adaptive.split(",")]
     diffusion = sweep_settings(base, parse_floats(args.bounds), parse_schedules(args.temperatures), steps, adaptive,
-                               shipped=not args.no_shipped)
+                               shipped=not args.no_shipped, guidance=tuple(parse_floats(args.guidance)))
     autoregressive = [ARSetting(t) for t in parse_floats(args.ar_temperatures)]
     autoregressive += [ARSetting(t, int(steps)) for t in parse_floats(args.speculative_temperatures)
                        for steps in args.draft_steps.split(",")]
