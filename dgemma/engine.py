@@ -37,7 +37,7 @@ Design choices:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, NamedTuple
 
 import torch
 
@@ -141,6 +141,14 @@ class Group:
     @property
     def wants_logprobs(self) -> bool:
         return self.config.logprobs or self.config.top_logprobs > 0
+
+
+class Pending(NamedTuple):
+    """Tokens a group's rows of a cache take at the next prefill: ids [B, T] and which of them are real [B, T]."""
+
+    group: Group
+    ids: torch.Tensor
+    valid: torch.Tensor
 
 
 class Engine:
@@ -525,25 +533,26 @@ class Engine:
         """Encode every group's pending tokens (new prompts, committed canvases), then start their canvases."""
         pending = [g for g in self.groups if g.pending is not None]
         # A group whose tokens are all cached already (a draft after a committed prefix) has nothing to encode.
-        self._encode(self.cache, [(g, g.pending, g.pending_valid) for g in pending if g.pending.shape[1]])
-        # The guide cache: BOS in place of the prompt, then the same committed canvases.
-        bos = self.model.config.bos_token_id
-        self._encode(self.guide_cache, [
-            (g, torch.full((g.size, 1), bos, device=self.model.device) if g.canvas_index == 0 else g.pending,
-             torch.ones(g.size, 1 if g.canvas_index == 0 else g.pending.shape[1], dtype=torch.bool,
-                        device=self.model.device))
-            for g in pending if g.config.guides])
+        self._encode(self.cache, [Pending(g, g.pending, g.pending_valid) for g in pending if g.pending.shape[1]])
+        self._encode(self.guide_cache, [self._unprompted(g) for g in pending if g.config.guides])
         for group in pending:
             self._start_canvas(group)
 
-    def _encode(self, cache: KVCache | None, items: list[tuple[Group, torch.Tensor, torch.Tensor]]) -> None:
-        """Encode (group, ids [B, T], valid [B, T]) items into the groups' rows of `cache`, batched by length."""
+    def _unprompted(self, group: Group) -> Pending:
+        """What a guided group's rows of the guide cache take next: BOS in place of its prompt, then each canvas it
+        commits."""
+        ids = (torch.full((group.size, 1), self.model.config.bos_token_id, device=self.model.device)
+               if group.canvas_index == 0 else group.pending)
+        return Pending(group, ids, torch.ones_like(ids, dtype=torch.bool))
+
+    def _encode(self, cache: KVCache | None, items: list[Pending]) -> None:
+        """Encode each item's tokens into its group's rows of `cache`, in forwards batched by length."""
         for batch in _similar_lengths(items):
-            width = max(ids.shape[1] for _, ids, _ in batch)
-            ids = torch.cat([torch.nn.functional.pad(ids, (0, width - ids.shape[1])) for _, ids, _ in batch])
-            valid = torch.cat([torch.nn.functional.pad(valid, (0, width - valid.shape[1])) for _, _, valid in batch])
-            rows = [row for group, _, _ in batch for row in group.rows]
-            counts = [ids.shape[1] for group, ids, _ in batch for _ in group.rows]
+            width = max(item.ids.shape[1] for item in batch)
+            ids = torch.cat([torch.nn.functional.pad(item.ids, (0, width - item.ids.shape[1])) for item in batch])
+            valid = torch.cat([torch.nn.functional.pad(item.valid, (0, width - item.valid.shape[1])) for item in batch])
+            rows = [row for item in batch for row in item.group.rows]
+            counts = [item.ids.shape[1] for item in batch for _ in item.group.rows]
             self.model.encode(ids, cache.encoder_plan(self.model.rope, valid, rows, counts), exact=self.exact)
             cache.commit(valid, rows, counts)
             self._layout_version += 1
@@ -564,17 +573,15 @@ class Engine:
         group.pending = group.pending_valid = None
 
 
-def _similar_lengths(items: list[tuple[Group, torch.Tensor, torch.Tensor]]
-                     ) -> list[list[tuple[Group, torch.Tensor, torch.Tensor]]]:
-    """(group, ids, valid) items to encode, batched so that padding at most doubles the work of a batch."""
-    batches: list[list[tuple[Group, torch.Tensor, torch.Tensor]]] = []
-    for item in sorted(items, key=lambda item: -item[1].shape[1]):
-        group, ids, _ = item
+def _similar_lengths(items: list[Pending]) -> list[list[Pending]]:
+    """Tokens to encode, batched so that padding at most doubles the work of a batch."""
+    batches: list[list[Pending]] = []
+    for item in sorted(items, key=lambda item: -item.ids.shape[1]):
         if batches:
             batch = batches[-1]
-            width = batch[0][1].shape[1]
-            tokens = sum(i.shape[1] * g.size for g, i, _ in batch) + ids.shape[1] * group.size
-            if width * (sum(g.size for g, _, _ in batch) + group.size) <= 2 * tokens:
+            width = batch[0].ids.shape[1]
+            tokens = sum(i.ids.shape[1] * i.group.size for i in batch) + item.ids.shape[1] * item.group.size
+            if width * (sum(i.group.size for i in batch) + item.group.size) <= 2 * tokens:
                 batch.append(item)
                 continue
         batches.append([item])

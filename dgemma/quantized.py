@@ -362,10 +362,11 @@ def _rows_per_tile(width: int) -> int:
 # in registers and accumulates it straight into the product reads the codes once. Measured on this project's 2-core
 # Xeon (`python scripts/quantized_matmul.py`, released shapes, weights from memory), one row: Q8_0 0.70 against 1.22
 # ms for tiles (an expert's gate/up), 2.14 against 3.40 (attention's q); Q6_K 0.78 and 1.88 against 2.4 and 7.3. The
-# loop redoes the dequantisation for each row (about 0.33 ms a row on the gate/up), so past FEW_ROWS rows Q8_0's
-# compiled tiles win again (4 rows: 1.68 against 1.21). 4-bit codes (two per byte) measured slower than tiles this
-# way (Inductor does not vectorise the nibble unpacking), and on AMX they have their own kernel anyway.
-FEW_ROWS = 2
+# loop redoes the dequantisation for each row (about 0.4 ms a row on the gate/up), so from two rows on tiles are as
+# fast (2 rows: 1.20 ms in this loop, 1.24 in tiles; 4 rows: 1.30 and 1.26), and tiles take them. 4-bit codes (two per byte)
+# measured slower than tiles this way (Inductor does not vectorise the nibble unpacking), and on AMX they have their
+# own kernel anyway.
+FEW_ROWS = 1
 
 
 def _few_rows_product(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
@@ -383,8 +384,7 @@ def _few_rows_product(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
 @functools.cache
 def _few_rows_kernel(qtype: str, dtype: torch.dtype) -> Callable[..., torch.Tensor]:
     """The compiled product for one GGML type (its zero code, group and offset are constants of the graph) and one
-    model dtype, behind its own code object. Every size is dynamic: one graph for a single row (which dynamo
-    specialises) and one for more, whatever the matrix's shape."""
+    model dtype, behind its own code object. The matrix's sizes are dynamic: one graph for every shape."""
     return compiled_under_own_name(_few_rows_product, f"few_rows_product_{qtype}_{str(dtype).removeprefix('torch.')}",
                                    fullgraph=True)
 
