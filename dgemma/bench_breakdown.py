@@ -15,7 +15,9 @@ Design choices:
   through the encoder, denoising steps of one canvas (the decoder with self-conditioning, then the fast sampler,
   as the engine runs them), and autoregressive tokens after the prompt (an encoder pass of one token and the
   vocabulary head), with each layer's time from forward hooks (on a CPU the layers run one after another, so the
-  parts add up to the whole). Medians over `--repeat` calls after a warm-up call.
+  parts add up to the whole). Medians over `--repeat` calls after a warm-up call; with `--rounds N`, every form is
+  measured N times, the forms interleaved in each round (a shared machine's drift then slows them alike), and the
+  report holds the medians over rounds and each round's projected step and token.
 - `generate()` of one canvas with `--steps` fixed steps, by dgemma (each form) and by transformers (bf16), in their
   own processes (`dgemma bench`'s workers): the whole step as a user sees it, prefill and commit included.
 - Floors: a denoising step at the measured bf16 matmul rate (it is compute-bound: 256 tokens x 8 experts route to
@@ -296,11 +298,31 @@ def floors(parts: dict, full, prompt: int, rates: dict) -> dict:
             "step_flops": cost["flops"], "ar_token_bytes": token_bytes}
 
 
+def median_of(measurements: list[dict]) -> dict:
+    """One measurement from several of the same thing: the median of each number, element by element for lists of
+    numbers; anything else (flags, names, byte counts per part) from the first."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    first, merged = measurements[0], {}
+    for key, value in first.items():
+        values = [m[key] for m in measurements]
+        if number(value):
+            merged[key] = statistics.median(values)
+        elif isinstance(value, list) and value and all(number(v) for v in value):
+            merged[key] = [statistics.median(column) for column in zip(*values)]
+        else:
+            merged[key] = value
+    return merged
+
+
 def main_run(args: argparse.Namespace) -> dict:
     forms = [f for f in args.forms.split(",") if f]
     unknown = sorted(set(forms) - set(FORMS))
     if unknown:
         raise ValueError(f"unknown weight forms {unknown} (choose from {', '.join(FORMS)})")
+    if args.rounds < 1:
+        raise ValueError(f"--rounds {args.rounds}: measure every form at least once")
     layers = args.layers or 2
     if layers < 2:
         raise ValueError(f"--layers {layers}: the breakdown projects each layer kind, so the slice needs 2 layers or "
@@ -317,41 +339,56 @@ def main_run(args: argparse.Namespace) -> dict:
                                     prompt_length=args.prompt_length, max_new_tokens=args.canvas, seed=args.seed,
                                     prompt=None, tune_allocator=False)
     fixed = {"max_denoising_steps": args.steps, "stability_threshold": None}
-    results, started = {}, time.perf_counter()
-    plan = [(form, system) for form in forms for system in ("parts", "generate")]
+    systems = [(form, system) for form in forms for system in ("parts", "generate")]
     if "transformers" not in args.skip.split(","):
         try:
             import transformers  # noqa: F401
-            plan.append(("bf16", "transformers"))
+            systems.append(("bf16", "transformers"))
         except ImportError:
             print("transformers is not installed: skipping that baseline", file=sys.stderr)
-    for done, (form, system) in enumerate(plan):
+    # Rounds interleave the forms (every form once per round), so that a machine whose speed drifts slows each form
+    # alike, and the medians over rounds compare them.
+    plan = [(round_, form, system) for round_ in range(args.rounds) for form, system in systems]
+    runs: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    started = time.perf_counter()
+    for done, (round_, form, system) in enumerate(plan):
         path = weights_file(checkpoint, form, args.seed)
-        entry = results.setdefault(form, {})
         if system == "parts":
-            entry["parts"] = parts = spawn_parts(path, args)
-            entry["projection"] = project(parts, full, args.steps)
-            entry["floor"] = floors(parts, full, args.prompt_length, rates)
-            entry["desktop_floor"] = floors(parts, full, args.prompt_length, DESKTOP)
+            parts = spawn_parts(path, args)
+            runs[form, system].append(parts)
             note = (f"step {parts['decoder_seconds'] + parts['sampler_seconds']:.2f} s, AR token "
                     f"{parts['ar_token_seconds'] * 1e3:.0f} ms, {parts['resident_bytes'] / 2**30:.2f} GiB")
         else:
             run = spawn("transformers" if system == "transformers" else "dgemma-fast", path, spawn_args, fixed)
-            key = "transformers_generate" if system == "transformers" else "generate"
-            entry[key] = {**run, "seconds_per_step": run["seconds"] / run["forwards"]}
+            runs[form, system].append({**run, "seconds_per_step": run["seconds"] / run["forwards"]})
             note = f"{run['seconds'] / run['forwards']:.2f} s per step"
         eta = (time.perf_counter() - started) / (done + 1) * (len(plan) - done - 1)
-        print(f"[breakdown] {form:5s} {system:12s} {note} (ETA {eta:.0f} s)", file=sys.stderr, flush=True)
+        print(f"[breakdown] round {round_ + 1}/{args.rounds} {form:5s} {system:12s} {note} (ETA {eta:.0f} s)",
+              file=sys.stderr, flush=True)
+    results: dict[str, dict] = {}
+    for (form, system), measured in runs.items():
+        entry = results.setdefault(form, {})
+        if system == "parts":
+            entry["parts"] = parts = median_of(measured)
+            entry["projection"] = project(parts, full, args.steps)
+            entry["floor"] = floors(parts, full, args.prompt_length, rates)
+            entry["desktop_floor"] = floors(parts, full, args.prompt_length, DESKTOP)
+            entry["rounds"] = [{key: project(one, full, args.steps)[key] for key in ("step_seconds", "ar_token_seconds")}
+                               for one in measured]
+        else:
+            entry["transformers_generate" if system == "transformers" else "generate"] = median_of(measured)
     report = {"config": args.config, "layers": layers, "full_layers": full.num_hidden_layers, "steps": args.steps,
-              "prompt_length": args.prompt_length, "threads": args.threads, "machine": machine(), "rates": rates,
-              "desktop": DESKTOP, "tokens_per_forward": TOKENS_PER_FORWARD, "forms": results}
+              "prompt_length": args.prompt_length, "threads": args.threads, "rounds": args.rounds,
+              "machine": machine(), "rates": rates, "desktop": DESKTOP, "tokens_per_forward": TOKENS_PER_FORWARD,
+              "forms": results}
     return write_report(report, Path(args.out), chart, table)
 
 
 def table(report: dict) -> str:
     forms = report["forms"]
     lines = [f"{report['config']}: {report['layers']} of {report['full_layers']} layers measured on "
-             f"{report['machine']['cpu']}, {report['threads']} threads (seconds; medians)",
+             f"{report['machine']['cpu']}, {report['threads']} threads (seconds; medians"
+             f"{'' if report.get('rounds', 1) == 1 else ' of ' + str(report['rounds']) + ' interleaved rounds'})",
              "| form | decoder (K layers) | per sliding / full layer | sampler | step | generate() step | "
              "AR token | weights held | resident |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -422,6 +459,8 @@ def chart(report: dict, path: Path) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--forms", default=",".join(FORMS), help=f"with --breakdown: weight forms of {FORMS}")
     parser.add_argument("--ar-tokens", type=int, default=8, help="with --breakdown: autoregressive tokens timed")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="with --breakdown: measure every form this many times, interleaved, and report medians")
     parser.add_argument("--skip", default="", help="with --breakdown: 'transformers' to leave that baseline out")
 
 

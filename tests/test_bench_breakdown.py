@@ -10,7 +10,7 @@ from gguf.quants import dequantize
 
 from dgemma.bench import build_checkpoint, named_config
 from dgemma import amx_int4
-from dgemma.bench_breakdown import measure_parts, project, random_blocks, weights_file
+from dgemma.bench_breakdown import measure_parts, median_of, project, random_blocks, weights_file
 from dgemma.gguf import read_gguf
 from dgemma.quantized import CpuInt4, quantized_weights
 
@@ -80,3 +80,12 @@ def test_projection_counts_each_layer_kind_of_the_full_model():
     assert projected["weights_bytes"] == pytest.approx(25 * 1010 + 5 * 1020 + 100)
     assert projected["break_even_tokens_per_forward"] == pytest.approx(36.5 / 0.37)
     assert projected["diffusion_tokens_per_second"]["16.0"] == pytest.approx(16 / 36.5)
+
+
+def test_rounds_merge_into_medians_of_numbers_and_lists_keeping_the_rest():
+    rounds = [{"step": 3.0, "layers": [1.0, 9.0], "kinds": [True, False], "held": {"a": 1}, "name": "x"},
+              {"step": 1.0, "layers": [2.0, 7.0], "kinds": [True, False], "held": {"a": 1}, "name": "x"},
+              {"step": 2.0, "layers": [3.0, 8.0], "kinds": [True, False], "held": {"a": 1}, "name": "x"}]
+    assert median_of(rounds) == {"step": 2.0, "layers": [2.0, 8.0], "kinds": [True, False], "held": {"a": 1},
+                                 "name": "x"}
+    assert median_of(rounds[:1]) == rounds[0]
