@@ -373,8 +373,8 @@ def main_run(args: argparse.Namespace) -> dict:
             entry["projection"] = project(parts, full, args.steps)
             entry["floor"] = floors(parts, full, args.prompt_length, rates)
             entry["desktop_floor"] = floors(parts, full, args.prompt_length, DESKTOP)
-            entry["rounds"] = [{key: project(one, full, args.steps)[key] for key in ("step_seconds", "ar_token_seconds")}
-                               for one in measured]
+            entry["rounds"] = [{key: value for key, value in project(one, full, args.steps).items()
+                                if key in ("step_seconds", "ar_token_seconds")} for one in measured]
         else:
             entry["transformers_generate" if system == "transformers" else "generate"] = median_of(measured)
     report = {"config": args.config, "layers": layers, "full_layers": full.num_hidden_layers, "steps": args.steps,

@@ -356,16 +356,16 @@ def _rows_per_tile(width: int) -> int:
     return max(1, TILE_VALUES // width)
 
 
-# ---- a few rows times a matrix of one-byte codes: one compiled reduction over the codes -----------------------------
+# ---- a few rows (here one) times a matrix of one-byte codes: one compiled reduction over the codes -----------------
 # An autoregressive token multiplies one row by every matrix it uses. Tiles would dequantise the whole matrix into
 # memory and read it back for a matmul that has almost nothing to compute; one compiled loop that dequantises each code
 # in registers and accumulates it straight into the product reads the codes once. Measured on this project's 2-core
-# Xeon (`python scripts/quantized_matmul.py`, released shapes, weights from memory), one row: Q8_0 0.70 against 1.22
-# ms for tiles (an expert's gate/up), 2.14 against 3.40 (attention's q); Q6_K 0.78 and 1.88 against 2.4 and 7.3. The
-# loop redoes the dequantisation for each row (about 0.4 ms a row on the gate/up), so from two rows on tiles are as
-# fast (2 rows: 1.20 ms in this loop, 1.24 in tiles; 4 rows: 1.30 and 1.26), and tiles take them. 4-bit codes (two per byte)
-# measured slower than tiles this way (Inductor does not vectorise the nibble unpacking), and on AMX they have their
-# own kernel anyway.
+# Xeon (`python scripts/quantized_matmul.py`, released shapes, weights from memory), one row: Q8_0 0.71 against 1.52
+# ms for tiles (an expert's gate/up), 2.09 against 2.91 (attention's q); Q6_K 0.78 and 1.89 against 1.53 and 2.82.
+# The loop redoes the dequantisation for each row (about 0.4 ms a row on the gate/up), so from two rows on tiles are
+# as fast (2 rows: 1.20 ms in this loop, 1.24 in tiles; 4 rows: 1.30 and 1.26), and tiles take them. 4-bit codes (two
+# per byte) measured slower than tiles this way (Inductor does not vectorise the nibble unpacking), and on AMX they
+# have their own kernel anyway.
 FEW_ROWS = 1
 
 
