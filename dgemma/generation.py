@@ -272,7 +272,7 @@ def speculative_steps(model: DiffusionGemma, input_ids: torch.Tensor, max_new_to
                                  control=FixedTokens(torch.tensor([[last]]), length), drafts=False))
         while not group.done:
             engine.step()
-        stats.decoder_passes += group.steps_run
+        stats.decoder_passes += int(group.passes[0])  # the engine's count (a guided step is two passes)
         stats.drafts += 1
         canvas = group.sequences[:, -length:].to(model.device)
         canvas_valid = torch.ones_like(canvas, dtype=torch.bool)

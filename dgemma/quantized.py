@@ -96,8 +96,7 @@ class GroupQuantized:
             offset = None if offset is None else offset[index]
         if (self.bits != 4 and dtype != torch.float32 and codes.device.type == "cpu"
                 and scale.numel() * self.group >= COMPILED_TILE_VALUES and compiling_allowed()):
-            for tensor in (codes, scale) + (() if offset is None else (offset,)):
-                torch._dynamo.maybe_mark_dynamic(tensor, list(range(tensor.dim())))  # every tile shape, one graph
+            _every_size_dynamic(codes, scale, offset)  # every tile shape, one graph
             return _one_pass_kernel(self.qtype, dtype)(codes, scale, offset, self.zero_code, self.group, dtype)
         if self.bits == 4:
             codes = torch.stack((codes & 0x0F, codes >> 4), dim=-1)
@@ -352,6 +351,13 @@ def _one_pass_kernel(qtype: str, dtype: torch.dtype) -> Callable[..., torch.Tens
     return compiled_under_own_name(_in_one_pass, f"dequantize_in_one_pass_{qtype}_{str(dtype).removeprefix('torch.')}")
 
 
+def _every_size_dynamic(*tensors: torch.Tensor | None) -> None:
+    """Ask dynamo to compile for any sizes of these tensors (None: absent), so that new shapes reuse the graph."""
+    for tensor in tensors:
+        if tensor is not None:
+            torch._dynamo.maybe_mark_dynamic(tensor, list(range(tensor.dim())))
+
+
 def _rows_per_tile(width: int) -> int:
     return max(1, TILE_VALUES // width)
 
@@ -403,8 +409,7 @@ def _few_rows_linear(x: torch.Tensor, weight: GroupQuantized) -> torch.Tensor:
     # Contiguous, and every size dynamic, so that no stride or shape ever asks for another graph.
     rows, codes, scale = (t.contiguous() for t in (x.reshape(-1, x.shape[-1]), weight.codes, weight.scale))
     offset = None if weight.offset is None else weight.offset.contiguous()
-    for tensor in (rows, codes, scale) + (() if offset is None else (offset,)):
-        torch._dynamo.maybe_mark_dynamic(tensor, list(range(tensor.dim())))
+    _every_size_dynamic(rows, codes, scale, offset)
     with torch.no_grad():  # one grad mode for every call: no recompile for it
         out = _few_rows_kernel(weight.qtype, x.dtype)(rows, codes, scale, offset, weight.zero_code, weight.group)
     return out.view(*x.shape[:-1], weight.shape[0])

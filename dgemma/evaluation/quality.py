@@ -35,7 +35,7 @@ from typing import TextIO
 import torch
 
 from ..engine import until_eos
-from ..generation import (CanvasCommitted, DraftStep, SpeculativeStats, autoregressive_steps, generate_steps,
+from ..generation import (CanvasCommitted, SpeculativeStats, autoregressive_steps, generate_steps,
                           speculative_steps)
 from ..generation_config import GenerationConfig
 from ..quantized import SCHEMES
@@ -155,12 +155,10 @@ def sample_diffusion(model, tokenizer, prompt_ids: list[int], config, generator:
     eos = config.eos_token_ids
     new: list[int] = []
     text, forwards = "", 0
-    passes_per_step = 2 if config.guides else 1  # a guided step runs the decoder twice
     started = time.perf_counter()
     for event in generate_steps(model, torch.tensor([prompt_ids]), config, generator=generator):
-        if isinstance(event, DraftStep):
-            forwards += passes_per_step
-        elif isinstance(event, CanvasCommitted):
+        if isinstance(event, CanvasCommitted):
+            forwards = int(event.group.passes[0])  # the engine's count so far (a guided step is two passes)
             new += event.tokens[0].tolist()
             text, done = _stop_text(tokenizer, new, eos, words)
             if done:
