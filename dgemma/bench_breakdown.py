@@ -18,6 +18,10 @@ Design choices:
   parts add up to the whole). Medians over `--repeat` calls after a warm-up call; with `--rounds N`, every form is
   measured N times, the forms interleaved in each round (a shared machine's drift then slows them alike), and the
   report holds the medians over rounds and each round's projected step and token.
+- Forms with 4-bit matrices (int4, int4_experts, q4_k_m) are measured once more loaded for autoregressive decoding
+  (`dgemma.load(decode="autoregressive")`, the layout `--decode autoregressive` gets: torch's int4 kernel, faster
+  at one row, slower at a canvas's): prefill and tokens only. Their projected AR token is that run's; the canvas
+  layout's is kept beside it (`ar_token_seconds_canvas_layout`), and the prompt's prefill in the token layout too.
 - `generate()` of one canvas with `--steps` fixed steps, by dgemma (each form) and by transformers (bf16), in their
   own processes (`dgemma bench`'s workers): the whole step as a user sees it, prefill and commit included.
 - Floors: a denoising step at the measured bf16 matmul rate (it is compute-bound: 256 tokens x 8 experts route to
@@ -44,6 +48,8 @@ from .bench import build_checkpoint, machine, measure_machine, named_config, spa
 
 FORMS = ("bf16", "int8", "int4", "int4_experts", "q4_k_m")
 SCHEME_OF_FORM = {"bf16": None, "int8": "int8", "int4": "int4", "int4_experts": "int4_experts", "q4_k_m": "q4_k_m"}
+# The forms holding 4-bit matrices, whose layout on a CPU depends on the decoding they are loaded for.
+ONE_ROW_LAYOUT_FORMS = ("int4", "int4_experts", "q4_k_m")
 # The released model card's tokens per forward pass (../design: 15-20; vLLM runs 16 fixed steps per 256-token canvas)
 # and the bundled model's at its shipped settings (docs/quality.md), for the diffusion tok/s projections.
 TOKENS_PER_FORWARD = (1.0, 5.6, 16.0)
@@ -171,20 +177,21 @@ def held_bytes(model) -> dict[str, int]:
 
 
 @torch.no_grad()
-def measure_parts(path: Path, threads: int, prompt_length: int, repeat: int, ar_tokens: int, seed: int) -> dict:
-    """One form's parts: see the module's design notes."""
+def measure_parts(path: Path, threads: int, prompt_length: int, repeat: int, ar_tokens: int, seed: int,
+                  decode: str = "diffusion") -> dict:
+    """One form's parts: see the module's design notes. Loaded for `decode`; for "autoregressive", the prompt's
+    prefill and the tokens only."""
     import dgemma
     from .cache import KVCache
-    from .sampling import Workspace, draw_uniforms, fast_step
 
     torch.set_num_threads(threads)
     before = resident_bytes()
     started = time.perf_counter()
-    model = dgemma.load(path, dtype=torch.bfloat16)
+    model = dgemma.load(path, dtype=torch.bfloat16, decode=decode)
     load_seconds = time.perf_counter() - started
     config, canvas_length = model.config, model.config.canvas_length
     generator = torch.Generator().manual_seed(seed)
-    encoder_clock, decoder_clock = LayerClock(model.encoder.layers), LayerClock(model.decoder.layers)
+    encoder_clock = LayerClock(model.encoder.layers)
 
     def timed(fn) -> float:
         begin = time.perf_counter()
@@ -198,8 +205,22 @@ def measure_parts(path: Path, threads: int, prompt_length: int, repeat: int, ar_
         cache = KVCache(config, 1, model.dtype, model.device, capacity=prompt_length + canvas_length + ar_tokens)
         prefill.append(timed(lambda: model.encode(prompt, cache.encoder_plan(model.rope, valid))))
         cache.commit(valid)
-    encoder_layers = encoder_clock.per_layer(prompt_length, skip=1)
+    measured = {"load_seconds": load_seconds, "layer_types": [spec.is_sliding for spec in config.layers],
+                "prefill_seconds": statistics.median(prefill[1:]),
+                "prefill_layers": encoder_clock.per_layer(prompt_length, skip=1)}
+    if decode == "diffusion":
+        measured.update(denoising_parts(model, cache, canvas_length, repeat, generator))
+    measured.update(autoregressive_parts(model, cache, prompt[:, -1:], ar_tokens, encoder_clock))
+    return {**measured, "resident_bytes": resident_bytes() - before, "held_bytes": held_bytes(model)}
 
+
+def denoising_parts(model, cache, canvas_length: int, repeat: int, generator: torch.Generator) -> dict:
+    """Denoising steps of one canvas after the prompt in `cache`: the decoder's and the sampler's median seconds and
+    each decoder layer's."""
+    from .sampling import Workspace, draw_uniforms, fast_step
+
+    config = model.config
+    decoder_clock = LayerClock(model.decoder.layers)
     plan = cache.decoder_plan(model.rope, 1, canvas_length)
     canvas = torch.randint(0, config.vocab_size, (1, canvas_length), generator=generator)
     workspace, soft = Workspace(), None
@@ -215,10 +236,14 @@ def measure_parts(path: Path, threads: int, prompt_length: int, repeat: int, ar_
         decoder.append(middle - begin)
         sampler.append(time.perf_counter() - middle)
         canvas, soft = step.sampled, step.self_conditioning
-    decoder_layers = decoder_clock.per_layer(canvas_length, skip=2)
+    return {"decoder_seconds": statistics.median(decoder[2:]),
+            "decoder_layers": decoder_clock.per_layer(canvas_length, skip=2),
+            "sampler_seconds": statistics.median(sampler[2:])}
 
+
+def autoregressive_parts(model, cache, token: torch.Tensor, ar_tokens: int, encoder_clock: LayerClock) -> dict:
+    """Tokens after the prompt in `cache`, one encoder pass and the head each: median seconds and each layer's."""
     encoder_clock.clear()
-    token = prompt[:, -1:]
     one = torch.ones_like(token, dtype=torch.bool)
     autoregressive = []
     for _ in range(ar_tokens + 1):
@@ -227,33 +252,24 @@ def measure_parts(path: Path, threads: int, prompt_length: int, repeat: int, ar_
         cache.commit(one)
         token = model.logits(out[:, -1:]).argmax(-1)
         autoregressive.append(time.perf_counter() - begin)
-    ar_layers = encoder_clock.per_layer(1, skip=1)
-
-    def median(values: list[float], skip: int) -> float:
-        return statistics.median(values[skip:])
-
-    return {"load_seconds": load_seconds, "resident_bytes": resident_bytes() - before, "held_bytes": held_bytes(model),
-            "layer_types": [spec.is_sliding for spec in config.layers],
-            "prefill_seconds": median(prefill, 1), "prefill_layers": encoder_layers,
-            "decoder_seconds": median(decoder, 2), "decoder_layers": decoder_layers,
-            "sampler_seconds": median(sampler, 2),
-            "ar_token_seconds": median(autoregressive, 1), "ar_layers": ar_layers}
+    return {"ar_token_seconds": statistics.median(autoregressive[1:]), "ar_layers": encoder_clock.per_layer(1, skip=1)}
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------------
 
-def spawn_parts(path: Path, args: argparse.Namespace) -> dict:
+def spawn_parts(path: Path, args: argparse.Namespace, decode: str = "diffusion") -> dict:
     command = [sys.executable, "-m", "dgemma.bench_breakdown", "worker", str(path), str(args.threads),
-               str(args.prompt_length), str(args.repeat), str(args.ar_tokens), str(args.seed)]
+               str(args.prompt_length), str(args.repeat), str(args.ar_tokens), str(args.seed), decode]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"breakdown worker for {path} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def project(parts: dict, full, steps: int) -> dict:
+def project(parts: dict, full, steps: int, tokens: dict | None = None) -> dict:
     """The full model from the slice: each layer kind's measured time (and bytes) times the model's count of that
-    kind, plus the parts outside the layers (embedding, self-conditioning, sampler, head)."""
+    kind, plus the parts outside the layers (embedding, self-conditioning, sampler, head). `tokens`: the same form
+    loaded for autoregressive decoding, whose tokens (and prefill) then give the AR figures."""
     sliding = [i for i, s in enumerate(parts["layer_types"]) if s]
     full_attention = [i for i, s in enumerate(parts["layer_types"]) if not s]
     counts = {"sliding": sum(s.is_sliding for s in full.layers), "full": sum(not s.is_sliding for s in full.layers)}
@@ -263,21 +279,28 @@ def project(parts: dict, full, steps: int) -> dict:
                 for kind, members in (("sliding", sliding), ("full", full_attention))}
         return counts["sliding"] * mean["sliding"] + counts["full"] * mean["full"]
 
+    def ar_token_of(measured: dict) -> float:
+        return depth(measured["ar_layers"]) + measured["ar_token_seconds"] - sum(measured["ar_layers"])
+
+    def prefill_of(measured: dict) -> float:
+        return depth(measured["prefill_layers"]) + measured["prefill_seconds"] - sum(measured["prefill_layers"])
+
     decoder_outside = parts["decoder_seconds"] - sum(parts["decoder_layers"])
-    ar_outside = parts["ar_token_seconds"] - sum(parts["ar_layers"])
     step = depth(parts["decoder_layers"]) + decoder_outside + parts["sampler_seconds"]
-    ar_token = depth(parts["ar_layers"]) + ar_outside
+    ar_token = ar_token_of(tokens or parts)
     held = parts["held_bytes"]
     layer_bytes = [held.get(f"layer{i}", 0) + held.get(f"layer{i}.experts", 0) for i in range(len(parts["layer_types"]))]
     memory = depth(layer_bytes) + held.get("rest", 0)
     runtime = parts["resident_bytes"] - sum(held.values())  # what loading held beyond the weights
-    prefill = depth(parts["prefill_layers"]) + parts["prefill_seconds"] - sum(parts["prefill_layers"])
-    return {"step_seconds": step, "prefill_seconds": prefill,
-            "ar_token_seconds": ar_token, "ar_tokens_per_second": 1 / ar_token,
-            "canvas_seconds_at_fixed_steps": steps * step,
-            "diffusion_tokens_per_second": {str(tpf): tpf / step for tpf in TOKENS_PER_FORWARD},
-            "break_even_tokens_per_forward": step / ar_token,
-            "weights_bytes": memory, "resident_bytes_estimate": memory + max(runtime, 0)}
+    projection = {"step_seconds": step, "prefill_seconds": prefill_of(parts),
+                  "ar_token_seconds": ar_token, "ar_tokens_per_second": 1 / ar_token,
+                  "canvas_seconds_at_fixed_steps": steps * step,
+                  "diffusion_tokens_per_second": {str(tpf): tpf / step for tpf in TOKENS_PER_FORWARD},
+                  "break_even_tokens_per_forward": step / ar_token,
+                  "weights_bytes": memory, "resident_bytes_estimate": memory + max(runtime, 0)}
+    if tokens is not None:
+        projection.update(ar_token_seconds_canvas_layout=ar_token_of(parts), prefill_seconds_token_layout=prefill_of(tokens))
+    return projection
 
 
 def ar_bytes(parts: dict, full) -> float:
@@ -340,7 +363,8 @@ def main_run(args: argparse.Namespace) -> dict:
                                     prompt=None, tune_allocator=False)
     fixed = {"max_denoising_steps": args.steps, "stability_threshold": None}
     systems = [(form, system) for form in forms for system in ("parts", "generate")]
-    if "transformers" not in args.skip.split(","):
+    systems += [(form, "tokens") for form in forms if form in ONE_ROW_LAYOUT_FORMS]
+    if "transformers" not in args.skip.split(",") and "bf16" in forms:
         try:
             import transformers  # noqa: F401
             systems.append(("bf16", "transformers"))
@@ -358,6 +382,10 @@ def main_run(args: argparse.Namespace) -> dict:
             runs[form, system].append(parts)
             note = (f"step {parts['decoder_seconds'] + parts['sampler_seconds']:.2f} s, AR token "
                     f"{parts['ar_token_seconds'] * 1e3:.0f} ms, {parts['resident_bytes'] / 2**30:.2f} GiB")
+        elif system == "tokens":
+            tokens = spawn_parts(path, args, decode="autoregressive")
+            runs[form, system].append(tokens)
+            note = f"loaded for AR: token {tokens['ar_token_seconds'] * 1e3:.0f} ms, prefill {tokens['prefill_seconds']:.2f} s"
         else:
             run = spawn("transformers" if system == "transformers" else "dgemma-fast", path, spawn_args, fixed)
             runs[form, system].append({**run, "seconds_per_step": run["seconds"] / run["forwards"]})
@@ -366,17 +394,22 @@ def main_run(args: argparse.Namespace) -> dict:
         print(f"[breakdown] round {round_ + 1}/{args.rounds} {form:5s} {system:12s} {note} (ETA {eta:.0f} s)",
               file=sys.stderr, flush=True)
     results: dict[str, dict] = {}
-    for (form, system), measured in runs.items():
-        entry = results.setdefault(form, {})
-        if system == "parts":
-            entry["parts"] = parts = median_of(measured)
-            entry["projection"] = project(parts, full, args.steps)
-            entry["floor"] = floors(parts, full, args.prompt_length, rates)
-            entry["desktop_floor"] = floors(parts, full, args.prompt_length, DESKTOP)
-            entry["rounds"] = [{key: value for key, value in project(one, full, args.steps).items()
-                                if key in ("step_seconds", "ar_token_seconds")} for one in measured]
-        else:
-            entry["transformers_generate" if system == "transformers" else "generate"] = median_of(measured)
+    for form in forms:
+        entry = results[form] = {}
+        measured, token_runs = runs[form, "parts"], runs.get((form, "tokens"))
+        entry["parts"] = parts = median_of(measured)
+        tokens = None
+        if token_runs:
+            entry["token_layout_parts"] = tokens = median_of(token_runs)
+        entry["projection"] = project(parts, full, args.steps, tokens)
+        entry["floor"] = floors(parts, full, args.prompt_length, rates)
+        entry["desktop_floor"] = floors(parts, full, args.prompt_length, DESKTOP)
+        entry["rounds"] = [{key: value for key, value in project(one, full, args.steps, token_run).items()
+                            if key in ("step_seconds", "ar_token_seconds", "ar_token_seconds_canvas_layout")}
+                           for one, token_run in zip(measured, token_runs or [None] * len(measured))]
+        entry["generate"] = median_of(runs[form, "generate"])
+    if ("bf16", "transformers") in runs:
+        results["bf16"]["transformers_generate"] = median_of(runs["bf16", "transformers"])
     report = {"config": args.config, "layers": layers, "full_layers": full.num_hidden_layers, "steps": args.steps,
               "prompt_length": args.prompt_length, "threads": args.threads, "rounds": args.rounds,
               "machine": machine(), "rates": rates, "desktop": DESKTOP, "tokens_per_forward": TOKENS_PER_FORWARD,
@@ -390,7 +423,7 @@ def table(report: dict) -> str:
              f"{report['machine']['cpu']}, {report['threads']} threads (seconds; medians"
              f"{'' if report.get('rounds', 1) == 1 else ' of ' + str(report['rounds']) + ' interleaved rounds'})",
              "| form | decoder (K layers) | per sliding / full layer | sampler | step | generate() step | "
-             "AR token | weights held | resident |",
+             "AR token (canvas layout / token layout) | weights held | resident |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for form, entry in forms.items():
         parts = entry["parts"]
@@ -398,14 +431,17 @@ def table(report: dict) -> str:
         sliding = statistics.mean(t for t, s in zip(parts["decoder_layers"], kinds) if s)
         full = statistics.mean(t for t, s in zip(parts["decoder_layers"], kinds) if not s)
         generate = entry.get("generate", {}).get("seconds_per_step", float("nan"))
+        token_layout = entry.get("token_layout_parts")
+        ar = f"{parts['ar_token_seconds']:.3f}" + (f" / {token_layout['ar_token_seconds']:.3f}" if token_layout else "")
         lines.append(f"| {form} | {parts['decoder_seconds']:.3f} | {sliding:.3f} / {full:.3f} | "
                      f"{parts['sampler_seconds']:.3f} | {parts['decoder_seconds'] + parts['sampler_seconds']:.3f} | "
-                     f"{generate:.3f} | {parts['ar_token_seconds']:.3f} | "
+                     f"{generate:.3f} | {ar} | "
                      f"{sum(parts['held_bytes'].values()) / 2**30:.2f} GiB | {parts['resident_bytes'] / 2**30:.2f} GiB |")
     if "transformers_generate" in forms.get("bf16", {}):
         lines.append(f"transformers generate() step (bf16): "
                      f"{forms['bf16']['transformers_generate']['seconds_per_step']:.3f} s")
-    lines += ["", f"projected to {report['full_layers']} layers on this machine (floor in brackets):",
+    lines += ["", f"projected to {report['full_layers']} layers on this machine (floor in brackets; AR tokens of 4-bit "
+                  "forms in the layout they are loaded in for --decode autoregressive):",
               "| form | step s | AR token s | AR tok/s | diffusion tok/s at 16 tok/forward | break-even tok/forward | "
               "weights GiB |", "|---|---:|---:|---:|---:|---:|---:|"]
     for form, entry in forms.items():
@@ -467,9 +503,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["worker"]:
-        path, threads, prompt, repeat, ar_tokens, seed = argv[1:]
+        path, threads, prompt, repeat, ar_tokens, seed, decode = argv[1:]
         print(json.dumps(measure_parts(Path(path), int(threads), int(prompt), int(repeat), int(ar_tokens),
-                                       int(seed))))
+                                       int(seed), decode)))
         return
     raise SystemExit("run it as `dgemma bench --breakdown`")
 

@@ -269,10 +269,11 @@ def checkpoint_dtype(directory: str | Path) -> torch.dtype:
 
 def load_model(directory: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                config: ModelConfig | None = None, model_class: type[DiffusionGemma] = DiffusionGemma,
-               quantize: str | None = None) -> DiffusionGemma:
+               quantize: str | None = None, one_row: bool = False) -> DiffusionGemma:
     """Build a `model_class` from a checkpoint directory, converting weights to `dtype` (default: as stored).
     `quantize` (a scheme of `dgemma.quantized.scheme_type`) keeps the scheme's matrices quantised
-    instead, computed in `dtype`; they are quantised one at a time, as they are read."""
+    instead, computed in `dtype`; they are quantised one at a time, as they are read. `one_row`: 4-bit matrices
+    laid out for one row at a time (`dgemma.quantized.cpu_int4_layout`)."""
     directory = Path(directory)
     config = config or ModelConfig.from_file(directory)
     dtype = dtype or checkpoint_dtype(directory)
@@ -312,7 +313,7 @@ def load_model(directory: str | Path, dtype: torch.dtype | None = None, device: 
         if qtype is not None:
             quantized[name] = GroupQuantized.quantize(loaded.pop(name), qtype).to(device, dtype)
     state = {name: _convert(tensor, dtype, device, checkpoint_name(name)) for name, tensor in loaded.items()}
-    return _assign(model, state, device, quantized)
+    return _assign(model, state, device, quantized, one_row)
 
 
 def tied_names(model: DiffusionGemma) -> dict[str, str]:
@@ -321,10 +322,11 @@ def tied_names(model: DiffusionGemma) -> dict[str, str]:
 
 
 def _assign(model: DiffusionGemma, state: dict[str, torch.Tensor], device: str | torch.device,
-            quantized: dict[str, GroupQuantized] | None = None) -> DiffusionGemma:
+            quantized: dict[str, GroupQuantized] | None = None, one_row: bool = False) -> DiffusionGemma:
     """Give a model built on the meta device its tensors (tied names share the decoder's); `quantized` weights (by
     module name) take the place of their parameters, in the decoder and in the encoder that ties to it (4-bit
-    matrices computed in bf16 on the CPU in a CPU int4 kernel's layout: `dgemma.quantized.cpu_int4_layout`)."""
+    matrices computed in bf16 on the CPU in a CPU int4 kernel's layout, for a canvas's rows or with `one_row` for
+    one token's: `dgemma.quantized.cpu_int4_layout`)."""
     tied = tied_names(model)
     quantized = quantized or {}
     quantized_count = len(quantized)
@@ -332,7 +334,7 @@ def _assign(model: DiffusionGemma, state: dict[str, torch.Tensor], device: str |
         weight = quantized.pop(name)  # not held twice while converted
         owner = model.get_submodule(name.rpartition(".")[0])
         layout = cpu_int4_layout(name, weight, device, linear_only=isinstance(owner, nn.Linear)
-                                 and owner is not model.lm_head)
+                                 and owner is not model.lm_head, one_row=one_row)
         if layout is not None:
             weight = CpuInt4.from_grouped(weight, layout)
         for target in [name, *(encoder for encoder, decoder in tied.items() if decoder == name)]:
@@ -348,12 +350,12 @@ def _assign(model: DiffusionGemma, state: dict[str, torch.Tensor], device: str |
 
 def load_gguf_model(checkpoint: GGUFCheckpoint, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                     model_class: type[DiffusionGemma] = DiffusionGemma,
-                    keep_quantized: bool | str = True) -> DiffusionGemma:
+                    keep_quantized: bool | str = True, one_row: bool = False) -> DiffusionGemma:
     """Build a `model_class` from a read GGUF file. Quantised matrices stay quantised (`GroupQuantized`, computed in
     `dtype`) unless `keep_quantized` is False (with "experts", only the experts' matrices); every other tensor is
     dequantised exactly as the `gguf` library does and cast to `dtype` (default: bfloat16 when the file holds
     quantised tensors, else its float type). The file's tensors were checked against its metadata when it was
-    read."""
+    read. `one_row`: 4-bit matrices laid out for one row at a time (`dgemma.quantized.cpu_int4_layout`)."""
     config = ModelConfig.from_dict(checkpoint.config)
     if dtype is None:
         floats = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -370,7 +372,7 @@ def load_gguf_model(checkpoint: GGUFCheckpoint, dtype: torch.dtype | None = None
             quantized[module_name(name)] = GroupQuantized.from_gguf(data, qtype, shape).to(device, dtype)
         else:
             state[module_name(name)] = checkpoint.dequantized(name, dtype).to(device)
-    return _assign(model, state, device, quantized)
+    return _assign(model, state, device, quantized, one_row)
 
 
 def _convert(tensor: torch.Tensor, dtype: torch.dtype, device: str | torch.device, name: str) -> torch.Tensor:

@@ -31,7 +31,6 @@ import traceback
 from collections import Counter
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .threads import choose_threads, configure_waiting
 
@@ -41,13 +40,11 @@ import torch  # noqa: E402
 
 from . import __version__  # noqa: E402
 from .allocator import tune_allocator  # noqa: E402
+from .generation_config import DECODE_MODES, GenerationConfig  # noqa: E402
 from .quantized import SCHEMES  # noqa: E402
 from .serving.settings import ServerSettings  # noqa: E402
 from .terminal import CanvasView, is_terminal, write_text  # noqa: E402
 from .tokenizer import check_text  # noqa: E402
-
-if TYPE_CHECKING:
-    from .generation_config import GenerationConfig
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -113,10 +110,11 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
                         help="add BIAS to token id TOKEN's logit at every position (repeatable; -100 bans it)")
     parser.add_argument("--sampling", choices=("fast", "reference"), default="fast")
     parser.add_argument("--seed", type=seed_value, help="random seed (default: nondeterministic)")
-    parser.add_argument("--decode", choices=("diffusion", "autoregressive", "speculative"), default="diffusion",
+    parser.add_argument("--decode", choices=DECODE_MODES, default="diffusion",
                         help="autoregressive: token by token with the encoder alone (an AR language model over the "
-                             "same weights); --temperature is then the sampling temperature itself (default 1); "
-                             "speculative: the same tokens, a diffusion draft (--steps etc.) verified per encoder pass")
+                             "same weights; 4-bit weights are then laid out for one row at a time); --temperature is "
+                             "then the sampling temperature itself (default 1); speculative: the same tokens, a "
+                             "diffusion draft (--steps etc.) verified per encoder pass")
 
 
 # Options of the canvas's output (refused by both token-by-token modes) and of its sampler (which speculative
@@ -231,7 +229,8 @@ def load_for_generation(args: argparse.Namespace):
     directory = resolve_checkpoint(args.model)
     model = load(directory, dtype=DTYPES[args.dtype] if args.dtype else None, device=args.device,
                  keep_quantized={"float": False, "experts": "experts"}.get(args.weights, True),
-                 quantize=args.weights if args.weights in SCHEMES else None)
+                 quantize=args.weights if args.weights in SCHEMES else None,
+                 decode=getattr(args, "decode", "diffusion"))
     return model, Tokenizer.from_checkpoint(directory)
 
 

@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_MAX_NEW_TOKENS = 1024  # the reference's 256 cuts answers to one canvas
+# How new tokens are produced: denoised a canvas at a time (the model's own mode), token by token with the encoder
+# alone, or token by token with diffusion drafts verified by the encoder (generation.py).
+DECODE_MODES = ("diffusion", "autoregressive", "speculative")
 # Per-call settings: dgemma's own, never written to generation_config.json nor read from it (transformers'
 # GenerationConfig has top_k and top_p with other defaults, which the reference's generate() does not apply).
 PER_CALL = ("do_sample", "top_k", "top_p", "logit_bias", "frequency_penalty", "presence_penalty", "logprobs",

@@ -16,7 +16,7 @@ from .checkpoints import is_gguf, load_gguf_model, load_model, resolve_checkpoin
 from .gguf import read_gguf
 from .config import ModelConfig
 from .generation import GenerationOutput, generate
-from .generation_config import GenerationConfig
+from .generation_config import DECODE_MODES, GenerationConfig
 from .model import DiffusionGemma
 
 
@@ -30,15 +30,21 @@ class DiffusionGemmaForBlockDiffusion(DiffusionGemma):
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu", keep_quantized: bool | str = True,
-                        quantize: str | None = None) -> "DiffusionGemmaForBlockDiffusion":
+                        quantize: str | None = None, decode: str = "diffusion") -> "DiffusionGemmaForBlockDiffusion":
         """Load a checkpoint directory, a GGUF file, a Hugging Face repo id (local cache first) or, with None, the
         bundled model. Safetensors weights are memory-mapped and converted to `dtype` (default: as stored), or with
         `quantize` ("int8", "int4", "q4_k_m") the scheme's matrices are quantised as they load. A GGUF file's
         quantised matrices stay quantised, or with `keep_quantized=False` are dequantised as the `gguf` library does
         (default dtype: bfloat16 for quantised files); `keep_quantized="experts"` keeps only the experts quantised
-        (the CPU form of docs/cpu.md for a GGUF file)."""
+        (the CPU form of docs/cpu.md for a GGUF file). `decode` ("diffusion", "autoregressive" or "speculative"):
+        the decoding the model is loaded for, which chooses the CPU layout of 4-bit matrices computed in bf16 (the
+        AMX kernel's for a canvas's rows, torch's kernel's for one token's with "autoregressive";
+        `dgemma.quantized.cpu_int4_layout`). Every mode runs on any layout; this only decides which is fast."""
         if keep_quantized not in (True, False, "experts"):
             raise ValueError(f"keep_quantized must be True, False or 'experts', not {keep_quantized!r}")
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, not {decode!r}")
+        one_row = decode == "autoregressive"
         where = resolve_checkpoint(path)
         if not is_gguf(where) and keep_quantized == "experts":
             raise ValueError(f"{where} is not a GGUF file: keep_quantized='experts' chooses among a GGUF file's "
@@ -50,10 +56,10 @@ class DiffusionGemmaForBlockDiffusion(DiffusionGemma):
                                  "safetensors checkpoints)")
             checkpoint = read_gguf(where)
             model = load_gguf_model(checkpoint, dtype=dtype, device=device, model_class=cls,
-                                    keep_quantized=keep_quantized)
+                                    keep_quantized=keep_quantized, one_row=one_row)
             model.generation_config = GenerationConfig.from_dict(checkpoint.generation)
             return model
-        model = load_model(where, dtype=dtype, device=device, model_class=cls, quantize=quantize)
+        model = load_model(where, dtype=dtype, device=device, model_class=cls, quantize=quantize, one_row=one_row)
         model.generation_config = GenerationConfig.from_file(where)
         return model
 

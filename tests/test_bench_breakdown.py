@@ -40,6 +40,11 @@ def test_parts_of_a_kept_quantised_slice_add_up(tmp_path):
     held = parts["held_bytes"]
     assert set(held) == {"rest", "layer0", "layer1", "layer0.experts", "layer1.experts"}
     # (resident_bytes is measured in the worker's fresh process; here, inside pytest's, it means nothing)
+    # Loaded for autoregressive decoding: the prompt and the tokens only, in the one-row layout, the same bytes held.
+    tokens = measure_parts(path, threads=1, prompt_length=8, repeat=1, ar_tokens=2, seed=0, decode="autoregressive")
+    assert "decoder_seconds" not in tokens and "sampler_seconds" not in tokens
+    assert len(tokens["ar_layers"]) == 2 and sum(tokens["ar_layers"]) <= tokens["ar_token_seconds"]
+    assert tokens["held_bytes"] == held
 
 
 def test_load_keeps_the_slices_four_bit_matrices_in_a_cpu_int4_kernels_layout(tmp_path):
@@ -80,6 +85,17 @@ def test_projection_counts_each_layer_kind_of_the_full_model():
     assert projected["weights_bytes"] == pytest.approx(25 * 1010 + 5 * 1020 + 100)
     assert projected["break_even_tokens_per_forward"] == pytest.approx(36.5 / 0.37)
     assert projected["diffusion_tokens_per_second"]["16.0"] == pytest.approx(16 / 36.5)
+    assert "ar_token_seconds_canvas_layout" not in projected
+    # The same form loaded for autoregressive decoding gives the AR token; the canvas layout's is kept beside it.
+    tokens = {**parts, "ar_layers": [0.004, 0.008], "ar_token_seconds": 0.03, "prefill_layers": [0.3, 0.6],
+              "prefill_seconds": 1.0}
+    del tokens["decoder_layers"], tokens["decoder_seconds"], tokens["sampler_seconds"]
+    with_tokens = project(parts, full, steps=16, tokens=tokens)
+    assert with_tokens["ar_token_seconds"] == pytest.approx(25 * 0.004 + 5 * 0.008 + 0.018)
+    assert with_tokens["ar_token_seconds_canvas_layout"] == pytest.approx(projected["ar_token_seconds"])
+    assert with_tokens["prefill_seconds_token_layout"] == pytest.approx(25 * 0.3 + 5 * 0.6 + 0.1)
+    assert with_tokens["step_seconds"] == projected["step_seconds"]
+    assert with_tokens["break_even_tokens_per_forward"] == pytest.approx(36.5 / with_tokens["ar_token_seconds"])
 
 
 def test_rounds_merge_into_medians_of_numbers_and_lists_keeping_the_rest():

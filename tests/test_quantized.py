@@ -289,6 +289,14 @@ def test_cpu_int4_layout_takes_amx_where_it_applies_and_otherwise_only_experts_i
         # the embedding (also the head) is read by more than F.linear; fp32 is the parity path: tiles, exact
         assert layout("decoder.embed_tokens.weight", q4(64), "cpu", linear_only=False) is None
         assert layout(expert, q4(64, torch.float32), "cpu", linear_only=False) is None
+        # Loaded for one row at a time (autoregressive decoding): torch's kernel for every matrix it can take, on
+        # any CPU, and still nothing it cannot.
+        for name, linear_only in ((expert, False), (linear, True)):
+            assert layout(name, q4(64), "cpu", linear_only=linear_only, one_row=True) == "int4pack"
+            assert layout(name, q4(48), "cpu", linear_only=linear_only, one_row=True) == "int4pack"
+            assert layout(name, q4(40), "cpu", linear_only=linear_only, one_row=True) is None  # rows not in 16s
+        assert layout("decoder.embed_tokens.weight", q4(64), "cpu", linear_only=False, one_row=True) is None
+        assert layout(expert, q4(64, torch.float32), "cpu", linear_only=False, one_row=True) is None
 
 
 def test_amx_int4_layout_is_the_one_inductors_template_blocks_its_constant_weights_into() -> None:

@@ -15,7 +15,7 @@ import dgemma.amx_int4
 import dgemma.quantized
 from dgemma.cache import KVCache
 from dgemma.checkpoints import CheckpointError, bundled_model_dir, checkpoint_name, to_checkpoint_names
-from dgemma.cli import main as cli_main
+from dgemma.cli import build_parser, load_for_generation, main as cli_main
 from dgemma.gguf import read_gguf, write_gguf
 from dgemma.quantized import quantized_weights, scheme_type
 
@@ -192,12 +192,16 @@ def test_bf16_logits_on_the_cpu_int4_kernels_stay_as_close_to_fp32_as_plain_bf16
     bf16 scales and zeros), the rest tiles, and the 8-bit head (2^21 values) on the few-row kernel for a last
     token's row. Against the same file dequantised in fp32, its logits' RMS error stays within 2x the error of
     the same file dequantised to bf16 (the kernels add their bf16 scales and their summation order to bf16's own
-    rounding; a misread layout would be off by the logits' whole scale)."""
+    rounding; a misread layout would be off by the logits' whole scale). The same for the layout loaded for
+    autoregressive decoding (torch's int4 kernel on every 4-bit linear matrix)."""
     config = dict(K_CONFIG, text_config=dict(K_CONFIG["text_config"], vocab_size=8192))
     tensors = model_tensors(config)
     types = {name: ("Q8_0" if "embed" in name or "router" in name or "self_attn" in name else "Q4_K")
              for name, t in tensors.items() if t.dim() > 1}
-    path = write_gguf(tmp_path / "int4.gguf", config, tensors, types=types)
+    tokenizer_dir = bundled_model_dir()  # a tokenizer, for the command line's loading below
+    path = write_gguf(tmp_path / "int4.gguf", config, tensors, types=types,
+                      tokenizer_json=(tokenizer_dir / "tokenizer.json").read_text(),
+                      tokenizer_config=json.loads((tokenizer_dir / "tokenizer_config.json").read_text()))
     kernels = dgemma.load(path)
     assert any(type(w).__name__ == "CpuInt4" for _, w in quantized_weights(kernels))
     ids = torch.randint(3, 8192, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -208,14 +212,26 @@ def test_bf16_logits_on_the_cpu_int4_kernels_stay_as_close_to_fp32_as_plain_bf16
     def all_logits(model) -> tuple[torch.Tensor, ...]:
         return (*both_logits(model, ids), last_token_logits(model, ids[:1]))
 
+    # Loaded for autoregressive decoding, as `dgemma generate --decode autoregressive` loads it: every 4-bit matrix
+    # the network reaches through F.linear in torch's one-row layout, the 8-bit ones as before.
+    args = build_parser().parse_args(["generate", "x", "--model", str(path), "--decode", "autoregressive"])
+    one_row, _ = load_for_generation(args)
+    layouts = {name: getattr(w, "layout", None) for name, w in quantized_weights(one_row)}
+    assert {name for name, layout in layouts.items() if layout == "int4pack"} == {
+        name for name, w in quantized_weights(kernels) if type(w).__name__ == "CpuInt4"}
+    assert all(layout is None for name, layout in layouts.items() if "embed" in name or "self_attn" in name)
+    with pytest.raises(ValueError, match="decode must be one of diffusion, autoregressive, speculative, not 'sideways'"):
+        dgemma.load(path, decode="sideways")
+
     exact = all_logits(dgemma.load(path, dtype=torch.float32, keep_quantized=False))
     plain = all_logits(dgemma.load(path, keep_quantized=False))
-    for ours, bf16, truth in zip(all_logits(kernels), plain, exact):
+    for model in (kernels, one_row):
+        for ours, bf16, truth in zip(all_logits(model), plain, exact):
 
-        def rms(x: torch.Tensor) -> float:
-            return float((x.detach().float() - truth.detach()).pow(2).mean().sqrt())
+            def rms(x: torch.Tensor) -> float:
+                return float((x.detach().float() - truth.detach()).pow(2).mean().sqrt())
 
-        assert rms(ours) <= 2 * rms(bf16), (rms(ours), rms(bf16))
+            assert rms(ours) <= 2 * rms(bf16), (rms(ours), rms(bf16))
 
 
 def test_weights_option_on_the_command_line(mixed, tmp_path, capsys):
