@@ -474,18 +474,28 @@ def cpu_int4_layout(name: str, weight: GroupQuantized, device: torch.device | st
     expert's few rows, slower at a canvas's 256 (docs/quantization.md).
 
     `one_row`: the model is loaded for autoregressive decoding, where all but the prompt's products are one token's
-    row. Then every such matrix with rows a multiple of 16 takes torch's eager kernel, on any CPU: at one row it is
-    2.3 to 3.9 times faster than the AMX kernel (which pads the row to two and dequantises the whole matrix into
-    tiles either way), at the prompt's rows slower (an expert's 16 rows 1.9 times, a 256-row matmul 7 times)."""
+    row. Then experts take torch's eager kernel, on any CPU: at one row it is 2.3 to 3.9 times faster than the AMX
+    kernel (which pads the row to two and dequantises the whole matrix either way), at an expert's share of a
+    prompt (16 rows) 1.9 times slower. The other matrices keep the AMX kernel where there is one (with a copy in the
+    eager kernel's layout for single rows: `keeps_one_row_copy`), and take the eager kernel without it (tiles are
+    19 to 30 times slower for one row)."""
     if not (weight.bits == 4 and weight.group == 32 and weight.dtype == torch.bfloat16
             and torch.device(device).type == "cpu" and (linear_only or is_expert(name))):
         return None
     rows = weight.shape[-2]
-    if one_row:
+    if one_row and is_expert(name):
         return "int4pack" if rows % 16 == 0 else None
     if rows % AMX_BLOCK_N == 0 and amx_int4_available():
         return "amx"
-    return "int4pack" if is_expert(name) and rows % 16 == 0 else None
+    return "int4pack" if (one_row or is_expert(name)) and rows % 16 == 0 else None
+
+
+def keeps_one_row_copy(name: str, layout: str | None) -> bool:
+    """Whether a matrix in a CPU int4 layout also keeps its codes in torch's eager layout, for single rows: the
+    matrices on the AMX kernel other than experts. For one row the eager kernel is 2.3 times faster (attention's q,
+    the dense MLP), and those matrices are 7 % of a released layer's weights, so the copy costs about 3 % of a
+    4-bit model's memory; the experts, 93 %, take one layout, chosen by the decoding the model is loaded for."""
+    return layout == "amx" and not is_expert(name)
 
 
 @dataclass(eq=False)
@@ -497,42 +507,53 @@ class CpuInt4:
     Q4_K's zero). Computes in bf16.
 
     Two kernels, two layouts (`cpu_int4_layout` chooses): "amx", Inductor's AMX template (dgemma.amx_int4), and
-    "int4pack", torch's eager kernel, packed by `torch._convert_weight_to_int4pack_for_cpu`."""
+    "int4pack", torch's eager kernel, packed by `torch._convert_weight_to_int4pack_for_cpu`. Beside the amx layout
+    the codes may also be kept in the int4pack one (`one_row_codes`): a single row then takes the eager kernel,
+    faster for one row (the two kernels share the scales and zeros)."""
 
     codes: torch.Tensor  # uint8 [..., N, K // 2], packed in the layout's order
     scales_and_zeros: torch.Tensor  # bf16 [..., K // 32, N, 2]
     shape: tuple[int, ...]
     qtype: str
     layout: str  # "amx" or "int4pack"
+    one_row_codes: torch.Tensor | None = None  # uint8 [..., N, K // 2] in the int4pack layout, beside amx codes
 
     GROUP = 32
 
     @classmethod
-    def from_grouped(cls, weight: GroupQuantized, layout: str) -> CpuInt4:
+    def from_grouped(cls, weight: GroupQuantized, layout: str, one_row_copy: bool = False) -> CpuInt4:
         """The same codes repacked (one leading entry, e.g. one expert, at a time: the kernels pack 2-D weights),
-        in `layout` ("amx" or "int4pack", as `cpu_int4_layout` chooses)."""
+        in `layout` ("amx" or "int4pack", as `cpu_int4_layout` chooses), and with `one_row_copy` (amx only) also
+        in the int4pack layout for single rows (`keeps_one_row_copy`)."""
         *lead, n, k = weight.shape
         if layout not in ("amx", "int4pack"):
             raise ValueError(f"layout must be 'amx' or 'int4pack', not {layout!r}")
+        if one_row_copy and layout != "amx":
+            raise ValueError("a copy for single rows is kept beside the amx layout only (int4pack is that copy)")
         codes = weight.codes.reshape(-1, n, k // 2)
         scale = weight.scale.reshape(-1, n, k // cls.GROUP)
         offset = None if weight.offset is None else weight.offset.reshape(-1, n, k // cls.GROUP)
         entries = codes.shape[0]
         packed = torch.empty(entries, n, k // 2, dtype=torch.uint8)
+        one_row = torch.empty(entries, n, k // 2, dtype=torch.uint8) if one_row_copy else None
         scales_and_zeros = torch.empty(entries, k // cls.GROUP, n, 2, dtype=torch.bfloat16)
         for entry in range(entries):
             unpacked = torch.stack((codes[entry] & 0x0F, codes[entry] >> 4), dim=-1).reshape(n, k).to(torch.int32)
             packed[entry] = (block_codes(unpacked) if layout == "amx"
                              else torch._convert_weight_to_int4pack_for_cpu(unpacked, 1))
+            if one_row is not None:
+                one_row[entry] = torch._convert_weight_to_int4pack_for_cpu(unpacked, 1)
             zero = (8 - weight.zero_code) * scale[entry] + (0 if offset is None else offset[entry])
             scales_and_zeros[entry] = torch.stack((scale[entry], zero), dim=-1).transpose(0, 1)
         return cls(codes=packed.reshape(*lead, n, k // 2),
                    scales_and_zeros=scales_and_zeros.reshape(*lead, k // cls.GROUP, n, 2), shape=tuple(weight.shape),
-                   qtype=weight.qtype, layout=layout)
+                   qtype=weight.qtype, layout=layout,
+                   one_row_codes=None if one_row is None else one_row.reshape(*lead, n, k // 2))
 
     def nbytes(self) -> int:
-        """bytes held (packed codes + scales and zeros)"""
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales_and_zeros))
+        """bytes held (packed codes, the copy for single rows if kept, scales and zeros)"""
+        held = (self.codes, self.scales_and_zeros) + (() if self.one_row_codes is None else (self.one_row_codes,))
+        return sum(t.numel() * t.element_size() for t in held)
 
     @property
     def device(self) -> torch.device:
@@ -541,7 +562,8 @@ class CpuInt4:
     def __getitem__(self, index: int) -> CpuInt4:
         """Entry `index` of the leading dimension (one expert of [E, N, K])."""
         return replace(self, codes=self.codes[index], scales_and_zeros=self.scales_and_zeros[index],
-                       shape=self.shape[1:])
+                       shape=self.shape[1:],
+                       one_row_codes=None if self.one_row_codes is None else self.one_row_codes[index])
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -553,7 +575,9 @@ class CpuInt4:
         if x.dtype != torch.bfloat16:
             raise TypeError(f"a weight in a CPU int4 layout computes in bfloat16, not {x.dtype}")
         flat = x.reshape(-1, x.shape[-1]).contiguous()
-        if weight.layout == "amx":
+        if weight.one_row_codes is not None and flat.shape[0] == 1:
+            out = torch._weight_int4pack_mm_for_cpu(flat, weight.one_row_codes, cls.GROUP, weight.scales_and_zeros)
+        elif weight.layout == "amx":
             out = amx_int4_matmul(flat, weight.codes, weight.scales_and_zeros)
         else:
             out = torch._weight_int4pack_mm_for_cpu(flat, weight.codes, cls.GROUP, weight.scales_and_zeros)

@@ -289,14 +289,20 @@ def test_cpu_int4_layout_takes_amx_where_it_applies_and_otherwise_only_experts_i
         # the embedding (also the head) is read by more than F.linear; fp32 is the parity path: tiles, exact
         assert layout("decoder.embed_tokens.weight", q4(64), "cpu", linear_only=False) is None
         assert layout(expert, q4(64, torch.float32), "cpu", linear_only=False) is None
-        # Loaded for one row at a time (autoregressive decoding): torch's kernel for every matrix it can take, on
-        # any CPU, and still nothing it cannot.
+        # Loaded for one row at a time (autoregressive decoding): experts in torch's kernel on any CPU; the other
+        # matrices on AMX where there is one (with a copy for single rows), else in torch's kernel, never tiles.
+        assert layout(expert, q4(64), "cpu", linear_only=False, one_row=True) == "int4pack"
+        assert layout(linear, q4(64), "cpu", linear_only=True, one_row=True) == ("amx" if amx else "int4pack")
         for name, linear_only in ((expert, False), (linear, True)):
-            assert layout(name, q4(64), "cpu", linear_only=linear_only, one_row=True) == "int4pack"
             assert layout(name, q4(48), "cpu", linear_only=linear_only, one_row=True) == "int4pack"
             assert layout(name, q4(40), "cpu", linear_only=linear_only, one_row=True) is None  # rows not in 16s
         assert layout("decoder.embed_tokens.weight", q4(64), "cpu", linear_only=False, one_row=True) is None
         assert layout(expert, q4(64, torch.float32), "cpu", linear_only=False, one_row=True) is None
+    # The copy for single rows: the matrices on AMX other than experts (93 % of a layer, one layout each)
+    assert dgemma.quantized.keeps_one_row_copy(linear, "amx")
+    assert not dgemma.quantized.keeps_one_row_copy(expert, "amx")
+    assert not dgemma.quantized.keeps_one_row_copy(linear, "int4pack")
+    assert not dgemma.quantized.keeps_one_row_copy(linear, None)
 
 
 def test_amx_int4_layout_is_the_one_inductors_template_blocks_its_constant_weights_into() -> None:
@@ -335,6 +341,23 @@ def test_amx_int4_kernel_compiles_once_per_shape_for_any_rows_and_has_no_backwar
         out.sum().backward()
     with torch.compiler.set_stance("force_eager"), pytest.raises(RuntimeError, match="ran eagerly on blocked codes"):
         F.linear(torch.randn(3, 128).to(torch.bfloat16), kernel)
+
+
+@needs_amx
+def test_a_copy_for_single_rows_gives_one_row_the_eager_kernels_product_and_more_rows_the_amx_kernels() -> None:
+    shape = (2, 64, 256)  # two experts' worth, to slice
+    weight = GroupQuantized.from_gguf(raw(T.Q4_K, shape), T.Q4_K, shape).to(dtype=torch.bfloat16)
+    amx, eager = CpuInt4.from_grouped(weight, "amx"), CpuInt4.from_grouped(weight, "int4pack")
+    both = CpuInt4.from_grouped(weight, "amx", one_row_copy=True)
+    assert amx.one_row_codes is None and torch.equal(both.one_row_codes, eager.codes)
+    assert both.nbytes() == amx.nbytes() + eager.codes.numel()
+    for entry in range(shape[0]):
+        for rows, same_as in ((1, eager), (5, amx)):
+            x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+            # the same kernel on the same codes, scales and zeros: bitwise the same product
+            assert torch.equal(F.linear(x, both[entry]), F.linear(x, same_as[entry]))
+    with pytest.raises(ValueError, match="beside the amx layout only"):
+        CpuInt4.from_grouped(weight, "int4pack", one_row_copy=True)
 
 
 def test_cpu_int4_layout_refuses_what_it_cannot_compute() -> None:

@@ -212,14 +212,23 @@ def test_bf16_logits_on_the_cpu_int4_kernels_stay_as_close_to_fp32_as_plain_bf16
     def all_logits(model) -> tuple[torch.Tensor, ...]:
         return (*both_logits(model, ids), last_token_logits(model, ids[:1]))
 
-    # Loaded for autoregressive decoding, as `dgemma generate --decode autoregressive` loads it: every 4-bit matrix
-    # the network reaches through F.linear in torch's one-row layout, the 8-bit ones as before.
+    # Loaded for autoregressive decoding, as `dgemma generate --decode autoregressive` loads it: the experts in
+    # torch's one-row layout, the other 4-bit matrices on AMX with a copy for single rows where there is AMX (as
+    # loaded for diffusion), in torch's layout where not; the 8-bit ones as before.
     args = build_parser().parse_args(["generate", "x", "--model", str(path), "--decode", "autoregressive"])
     one_row, _ = load_for_generation(args)
-    layouts = {name: getattr(w, "layout", None) for name, w in quantized_weights(one_row)}
-    assert {name for name, layout in layouts.items() if layout == "int4pack"} == {
-        name for name, w in quantized_weights(kernels) if type(w).__name__ == "CpuInt4"}
-    assert all(layout is None for name, layout in layouts.items() if "embed" in name or "self_attn" in name)
+    amx = dgemma.amx_int4.available()
+    for model, experts in ((kernels, "amx" if amx else "int4pack"), (one_row, "int4pack")):
+        for name, weight in quantized_weights(model):
+            if "embed" in name or "self_attn" in name or "router" in name:
+                assert type(weight).__name__ == "GroupQuantized", name
+            elif ".experts." in name:
+                assert (weight.layout, weight.one_row_codes) == (experts, None), name
+            elif model is kernels and not amx:  # without AMX, loaded for diffusion: tiles
+                assert type(weight).__name__ == "GroupQuantized", name
+            else:
+                assert weight.layout == ("amx" if amx else "int4pack"), name
+                assert (weight.one_row_codes is not None) == amx, name
     with pytest.raises(ValueError, match="decode must be one of diffusion, autoregressive, speculative, not 'sideways'"):
         dgemma.load(path, decode="sideways")
 
