@@ -46,7 +46,7 @@ def load(path: str | Path | None = None, dtype: torch.dtype | None = None, devic
     (its quantised matrices kept quantised unless `keep_quantized=False`; only its experts with "experts"), a
     Hugging Face repo id resolved from the local Hugging Face cache, or the bundled model when `path` is None.
     `quantize` (a scheme of `dgemma.quantized.SCHEMES`) quantises a safetensors checkpoint's matrices as they load.
-    `decode="autoregressive"` lays 4-bit matrices out for one token at a time on the CPU (see `from_pretrained`)."""
+    `decode="autoregressive"` lays 4-bit experts out for one token at a time on the CPU (see `from_pretrained`)."""
     from .pretrained import DiffusionGemmaForBlockDiffusion
 
     return DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=dtype, device=device,

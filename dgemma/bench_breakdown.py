@@ -19,9 +19,10 @@ Design choices:
   measured N times, the forms interleaved in each round (a shared machine's drift then slows them alike), and the
   report holds the medians over rounds and each round's projected step and token.
 - Forms with 4-bit matrices (int4, int4_experts, q4_k_m) are measured once more loaded for autoregressive decoding
-  (`dgemma.load(decode="autoregressive")`, the layout `--decode autoregressive` gets: torch's int4 kernel, faster
-  at one row, slower at a canvas's): prefill and tokens only. Their projected AR token is that run's; the canvas
-  layout's is kept beside it (`ar_token_seconds_canvas_layout`), and the prompt's prefill in the token layout too.
+  (`dgemma.load(decode="autoregressive")`, the layout `--decode autoregressive` gets: experts in torch's int4
+  kernel, faster at one row, slower at a canvas's share): prefill and tokens only. Their projected AR token is that
+  run's; the canvas layout's is kept beside it (`ar_token_seconds_canvas_layout`), and the prompt's prefill in the
+  token layout too.
 - `generate()` of one canvas with `--steps` fixed steps, by dgemma (each form) and by transformers (bf16), in their
   own processes (`dgemma bench`'s workers): the whole step as a user sees it, prefill and commit included.
 - Floors: a denoising step at the measured bf16 matmul rate (it is compute-bound: 256 tokens x 8 experts route to
@@ -299,7 +300,8 @@ def project(parts: dict, full, steps: int, tokens: dict | None = None) -> dict:
                   "break_even_tokens_per_forward": step / ar_token,
                   "weights_bytes": memory, "resident_bytes_estimate": memory + max(runtime, 0)}
     if tokens is not None:
-        projection.update(ar_token_seconds_canvas_layout=ar_token_of(parts), prefill_seconds_token_layout=prefill_of(tokens))
+        projection.update(ar_token_seconds_canvas_layout=ar_token_of(parts),
+                          prefill_seconds_token_layout=prefill_of(tokens))
     return projection
 
 
@@ -385,7 +387,8 @@ def main_run(args: argparse.Namespace) -> dict:
         elif system == "tokens":
             tokens = spawn_parts(path, args, decode="autoregressive")
             runs[form, system].append(tokens)
-            note = f"loaded for AR: token {tokens['ar_token_seconds'] * 1e3:.0f} ms, prefill {tokens['prefill_seconds']:.2f} s"
+            note = (f"loaded for AR: token {tokens['ar_token_seconds'] * 1e3:.0f} ms, "
+                    f"prefill {tokens['prefill_seconds']:.2f} s")
         else:
             run = spawn("transformers" if system == "transformers" else "dgemma-fast", path, spawn_args, fixed)
             runs[form, system].append({**run, "seconds_per_step": run["seconds"] / run["forwards"]})
@@ -432,7 +435,8 @@ def table(report: dict) -> str:
         full = statistics.mean(t for t, s in zip(parts["decoder_layers"], kinds) if not s)
         generate = entry.get("generate", {}).get("seconds_per_step", float("nan"))
         token_layout = entry.get("token_layout_parts")
-        ar = f"{parts['ar_token_seconds']:.3f}" + (f" / {token_layout['ar_token_seconds']:.3f}" if token_layout else "")
+        ar = f"{parts['ar_token_seconds']:.3f}" + (f" / {token_layout['ar_token_seconds']:.3f}" if token_layout
+                                                   else "")
         lines.append(f"| {form} | {parts['decoder_seconds']:.3f} | {sliding:.3f} / {full:.3f} | "
                      f"{parts['sampler_seconds']:.3f} | {parts['decoder_seconds'] + parts['sampler_seconds']:.3f} | "
                      f"{generate:.3f} | {ar} | "

@@ -272,7 +272,7 @@ def load_model(directory: str | Path, dtype: torch.dtype | None = None, device: 
                quantize: str | None = None, one_row: bool = False) -> DiffusionGemma:
     """Build a `model_class` from a checkpoint directory, converting weights to `dtype` (default: as stored).
     `quantize` (a scheme of `dgemma.quantized.scheme_type`) keeps the scheme's matrices quantised
-    instead, computed in `dtype`; they are quantised one at a time, as they are read. `one_row`: 4-bit matrices
+    instead, computed in `dtype`; they are quantised one at a time, as they are read. `one_row`: 4-bit experts
     laid out for one row at a time (`dgemma.quantized.cpu_int4_layout`)."""
     directory = Path(directory)
     config = config or ModelConfig.from_file(directory)
@@ -325,8 +325,8 @@ def _assign(model: DiffusionGemma, state: dict[str, torch.Tensor], device: str |
             quantized: dict[str, GroupQuantized] | None = None, one_row: bool = False) -> DiffusionGemma:
     """Give a model built on the meta device its tensors (tied names share the decoder's); `quantized` weights (by
     module name) take the place of their parameters, in the decoder and in the encoder that ties to it (4-bit
-    matrices computed in bf16 on the CPU in a CPU int4 kernel's layout, for a canvas's rows or with `one_row` for
-    one token's: `dgemma.quantized.cpu_int4_layout`)."""
+    matrices computed in bf16 on the CPU in a CPU int4 kernel's layout, the experts' for a canvas's rows or with
+    `one_row` for one token's: `dgemma.quantized.cpu_int4_layout`)."""
     tied = tied_names(model)
     quantized = quantized or {}
     quantized_count = len(quantized)
@@ -355,7 +355,7 @@ def load_gguf_model(checkpoint: GGUFCheckpoint, dtype: torch.dtype | None = None
     `dtype`) unless `keep_quantized` is False (with "experts", only the experts' matrices); every other tensor is
     dequantised exactly as the `gguf` library does and cast to `dtype` (default: bfloat16 when the file holds
     quantised tensors, else its float type). The file's tensors were checked against its metadata when it was
-    read. `one_row`: 4-bit matrices laid out for one row at a time (`dgemma.quantized.cpu_int4_layout`)."""
+    read. `one_row`: 4-bit experts laid out for one row at a time (`dgemma.quantized.cpu_int4_layout`)."""
     config = ModelConfig.from_dict(checkpoint.config)
     if dtype is None:
         floats = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}

@@ -112,7 +112,7 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=seed_value, help="random seed (default: nondeterministic)")
     parser.add_argument("--decode", choices=DECODE_MODES, default="diffusion",
                         help="autoregressive: token by token with the encoder alone (an AR language model over the "
-                             "same weights; 4-bit weights are then laid out for one row at a time); --temperature is "
+                             "same weights; 4-bit experts are then laid out for one row at a time); --temperature is "
                              "then the sampling temperature itself (default 1); speculative: the same tokens, a "
                              "diffusion draft (--steps etc.) verified per encoder pass")
 

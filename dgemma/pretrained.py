@@ -37,9 +37,9 @@ class DiffusionGemmaForBlockDiffusion(DiffusionGemma):
         quantised matrices stay quantised, or with `keep_quantized=False` are dequantised as the `gguf` library does
         (default dtype: bfloat16 for quantised files); `keep_quantized="experts"` keeps only the experts quantised
         (the CPU form of docs/cpu.md for a GGUF file). `decode` ("diffusion", "autoregressive" or "speculative"):
-        the decoding the model is loaded for, which chooses the CPU layout of 4-bit matrices computed in bf16 (the
+        the decoding the model is loaded for, which chooses the CPU layout of 4-bit experts computed in bf16 (the
         AMX kernel's for a canvas's rows, torch's kernel's for one token's with "autoregressive";
-        `dgemma.quantized.cpu_int4_layout`). Every mode runs on any layout; this only decides which is fast."""
+        `dgemma.quantized.cpu_int4_layout`). Every mode runs on either layout; this only decides which is fast."""
         if keep_quantized not in (True, False, "experts"):
             raise ValueError(f"keep_quantized must be True, False or 'experts', not {keep_quantized!r}")
         if decode not in DECODE_MODES:

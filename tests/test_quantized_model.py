@@ -229,7 +229,7 @@ def test_bf16_logits_on_the_cpu_int4_kernels_stay_as_close_to_fp32_as_plain_bf16
             else:
                 assert weight.layout == ("amx" if amx else "int4pack"), name
                 assert (weight.one_row_codes is not None) == amx, name
-    with pytest.raises(ValueError, match="decode must be one of diffusion, autoregressive, speculative, not 'sideways'"):
+    with pytest.raises(ValueError, match="decode must be one of diffusion, autoregressive, speculative, not 'side"):
         dgemma.load(path, decode="sideways")
 
     exact = all_logits(dgemma.load(path, dtype=torch.float32, keep_quantized=False))
