@@ -298,7 +298,7 @@ def test_cpu_int4_layout_takes_amx_where_it_applies_and_otherwise_only_experts_i
             assert layout(name, q4(40), "cpu", linear_only=linear_only, one_row=True) is None  # rows not in 16s
         assert layout("decoder.embed_tokens.weight", q4(64), "cpu", linear_only=False, one_row=True) is None
         assert layout(expert, q4(64, torch.float32), "cpu", linear_only=False, one_row=True) is None
-    # The copy for single rows: the matrices on AMX other than experts (93 % of a layer, one layout each)
+    # The copy for single rows: the matrices on AMX other than experts (the experts, 93 % of a layer, keep one layout)
     assert dgemma.quantized.keeps_one_row_copy(linear, "amx")
     assert not dgemma.quantized.keeps_one_row_copy(expert, "amx")
     assert not dgemma.quantized.keeps_one_row_copy(linear, "int4pack")

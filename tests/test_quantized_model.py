@@ -56,9 +56,13 @@ def both_logits(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def last_token_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    """The vocabulary head on each row's last position alone, [B, H]: an autoregressive token's rows."""
+    """An autoregressive token's logits, [B, V]: the prompt but its last token encoded, then that token alone (one
+    row per sequence through every matrix of every layer), and the vocabulary head on it."""
     cache = KVCache(model.config, ids.shape[0], model.dtype, model.device, capacity=ids.shape[1])
-    hidden = model.encode(ids, cache.encoder_plan(model.rope, torch.ones_like(ids, dtype=torch.bool)))
+    for part in (ids[:, :-1], ids[:, -1:]):
+        valid = torch.ones_like(part, dtype=torch.bool)
+        hidden = model.encode(part, cache.encoder_plan(model.rope, valid))
+        cache.commit(valid)
     return model.logits(hidden[:, -1])
 
 
@@ -192,8 +196,9 @@ def test_bf16_logits_on_the_cpu_int4_kernels_stay_as_close_to_fp32_as_plain_bf16
     bf16 scales and zeros), the rest tiles, and the 8-bit head (2^21 values) on the few-row kernel for a last
     token's row. Against the same file dequantised in fp32, its logits' RMS error stays within 2x the error of
     the same file dequantised to bf16 (the kernels add their bf16 scales and their summation order to bf16's own
-    rounding; a misread layout would be off by the logits' whole scale). The same for the layout loaded for
-    autoregressive decoding (torch's int4 kernel on every 4-bit linear matrix)."""
+    rounding; a misread layout would be off by the logits' whole scale). The same for the model loaded for
+    autoregressive decoding (its experts in torch's int4 kernel's layout); the last token's single row also goes
+    through the one-row copies of the other 4-bit matrices."""
     config = dict(K_CONFIG, text_config=dict(K_CONFIG["text_config"], vocab_size=8192))
     tensors = model_tensors(config)
     types = {name: ("Q8_0" if "embed" in name or "router" in name or "self_attn" in name else "Q4_K")
