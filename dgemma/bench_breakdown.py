@@ -280,14 +280,17 @@ def project(parts: dict, full, steps: int, tokens: dict | None = None) -> dict:
                 for kind, members in (("sliding", sliding), ("full", full_attention))}
         return counts["sliding"] * mean["sliding"] + counts["full"] * mean["full"]
 
+    def deepened(measured: dict, total: str, layers: str) -> float:
+        """A pass's time at full depth: its layers' times at the model's counts, plus what it spent outside them."""
+        return depth(measured[layers]) + measured[total] - sum(measured[layers])
+
     def ar_token_of(measured: dict) -> float:
-        return depth(measured["ar_layers"]) + measured["ar_token_seconds"] - sum(measured["ar_layers"])
+        return deepened(measured, "ar_token_seconds", "ar_layers")
 
     def prefill_of(measured: dict) -> float:
-        return depth(measured["prefill_layers"]) + measured["prefill_seconds"] - sum(measured["prefill_layers"])
+        return deepened(measured, "prefill_seconds", "prefill_layers")
 
-    decoder_outside = parts["decoder_seconds"] - sum(parts["decoder_layers"])
-    step = depth(parts["decoder_layers"]) + decoder_outside + parts["sampler_seconds"]
+    step = deepened(parts, "decoder_seconds", "decoder_layers") + parts["sampler_seconds"]
     ar_token = ar_token_of(tokens or parts)
     held = parts["held_bytes"]
     layer_bytes = [held.get(f"layer{i}", 0) + held.get(f"layer{i}.experts", 0) for i in range(len(parts["layer_types"]))]

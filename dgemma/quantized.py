@@ -337,10 +337,15 @@ def _in_one_pass(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor 
     398 ms). The same bits: code - zero_code and its product with the scale are exact in float32 (module docstring),
     so the offset's addition, fused into a multiply-add or not, and the cast are the only roundings, as in the eager
     steps. (4-bit tiles, whose codes are unpacked from nibbles, and float32 tiles measured no faster compiled.)"""
+    return _grouped_values(codes, scale, offset, zero_code, group).reshape(*scale.shape[:-1], -1).to(dtype)
+
+
+def _grouped_values(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, zero_code: int,
+                    group: int) -> torch.Tensor:
+    """The float32 values of one-byte codes [..., K] as [..., K // group, group], (code - zero_code) * scale (+
+    offset): the compiled kernels' one expression of gguf's steps (`GroupQuantized.dequantize` does them in place)."""
     values = (codes.reshape(*scale.shape, group).float() - zero_code) * scale.unsqueeze(-1)
-    if offset is not None:
-        values = values + offset.unsqueeze(-1)
-    return values.reshape(*scale.shape[:-1], -1).to(dtype)
+    return values if offset is None else values + offset.unsqueeze(-1)
 
 
 @functools.cache
@@ -380,11 +385,8 @@ def _few_rows_product(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     """x [M, K] @ W.T for W [N, K] held as one-byte codes, accumulated in float32 and rounded once to x's dtype."""
     if not torch.compiler.is_compiling():  # eagerly, [M, N, K] float32 temporaries: the whole matrix, M times over
         raise RuntimeError("the few-row quantised product ran eagerly: it only exists compiled")
-    n, groups = scale.shape
-    values = (codes.reshape(n, groups, group).float() - zero_code) * scale.unsqueeze(-1)
-    if offset is not None:
-        values = values + offset.unsqueeze(-1)
-    return (values * x.float().view(-1, 1, groups, group)).sum((-2, -1)).to(x.dtype)
+    values = _grouped_values(codes, scale, offset, zero_code, group)  # [N, K // group, group]
+    return (values * x.float().view(-1, 1, *values.shape[1:])).sum((-2, -1)).to(x.dtype)
 
 
 @functools.cache
