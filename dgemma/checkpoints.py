@@ -325,8 +325,8 @@ def _assign(model: DiffusionGemma, state: dict[str, torch.Tensor], device: str |
             quantized: dict[str, GroupQuantized] | None = None, one_row: bool = False) -> DiffusionGemma:
     """Give a model built on the meta device its tensors (tied names share the decoder's); `quantized` weights (by
     module name) take the place of their parameters, in the decoder and in the encoder that ties to it (4-bit
-    matrices computed in bf16 on the CPU in a CPU int4 kernel's layout, the experts' for a canvas's rows or with
-    `one_row` for one token's: `dgemma.quantized.cpu_int4_layout`)."""
+    matrices and Q8_0 experts computed in bf16 on the CPU in a CPU int4 kernel's layout, the experts' for a canvas's
+    rows or with `one_row` for one token's: `dgemma.quantized.cpu_int4_layout`)."""
     tied = tied_names(model)
     quantized = quantized or {}
     quantized_count = len(quantized)

@@ -475,16 +475,29 @@ def cpu_int4_layout(name: str, weight: GroupQuantized, device: torch.device | st
     of rows. Without it, experts with rows a multiple of 16, in torch's eager kernel: faster than tiles at an
     expert's few rows, slower at a canvas's 256 (docs/quantization.md).
 
+    Q8_0 experts also take a layout, as two 4-bit halves (`CpuInt4`, `halves`): twice the 4-bit work, which at an
+    expert's 16 rows on the AMX kernel still takes 0.6 to 0.7 of the time of its tiles, and at one row in the eager
+    kernel 0.35 to 0.45 of the time of the one-pass product over its bytes (`scripts/quantized_matmul.py`). At a
+    canvas's 256 rows tiles are faster (the AMX kernel dequantises twice the codes per block of rows), so Q8_0
+    matrices other than experts stay tiles; so do Q8_0 experts in the canvas layout without AMX (the eager kernel
+    at 16 rows: 1.2 times the tiles' time).
+
     `one_row`: the model is loaded for autoregressive decoding, where all but the prompt's products are one token's
     row. Then experts take torch's eager kernel, on any CPU: at one row it is 2.3 to 3.9 times faster than the AMX
     kernel (which pads the row to two and dequantises the whole matrix either way), at an expert's share of a
     prompt (16 rows) 1.9 times slower. The other matrices keep the AMX kernel where there is one (with a copy in the
     eager kernel's layout for single rows: `keeps_one_row_copy`), and take the eager kernel without it (tiles are
     19 to 30 times slower for one row)."""
-    if not (weight.bits == 4 and weight.group == 32 and weight.dtype == torch.bfloat16
+    if not (weight.bits in (4, 8) and weight.group == 32 and weight.dtype == torch.bfloat16
             and torch.device(device).type == "cpu" and (linear_only or is_expert(name))):
         return None
     rows = weight.shape[-2]
+    if weight.bits == 8:
+        if not is_expert(name):
+            return None
+        if one_row:
+            return "int4pack" if rows % 16 == 0 else None
+        return "amx" if rows % AMX_BLOCK_N == 0 and amx_int4_available() else None
     if one_row and is_expert(name):
         return "int4pack" if rows % 16 == 0 else None
     if rows % AMX_BLOCK_N == 0 and amx_int4_available():
@@ -502,7 +515,7 @@ def keeps_one_row_copy(name: str, layout: str | None) -> bool:
 
 @dataclass(eq=False)
 class CpuInt4:
-    """A 4-bit weight [..., N, K] for a CPU int4 kernel: codes packed in the kernel's layout, and per group of 32
+    """A 4-bit weight [..., N, K] (or an 8-bit one as two 4-bit halves) for a CPU int4 kernel: codes packed in the kernel's layout, and per group of 32
     values a bf16 scale and zero with value = (code - 8) * scale + zero. A GroupQuantized value (code - zero_code) *
     s + o is that with scale = s and zero = (8 - zero_code) * s + o, formed in float32 and rounded once to bf16: the
     one rounding of the repack (relative 2^-9 of the scale and of the zero, about 1/64 of a quantisation step for
@@ -511,14 +524,21 @@ class CpuInt4:
     Two kernels, two layouts (`cpu_int4_layout` chooses): "amx", Inductor's AMX template (dgemma.amx_int4), and
     "int4pack", torch's eager kernel, packed by `torch._convert_weight_to_int4pack_for_cpu`. Beside the amx layout
     the codes may also be kept in the int4pack one (`one_row_codes`): a single row then takes the eager kernel,
-    faster for one row (the two kernels share the scales and zeros)."""
+    faster for one row (the two kernels share the scales and zeros).
 
-    codes: torch.Tensor  # uint8 [..., N, K // 2], packed in the layout's order
-    scales_and_zeros: torch.Tensor  # bf16 [..., K // 32, N, 2]
+    8-bit codes (Q8_0) are held as two 4-bit halves (`halves`), a 4-bit matrix [..., N, 2K] whose first K columns
+    are the codes' high nibbles and last K their low ones, times the input taken twice, [x, x]: code - zero_code =
+    16 (high - 8) + low + 128 - zero_code, so the high half has scale 16 s and zero 0, the low half scale s and zero
+    (136 - zero_code) s + offset, 8 s for Q8_0. The kernel sums both halves in fp32 and rounds once; 16 s and 8 s are
+    exact multiples of s in bf16, so Q8_0's one rounding is its scale's, as for the 4-bit types."""
+
+    codes: torch.Tensor  # uint8 [..., N, K // 2] (of 2K with `halves`), packed in the layout's order
+    scales_and_zeros: torch.Tensor  # bf16 [..., K // 32, N, 2] (of 2K with `halves`)
     shape: tuple[int, ...]
     qtype: str
     layout: str  # "amx" or "int4pack"
     one_row_codes: torch.Tensor | None = None  # uint8 [..., N, K // 2] in the int4pack layout, beside amx codes
+    halves: bool = False  # 8-bit codes as two 4-bit halves: codes [..., N, K], scales and zeros [..., 2K // 32, N, 2]
 
     GROUP = 32
 
@@ -532,25 +552,37 @@ class CpuInt4:
             raise ValueError(f"layout must be 'amx' or 'int4pack', not {layout!r}")
         if one_row_copy and layout != "amx":
             raise ValueError("a copy for single rows is kept beside the amx layout only (int4pack is that copy)")
-        codes = weight.codes.reshape(-1, n, k // 2)
+        if weight.bits not in (4, 8) or weight.group != cls.GROUP:
+            raise ValueError(f"a CPU int4 layout takes 4- or 8-bit codes in groups of {cls.GROUP}, not {weight.qtype}'s "
+                             f"{weight.bits}-bit codes in groups of {weight.group}")
+        halves = weight.bits == 8
+        width = 2 * k if halves else k  # the 4-bit matrix's columns
+        codes = weight.codes.reshape(-1, n, weight.codes.shape[-1])
         scale = weight.scale.reshape(-1, n, k // cls.GROUP)
         offset = None if weight.offset is None else weight.offset.reshape(-1, n, k // cls.GROUP)
         entries = codes.shape[0]
-        packed = torch.empty(entries, n, k // 2, dtype=torch.uint8)
-        one_row = torch.empty(entries, n, k // 2, dtype=torch.uint8) if one_row_copy else None
-        scales_and_zeros = torch.empty(entries, k // cls.GROUP, n, 2, dtype=torch.bfloat16)
+        packed = torch.empty(entries, n, width // 2, dtype=torch.uint8)
+        one_row = torch.empty(entries, n, width // 2, dtype=torch.uint8) if one_row_copy else None
+        scales_and_zeros = torch.empty(entries, width // cls.GROUP, n, 2, dtype=torch.bfloat16)
         for entry in range(entries):
-            unpacked = torch.stack((codes[entry] & 0x0F, codes[entry] >> 4), dim=-1).reshape(n, k).to(torch.int32)
+            added = offset[entry] if offset is not None else 0
+            if halves:
+                unpacked = torch.cat((codes[entry] >> 4, codes[entry] & 0x0F), dim=-1).to(torch.int32)
+                scales = torch.cat((16 * scale[entry], scale[entry]), dim=-1)
+                zeros = torch.cat((torch.zeros_like(scale[entry]), (136 - weight.zero_code) * scale[entry] + added),
+                                  dim=-1)
+            else:
+                unpacked = torch.stack((codes[entry] & 0x0F, codes[entry] >> 4), dim=-1).reshape(n, k).to(torch.int32)
+                scales, zeros = scale[entry], (8 - weight.zero_code) * scale[entry] + added
             packed[entry] = (block_codes(unpacked) if layout == "amx"
                              else torch._convert_weight_to_int4pack_for_cpu(unpacked, 1))
             if one_row is not None:
                 one_row[entry] = torch._convert_weight_to_int4pack_for_cpu(unpacked, 1)
-            zero = (8 - weight.zero_code) * scale[entry] + (0 if offset is None else offset[entry])
-            scales_and_zeros[entry] = torch.stack((scale[entry], zero), dim=-1).transpose(0, 1)
-        return cls(codes=packed.reshape(*lead, n, k // 2),
-                   scales_and_zeros=scales_and_zeros.reshape(*lead, k // cls.GROUP, n, 2), shape=tuple(weight.shape),
-                   qtype=weight.qtype, layout=layout,
-                   one_row_codes=None if one_row is None else one_row.reshape(*lead, n, k // 2))
+            scales_and_zeros[entry] = torch.stack((scales, zeros), dim=-1).transpose(0, 1)
+        return cls(codes=packed.reshape(*lead, n, width // 2),
+                   scales_and_zeros=scales_and_zeros.reshape(*lead, width // cls.GROUP, n, 2),
+                   shape=tuple(weight.shape), qtype=weight.qtype, layout=layout,
+                   one_row_codes=None if one_row is None else one_row.reshape(*lead, n, width // 2), halves=halves)
 
     def nbytes(self) -> int:
         """bytes held (packed codes, the copy for single rows if kept, scales and zeros)"""
@@ -577,6 +609,8 @@ class CpuInt4:
         if x.dtype != torch.bfloat16:
             raise TypeError(f"a weight in a CPU int4 layout computes in bfloat16, not {x.dtype}")
         flat = x.reshape(-1, x.shape[-1]).contiguous()
+        if weight.halves:
+            flat = torch.cat((flat, flat), dim=-1)
         if weight.one_row_codes is not None and flat.shape[0] == 1:
             out = torch._weight_int4pack_mm_for_cpu(flat, weight.one_row_codes, cls.GROUP, weight.scales_and_zeros)
         elif weight.layout == "amx":

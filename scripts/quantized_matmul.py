@@ -19,6 +19,8 @@ the CLI uses (`dgemma.allocator`). Methods, each on the same random Q4_K / Q8_0 
   scheme: Q4_K needs rows of 256.)
 - `int4amx`: the same codes in `dgemma.amx_int4`'s layout, through Inductor's AMX int4 template (what dgemma runs
   experts with where this process's check passes; columns left out where the CPU has no AMX).
+- `q8halves`, `q8halves-amx`: the Q8_0 weight as two 4-bit halves (`CpuInt4` with `halves`: twice the 4-bit work)
+  in torch's eager kernel and on the AMX template: what dgemma runs Q8_0 experts with (docs/quantization.md).
 - `int8pack`: `torch._weight_int8pack_mm` (per-channel int8: a different, coarser quantisation than Q8_0's
   per-32 scales, timed for its speed only).
 """
@@ -61,9 +63,12 @@ COPIES_BYTES = 256 << 20  # bf16 bytes of weight copies a timing cycles through:
 
 
 def copies_of(weight, count: int) -> list:
-    """`count` copies of a tensor or GroupQuantized in distinct memory (the same values)."""
+    """`count` copies of a tensor, GroupQuantized or CpuInt4 in distinct memory (the same values)."""
     if isinstance(weight, torch.Tensor):
         return [weight.clone() for _ in range(count)]
+    if isinstance(weight, CpuInt4):
+        return [replace(weight, codes=weight.codes.clone(), scales_and_zeros=weight.scales_and_zeros.clone())
+                for _ in range(count)]
     return [replace(weight, codes=weight.codes.clone(), scale=weight.scale.clone(),
                     offset=None if weight.offset is None else weight.offset.clone()) for _ in range(count)]
 
@@ -95,12 +100,10 @@ def main() -> int:
         tiles_q4k, tiles_q8 = copies_of(q4k.to(dtype=torch.bfloat16), count), copies_of(q8, count)
         sixes = copies_of(q6k, count)
         int4 = CpuInt4.from_grouped(q4k.to(dtype=torch.bfloat16), "int4pack")
-        packed = [replace(int4, codes=int4.codes.clone(), scales_and_zeros=int4.scales_and_zeros.clone())
-                  for _ in range(count)]
+        packed, halves = copies_of(int4, count), copies_of(CpuInt4.from_grouped(q8, "int4pack"), count)
         if amx:
-            blocked = CpuInt4.from_grouped(q4k.to(dtype=torch.bfloat16), "amx")
-            packed_amx = [replace(blocked, codes=blocked.codes.clone(),
-                                  scales_and_zeros=blocked.scales_and_zeros.clone()) for _ in range(count)]
+            packed_amx = copies_of(CpuInt4.from_grouped(q4k.to(dtype=torch.bfloat16), "amx"), count)
+            halves_amx = copies_of(CpuInt4.from_grouped(q8, "amx"), count)
         eye = torch.eye(k, dtype=torch.bfloat16)
         repacked = F.linear(eye, int4).t().float()
         repack_error = float((repacked - exact).pow(2).mean().sqrt() / exact.pow(2).mean().sqrt())
@@ -117,18 +120,21 @@ def main() -> int:
                       "q8": per_matrix(lambda w: F.linear(x, w), tiles_q8, args.repeats),
                       "q6k": per_matrix(lambda w: F.linear(x, w), sixes, args.repeats), "q6k_type": q6k.qtype,
                       "int4pack": per_matrix(lambda w: F.linear(x, w), packed, args.repeats),
+                      "q8halves": per_matrix(lambda w: F.linear(x, w), halves, args.repeats),
                       "int8pack": per_matrix(lambda w: torch._weight_int8pack_mm(x, w, int8_scales), int8_codes,
                                              args.repeats),
                       "int4pack_repack_rel_rms_error": repack_error}
             if amx:
                 result["int4amx"] = per_matrix(lambda w: F.linear(x, w), packed_amx, args.repeats)
+                result["q8halves-amx"] = per_matrix(lambda w: F.linear(x, w), halves_amx, args.repeats)
             rows_out.append(result)
     report = {"cpu": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,
               "seconds_are": "best of --repeats", "results": rows_out}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
-    methods = ("bf16", "tiles-q4k", "tiles-q8", "q8", "q6k", "int4pack", *(("int4amx",) if amx else ()), "int8pack")
+    methods = ("bf16", "tiles-q4k", "tiles-q8", "q8", "q6k", "int4pack", *(("int4amx",) if amx else ()), "q8halves",
+               *(("q8halves-amx",) if amx else ()), "int8pack")
     print("| matrix | rows | " + " | ".join(f"{m} ms" for m in methods) + " | int4pack repack error |")
     print("|---|---:|" + "---:|" * (len(methods) + 1))
     for r in rows_out:

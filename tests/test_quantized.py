@@ -181,12 +181,16 @@ LAYOUTS = ["int4pack", pytest.param("amx", marks=needs_amx)]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q4_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q4_K, T.Q8_0], ids=lambda t: t.name)
 def test_cpu_int4_layout_multiplies_by_the_exact_values_to_bf16_rounding(qtype: T, layout: str) -> None:
     shape = (2, 32, 512)  # [E, N, K]: the kernels pack rows in multiples of 16 (int4pack) and 32 (amx)
     weight = GroupQuantized.from_gguf(raw(qtype, shape), qtype, shape).to(dtype=torch.bfloat16)
     kernel = CpuInt4.from_grouped(weight, layout)
-    assert kernel.shape == shape and kernel.qtype == qtype.name and kernel.nbytes() <= weight.nbytes()
+    assert kernel.shape == shape and kernel.qtype == qtype.name and kernel.halves == (qtype == T.Q8_0)
+    if qtype == T.Q8_0:  # two 4-bit halves: the same code bytes, two bf16 scales and zeros for one float32 scale
+        assert kernel.nbytes() == weight.nbytes() + 4 * weight.scale.numel()
+    else:
+        assert kernel.nbytes() <= weight.nbytes()
     assert kernel.layout == layout
     exact = oracle(qtype, shape)
     for rows in (1, 5, 40):  # one row (an autoregressive token, padded to two on amx) and dynamic counts
@@ -199,6 +203,11 @@ def test_cpu_int4_layout_multiplies_by_the_exact_values_to_bf16_rounding(qtype: 
             # largest a row could sum to. (A zero off by one quantisation step is about 2^-4 of it.)
             bound = 2**-9 * x.float().abs().sum(-1, keepdim=True) * exact[expert].abs().amax(-1)
             assert ((out.float() - truth).abs() <= bound).all()
+            if qtype == T.Q8_0:
+                # Q8_0's values span 255 steps, so a zero off by one step is within that bound; without offsets, its
+                # roundings are independent across a row's values and their sum grows as its square root: 2.2e-3
+                # to 3e-3 of the product as a whole (a zero off by one step: 0.01 to 0.03).
+                assert (out.float() - truth).norm() <= 2**-7 * truth.norm()
 
 
 @needs_compiling
@@ -298,6 +307,23 @@ def test_cpu_int4_layout_takes_amx_where_it_applies_and_otherwise_only_experts_i
             assert layout(name, q4(40), "cpu", linear_only=linear_only, one_row=True) is None  # rows not in 16s
         assert layout("decoder.embed_tokens.weight", q4(64), "cpu", linear_only=False, one_row=True) is None
         assert layout(expert, q4(64, torch.float32), "cpu", linear_only=False, one_row=True) is None
+    # Q8_0: experts as two 4-bit halves on AMX, or in torch's kernel when loaded for one row (faster than the
+    # one-pass product over its bytes); in torch's kernel at an expert's 16 rows, and on AMX at a canvas's 256, tiles
+    # are faster, so the other Q8_0 matrices and, without AMX, Q8_0 experts loaded for diffusion stay tiles.
+    def q8(rows: int) -> GroupQuantized:
+        return GroupQuantized.quantize(torch.randn(rows, 256), "Q8_0").to(dtype=torch.bfloat16)
+
+    for amx in (True, False):
+        monkeypatch.setattr(dgemma.quantized, "amx_int4_available", lambda: amx)
+        assert layout(expert, q8(64), "cpu", linear_only=False) == ("amx" if amx else None)
+        assert layout(expert, q8(64), "cpu", linear_only=False, one_row=True) == "int4pack"
+        assert layout(expert, q8(48), "cpu", linear_only=False) is None  # rows not in 32s
+        assert layout(expert, q8(48), "cpu", linear_only=False, one_row=True) == "int4pack"
+        for one_row in (False, True):
+            assert layout(linear, q8(64), "cpu", linear_only=True, one_row=one_row) is None
+            assert layout(expert, q8(40), "cpu", linear_only=False, one_row=one_row) is None
+    with pytest.raises(ValueError, match="4- or 8-bit codes in groups of 32, not Q6_K's 6-bit codes in groups of 16"):
+        CpuInt4.from_grouped(GroupQuantized.quantize(torch.randn(32, 256), "Q6_K").to(dtype=torch.bfloat16), "amx")
     # The copy for single rows: the matrices on AMX other than experts (the experts, 93 % of a layer, keep one layout)
     assert dgemma.quantized.keeps_one_row_copy(linear, "amx")
     assert not dgemma.quantized.keeps_one_row_copy(expert, "amx")

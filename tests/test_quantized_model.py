@@ -192,16 +192,18 @@ def test_a_four_bit_embedding_stays_tiles_while_the_linear_matrices_take_a_cpu_i
 
 
 def test_bf16_logits_on_the_cpu_int4_kernels_stay_as_close_to_fp32_as_plain_bf16(tmp_path):
-    """The int4 scheme's layout in bf16: experts, dense MLP and self-conditioning on a CPU int4 kernel (repacked with
-    bf16 scales and zeros), the rest tiles, and the 8-bit head (2^21 values) on the few-row kernel for a last
-    token's row. Against the same file dequantised in fp32, its logits' RMS error stays within 2x the error of
+    """The int4 scheme's layout in bf16, with the experts' down projections at Q8_0 (as q4_k_m's fallback for their
+    rows of 704): experts (the Q8_0 ones as two 4-bit halves), dense MLP and self-conditioning on a CPU int4 kernel
+    (repacked with bf16 scales and zeros), the rest tiles, and the 8-bit head (2^21 values) on the few-row kernel for
+    a last token's row. Against the same file dequantised in fp32, its logits' RMS error stays within 2x the error of
     the same file dequantised to bf16 (the kernels add their bf16 scales and their summation order to bf16's own
     rounding; a misread layout would be off by the logits' whole scale). The same for the model loaded for
     autoregressive decoding (its experts in torch's int4 kernel's layout); the last token's single row also goes
     through the one-row copies of the other 4-bit matrices."""
     config = dict(K_CONFIG, text_config=dict(K_CONFIG["text_config"], vocab_size=8192))
     tensors = model_tensors(config)
-    types = {name: ("Q8_0" if "embed" in name or "router" in name or "self_attn" in name else "Q4_K")
+    eight_bit = ("embed", "router", "self_attn", "experts.down_proj")
+    types = {name: ("Q8_0" if any(part in name for part in eight_bit) else "Q4_K")
              for name, t in tensors.items() if t.dim() > 1}
     tokenizer_dir = bundled_model_dir()  # a tokenizer, for the command line's loading below
     path = write_gguf(tmp_path / "int4.gguf", config, tensors, types=types,
@@ -219,7 +221,8 @@ def test_bf16_logits_on_the_cpu_int4_kernels_stay_as_close_to_fp32_as_plain_bf16
 
     # Loaded for autoregressive decoding, as `dgemma generate --decode autoregressive` loads it: the experts in
     # torch's one-row layout, the other 4-bit matrices on AMX with a copy for single rows where there is AMX (as
-    # loaded for diffusion), in torch's layout where not; the 8-bit ones as before.
+    # loaded for diffusion), in torch's layout where not; the other 8-bit ones as before. Q8_0 experts loaded for
+    # diffusion without AMX stay tiles.
     args = build_parser().parse_args(["generate", "x", "--model", str(path), "--decode", "autoregressive"])
     one_row, _ = load_for_generation(args)
     amx = dgemma.amx_int4.available()
@@ -227,8 +230,11 @@ def test_bf16_logits_on_the_cpu_int4_kernels_stay_as_close_to_fp32_as_plain_bf16
         for name, weight in quantized_weights(model):
             if "embed" in name or "self_attn" in name or "router" in name:
                 assert type(weight).__name__ == "GroupQuantized", name
+            elif ".experts.down_proj" in name and model is kernels and not amx:
+                assert type(weight).__name__ == "GroupQuantized", name
             elif ".experts." in name:
                 assert (weight.layout, weight.one_row_codes) == (experts, None), name
+                assert weight.halves == ("down_proj" in name), name
             elif model is kernels and not amx:  # without AMX, loaded for diffusion: tiles
                 assert type(weight).__name__ == "GroupQuantized", name
             else:
