@@ -49,8 +49,8 @@ from .bench import build_checkpoint, machine, measure_machine, named_config, spa
 
 FORMS = ("bf16", "int8", "int4", "int4_experts", "q4_k_m")
 SCHEME_OF_FORM = {"bf16": None, "int8": "int8", "int4": "int4", "int4_experts": "int4_experts", "q4_k_m": "q4_k_m"}
-# The forms holding 4-bit matrices, whose layout on a CPU depends on the decoding they are loaded for.
-ONE_ROW_LAYOUT_FORMS = ("int4", "int4_experts", "q4_k_m")
+# The forms holding 4-bit matrices or Q8_0 experts, whose layout on a CPU depends on the decoding they are loaded for.
+ONE_ROW_LAYOUT_FORMS = ("int8", "int4", "int4_experts", "q4_k_m")
 # The released model card's tokens per forward pass (../design: 15-20; vLLM runs 16 fixed steps per 256-token canvas)
 # and the bundled model's at its shipped settings (docs/quality.md), for the diffusion tok/s projections.
 TOKENS_PER_FORWARD = (1.0, 5.6, 16.0)

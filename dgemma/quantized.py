@@ -476,11 +476,11 @@ def cpu_int4_layout(name: str, weight: GroupQuantized, device: torch.device | st
     expert's few rows, slower at a canvas's 256 (docs/quantization.md).
 
     Q8_0 experts also take a layout, as two 4-bit halves (`CpuInt4`, `halves`): twice the 4-bit work, which at an
-    expert's 16 rows on the AMX kernel still takes 0.6 to 0.7 of the time of its tiles, and at one row in the eager
-    kernel 0.35 to 0.45 of the time of the one-pass product over its bytes (`scripts/quantized_matmul.py`). At a
+    expert's 16 rows on the AMX kernel still takes 0.63 to 0.71 of the time of its tiles, and at one row in the eager
+    kernel 0.47 to 0.56 of the time of the one-row pass over its bytes (`scripts/quantized_matmul.py`). At a
     canvas's 256 rows tiles are faster (the AMX kernel dequantises twice the codes per block of rows), so Q8_0
-    matrices other than experts stay tiles; so do Q8_0 experts in the canvas layout without AMX (the eager kernel
-    at 16 rows: 1.2 times the tiles' time).
+    matrices other than experts stay tiles; so do Q8_0 experts loaded for diffusion without AMX (the eager kernel
+    at 16 rows: 1.1 to 1.2 times the tiles' time).
 
     `one_row`: the model is loaded for autoregressive decoding, where all but the prompt's products are one token's
     row. Then experts take torch's eager kernel, on any CPU: at one row it is 2.3 to 3.9 times faster than the AMX
@@ -515,11 +515,11 @@ def keeps_one_row_copy(name: str, layout: str | None) -> bool:
 
 @dataclass(eq=False)
 class CpuInt4:
-    """A 4-bit weight [..., N, K] (or an 8-bit one as two 4-bit halves) for a CPU int4 kernel: codes packed in the kernel's layout, and per group of 32
-    values a bf16 scale and zero with value = (code - 8) * scale + zero. A GroupQuantized value (code - zero_code) *
-    s + o is that with scale = s and zero = (8 - zero_code) * s + o, formed in float32 and rounded once to bf16: the
-    one rounding of the repack (relative 2^-9 of the scale and of the zero, about 1/64 of a quantisation step for
-    Q4_K's zero). Computes in bf16.
+    """A 4-bit weight [..., N, K] (or an 8-bit one as two 4-bit halves, below) for a CPU int4 kernel: codes packed in
+    the kernel's layout, and per group of 32 values a bf16 scale and zero with value = (code - 8) * scale + zero. A
+    GroupQuantized value (code - zero_code) * s + o is that with scale = s and zero = (8 - zero_code) * s + o, formed
+    in float32 and rounded once to bf16: the one rounding of the repack (relative 2^-9 of the scale and of the zero,
+    about 1/64 of a quantisation step for Q4_K's zero). Computes in bf16.
 
     Two kernels, two layouts (`cpu_int4_layout` chooses): "amx", Inductor's AMX template (dgemma.amx_int4), and
     "int4pack", torch's eager kernel, packed by `torch._convert_weight_to_int4pack_for_cpu`. Beside the amx layout
@@ -529,8 +529,8 @@ class CpuInt4:
     8-bit codes (Q8_0) are held as two 4-bit halves (`halves`), a 4-bit matrix [..., N, 2K] whose first K columns
     are the codes' high nibbles and last K their low ones, times the input taken twice, [x, x]: code - zero_code =
     16 (high - 8) + low + 128 - zero_code, so the high half has scale 16 s and zero 0, the low half scale s and zero
-    (136 - zero_code) s + offset, 8 s for Q8_0. The kernel sums both halves in fp32 and rounds once; 16 s and 8 s are
-    exact multiples of s in bf16, so Q8_0's one rounding is its scale's, as for the 4-bit types."""
+    (136 - zero_code) s + offset, 8 s for Q8_0. The kernel sums both halves' products in fp32 and rounds once; 16 s
+    and 8 s are exact multiples of s in bf16, so the repack rounds Q8_0's scale and nothing else."""
 
     codes: torch.Tensor  # uint8 [..., N, K // 2] (of 2K with `halves`), packed in the layout's order
     scales_and_zeros: torch.Tensor  # bf16 [..., K // 32, N, 2] (of 2K with `halves`)
@@ -553,8 +553,8 @@ class CpuInt4:
         if one_row_copy and layout != "amx":
             raise ValueError("a copy for single rows is kept beside the amx layout only (int4pack is that copy)")
         if weight.bits not in (4, 8) or weight.group != cls.GROUP:
-            raise ValueError(f"a CPU int4 layout takes 4- or 8-bit codes in groups of {cls.GROUP}, not {weight.qtype}'s "
-                             f"{weight.bits}-bit codes in groups of {weight.group}")
+            raise ValueError(f"a CPU int4 layout takes 4- or 8-bit codes in groups of {cls.GROUP}, not "
+                             f"{weight.qtype}'s {weight.bits}-bit codes in groups of {weight.group}")
         halves = weight.bits == 8
         width = 2 * k if halves else k  # the 4-bit matrix's columns
         codes = weight.codes.reshape(-1, n, weight.codes.shape[-1])

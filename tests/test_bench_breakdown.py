@@ -10,7 +10,8 @@ from gguf.quants import dequantize
 
 from dgemma.bench import build_checkpoint, named_config
 from dgemma import amx_int4
-from dgemma.bench_breakdown import measure_parts, median_of, project, random_blocks, weights_file
+from dgemma.bench_breakdown import (FORMS, ONE_ROW_LAYOUT_FORMS, SCHEME_OF_FORM, measure_parts, median_of, project,
+                                    random_blocks, weights_file)
 from dgemma.gguf import read_gguf
 from dgemma.quantized import CpuInt4, quantized_weights
 
@@ -62,6 +63,30 @@ def test_load_keeps_the_slices_four_bit_matrices_in_a_cpu_int4_kernels_layout(tm
     assert on_kernel == expected
     assert {".experts.", *((".mlp.", "self_conditioning.") if amx else ())} <= {
         part for name in expected for part in (".experts.", ".mlp.", "self_conditioning.") if part in name}
+
+
+def test_the_forms_measured_loaded_for_tokens_are_those_whose_layout_depends_on_the_load(tmp_path):
+    """A form whose weights the load for autoregressive decoding lays out differently gets its own token worker: on
+    AMX, every form with 4-bit matrices or Q8_0 experts (`int8`'s experts run as 4-bit halves); without AMX, a subset
+    (there 4-bit experts take torch's kernel either way)."""
+    import dgemma
+
+    checkpoint = build_checkpoint("tiny", None, 16, tmp_path / "tiny", layers=2)
+
+    def layouts(path, decode: str) -> dict:
+        model = dgemma.load(path, decode=decode)
+        return {name: (type(w).__name__, getattr(w, "layout", None), getattr(w, "halves", None))
+                for name, w in quantized_weights(model)}
+
+    depends = set()
+    for form in FORMS:
+        path = weights_file(checkpoint, SCHEME_OF_FORM[form]) if SCHEME_OF_FORM[form] else checkpoint
+        if layouts(path, "diffusion") != layouts(path, "autoregressive"):
+            depends.add(form)
+    assert depends <= set(ONE_ROW_LAYOUT_FORMS)
+    if amx_int4.available():
+        assert depends == set(ONE_ROW_LAYOUT_FORMS)
+    assert {"int8", "int4"} <= depends  # Q8_0 experts in the eager kernel; 4-bit linear matrices leave tiles or AMX
 
 
 def test_a_one_layer_slice_is_refused_by_name(tmp_path, capsys):
