@@ -206,7 +206,7 @@ def test_cpu_int4_layout_multiplies_by_the_exact_values_to_bf16_rounding(qtype: 
             if qtype == T.Q8_0:
                 # Q8_0's values span 255 steps, so a zero off by one step is within that bound; without offsets, its
                 # roundings are independent across a row's values and their sum grows as its square root: 2.2e-3
-                # to 3e-3 of the product as a whole (a zero off by one step: 0.01 to 0.03).
+                # to 3e-3 of the product as a whole (a zero off by one step: 0.011 on these values).
                 assert (out.float() - truth).norm() <= 2**-7 * truth.norm()
 
 
