@@ -650,6 +650,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = command("serve", cmd_serve, help="serve an OpenAI-compatible API and the playground")
     add_model_options(serve)
+    # Loads as `--decode` does for one command; every request still picks its own decoding (its `decode` field).
+    serve.add_argument("--load-for", dest="decode", choices=("diffusion", "autoregressive"), default="diffusion",
+                       help="the decoding most requests will ask for: on a CPU, autoregressive lays 4-bit and Q8_0 "
+                            "experts out for one token's row (faster tokens, slower canvases; docs/cpu.md)")
     for setting in fields(ServerSettings):
         kind = {"int": int, "float": float}.get(str(setting.type), str)
         serve.add_argument("--" + setting.name.replace("_", "-"), type=kind, default=setting.default,

@@ -226,6 +226,12 @@ def test_bf16_logits_on_the_cpu_int4_kernels_stay_as_close_to_fp32_as_plain_bf16
     args = build_parser().parse_args(["generate", "x", "--model", str(path), "--decode", "autoregressive"])
     one_row, _ = load_for_generation(args)
     amx = dgemma.amx_int4.available()
+    # A server loaded for autoregressive requests lays its weights out the same way.
+    served, _ = load_for_generation(build_parser().parse_args(["serve", "--model", str(path), "--load-for",
+                                                               "autoregressive"]))
+    assert [(name, getattr(w, "layout", None)) for name, w in quantized_weights(served)] == \
+        [(name, getattr(w, "layout", None)) for name, w in quantized_weights(one_row)]
+    del served
     for model, experts in ((kernels, "amx" if amx else "int4pack"), (one_row, "int4pack")):
         for name, weight in quantized_weights(model):
             if "embed" in name or "self_attn" in name or "router" in name:
