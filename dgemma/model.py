@@ -233,7 +233,8 @@ class Experts(nn.Module):
 
 def grouped_linear(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """rows [S, in] grouped by expert (group e ends at ends[e]) times weight[e].T, [E, out, in] -> [S, out]. A
-    quantised weight (`dgemma.quantized.GroupQuantized`) is dequantised one expert at a time."""
+    quantised weight (`dgemma.quantized.GroupQuantized`) is dequantised one expert at a time; one in a CPU int4
+    kernel's layout (`CpuInt4`) runs its experts through its own `grouped_linear` when no gradient is recorded."""
     if isinstance(weight, torch.Tensor):
         weight_t = weight.transpose(-2, -1)
         # grouped_mm (what the reference runs) needs every non-unit stride to be a multiple of 16 bytes.
@@ -241,6 +242,8 @@ def grouped_linear(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor)
         aligned = all(stride == 1 or stride * rows.element_size() % 16 == 0 for stride in strides)
         if aligned and rows.dtype == weight.dtype:
             return F.grouped_mm(rows, weight_t, offs=ends)
+    elif hasattr(weight, "grouped_linear") and not (rows.requires_grad and torch.is_grad_enabled()):
+        return weight.grouped_linear(rows, ends.tolist())
     # Odd sizes and quantised weights take one matmul per expert instead.
     out = rows.new_empty(rows.shape[0], weight.shape[1])
     begin = 0

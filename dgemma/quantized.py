@@ -51,7 +51,8 @@ import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
-from .amx_int4 import BLOCK_N as AMX_BLOCK_N, available as amx_int4_available, block_codes, matmul as amx_int4_matmul
+from .amx_int4 import BLOCK_N as AMX_BLOCK_N, available as amx_int4_available, block_codes
+from .amx_int4 import grouped_matmul as amx_int4_grouped_matmul, matmul as amx_int4_matmul
 from .compiling import compiled_under_own_name, compiling_allowed
 
 
@@ -606,11 +607,7 @@ class CpuInt4:
             raise TypeError(f"{getattr(func, '__name__', func)} is not defined on a weight in a CPU int4 layout")
         x, weight, *rest = args
         bias = rest[0] if rest else (kwargs or {}).get("bias")
-        if x.dtype != torch.bfloat16:
-            raise TypeError(f"a weight in a CPU int4 layout computes in bfloat16, not {x.dtype}")
-        flat = x.reshape(-1, x.shape[-1]).contiguous()
-        if weight.halves:
-            flat = torch.cat((flat, flat), dim=-1)
+        flat = weight._kernel_rows(x)
         if weight.one_row_codes is not None and flat.shape[0] == 1:
             out = torch._weight_int4pack_mm_for_cpu(flat, weight.one_row_codes, cls.GROUP, weight.scales_and_zeros)
         elif weight.layout == "amx":
@@ -619,6 +616,32 @@ class CpuInt4:
             out = torch._weight_int4pack_mm_for_cpu(flat, weight.codes, cls.GROUP, weight.scales_and_zeros)
         out = out.view(*x.shape[:-1], weight.shape[-2])
         return out if bias is None else out + bias
+
+    def _kernel_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] as the kernels take it: bf16 rows [M, K], contiguous, taken twice for `halves`."""
+        if x.dtype != torch.bfloat16:
+            raise TypeError(f"a weight in a CPU int4 layout computes in bfloat16, not {x.dtype}")
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        return torch.cat((flat, flat), dim=-1) if self.halves else flat
+
+    def grouped_linear(self, rows: torch.Tensor, ends: list[int]) -> torch.Tensor:
+        """rows [S, K] grouped by expert (group e ends at ends[e]) times expert e's matrix of these [E, N, K]: [S, N],
+        each group's product the one F.linear(rows[group], self[e]) gives, without F.linear's dispatch for each
+        expert (a denoising step multiplies 256 experts' matrices a layer). Without gradients to record
+        (`dgemma.model.grouped_linear` takes F.linear per expert when there are)."""
+        if rows.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("CpuInt4.grouped_linear records no gradient: multiply each expert with F.linear")
+        flat = self._kernel_rows(rows)
+        if self.layout == "amx":
+            return amx_int4_grouped_matmul(flat, self.codes, self.scales_and_zeros, ends)
+        out = flat.new_empty(flat.shape[0], self.shape[-2])
+        begin = 0
+        for expert, end in enumerate(ends):
+            if end > begin:
+                out[begin:end] = torch._weight_int4pack_mm_for_cpu(flat[begin:end], self.codes[expert], self.GROUP,
+                                                                   self.scales_and_zeros[expert])
+            begin = end
+        return out
 
 
 QuantizedWeight = GroupQuantized | CpuInt4

@@ -386,6 +386,34 @@ def test_a_copy_for_single_rows_gives_one_row_the_eager_kernels_product_and_more
         CpuInt4.from_grouped(weight, "int4pack", one_row_copy=True)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q8_0], ids=lambda t: t.name)
+def test_experts_in_a_cpu_int4_layout_multiply_their_groups_in_one_call_as_f_linear_does_each(qtype: T, layout: str,
+                                                                                           monkeypatch) -> None:
+    from dgemma.model import grouped_linear
+
+    shape = (4, 64, 256)  # four experts
+    weight = CpuInt4.from_grouped(GroupQuantized.from_gguf(raw(qtype, shape), qtype, shape).to(dtype=torch.bfloat16),
+                                  layout)
+    ends = [3, 3, 4, 21]  # 3 rows, none, one (padded to two on amx), 17
+    rows = torch.randn(21, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    each = torch.cat([F.linear(rows[begin:end], weight[e]) for e, (begin, end) in enumerate(zip([0, *ends], ends))])
+    grouped = weight.grouped_linear(rows, ends)
+    assert torch.equal(grouped, each)  # the same kernel calls on the same rows
+    # The network's grouped product takes it when no gradient is recorded, and F.linear per expert when one is
+    # (whose kernels refuse a backward, as torch's int4 op does).
+    calls = []
+    original = CpuInt4.grouped_linear
+    monkeypatch.setattr(CpuInt4, "grouped_linear", lambda self, *args: calls.append(1) or original(self, *args))
+    assert torch.equal(grouped_linear(rows, weight, torch.tensor(ends)), each) and calls == [1]
+    x = rows.clone().requires_grad_()
+    assert torch.equal(grouped_linear(x, weight, torch.tensor(ends)).detach(), each) and calls == [1]
+    with pytest.raises(TypeError, match="bfloat16, not torch.float32"):
+        weight.grouped_linear(rows.float(), ends)
+    with pytest.raises(RuntimeError, match="records no gradient"):
+        original(weight, x, ends)
+
+
 def test_cpu_int4_layout_refuses_what_it_cannot_compute() -> None:
     shape = (32, 512)
     kernel = CpuInt4.from_grouped(GroupQuantized.from_gguf(raw(T.Q4_K, shape), T.Q4_K, shape).to(dtype=torch.bfloat16),
