@@ -631,6 +631,8 @@ class CpuInt4:
         (`dgemma.model.grouped_linear` takes F.linear per expert when there are)."""
         if rows.requires_grad and torch.is_grad_enabled():
             raise RuntimeError("CpuInt4.grouped_linear records no gradient: multiply each expert with F.linear")
+        if self.one_row_codes is not None:  # experts keep one layout (keeps_one_row_copy)
+            raise ValueError("CpuInt4.grouped_linear takes experts, which keep no copy for single rows")
         flat = self._kernel_rows(rows)
         if self.layout == "amx":
             return amx_int4_grouped_matmul(flat, self.codes, self.scales_and_zeros, ends)

@@ -412,6 +412,11 @@ def test_experts_in_a_cpu_int4_layout_multiply_their_groups_in_one_call_as_f_lin
         weight.grouped_linear(rows.float(), ends)
     with pytest.raises(RuntimeError, match="records no gradient"):
         original(weight, x, ends)
+    if layout == "amx":  # a copy for single rows is for matrices other than experts, which F.linear reaches alone
+        copied = CpuInt4.from_grouped(GroupQuantized.from_gguf(raw(qtype, shape), qtype, shape).to(
+            dtype=torch.bfloat16), layout, one_row_copy=True)
+        with pytest.raises(ValueError, match="keep no copy for single rows"):
+            original(copied, rows, ends)
 
 
 def test_cpu_int4_layout_refuses_what_it_cannot_compute() -> None:
