@@ -84,21 +84,11 @@ def _kernel(n: int, k: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Tenso
     return _kernels[n, k]
 
 
-def _product(kernel: Callable, rows: torch.Tensor, codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    """One kernel call, inside `_calls`."""
-    count = rows.shape[0]
-    if count == 1:
-        rows = torch.cat((rows, rows))
-    # Compiled once for every number of rows: a row count fixed at compile time below 5 would get Inductor's
-    # AVX-512 micro-kernel, which reads the other layout. Strict, so that a specialisation raises instead.
-    torch._dynamo.mark_dynamic(rows, 0)
-    return kernel(rows, codes, scales_and_zeros)[:count]
-
-
 @contextlib.contextmanager
-def _calls() -> Iterator[None]:
-    """The window this module's kernels run in: Inductor may use its template for them, and one grad mode for
-    every call (no recompile for it)."""
+def calls() -> Iterator[None]:
+    """The window this module's kernels run in (`product`): Inductor may use its template for them, and one grad
+    mode for every call (no recompile for it). One window may hold many calls: a layer's experts in a denoising step
+    make 256, and around one call alone the set-up took about a sixth of an expert's product at 16 rows."""
     _running.kernel = True
     try:
         with torch.no_grad():
@@ -107,28 +97,23 @@ def _calls() -> Iterator[None]:
         _running.kernel = False
 
 
+def product(rows: torch.Tensor, codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """`matmul`'s product of one or more rows, inside `calls()`, recording no gradient."""
+    count = rows.shape[0]
+    kernel = _kernel(codes.shape[0], rows.shape[-1])
+    if count == 1:
+        rows = torch.cat((rows, rows))
+    # Compiled once for every number of rows: a row count fixed at compile time below 5 would get Inductor's
+    # AVX-512 micro-kernel, which reads the other layout. Strict, so that a specialisation raises instead.
+    torch._dynamo.mark_dynamic(rows, 0)
+    return kernel(rows, codes, scales_and_zeros)[:count]
+
+
 def _run(rows: torch.Tensor, codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
     if rows.shape[0] == 0:
         return rows.new_empty(0, codes.shape[0])
-    with _calls():
-        return _product(_kernel(codes.shape[0], rows.shape[-1]), rows, codes, scales_and_zeros)
-
-
-def grouped_matmul(rows: torch.Tensor, codes: torch.Tensor, scales_and_zeros: torch.Tensor,
-                   ends: list[int]) -> torch.Tensor:
-    """rows [S, K] bf16 grouped by entry (group e ends at ends[e]) times entry e of [E, N, K] blocked codes (and
-    scales and zeros [E, K // 32, N, 2]): [S, N] bf16, each group as `matmul` computes it, in one window for all the
-    calls (a denoising step makes 256 of them a layer; around one call alone, the set-up took about a sixth of the
-    time of an expert's product at 16 rows)."""
-    out = rows.new_empty(rows.shape[0], codes.shape[-2])
-    kernel = _kernel(codes.shape[-2], rows.shape[-1])
-    begin = 0
-    with _calls():
-        for entry, end in enumerate(ends):
-            if end > begin:
-                out[begin:end] = _product(kernel, rows[begin:end], codes[entry], scales_and_zeros[entry])
-            begin = end
-    return out
+    with calls():
+        return product(rows, codes, scales_and_zeros)
 
 
 class _WithoutBackward(torch.autograd.Function):

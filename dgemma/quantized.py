@@ -41,6 +41,7 @@ Design choices:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator, NamedTuple
@@ -52,7 +53,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
 from .amx_int4 import BLOCK_N as AMX_BLOCK_N, available as amx_int4_available, block_codes
-from .amx_int4 import grouped_matmul as amx_int4_grouped_matmul, matmul as amx_int4_matmul
+from .amx_int4 import calls as amx_int4_calls, matmul as amx_int4_matmul, product as amx_int4_product
 from .compiling import compiled_under_own_name, compiling_allowed
 
 
@@ -634,15 +635,17 @@ class CpuInt4:
         if self.one_row_codes is not None:  # experts keep one layout (keeps_one_row_copy)
             raise ValueError("CpuInt4.grouped_linear takes experts, which keep no copy for single rows")
         flat = self._kernel_rows(rows)
-        if self.layout == "amx":
-            return amx_int4_grouped_matmul(flat, self.codes, self.scales_and_zeros, ends)
         out = flat.new_empty(flat.shape[0], self.shape[-2])
+        amx = self.layout == "amx"
         begin = 0
-        for expert, end in enumerate(ends):
-            if end > begin:
-                out[begin:end] = torch._weight_int4pack_mm_for_cpu(flat[begin:end], self.codes[expert], self.GROUP,
-                                                                   self.scales_and_zeros[expert])
-            begin = end
+        with amx_int4_calls() if amx else contextlib.nullcontext():  # one kernel window for every expert
+            for expert, end in enumerate(ends):
+                if end > begin:
+                    codes, scales_and_zeros = self.codes[expert], self.scales_and_zeros[expert]
+                    out[begin:end] = (amx_int4_product(flat[begin:end], codes, scales_and_zeros) if amx else
+                                      torch._weight_int4pack_mm_for_cpu(flat[begin:end], codes, self.GROUP,
+                                                                        scales_and_zeros))
+                begin = end
         return out
 
 
