@@ -9,8 +9,8 @@ from scipy.stats import chisquare
 
 import dgemma
 from dgemma.training.data import TextWindows, example_generator, lay_out
-from dgemma.training.objective import (Example, Noise, canvas_layout, collate, corrupt, diffusion_loss, draw_noise,
-                                       trained_canvases)
+from dgemma.training.objective import (Example, Noise, OwnSamples, canvas_layout, collate, corrupt, diffusion_loss,
+                                       draw_noise, trained_canvases, with_own_samples)
 
 EOS, PAD = 1, 0
 
@@ -70,6 +70,47 @@ def test_t_power_puts_more_canvases_near_pure_noise_and_corrupts_at_that_rate():
     clean = batch.input_ids[:, 1:21].view(-1, 5, 4).gather(1, noisier.chosen[:, :, None].expand(-1, -1, 4))
     changed = (noisier.noisy != clean).float().mean()
     assert abs(changed.item() - noisier.t.mean().item() * 49 / 50) < 0.02
+
+
+def test_own_samples_fill_the_lowest_entropy_share_of_the_corrupted_positions_with_draws_from_the_logits():
+    """Under own_samples_prob the second pass's canvas keeps every clean position, puts a draw from the first pass's
+    logits at round(share x corrupted) corrupted positions, the most confident first, and leaves the rest as noise."""
+    vocab, length = 12, 6
+    noisy = torch.tensor([[[9, 9, 9, 9, 9, 9], [9, 9, 9, 9, 9, 9]]])
+    replaced = torch.tensor([[[True, False, True, True, True, False], [True] * 6]])
+    # Position p's logits: a peak at token p whose height falls with p, so entropy rises with p; position 0 is the
+    # flattest, out of order.
+    heights = torch.tensor([0.5, 30.0, 25.0, 20.0, 15.0, 10.0])
+    logits = torch.zeros(1, 2, length, vocab)
+    logits[0, :, torch.arange(length), torch.arange(length)] = heights
+    own = OwnSamples(use=torch.tensor([[True, False]]), temperature=torch.tensor([[0.1, 0.1]]),
+                     share=torch.tensor([[0.5, 1.0]]), uniforms=torch.full((1, 2, length), 0.5, dtype=torch.float64))
+    out = with_own_samples(noisy, logits, replaced, own)
+    # 4 corrupted positions, share 0.5: the two most confident of them (2 and 3; 1 is clean) take their peaks.
+    assert out[0, 0].tolist() == [9, 9, 2, 3, 9, 9]
+    assert torch.equal(out[0, 1], noisy[0, 1])  # a canvas without the coin is left as drawn
+    # The draw follows the tempered distribution: at temperature 1 and a flat position, the uniform picks the token
+    # at its quantile (inverse CDF).
+    flat = OwnSamples(use=torch.tensor([[True, True]]), temperature=torch.ones(1, 2), share=torch.ones(1, 2),
+                      uniforms=torch.full((1, 2, length), 0.49, dtype=torch.float64))
+    drawn = with_own_samples(noisy, torch.zeros(1, 2, length, vocab), replaced, flat)
+    assert drawn[0, 1].tolist() == [5] * 6 and drawn[0, 0].tolist() == [5, 9, 5, 5, 5, 9]
+
+
+def test_own_samples_are_drawn_per_canvas_and_leave_the_recipe_noise_alone_when_off():
+    batch = collate([Example([2], list(range(10, 30)))] * 2000, 4, EOS, PAD)
+    plain = draw_noise(batch, 4, 50, [example_generator(0, 0, i, "noise") for i in range(2000)], 1e-3, 0.5)
+    off = draw_noise(batch, 4, 50, [example_generator(0, 0, i, "noise") for i in range(2000)], 1e-3, 0.5,
+                     own_samples_prob=0.0)
+    assert off.own is None and plain.own is None and torch.equal(off.noisy, plain.noisy)
+    clean = batch.input_ids[:, 1:21].view(-1, 5, 4).gather(1, plain.chosen[:, :, None].expand(-1, -1, 4))
+    assert not ((plain.noisy != clean) & ~plain.replaced).any()  # `replaced` holds every corrupted position
+    on = draw_noise(batch, 4, 50, [example_generator(0, 0, i, "noise") for i in range(2000)], 1e-3, 0.5,
+                    own_samples_prob=0.3)
+    assert abs(on.own.use.float().mean().item() - 0.3) < 0.03
+    assert on.own.temperature.min() >= 0.1 and on.own.temperature.max() <= 1.0
+    assert abs(on.own.share.mean().item() - 0.5) < 0.03 and on.own.uniforms.shape == (2000, 1, 4)
+    assert torch.equal(on.noisy, plain.noisy)  # one canvas per example: its own draws come after the recipe's
 
 
 def test_all_canvases_rule_trains_every_canvas_with_its_own_t():
@@ -199,19 +240,22 @@ def test_no_gradient_flows_through_the_first_decoder_pass(checkpoint_dir):
     assert model.decoder.self_conditioning.gate_proj.weight.grad.abs().sum() > 0
 
 
-def test_all_canvases_in_one_pass_equal_each_canvas_alone(random_checkpoint):
+@pytest.mark.parametrize("own_samples_prob", [0.0, 0.5])
+def test_all_canvases_in_one_pass_equal_each_canvas_alone(random_checkpoint, own_samples_prob):
     """Under canvases="all" every canvas sees exactly what it sees alone (the clean prefix before it, the sliding
     layers' window of it, itself, no other canvas): the loss and its gradient are the sums of the one-canvas losses
-    with the same corruption and self-conditioning coin. Rows have 4, 1 and 3 canvases (unused slots) and the
-    sliding window (8) is shorter than a canvas (16)."""
+    with the same corruption, self-conditioning coin and own samples. Rows have 4, 1 and 3 canvases (unused slots)
+    and the sliding window (8) is shorter than a canvas (16)."""
     model = dgemma.load(random_checkpoint("moe")).train()
     examples = [Example([2, 7, 9, 11, 4], list(range(20, 80))), Example([2, 30], list(range(40, 52))),
                 Example(list(range(3, 25)), list(range(30, 70)), encoder_loss_on_prompt=False)]
     ((batch, noise),) = lay_out(examples, 3, 16, 96, EOS, PAD, seed=3, step=0, eps=1e-3, self_conditioning_prob=0.5,
-                                canvases="all")
+                                canvases="all", own_samples_prob=own_samples_prob)
     assert noise.chosen.tolist() == [[0, 1, 2, 3], [0, -1, -1, -1], [0, 1, 2, -1]]
     assert noise.use_self_conditioning[noise.chosen >= 0].any() and not noise.use_self_conditioning[
         noise.chosen >= 0].all()
+    if own_samples_prob:
+        assert noise.own.use[noise.chosen >= 0].any() and not noise.own.use[noise.chosen >= 0].all()
 
     def gradient(loss):
         model.zero_grad()
@@ -224,8 +268,11 @@ def test_all_canvases_in_one_pass_equal_each_canvas_alone(random_checkpoint):
     alone, tokens = 0.0, 0
     for row in range(3):
         for slot in range(int((noise.chosen[row] >= 0).sum())):
-            one = Noise(noise.chosen[row:row + 1, slot:slot + 1], noise.noisy[row:row + 1, slot:slot + 1],
-                        noise.use_self_conditioning[row:row + 1, slot:slot + 1], noise.t[row:row + 1, slot:slot + 1])
+            cut = (slice(row, row + 1), slice(slot, slot + 1))
+            own = None if noise.own is None else OwnSamples(noise.own.use[cut], noise.own.temperature[cut],
+                                                            noise.own.share[cut], noise.own.uniforms[cut])
+            one = Noise(noise.chosen[cut], noise.noisy[cut], noise.use_self_conditioning[cut], noise.t[cut],
+                        noise.replaced[cut], own)
             part = collate([examples[row]], 16, EOS, PAD)
             sums = diffusion_loss(model, part, one)
             alone = alone + sums.diffusion

@@ -176,10 +176,19 @@ def test_two_processes_match_one_with_the_same_global_batch(corpus, tmp_path):
 
 
 def test_gradient_accumulation_equals_one_big_batch(corpus, tmp_path):
-    big = Trainer(TrainConfig.from_sections(tiny_config(corpus, tmp_path / "a", steps=2, micro_batch_size=8))).run()
-    small = Trainer(TrainConfig.from_sections(tiny_config(corpus, tmp_path / "b", steps=2, micro_batch_size=2))).run()
-    for a, b in zip(big, small):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    """Also with the decoder reading its own samples: they are drawn per example, so micro-batching cannot change
+    them, and the rule reaches the objective (the loss differs from the recipe's)."""
+    def run(name: str, micro: int, own: float) -> list[dict]:
+        sections = tiny_config(corpus, tmp_path / name, steps=2, micro_batch_size=micro, own_samples_prob=own)
+        return Trainer(TrainConfig.from_sections(sections)).run()
+
+    for own in (0.0, 1.0):
+        big, small = run(f"a{own}", 8, own), run(f"b{own}", 2, own)
+        for a, b in zip(big, small):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        if own:
+            assert abs(big[0]["diffusion_loss"] - recipe[0]["diffusion_loss"]) > 1e-3
+        recipe = big
 
 
 def test_lora_fine_tune_trains_adapters_only_and_exports_merged_weights(corpus, tmp_path):
@@ -227,6 +236,7 @@ def test_chat_data_trains_on_the_assistant_turn(corpus, tmp_path):
     (lambda s: s["data"].update(prompt_cut="anywhere"), "prompt_cut must be one of \\('aligned', 'any'\\)"),
     (lambda s: s["data"].update(response_canvases="all"), "response_canvases must be one of"),
     (lambda s: s["train"].update(t_power=0), "t_power must be positive"),
+    (lambda s: s["train"].update(own_samples_prob=1.5), "own_samples_prob must be in \\[0, 1\\], got 1.5"),
 ])
 def test_bad_training_configs_are_refused(corpus, tmp_path, mutate, message):
     sections = tiny_config(corpus, tmp_path / "x")
@@ -242,6 +252,7 @@ def test_the_repository_training_configs_parse():
     assert len(paths) >= 5
     cuts = {path.name: TrainConfig.from_file(path).prompt_cut for path in paths}
     assert cuts["bundled_short_prompts.toml"] == "any" and cuts["bundled_distill.toml"] == "aligned"
+    assert TrainConfig.from_file(paths[0].parent / "bundled_own_samples.toml").own_samples_prob == 0.5
 
 
 def test_a_run_is_not_started_over_by_accident_and_resume_says_what_it_does(corpus, tmp_path, capsys):

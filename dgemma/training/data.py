@@ -172,17 +172,17 @@ class ChatExamples:
 
 def lay_out(examples: list[Example], micro_size: int, canvas_length: int, vocab_size: int, eos_id: int, pad_id: int,
             seed: int, step: int, eps: float, self_conditioning_prob: float, first_index: int = 0,
-            canvases: str = "one", t_power: float = 1.0) -> list[tuple[Batch, Noise]]:
+            canvases: str = "one", t_power: float = 1.0, own_samples_prob: float = 0.0) -> list[tuple[Batch, Noise]]:
     """Consecutive micro-batches with their noise; example i's noise depends only on (seed, step, i).
-    `canvases`: train one canvas per example ("one") or all of them ("all"); `t_power`: how t is drawn; see
-    objective.draw_noise."""
+    `canvases`: train one canvas per example ("one") or all of them ("all"); `t_power`: how t is drawn;
+    `own_samples_prob`: how often the second pass reads the first pass's samples; see objective.draw_noise."""
     out = []
     for begin in range(0, len(examples), micro_size):
         group = examples[begin:begin + micro_size]
         batch = collate(group, canvas_length, eos_id, pad_id)
         generators = [example_generator(seed, step, first_index + begin + i, "noise") for i in range(len(group))]
         out.append((batch, draw_noise(batch, canvas_length, vocab_size, generators, eps, self_conditioning_prob,
-                                         canvases, t_power)))
+                                         canvases, t_power, own_samples_prob)))
     return out
 
 

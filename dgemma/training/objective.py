@@ -10,6 +10,12 @@ For each example (prompt, response):
   (P(t > 0.9) = 0.1^(1/p));
 - a first decoder pass without gradient gives logits; with probability `self_conditioning_prob` per example they
   become the second pass's self-conditioning input (zeros otherwise); the loss is taken on the second pass;
+- `own_samples_prob` q > 0 (dgemma's, not the recipe's): with probability q per canvas, the second pass reads the
+  canvas as the sampler's next step would: a share a ~ U(0, 1) of its corrupted positions, the lowest-entropy ones,
+  hold tokens drawn from the first pass's logits at a temperature ~ U(0.1, 1) instead of uniform noise (the rest
+  keep theirs). Uniform noise is easy to tell from text, the decoder's own wrong guesses are not; at generation
+  time a step's accepted tokens are exactly those guesses, and the decoder trained on uniform noise alone takes
+  them for text and builds on them;
 - loss = diffusion_weight * cross-entropy over all positions of the chosen canvas (corrupted or not, EOS fill
   included, no 1/t weighting) + encoder_weight * the encoder's next-token cross-entropy on the clean sequence.
 
@@ -103,6 +109,16 @@ def collate(examples: list[Example], canvas_length: int, eos_id: int, pad_id: in
 
 
 @dataclass
+class OwnSamples:
+    """Per canvas, whether and how the second pass reads the first pass's own samples (see the module docstring)."""
+
+    use: torch.Tensor  # [B, K] bool
+    temperature: torch.Tensor  # [B, K] the samples' temperature, U(0.1, 1)
+    share: torch.Tensor  # [B, K] the share of the corrupted positions that take a sample, U(0, 1)
+    uniforms: torch.Tensor  # [B, K, L] fp64: one uniform per position, for the draw (inverse CDF)
+
+
+@dataclass
 class Noise:
     """The objective's random choices for a batch, drawn per example (see `draw_noise`). K = 1 under the
     recipe's rule; under `canvases="all"` K is the most canvases of a row, and slots past a row's own are -1."""
@@ -111,6 +127,8 @@ class Noise:
     noisy: torch.Tensor  # [B, K, L] those canvases, corrupted
     use_self_conditioning: torch.Tensor  # [B, K] bool
     t: torch.Tensor  # [B, K] corruption probability
+    replaced: torch.Tensor  # [B, K, L] bool: the positions the corruption drew
+    own: OwnSamples | None = None  # drawn only when own_samples_prob > 0
 
 
 def corrupt(canvas: torch.Tensor, t: float, vocab_size: int, generator: torch.Generator | None
@@ -130,10 +148,12 @@ def trained_canvases(example: Example, canvas_length: int, canvases: str = "one"
 
 
 def draw_noise(batch: Batch, canvas_length: int, vocab_size: int, generators: list[torch.Generator], eps: float,
-               self_conditioning_prob: float, canvases: str = "one", t_power: float = 1.0) -> Noise:
+               self_conditioning_prob: float, canvases: str = "one", t_power: float = 1.0,
+               own_samples_prob: float = 0.0) -> Noise:
     """Per example, with its own generator. `canvases="one"`: a canvas uniformly among its canvases, t ~ U(eps, 1)
     (or 1 - (1 - t)^t_power), the corruption, and whether the first pass's logits feed the second pass.
-    `canvases="all"`: for each canvas in order, its own t, corruption and coin."""
+    `canvases="all"`: for each canvas in order, its own t, corruption and coin. `own_samples_prob` > 0 also draws,
+    after those, each canvas's `OwnSamples` (at 0 nothing more is drawn: the same noise as before it existed)."""
     if canvases not in CANVAS_RULES:
         raise ValueError(f"canvases must be one of {CANVAS_RULES}, got {canvases!r}")
     rows = []
@@ -149,19 +169,51 @@ def draw_noise(batch: Batch, canvas_length: int, vocab_size: int, generators: li
             t = eps + (1 - eps) * float(torch.rand((), generator=gen))
             if t_power != 1.0:
                 t = 1 - (1 - t) ** t_power
-            canvas, _ = corrupt(batch.input_ids[row, start:start + canvas_length], t, vocab_size, gen)
+            canvas, replaced = corrupt(batch.input_ids[row, start:start + canvas_length], t, vocab_size, gen)
             coin = bool(torch.rand((), generator=gen) < self_conditioning_prob)
-            drawn.append((k, canvas, coin, t))
+            own = None
+            if own_samples_prob > 0:
+                own = (bool(torch.rand((), generator=gen) < own_samples_prob),
+                       0.1 + 0.9 * float(torch.rand((), generator=gen)), float(torch.rand((), generator=gen)),
+                       torch.rand(canvas_length, generator=gen, dtype=torch.float64))
+            drawn.append((k, canvas, replaced, coin, t, own))
         rows.append(drawn)
     slots = max(len(r) for r in rows)
     chosen = torch.full((len(rows), slots), -1, dtype=torch.long)
     noisy = torch.zeros(len(rows), slots, canvas_length, dtype=torch.long)
+    replaced_at = torch.zeros(len(rows), slots, canvas_length, dtype=torch.bool)
     use_sc = torch.zeros(len(rows), slots, dtype=torch.bool)
     ts = torch.zeros(len(rows), slots)
+    own_samples = None
+    if own_samples_prob > 0:
+        own_samples = OwnSamples(use=torch.zeros(len(rows), slots, dtype=torch.bool),
+                                 temperature=torch.ones(len(rows), slots), share=torch.zeros(len(rows), slots),
+                                 uniforms=torch.zeros(len(rows), slots, canvas_length, dtype=torch.float64))
     for i, drawn in enumerate(rows):
-        for j, (k, canvas, coin, t) in enumerate(drawn):
-            chosen[i, j], noisy[i, j], use_sc[i, j], ts[i, j] = k, canvas, coin, t
-    return Noise(chosen, noisy, use_sc, ts)
+        for j, (k, canvas, replaced, coin, t, own) in enumerate(drawn):
+            chosen[i, j], noisy[i, j], replaced_at[i, j], use_sc[i, j], ts[i, j] = k, canvas, replaced, coin, t
+            if own is not None:
+                (own_samples.use[i, j], own_samples.temperature[i, j], own_samples.share[i, j],
+                 own_samples.uniforms[i, j]) = own
+    return Noise(chosen, noisy, use_sc, ts, replaced_at, own_samples)
+
+
+def with_own_samples(noisy: torch.Tensor, logits: torch.Tensor, replaced: torch.Tensor, own: OwnSamples
+                     ) -> torch.Tensor:
+    """The canvases [B, K, L] the second pass reads under `own_samples_prob`: where `own.use`, the lowest-entropy
+    share of each canvas's corrupted positions (round(share x their count)) take a token drawn from `logits`
+    [B, K, L, V] at the canvas's temperature, by inverse CDF at `own.uniforms`; every other position is unchanged."""
+    tempered = logits.float() / own.temperature.to(logits.device)[:, :, None, None]
+    probs = torch.softmax(tempered, dim=-1)
+    cumulative = probs.cumsum(dim=-1)
+    targets = own.uniforms.to(logits.device)[..., None].to(cumulative.dtype) * cumulative[..., -1:]
+    drawn = torch.searchsorted(cumulative, targets).squeeze(-1).clamp_max_(logits.shape[-1] - 1)
+    entropy = -(probs * torch.log_softmax(tempered, dim=-1)).sum(dim=-1)
+    entropy = entropy.masked_fill(~replaced, float("inf"))  # only corrupted positions take a sample
+    rank = entropy.argsort(dim=-1).argsort(dim=-1)
+    count = torch.round(own.share.to(logits.device) * replaced.sum(dim=-1))  # [B, K]
+    take = (rank < count[..., None]) & own.use.to(logits.device)[..., None]
+    return torch.where(take, drawn, noisy)
 
 
 @dataclass
@@ -243,6 +295,11 @@ def diffusion_loss(model: DiffusionGemma, batch: Batch, noise: Noise, on_encoder
     with torch.no_grad():
         first_logits = model.logits(model.decode(noisy, decoder_plan))
         soft = model.soft_embeddings(first_logits) * gate
+        if noise.own is not None:
+            slots = noise.noisy.shape[1]
+            noisy = with_own_samples(noisy.view(rows, slots, canvas_length),
+                                     first_logits.view(rows, slots, canvas_length, -1),
+                                     noise.replaced.to(device), noise.own).reshape(rows, -1)
     logits = model.logits(model.decode(noisy, decoder_plan, soft))
     trained = slot_ok.repeat_interleave(canvas_length, dim=1)  # [B, K*L]
     flat = trained.reshape(-1)

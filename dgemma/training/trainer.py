@@ -102,6 +102,7 @@ class TrainConfig:
     eps: float = 1e-3
     t_power: float = 1.0  # t = 1 - (1 - u)^t_power, u ~ U(eps, 1): 1 is the recipe's uniform t
     canvases: str = "one"  # train one canvas per example (the recipe) or "all" of them
+    own_samples_prob: float = 0.0  # per canvas: the second pass reads the first pass's own samples (objective.py)
     self_conditioning_prob: float = 0.5
     diffusion_weight: float = 1.0
     encoder_weight: float = 1.0
@@ -192,6 +193,8 @@ class TrainConfig:
             raise ValueError(f"[train] device must be 'cpu', 'cuda' or 'mps', got {self.device!r}")
         if self.t_power <= 0:
             raise ValueError(f"[train] t_power must be positive, got {self.t_power}")
+        if not 0 <= self.own_samples_prob <= 1:
+            raise ValueError(f"[train] own_samples_prob must be in [0, 1], got {self.own_samples_prob}")
         if self.canvases not in CANVAS_RULES:
             raise ValueError(f"[train] canvases must be one of {CANVAS_RULES}, got {self.canvases!r}")
         if self.distill_file and (self.data_kind != "text" or not 0 <= self.distill_fraction <= 1):
@@ -407,7 +410,8 @@ class Trainer:
         cfg = self.config
         return lay_out(examples, cfg.micro_batch_size, self.model.config.canvas_length, self.model.config.vocab_size,
                        self._eos_id(), self._pad_id(), seed, step, cfg.eps, cfg.self_conditioning_prob,
-                       first_index=first_index, canvases=cfg.canvases, t_power=cfg.t_power)
+                       first_index=first_index, canvases=cfg.canvases, t_power=cfg.t_power,
+                       own_samples_prob=cfg.own_samples_prob)
 
     def _loss(self, sums: LossSums, canvas_tokens: int, encoder_tokens: int) -> torch.Tensor:
         cfg = self.config
