@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from ..cache import attention_masks
 from ..config import FULL, SLIDING
 from ..model import AttentionPlan, DiffusionGemma
+from ..sampling import categorical_entropy
 
 
 # (layer, keys, values) of the encoder pass -> None
@@ -208,8 +209,7 @@ def with_own_samples(noisy: torch.Tensor, logits: torch.Tensor, replaced: torch.
     cumulative = probs.cumsum(dim=-1)
     targets = own.uniforms.to(logits.device)[..., None].to(cumulative.dtype) * cumulative[..., -1:]
     drawn = torch.searchsorted(cumulative, targets).squeeze(-1).clamp_max_(logits.shape[-1] - 1)
-    entropy = -(probs * torch.log_softmax(tempered, dim=-1)).sum(dim=-1)
-    entropy = entropy.masked_fill(~replaced, float("inf"))  # only corrupted positions take a sample
+    entropy = categorical_entropy(tempered).masked_fill(~replaced, float("inf"))  # only corrupted positions take a sample
     rank = entropy.argsort(dim=-1).argsort(dim=-1)
     count = torch.round(own.share.to(logits.device) * replaced.sum(dim=-1))  # [B, K]
     take = (rank < count[..., None]) & own.use.to(logits.device)[..., None]
