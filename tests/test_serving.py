@@ -20,7 +20,7 @@ import torch
 import uvicorn
 
 import dgemma
-from dgemma.serving.app import ServerSettings, create_app, uvicorn_config
+from dgemma.serving.app import ServerSettings, create_app, serve, uvicorn_config
 from dgemma.serving.service import ChoiceText, held_back
 from dgemma.tokenizer import Tokenizer
 
@@ -270,6 +270,47 @@ def test_sigterm_drains_running_requests_then_exits(text_model_dir):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_serve_runs_the_engine_on_the_calling_thread_and_stops_on_sigint(text_model_dir):
+    """`serve` (what `dgemma serve` calls, on the main thread) keeps the engine's loop on that thread and uvicorn on
+    another: while it serves there is no engine thread; SIGINT drains and returns."""
+    settings = ServerSettings(port=free_port(), max_tokens=16)
+    url = f"http://127.0.0.1:{settings.port}"
+    seen: dict = {}
+    before = set(threading.enumerate())  # other tests' servers may have left engine threads running
+
+    def client() -> None:
+        try:
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                try:
+                    if httpx.get(url + "/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.05)
+            seen["response"] = httpx.post(url + "/v1/completions", json={"prompt": "Once", "max_tokens": 8},
+                                          timeout=60)
+            seen["threads"] = [t.name for t in set(threading.enumerate()) - before]
+        finally:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    helper = threading.Thread(target=client)
+    helper.start()
+    serve(dgemma.load(text_model_dir), Tokenizer.from_directory(text_model_dir), settings)
+    helper.join(10)
+    assert seen["response"].status_code == 200 and seen["response"].json()["usage"]["completion_tokens"] > 0
+    assert "dgemma-http" in seen["threads"] and "dgemma-engine" not in seen["threads"]
+
+
+def test_serve_exits_with_an_error_when_uvicorn_cannot_listen(text_model_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        settings = ServerSettings(port=taken.getsockname()[1])
+        with pytest.raises(SystemExit) as exit_:
+            serve(dgemma.load(text_model_dir), Tokenizer.from_directory(text_model_dir), settings)
+    assert exit_.value.code not in (0, None)  # uvicorn's startup failure status
 
 
 def test_response_format_json_schema_gives_valid_json(server):

@@ -4,7 +4,8 @@ Routes: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/complet
 Responses API, served as a chat with one choice), GET / (playground).
 Layers: the guard (guard.py: Host, API key, body bytes and seconds; plain ASGI) -> routes (here) -> request models
 (protocol.py) -> the service (service.py: sizes first, then prompts and settings in a thread pool) -> the
-scheduler (scheduler.py: the one thread that owns the model); responses.py shapes what goes back.
+scheduler (scheduler.py: the one thread that owns the model, the main one under `dgemma serve`); responses.py
+shapes what goes back.
 
 A client that goes away, streaming or not, queued or running, ends its request at once: a queued one leaves the
 queue, a running one frees its row at the next step.
@@ -16,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import threading
 import time
 from importlib import resources
 from typing import Any, AsyncIterator
@@ -54,14 +56,18 @@ ERRORS = {"400": "invalid request (bad JSON, a field out of range or not support
           "504": "the request took longer than the server's time limit"}
 
 
-def create_app(model: DiffusionGemmaForBlockDiffusion, tokenizer: Tokenizer, settings: ServerSettings) -> FastAPI:
+def create_app(model: DiffusionGemmaForBlockDiffusion, tokenizer: Tokenizer, settings: ServerSettings,
+               engine_thread: bool = True) -> FastAPI:
+    """The application. With `engine_thread` its startup runs the scheduler's loop on a thread of its own;
+    without, the caller runs `app.state.scheduler.run()` (as `serve` does, on the main thread)."""
     scheduler = Scheduler(model, tokenizer, settings.max_sequences, settings.max_queue, settings.max_context)
     service = Service(scheduler, tokenizer, settings, model.generation_config)
     fingerprint = f"dgemma-{__version__}-{model_fingerprint(model)}"  # OpenAI's system_fingerprint
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        scheduler.start()
+        if engine_thread:
+            scheduler.start()
         yield
         # Uvicorn has stopped accepting connections and let open ones finish; now let the engine drain.
         await asyncio.to_thread(scheduler.stop, True, 30.0)
@@ -241,16 +247,41 @@ def uvicorn_config(app: FastAPI, settings: ServerSettings, **overrides: Any) -> 
 
 
 def serve(model: DiffusionGemmaForBlockDiffusion, tokenizer: Tokenizer, settings: ServerSettings) -> None:
-    """Serve a loaded model until SIGTERM or SIGINT, then drain running requests and return."""
-    DrainingServer(uvicorn_config(create_app(model, tokenizer, settings), settings)).run()
+    """Serve a loaded model until SIGTERM or SIGINT, then drain running requests and return. Call it on the
+    process's main thread: the engine's loop runs there (see the scheduler's module docstring for why), uvicorn on a
+    thread of its own. Raises SystemExit with uvicorn's status when it could not start (it has logged why)."""
+    app = create_app(model, tokenizer, settings, engine_thread=False)
+    server = DrainingServer(uvicorn_config(app, settings))
+    scheduler: Scheduler = app.state.scheduler
+    failed: list[int | str | None] = []
+
+    def http() -> None:
+        try:
+            server.run()
+        except SystemExit as exit_:  # uvicorn's way out when it cannot start
+            failed.append(exit_.code)
+        finally:  # no client can be answered any more: end what is left (after the drain: nothing)
+            scheduler.stop(drain=False, timeout=0)
+
+    thread = threading.Thread(target=http, name="dgemma-http")
+    with server.capture_signals():
+        thread.start()
+        scheduler.run()
+    thread.join()
+    if failed or not server.started:
+        raise SystemExit(failed[0] if failed and failed[0] else 1)
 
 
 class DrainingServer(uvicorn.Server):
     """uvicorn's server, except that SIGTERM/SIGINT end it with status 0 once running requests have drained
-    (uvicorn re-raises the signal after its graceful shutdown, which makes the process die of it)."""
+    (uvicorn re-raises the signal after its graceful shutdown, which makes the process die of it). Signals reach
+    the main thread only: run on another thread, it leaves them to whoever calls `capture_signals` there."""
 
     @contextlib.contextmanager
     def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
         previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield

@@ -9,6 +9,10 @@ Design choices:
 - This module is where requests become tensors: the service hands in plain `SequenceRequest`s (token ids,
   settings, a seed, an infill region or a grammar) and gets plain events back (lists of ids, not tensors),
   through a callback it must not block in.
+- The loop runs on whichever thread calls `run` (`dgemma serve`: the process's main thread, the HTTP server on
+  another) or on a thread of its own (`start`). torch's OpenMP parallel regions entered from a thread other than
+  the process's first measured 1.3 to 3.5 times slower per small operation on a 2-core CPU, and the whole server
+  half as fast (docs/performance.md, "Serving").
 - Bounded: a fixed number of rows in a preallocated cache, a bounded queue, a per-sequence deadline. The server
   holds at most `max_sequences + max_queue` sequences (running or waiting); a request's sequences are queued all
   together or not at all, and one with more sequences than the server ever holds is refused as never fitting. A
@@ -121,7 +125,7 @@ class Scheduler:
         self.starting = 0  # taken from `waiting`, not yet in `running` (counted against the capacity meanwhile)
         self.lock = threading.Condition()
         self.stopping = False
-        self.thread: threading.Thread | None = None
+        self.ended = threading.Event()  # set when the loop has returned (or, never started, is told to stop)
         self.steps_run = 0
 
     @property
@@ -131,19 +135,20 @@ class Scheduler:
     # ---- the caller's side (any thread) --------------------------------------------------------------------
 
     def start(self) -> None:
-        self.thread = threading.Thread(target=self._loop, name="dgemma-engine", daemon=True)
-        self.thread.start()
+        """Run the loop on a thread of its own (for an application embedding the server; `dgemma serve` calls
+        `run` on its main thread instead)."""
+        threading.Thread(target=self.run, name="dgemma-engine", daemon=True).start()
 
     def stop(self, drain: bool = True, timeout: float | None = None) -> None:
-        """Stop the loop; with `drain`, after the running and waiting sequences have finished."""
+        """Tell the loop to stop, with `drain` after the running and waiting sequences have finished (without,
+        they end as cancelled), and wait up to `timeout` seconds for it to return, whichever thread runs it."""
         with self.lock:
             if not drain:
                 for request in list(self.running) + list(self.waiting):
                     request.cancelled = True
             self.stopping = True
             self.lock.notify_all()
-        if self.thread is not None:
-            self.thread.join(timeout)
+        self.ended.wait(timeout)
 
     @property
     def capacity(self) -> int:
@@ -195,6 +200,13 @@ class Scheduler:
         return {"running": len(self.running), "waiting": len(self.waiting), "steps": self.steps_run}
 
     # ---- the engine thread --------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """The loop, on the calling thread: admit, step, repeat; returns once stopped and drained."""
+        try:
+            self._loop()
+        finally:
+            self.ended.set()
 
     def _loop(self) -> None:
         while True:
