@@ -428,6 +428,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--serving", action="store_true",
                         help="measure `dgemma serve`: --clients concurrent requests against the same one by one")
     parser.add_argument("--clients", type=int, default=8, help="requests per run with --serving")
+    parser.add_argument("--decode", choices=("diffusion", "autoregressive"), default="diffusion",
+                        help="with --serving: the decoding the requests ask for (their `decode` field)")
     parser.add_argument("--breakdown", action="store_true",
                         help="time and memory part by part at a config's real shapes for each weight form (--forms) "
                              "against AR and transformers, projected to the full depth (bench_breakdown)")

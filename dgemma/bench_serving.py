@@ -5,8 +5,10 @@ Design choices:
 - Both modes send the very same requests (prompts, seeds, budgets), so they do the same work: a seeded request
   gives the same tokens alone and batched. Sequential and concurrent runs alternate, so that drifting machine
   load hits both alike; results are medians with min/max.
-- Reported: aggregate completion tokens per second, the server's denoising steps per run (from /health: batched
-  requests share steps), and per-request latency.
+- Reported: aggregate completion tokens per second, the server's steps per run (from /health: a step is a
+  denoising step, or a token, of every running request at once), and per-request latency.
+- `--decode autoregressive` sends the same requests decoded token by token (at temperature 1, the API's default
+  for that decoding).
 """
 
 from __future__ import annotations
@@ -44,25 +46,25 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
     return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-async def one_request(client, index: int, budget: int) -> dict:
+async def one_request(client, index: int, budget: int, decode: str) -> dict:
     started = time.perf_counter()
     response = await client.post("/v1/completions", json={"prompt": PROMPTS[index % len(PROMPTS)],
-                                                           "max_tokens": budget, "seed": index})
+                                                           "max_tokens": budget, "seed": index, "decode": decode})
     response.raise_for_status()
     usage = response.json()["usage"]
     return {"tokens": usage["completion_tokens"], "seconds": time.perf_counter() - started}
 
 
-async def run_mode(url: str, clients: int, budget: int, concurrent: bool) -> dict:
+async def run_mode(url: str, clients: int, budget: int, concurrent: bool, decode: str = "diffusion") -> dict:
     import httpx
 
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         steps_before = (await client.get("/health")).json()["steps"]
         started = time.perf_counter()
         if concurrent:
-            results = await asyncio.gather(*[one_request(client, i, budget) for i in range(clients)])
+            results = await asyncio.gather(*[one_request(client, i, budget, decode) for i in range(clients)])
         else:
-            results = [await one_request(client, i, budget) for i in range(clients)]
+            results = [await one_request(client, i, budget, decode) for i in range(clients)]
         seconds = time.perf_counter() - started
         steps = (await client.get("/health")).json()["steps"] - steps_before
     tokens = sum(r["tokens"] for r in results)
@@ -95,12 +97,13 @@ def main_run(args: argparse.Namespace) -> dict:
     runs: dict[str, list[dict]] = {"sequential": [], "concurrent": []}
     try:
         wait_for(url, process)
-        asyncio.run(run_mode(url, 1, args.max_new_tokens, concurrent=False))  # warm-up
+        asyncio.run(run_mode(url, 1, args.max_new_tokens, concurrent=False, decode=args.decode))  # warm-up
         started = time.perf_counter()
         total = 2 * args.repeat
         for repetition in range(args.repeat):
             for mode in ("sequential", "concurrent"):
-                run = asyncio.run(run_mode(url, args.clients, args.max_new_tokens, concurrent=mode == "concurrent"))
+                run = asyncio.run(run_mode(url, args.clients, args.max_new_tokens, concurrent=mode == "concurrent",
+                                           decode=args.decode))
                 runs[mode].append(run)
                 done = sum(len(r) for r in runs.values())
                 eta = (time.perf_counter() - started) / done * (total - done)
@@ -111,7 +114,7 @@ def main_run(args: argparse.Namespace) -> dict:
         process.terminate()
         process.wait(timeout=60)
     summary = {mode: summarise(results) for mode, results in runs.items()}
-    report = {"mode": "serving", "model": args.model or "bundled", "clients": args.clients,
+    report = {"mode": "serving", "model": args.model or "bundled", "decode": args.decode, "clients": args.clients,
               "max_new_tokens": args.max_new_tokens, "threads": args.threads, "device": args.device,
               "repeat": args.repeat, "summary": summary,
               "ratio": summary["concurrent"]["tokens_per_second"]["median"]
@@ -131,7 +134,8 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def table(report: dict) -> str:
-    lines = [f"serving, {report['model']}: {report['clients']} requests x {report['max_new_tokens']} tokens, "
+    lines = [f"serving, {report['model']} ({report['decode']}): {report['clients']} requests x "
+             f"{report['max_new_tokens']} tokens, "
              f"{report['threads']} threads, {report['repeat']} runs each (medians [min-max])",
              f"{'mode':11s} {'tok/s':>20s} {'engine steps':>13s} {'median latency s':>17s}"]
     for mode, s in report["summary"].items():
@@ -150,14 +154,15 @@ def chart(report: dict, path: Path) -> None:
     modes = list(report["summary"])
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, key, label in ((axes[0], "tokens_per_second", "aggregate tokens / second"),
-                           (axes[1], "engine_steps", "server denoising steps")):
+                           (axes[1], "engine_steps", "server steps")):
         stats = [report["summary"][m][key] for m in modes]
         medians = [s["median"] for s in stats]
         errors = [[m - s["min"] for m, s in zip(medians, stats)], [s["max"] - m for m, s in zip(medians, stats)]]
         ax.bar(modes, medians, yerr=errors, color=["#999", "#2b7"])
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{report['clients']} clients x {report['max_new_tokens']} tokens, {report['model']}: "
+    fig.suptitle(f"{report['clients']} clients x {report['max_new_tokens']} tokens, {report['model']} "
+                 f"({report['decode']}): "
                  f"{report['ratio']:.2f}x")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -569,6 +569,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.decode != "diffusion" and not args.serving:
+        raise ValueError(f"--decode {args.decode} is for --serving (the other benchmarks run every decoding they "
+                         "compare)")
     if args.serving:
         from .bench_serving import main_run
         main_run(args)

@@ -37,7 +37,7 @@ Design choices:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, NamedTuple
+from typing import TYPE_CHECKING, Callable, Iterable, NamedTuple, TypeVar
 
 import torch
 
@@ -547,7 +547,7 @@ class Engine:
 
     def _encode(self, cache: KVCache | None, items: list[Pending]) -> None:
         """Encode each item's tokens into its group's rows of `cache`, in forwards batched by length."""
-        for batch in _similar_lengths(items):
+        for batch in batches_by_length(items, lambda item: item.ids.shape[1], lambda item: item.group.size):
             width = max(item.ids.shape[1] for item in batch)
             ids = torch.cat([torch.nn.functional.pad(item.ids, (0, width - item.ids.shape[1])) for item in batch])
             valid = torch.cat([torch.nn.functional.pad(item.valid, (0, width - item.valid.shape[1])) for item in batch])
@@ -573,15 +573,19 @@ class Engine:
         group.pending = group.pending_valid = None
 
 
-def _similar_lengths(items: list[Pending]) -> list[list[Pending]]:
-    """Tokens to encode, batched so that padding at most doubles the work of a batch."""
-    batches: list[list[Pending]] = []
-    for item in sorted(items, key=lambda item: -item.ids.shape[1]):
+Item = TypeVar("Item")
+
+
+def batches_by_length(items: list[Item], length: Callable[[Item], int],
+                      rows: Callable[[Item], int] = lambda item: 1) -> list[list[Item]]:
+    """Items whose tokens are to be encoded (`length` tokens in each of `rows` rows), longest first, batched so that
+    padding every row to its batch's longest at most doubles the work of a batch."""
+    batches: list[list[Item]] = []
+    for item in sorted(items, key=lambda item: -length(item)):
         if batches:
             batch = batches[-1]
-            width = batch[0].ids.shape[1]
-            tokens = sum(i.ids.shape[1] * i.group.size for i in batch) + item.ids.shape[1] * item.group.size
-            if width * (sum(i.group.size for i in batch) + item.group.size) <= 2 * tokens:
+            tokens = sum(length(i) * rows(i) for i in batch) + length(item) * rows(item)
+            if length(batch[0]) * (sum(rows(i) for i in batch) + rows(item)) <= 2 * tokens:
                 batch.append(item)
                 continue
         batches.append([item])

@@ -1,6 +1,6 @@
 """The generation API: `generate` and `generate_steps` run one batch through the engine; `autoregressive_steps`
-decodes token by token with the encoder alone; `speculative_steps` decodes exactly as it does, verifying diffusion
-drafts a canvas at a time.
+decodes token by token with the encoder alone (a `TokenBatch` of one sequence; `TokenBatch` decodes several side by
+side); `speculative_steps` decodes exactly as it does, verifying diffusion drafts a canvas at a time.
 
 Design choices:
 - `generate_steps` is a generator of events over token ids (a DraftStep after every denoising step, a
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from .cache import KVCache
-from .engine import SAMPLING_MODES, CanvasCommitted, DraftStep, Engine, Group, until_eos
+from .engine import SAMPLING_MODES, CanvasCommitted, DraftStep, Engine, Group, batches_by_length, until_eos
 from .generation_config import GenerationConfig
 from .model import DiffusionGemma
 from .sampling import process_logits
@@ -188,29 +188,96 @@ def _check_single(model: DiffusionGemma, input_ids: torch.Tensor, what: str) -> 
         raise ValueError(f"{what} decoding takes one sequence")
 
 
-@torch.no_grad()
+@dataclass(eq=False)
+class TokenSequence:
+    """One sequence of a `TokenBatch`: its cache row, the tokens it encodes next (its prompt, then its newest
+    token), and how far it has got."""
+
+    row: int
+    pending: torch.Tensor  # [1, T]
+    max_new_tokens: int
+    stop: set[int]
+    next_token: _NextToken
+    produced: int = 0
+    finished: bool = False  # the last token was an end-of-generation token, or the budget is spent
+
+    def __post_init__(self) -> None:
+        self.finished = self.max_new_tokens <= 0
+
+
+class TokenBatch:
+    """Sequences decoded token by token with the encoder alone (it is an autoregressive LM), side by side in the rows
+    of one cache. Each `step` encodes every running sequence's pending tokens (prompts and newest tokens together, in
+    forwards batched by length; rows of different lengths attend each to exactly its own keys) and draws each
+    sequence's next token with its own sampler and generator. Alone it is `autoregressive_steps`; `dgemma serve`
+    keeps one for its `decode: autoregressive` requests, so that concurrent ones share their forwards.
+
+    A sequence's tokens are the same alone and in a batch wherever the matmuls give a row the same result in a batch
+    of any size (bf16 on the CPUs measured); in fp32 a batch's logits can differ from a lone row's by rounding
+    (within 2e-5 on the bundled model), so that a draw near a boundary can differ."""
+
+    def __init__(self, model: DiffusionGemma, rows: int, capacity: int = 0):
+        self.model = model
+        self.cache = KVCache(model.config, rows, model.dtype, model.device, capacity=capacity)
+        self.sequences: list[TokenSequence] = []
+
+    def add(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_ids: list[int] | None = None,
+            temperature: float = 1.0, generator: torch.Generator | None = None,
+            processors: GenerationConfig | None = None) -> TokenSequence:
+        """Start decoding after `input_ids` [1, T] in a free row (ValueError when every row is taken)."""
+        _check_single(self.model, input_ids, "autoregressive")
+        taken = {sequence.row for sequence in self.sequences}
+        free = [row for row in range(self.cache.batch_size) if row not in taken]
+        if not free:
+            raise ValueError(f"all {self.cache.batch_size} rows of the batch are taken")
+        sequence = TokenSequence(free[0], input_ids.to(self.model.device), max_new_tokens, set(eos_token_ids or []),
+                                 _NextToken(self.model, temperature, generator, processors))
+        self.cache.clear(sequence.row)
+        self.sequences.append(sequence)
+        return sequence
+
+    def remove(self, sequence: TokenSequence) -> None:
+        """Free the sequence's row."""
+        self.sequences.remove(sequence)
+        self.cache.clear(sequence.row)
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[TokenSequence, int]]:
+        """The next token of every sequence not finished, in the order they were added."""
+        running = [sequence for sequence in self.sequences if not sequence.finished]
+        tokens: dict[int, int] = {}
+        for batch in batches_by_length(running, lambda sequence: sequence.pending.shape[1]):
+            width = max(sequence.pending.shape[1] for sequence in batch)
+            ids = torch.cat([torch.nn.functional.pad(s.pending, (0, width - s.pending.shape[1])) for s in batch])
+            counts = [sequence.pending.shape[1] for sequence in batch]
+            valid = torch.arange(width, device=ids.device) < torch.tensor(counts, device=ids.device)[:, None]
+            rows = [sequence.row for sequence in batch]
+            hidden = self.model.encode(ids, self.cache.encoder_plan(self.model.rope, valid, rows, counts))
+            self.cache.commit(valid, rows, counts)
+            last = hidden[torch.arange(len(batch), device=ids.device), torch.tensor(counts, device=ids.device) - 1]
+            logits = self.model.logits(last[0] if len(batch) == 1 else last)  # one row: the 1-D product
+            for i, sequence in enumerate(batch):
+                token = sequence.next_token(logits if len(batch) == 1 else logits[i])
+                sequence.produced += 1
+                sequence.finished = token in sequence.stop or sequence.produced >= sequence.max_new_tokens
+                sequence.pending = torch.tensor([[token]], device=ids.device)
+                tokens[id(sequence)] = token
+        return [(sequence, tokens[id(sequence)]) for sequence in running]
+
+
 def autoregressive_steps(model: DiffusionGemma, input_ids: torch.Tensor, max_new_tokens: int,
                          eos_token_ids: list[int] | None = None, temperature: float = 1.0,
                          generator: torch.Generator | None = None, *,
                          processors: GenerationConfig | None = None) -> Iterator[int]:
     """Next-token decoding with the encoder alone (it is an autoregressive LM): yields each new token of a
     single sequence [1, T], sampled by `_NextToken` (temperature 0 is greedy; `processors` brings a
-    GenerationConfig's logits processors). The baseline `dgemma bench` compares diffusion against, and `--decode
-    autoregressive`."""
-    _check_single(model, input_ids, "autoregressive")
-    cache = KVCache(model.config, 1, model.dtype, model.device, capacity=input_ids.shape[1] + max_new_tokens)
-    tokens = input_ids.to(model.device)
-    stop = set(eos_token_ids or [])
-    next_token = _NextToken(model, temperature, generator, processors)
-    for _ in range(max_new_tokens):
-        valid = torch.ones_like(tokens, dtype=torch.bool)
-        hidden = model.encode(tokens, cache.encoder_plan(model.rope, valid))
-        cache.commit(valid)
-        token = next_token(model.logits(hidden[0, -1]))
-        yield token
-        if token in stop:
-            return
-        tokens = torch.tensor([[token]], device=model.device)
+    GenerationConfig's logits processors): a `TokenBatch` of one. The baseline `dgemma bench` compares diffusion
+    against, and `--decode autoregressive`."""
+    batch = TokenBatch(model, 1, capacity=input_ids.shape[1] + max_new_tokens)
+    sequence = batch.add(input_ids, max_new_tokens, eos_token_ids, temperature, generator, processors)
+    while not sequence.finished:
+        for _, token in batch.step():
+            yield token
 
 
 @dataclass

@@ -86,8 +86,9 @@ def test_diffusion_only_options_are_refused_with_autoregressive_decoding(text_mo
 
 
 def test_the_server_decodes_autoregressively_on_request(text_model_dir, model_and_tokenizer):
-    """`decode: "autoregressive"` (an extension): the same tokens as the library, whole or streamed, batched with
-    diffusion requests; the options only a canvas has are a 400 naming them."""
+    """`decode: "autoregressive"` (an extension): the same tokens as the library, whole or streamed, beside
+    diffusion requests and beside each other (sharing encoder forwards); the options only a canvas has are a 400
+    naming them."""
     import httpx
     from test_serving import RunningServer
 
@@ -115,6 +116,18 @@ def test_the_server_decodes_autoregressively_on_request(text_model_dir, model_an
 
         together, _ = asyncio.run(beside_diffusion())
         assert together.choices[0].text == whole.choices[0].text
+
+        prompts = ["It is a truth", "Once", "However little known the feelings"]
+
+        async def side_by_side():
+            import openai
+            async_client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+            return await asyncio.gather(*[async_client.completions.create(**dict(kwargs, prompt=p)) for p in prompts])
+
+        for text, out in zip(prompts, asyncio.run(side_by_side())):
+            alone = greedy(model, tokenizer.encode(text), 12)
+            alone = alone[:-1] if alone and alone[-1] in eos else alone
+            assert out.choices[0].text == tokenizer.decode(alone)
         for field, value in (("max_denoising_steps", 3), ("logprobs", 1), ("infill", True)):
             response = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "decode": "autoregressive",
                                                                         field: value})

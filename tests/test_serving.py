@@ -344,3 +344,23 @@ def test_infill_extension_fills_holes_between_fixed_text(server):
     text = out["choices"][0]["text"]
     assert " acknowledged, that a single " in text and text.endswith(" in")
     assert httpx.post(server.url + "/v1/completions", json={"prompt": "no holes", "infill": True}).status_code == 400
+
+
+def test_the_serving_bench_measures_autoregressive_requests_and_counts_their_steps(text_model_dir, tmp_path, capsys):
+    """`dgemma bench --serving --decode autoregressive` against a real `dgemma serve`: every request answered in both
+    modes, the server's steps (a token of every running sequence) counted; `--decode` alone is refused by name."""
+    from dgemma.cli import main
+
+    out = tmp_path / "serving.json"
+    assert main(["bench", "--serving", "--model", str(text_model_dir), "--decode", "autoregressive", "--clients", "2",
+                 "--max-new-tokens", "8", "--repeat", "1", "--threads", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["decode"] == "autoregressive"
+    for mode in ("sequential", "concurrent"):
+        summary = report["summary"][mode]
+        assert 2 <= summary["tokens"]["median"] <= 16  # each request ends at its budget or an EOS
+        assert summary["engine_steps"]["median"] >= summary["tokens"]["median"] / 2  # at most one token a step each
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert "(autoregressive)" in capsys.readouterr().out
+    assert main(["bench", "--decode", "autoregressive"]) == 2
+    assert "--decode autoregressive is for --serving" in capsys.readouterr().err

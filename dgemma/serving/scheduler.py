@@ -6,6 +6,9 @@ Design choices:
   steps, and prompts admitted together are encoded in one forward.
 - Each sequence is an engine group of one with its own generator (seeded from the request), so a seeded request
   gives the same tokens alone or batched, and the same as `model.generate(..., generator=...)`.
+- `decode: autoregressive` sequences are batched the same way: every step, one encoder forward gives each its next
+  token (a `TokenBatch`), before the diffusion step. Alone, a seeded one gives `autoregressive_steps`' tokens; in a
+  batch, the same where the encoder's matmuls are batch-invariant (see `TokenBatch`).
 - This module is where requests become tensors: the service hands in plain `SequenceRequest`s (token ids,
   settings, a seed, an infill region or a grammar) and gets plain events back (lists of ids, not tensors),
   through a callback it must not block in.
@@ -34,14 +37,14 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
 from ..cache import KVCache
 from ..constraints import FixedTokens, GrammarControl, grammar_tokenizer
 from ..engine import CanvasCommitted, DraftStep, Engine, Group, until_eos
-from ..generation import autoregressive_steps
+from ..generation import TokenBatch, TokenSequence
 from ..generation_config import GenerationConfig
 from ..model import DiffusionGemma
 from ..quantized import quantized_weights
@@ -106,7 +109,7 @@ class SequenceRequest:
     generated: list[int] = field(default_factory=list)
     ended_by_eos: bool = False
     group: Group | None = None
-    tokens: Iterator[int] | None = None  # autoregressive decoding: one new token per call of next()
+    sequence: TokenSequence | None = None  # autoregressive decoding: its place in the scheduler's TokenBatch
 
 
 class Scheduler:
@@ -120,6 +123,9 @@ class Scheduler:
         cache = KVCache(model.config, max_sequences, model.dtype, model.device,
                         capacity=max_context + model.config.canvas_length, growable=False)
         self.engine = Engine(model, cache, sampling="fast")
+        # `decode: autoregressive` sequences, one encoder forward a step for all of them; their cache grows to the
+        # longest of them (nothing is allocated while none comes)
+        self.tokens = TokenBatch(model, max_sequences)
         self.running: list[SequenceRequest] = []
         self.waiting: collections.deque[SequenceRequest] = collections.deque()
         self.starting = 0  # taken from `waiting`, not yet in `running` (counted against the capacity meanwhile)
@@ -249,8 +255,8 @@ class Scheduler:
         if request.temperature is not None:  # token by token with the encoder, beside the engine's canvases
             config = request.config
             temperature = request.temperature if config.do_sample else 0.0
-            request.tokens = autoregressive_steps(self.model, torch.tensor([request.prompt]), config.max_new_tokens,
-                                                  config.eos_token_ids, temperature, generator, processors=config)
+            request.sequence = self.tokens.add(torch.tensor([request.prompt]), config.max_new_tokens,
+                                               config.eos_token_ids, temperature, generator, processors=config)
             self.running.append(request)
             return
         canvas = self.model.config.canvas_length
@@ -286,9 +292,12 @@ class Scheduler:
 
     @torch.no_grad()
     def _step(self) -> None:
-        self._advance_autoregressive()
+        """One step of every running sequence: a token for the autoregressive ones, a denoising step for the
+        others; counted once in `steps_run`."""
+        stepped = self._advance_autoregressive()
         owners = {request.group: request for request in self.running if request.group is not None}
         if not owners:
+            self.steps_run += stepped
             return
         events = self.engine.step()
         self.steps_run += 1
@@ -311,16 +320,20 @@ class Scheduler:
             if request.group is not None and request.group.done:
                 self._finish(request, "stop" if request.ended_by_eos else "length")
 
-    def _advance_autoregressive(self) -> None:
-        """One token for every sequence decoded autoregressively (one encoder forward each)."""
-        for request in [r for r in self.running if r.tokens is not None]:
-            token = next(request.tokens, None)
-            if token is not None:
-                request.generated.append(token)
-                request.ended_by_eos = token in request.config.eos_token_ids
-                request.on_event(Commit(len(request.generated) - 1, [token], 1))
-            if token is None or request.ended_by_eos or len(request.generated) >= request.config.max_new_tokens:
+    def _advance_autoregressive(self) -> bool:
+        """One token for every sequence decoded autoregressively (one encoder forward for all of them, or one per
+        batch of prompts of similar lengths); whether there was any."""
+        owners = {id(request.sequence): request for request in self.running if request.sequence is not None}
+        if not owners:
+            return False
+        for sequence, token in self.tokens.step():
+            request = owners[id(sequence)]
+            request.generated.append(token)
+            request.ended_by_eos = token in request.config.eos_token_ids
+            request.on_event(Commit(len(request.generated) - 1, [token], 1))
+            if sequence.finished:
                 self._finish(request, "stop" if request.ended_by_eos else "length")
+        return True
 
     def _finish(self, request: SequenceRequest, reason: str, message: str = "") -> None:
         """Free the sequence's rows (or its autoregressive decoder) now and report the end."""
@@ -328,7 +341,9 @@ class Scheduler:
             self.engine.release(request.group)
             passes = int(request.group.passes[0]) if request.group.passes is not None else 0
         else:
-            request.tokens = None
+            if request.sequence is not None:
+                self.tokens.remove(request.sequence)
+                request.sequence = None
             passes = len(request.generated)
         self.running.remove(request)
         request.on_event(Finish(reason, list(request.generated), passes, message))
