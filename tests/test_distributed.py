@@ -118,7 +118,10 @@ def test_fsdp_with_activation_checkpointing_follows_one_process(corpus, single, 
 
 
 def test_expert_parallel_follows_one_process(single, expert_parallel_run):
-    assert_same_curve(log(single), log(expert_parallel_run))
+    # Two ranks reduce the experts' gradients in another order than one process: the losses agree to 1e-5 at every
+    # step, the first step's gradient norm too; later ones to 1e-3 (measured: up to 1.2e-5 at step 6 on an AMD EPYC,
+    # below 1e-5 on an Intel Xeon), far from the 2x of a wrong reduction.
+    assert_same_curve(log(single), log(expert_parallel_run), grad_rel=1e-3)
     assert_same_weights(single / "model", expert_parallel_run / "model")
 
 
@@ -131,10 +134,14 @@ def test_expert_parallelism_composes_with_fsdp_over_the_other_dimension(corpus, 
         assert code == 0, err[-3000:]
     # Four-way reductions sum in another order than one process. The losses agree to 1e-5 at every step and the
     # first step's gradient norm too (a wrong reduction, such as an average computed as a sum, is off by 2x to
-    # 4x); later gradient norms to 1e-3, because a rounding difference can flip a near-tie in the top-2 routing
-    # of a token, which moves its experts' gradients and not the loss.
-    assert_same_curve(log(single), log(out), grad_rel=1e-3)
-    assert_same_weights(single / "model", out / "model", atol=1e-4)
+    # 4x); later gradient norms to 1e-2, because a rounding difference can flip a near-tie in the top-2 routing
+    # of a token, which moves its experts' gradients and not the loss (measured: up to 3.3e-3, at step 6 on an AMD
+    # EPYC; below 1e-3 on an Intel Xeon).
+    assert_same_curve(log(single), log(out), grad_rel=1e-2)
+    # The exported weights, likewise: where a flipped routing moved a step's update, a few entries differ by up to
+    # 1.5e-4 after 8 steps (2 of 9,600 embedding entries on the AMD EPYC); a misplaced shard differs by the weights'
+    # own scale, 2e-2.
+    assert_same_weights(single / "model", out / "model", atol=1e-3)
 
 
 @pytest.mark.oracle
