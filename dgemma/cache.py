@@ -229,27 +229,30 @@ class KVCache:
 
     # ---- the decoder ------------------------------------------------------------------------------------------
 
-    def decoder_plan(self, rope: Rope, rows: int, canvas_length: int) -> AttentionPlan:
-        """Plan for one canvas per row 0 .. rows - 1, each written just past its own prefix."""
-        lengths = self.lengths[:rows]
+    def decoder_plan(self, rope: Rope, rows: int | list[int], canvas_length: int) -> AttentionPlan:
+        """Plan for one canvas per row (rows 0 .. rows - 1, or the rows listed, in the forward's batch in that
+        order), each written just past its own prefix."""
+        rows = list(range(rows)) if isinstance(rows, int) else rows
+        lengths = [self.lengths[r] for r in rows]
         end = max(lengths) + canvas_length
         self.reserve(end)
         device = self.device
-        canvas_valid = torch.ones(rows, canvas_length, dtype=torch.bool, device=device)
+        canvas_valid = torch.ones(len(rows), canvas_length, dtype=torch.bool, device=device)
         query_pos = self._column(lengths) + torch.arange(canvas_length, device=device)  # [R, L]
-        if len(set(lengths)) == 1:
+        span = _as_range(rows)
+        if len(set(lengths)) == 1 and span is not None:
             at = lengths[0]
-            masks, starts = self._masks(self.valid[:rows], at, canvas_valid, encoder=False)
+            masks, starts = self._masks(self.valid[span], at, canvas_valid, encoder=False)
             layer_starts = [starts[spec.kind] for spec in self.config.layers]
 
             def join(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                keys, values = self.keys[layer], self.values[layer]
-                keys[:rows, :, at:end] = k
-                values[:rows, :, at:end] = v
-                return keys[:rows, :, layer_starts[layer]:end], values[:rows, :, layer_starts[layer]:end]
+                keys, values = self.keys[layer][span], self.values[layer][span]
+                keys[:, :, at:end] = k
+                values[:, :, at:end] = v
+                return keys[:, :, layer_starts[layer]:end], values[:, :, layer_starts[layer]:end]
             return AttentionPlan(rope=rope(query_pos), masks=masks, join=join)
 
-        row_index = torch.arange(rows, device=device)[:, None]
+        row_index = torch.tensor(rows, device=device)[:, None]
 
         def join(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             keys, values = self.keys[layer], self.values[layer]
@@ -259,8 +262,7 @@ class KVCache:
             return keys, values
 
         return AttentionPlan(rope=rope(query_pos), masks={}, join=join,
-                             rows=self._row_attention(list(range(rows)), [canvas_length] * rows, canvas_valid,
-                                                      encoder=False))
+                             rows=self._row_attention(rows, [canvas_length] * len(rows), canvas_valid, encoder=False))
 
     # ---- rows of a shared cache (the server's) ----------------------------------------------------------------
 

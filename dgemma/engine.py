@@ -10,7 +10,9 @@ Design choices:
 - Random numbers are drawn per group in the reference's order and shapes: a fresh canvas after each encode,
   then per step the sample (a multinomial in reference mode, one uniform per position in fast mode) and one
   full renoise draw, also for rows that have stopped. A group's tokens therefore do not depend on which other
-  groups share its steps: a seeded request is the same alone, batched, and through `model.generate`.
+  groups share its steps: a seeded request is the same alone, batched, and through `model.generate`. (In
+  reference mode the forwards run one group at a time as well: its grouped expert matmuls give a row a height
+  that depends on the batch, which some CPU BLAS round differently; the fast path's batched products do not.)
 - Per-row arithmetic (temperature schedule, acceptance bound, renoising, stopping) is vectorised across all
   rows; each row's settings live in [rows] tensors written once when its group joins.
 - A group's canvas ends when all its rows have stopped (stable and confident) or its steps are spent. Its
@@ -348,7 +350,10 @@ class Engine:
             group.passes += ~(self.stopped[rows] | group.finished) * (2 if group.config.guides else 1)
         model = self.model
         soft = self.soft[:n] if any(g.has_signal for g in running) else None
-        hidden = model.decode(self.canvas[:n], self._decoder_plan(n), soft, exact=self.exact)
+        if self.exact and len(running) > 1:
+            hidden = self._decode_each(running, soft)
+        else:
+            hidden = model.decode(self.canvas[:n], self._decoder_plan(n), soft, exact=self.exact)
         if guided:
             unprompted = model.decode(self.canvas[:n], self._decoder_plan(n, guide=True), soft, exact=self.exact)
             scale = self.guidance[:n, None, None]
@@ -476,6 +481,22 @@ class Engine:
             group.canvas_index, self.canvas[rows], mine, group.config.entropy_bound, group.logits_at, group.generator)
         result.sampled[rows], result.argmax[rows], result.entropy[rows] = mine.sampled, mine.argmax, mine.entropy
 
+    def _decode_each(self, running: list[Group], soft: torch.Tensor | None) -> torch.Tensor:
+        """The reference's decoder pass one group at a time: each group's matmuls see exactly the rows they see
+        alone (a CPU BLAS may round a row differently in a product of another height: one row per expert alone, two
+        in a batch), so that a group's tokens in reference mode do not depend on what runs beside it."""
+        hidden = None
+        for group in running:
+            rows = self._select(group)
+            # alone, a group's first step has no self-conditioning signal (zeros here would give the same)
+            signal = soft[rows] if soft is not None and group.has_signal else None
+            part = self.model.decode(self.canvas[rows], self.cache.decoder_plan(self.model.rope, group.rows,
+                                                                                 self.canvas_length), signal)
+            if hidden is None:
+                hidden = part.new_zeros(self.in_use, *part.shape[1:])
+            hidden[rows] = part
+        return hidden
+
     def _decoder_plan(self, n: int, guide: bool = False):
         """The decoder's plan over rows 0 .. n - 1 of the main cache (or the guide cache), kept while nothing moved."""
         key = (n, self._layout_version)
@@ -546,8 +567,11 @@ class Engine:
         return Pending(group, ids, torch.ones_like(ids, dtype=torch.bool))
 
     def _encode(self, cache: KVCache | None, items: list[Pending]) -> None:
-        """Encode each item's tokens into its group's rows of `cache`, in forwards batched by length."""
-        for batch in batches_by_length(items, lambda item: item.ids.shape[1], lambda item: item.group.size):
+        """Encode each item's tokens into its group's rows of `cache`, in forwards batched by length (one forward
+        per group in reference mode, for the reason `_decode_each` gives)."""
+        batches = ([[item] for item in items] if self.exact
+                   else batches_by_length(items, lambda item: item.ids.shape[1], lambda item: item.group.size))
+        for batch in batches:
             width = max(item.ids.shape[1] for item in batch)
             ids = torch.cat([torch.nn.functional.pad(item.ids, (0, width - item.ids.shape[1])) for item in batch])
             valid = torch.cat([torch.nn.functional.pad(item.valid, (0, width - item.valid.shape[1])) for item in batch])
