@@ -12,7 +12,7 @@ Design choices:
   full renoise draw, also for rows that have stopped. A group's tokens therefore do not depend on which other
   groups share its steps: a seeded request is the same alone, batched, and through `model.generate`. (In
   reference mode the forwards run one group at a time as well: its grouped expert matmuls give a row a height
-  that depends on the batch, which some CPU BLAS round differently; the fast path's batched products do not.)
+  that depends on the batch, which some CPU BLAS round differently; tests/test_engine.py checks both modes.)
 - Per-row arithmetic (temperature schedule, acceptance bound, renoising, stopping) is vectorised across all
   rows; each row's settings live in [rows] tensors written once when its group joins.
 - A group's canvas ends when all its rows have stopped (stable and confident) or its steps are spent. Its

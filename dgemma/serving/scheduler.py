@@ -131,7 +131,8 @@ class Scheduler:
         self.starting = 0  # taken from `waiting`, not yet in `running` (counted against the capacity meanwhile)
         self.lock = threading.Condition()
         self.stopping = False
-        self.ended = threading.Event()  # set when the loop has returned (or, never started, is told to stop)
+        self.looping = False  # set when `run` starts
+        self.ended = threading.Event()  # set when `run` returns
         self.steps_run = 0
 
     @property
@@ -147,14 +148,16 @@ class Scheduler:
 
     def stop(self, drain: bool = True, timeout: float | None = None) -> None:
         """Tell the loop to stop, with `drain` after the running and waiting sequences have finished (without,
-        they end as cancelled), and wait up to `timeout` seconds for it to return, whichever thread runs it."""
+        they end as cancelled), and wait up to `timeout` seconds for it to return, whichever thread runs it (not at
+        all when it has not started)."""
         with self.lock:
             if not drain:
                 for request in list(self.running) + list(self.waiting):
                     request.cancelled = True
             self.stopping = True
             self.lock.notify_all()
-        self.ended.wait(timeout)
+        if self.looping:
+            self.ended.wait(timeout)
 
     @property
     def capacity(self) -> int:
@@ -209,6 +212,7 @@ class Scheduler:
 
     def run(self) -> None:
         """The loop, on the calling thread: admit, step, repeat; returns once stopped and drained."""
+        self.looping = True
         try:
             self._loop()
         finally:
