@@ -15,6 +15,7 @@ import time
 import torch
 
 import dgemma
+from dgemma.allocator import tune_allocator
 from dgemma.cache import KVCache
 from dgemma.engine import Engine, Group
 
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    tune_allocator()  # as `dgemma serve` runs: without it, fresh [rows, vocab] buffers are mapped page by page
     model = dgemma.load(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None)
     one = median_step_seconds(model, 1, args.rows, args.steps)
     many = median_step_seconds(model, args.rows, args.rows, args.steps)
