@@ -14,7 +14,7 @@ Design choices:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
@@ -199,7 +199,7 @@ class TokenSequence:
     stop: set[int]
     next_token: _NextToken
     produced: int = 0
-    finished: bool = False  # the last token was an end-of-generation token, or the budget is spent
+    finished: bool = field(init=False)  # the last token was an end-of-generation token, or the budget is spent
 
     def __post_init__(self) -> None:
         self.finished = self.max_new_tokens <= 0
@@ -250,11 +250,12 @@ class TokenBatch:
             width = max(sequence.pending.shape[1] for sequence in batch)
             ids = torch.cat([torch.nn.functional.pad(s.pending, (0, width - s.pending.shape[1])) for s in batch])
             counts = [sequence.pending.shape[1] for sequence in batch]
-            valid = torch.arange(width, device=ids.device) < torch.tensor(counts, device=ids.device)[:, None]
+            lengths = torch.tensor(counts, device=ids.device)
+            valid = torch.arange(width, device=ids.device) < lengths[:, None]
             rows = [sequence.row for sequence in batch]
             hidden = self.model.encode(ids, self.cache.encoder_plan(self.model.rope, valid, rows, counts))
             self.cache.commit(valid, rows, counts)
-            last = hidden[torch.arange(len(batch), device=ids.device), torch.tensor(counts, device=ids.device) - 1]
+            last = hidden[torch.arange(len(batch), device=ids.device), lengths - 1]
             logits = self.model.logits(last[0] if len(batch) == 1 else last)  # one row: the 1-D product
             for i, sequence in enumerate(batch):
                 token = sequence.next_token(logits if len(batch) == 1 else logits[i])
