@@ -212,12 +212,15 @@ class TokenBatch:
     sequence's next token with its own sampler and generator. Alone it is `autoregressive_steps`; `dgemma serve`
     keeps one for its `decode: autoregressive` requests, so that concurrent ones share their forwards.
 
-    A sequence's tokens are the same alone and in a batch wherever the matmuls give a row the same result in a batch
-    of any size (bf16 on the CPUs measured); in fp32 a batch's logits can differ from a lone row's by rounding
-    (within 2e-5 on the bundled model), so that a draw near a boundary can differ."""
+    Forwards run with `exact=False` by default (dgemma.model: a lone token's products in `dgemma.one_row`'s compiled
+    kernels, where a large bf16 or fp16 model on a CPU takes them); `exact=True` keeps the reference's kernels. A
+    sequence's tokens are the same alone and in a batch wherever the kernels give a row the same result in a batch of
+    any size; a batch's logits can differ from a lone row's by rounding (fp32: within 2e-5 on the bundled model; a
+    large bf16 model's lone row takes the one-row kernels), so that a draw near a boundary can differ."""
 
-    def __init__(self, model: DiffusionGemma, rows: int, capacity: int = 0):
+    def __init__(self, model: DiffusionGemma, rows: int, capacity: int = 0, exact: bool = False):
         self.model = model
+        self.exact = exact
         self.cache = KVCache(model.config, rows, model.dtype, model.device, capacity=capacity)
         self.sequences: list[TokenSequence] = []
 
@@ -253,10 +256,10 @@ class TokenBatch:
             lengths = torch.tensor(counts, device=ids.device)
             valid = torch.arange(width, device=ids.device) < lengths[:, None]
             rows = [sequence.row for sequence in batch]
-            hidden = self.model.encode(ids, self.cache.encoder_plan(self.model.rope, valid, rows, counts))
+            hidden = self.model.encode(ids, self.cache.encoder_plan(self.model.rope, valid, rows, counts), self.exact)
             self.cache.commit(valid, rows, counts)
             last = hidden[torch.arange(len(batch), device=ids.device), lengths - 1]
-            logits = self.model.logits(last[0] if len(batch) == 1 else last)  # one row: the 1-D product
+            logits = self.model.logits(last[0] if len(batch) == 1 else last, self.exact)  # one row: the 1-D product
             for i, sequence in enumerate(batch):
                 token = sequence.next_token(logits if len(batch) == 1 else logits[i])
                 sequence.produced += 1
@@ -269,12 +272,12 @@ class TokenBatch:
 def autoregressive_steps(model: DiffusionGemma, input_ids: torch.Tensor, max_new_tokens: int,
                          eos_token_ids: list[int] | None = None, temperature: float = 1.0,
                          generator: torch.Generator | None = None, *,
-                         processors: GenerationConfig | None = None) -> Iterator[int]:
+                         processors: GenerationConfig | None = None, exact: bool = False) -> Iterator[int]:
     """Next-token decoding with the encoder alone (it is an autoregressive LM): yields each new token of a
     single sequence [1, T], sampled by `_NextToken` (temperature 0 is greedy; `processors` brings a
-    GenerationConfig's logits processors): a `TokenBatch` of one. The baseline `dgemma bench` compares diffusion
-    against, and `--decode autoregressive`."""
-    batch = TokenBatch(model, 1, capacity=input_ids.shape[1] + max_new_tokens)
+    GenerationConfig's logits processors): a `TokenBatch` of one (`exact`: its kernels). The baseline `dgemma bench`
+    compares diffusion against, and `--decode autoregressive`."""
+    batch = TokenBatch(model, 1, capacity=input_ids.shape[1] + max_new_tokens, exact=exact)
     sequence = batch.add(input_ids, max_new_tokens, eos_token_ids, temperature, generator, processors)
     while not sequence.finished:
         for _, token in batch.step():
@@ -303,7 +306,9 @@ def speculative_steps(model: DiffusionGemma, input_ids: torch.Tensor, max_new_to
                       draft_generator: torch.Generator | None = None, processors: GenerationConfig | None = None,
                       stats: SpeculativeStats | None = None) -> Iterator[int]:
     """Autoregressive decoding drafted by diffusion: exactly the tokens `autoregressive_steps` yields with the same
-    arguments and generator, at more than one token per forward where the drafts are good.
+    arguments and generator and `exact=True` (the kernels this verification runs; by default a large bf16 model's
+    lone tokens take one-row kernels, which can round a logit differently), at more than one token per forward where
+    the drafts are good.
 
     Each round the diffusion decoder drafts one canvas after the committed tokens (with `draft`'s sampler settings
     and `draft_generator`; by default a CPU generator seeded with `generator`'s seed + 1, so that a seeded call drafts

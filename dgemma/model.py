@@ -15,7 +15,8 @@ Design choices:
 - Numerics follow the reference operation by operation (fp32 norms, RoPE tables cast to the activation dtype,
   fp32 router softmax, experts accumulated in expert order), so that fp32 logits agree to 1e-5 and bf16 ones
   to bf16 rounding. `exact=False` lets a forward pick kernels that are faster on its device but equal only up
-  to float rounding (the experts' padded batched matmul on a CPU); sampling="fast" runs that way.
+  to float rounding (the experts' padded batched matmul on a CPU; for a single token, `dgemma.one_row`'s compiled
+  products); sampling="fast" and autoregressive decoding run that way.
 - This module is the network alone: generation, checkpoints and training build on it, never the reverse.
 """
 
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .one_row import expert_products, row_product, takes_experts, takes_row
 from .config import LayerSpec, ModelConfig
 
 # (layer index, new keys, new values) -> (all visible keys, all visible values), each [B, H_kv, S, D]
@@ -116,6 +118,22 @@ class AttentionPlan:
     rows: list[RowAttention] | None = None  # set: one attention call per row, over the keys `join` returns
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, exact: bool = True) -> torch.Tensor:
+    """x @ weight.T (+ bias): F.linear (a quantised weight answers it itself), or with exact=False, for a single row
+    and a large bf16 or fp16 matrix on a CPU, the compiled one-row product (`dgemma.one_row`)."""
+    if not exact and takes_row(x, weight):
+        out = row_product(x, weight)
+        return out if bias is None else out + bias
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose forward takes `exact` (see `linear`)."""
+
+    def forward(self, x: torch.Tensor, exact: bool = True) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, exact)
+
+
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0,
                                           enable_gqa=keys.shape[1] != q.shape[1])
@@ -127,22 +145,22 @@ class Attention(nn.Module):
         self.spec = spec
         self.eps = config.rms_norm_eps
         heads, kv_heads, dim, bias = config.num_attention_heads, spec.num_kv_heads, spec.head_dim, config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, heads * dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, kv_heads * dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, kv_heads * dim, bias=bias) if spec.has_v_proj else None
-        self.o_proj = nn.Linear(heads * dim, config.hidden_size, bias=bias)
+        self.q_proj = Linear(config.hidden_size, heads * dim, bias=bias)
+        self.k_proj = Linear(config.hidden_size, kv_heads * dim, bias=bias)
+        self.v_proj = Linear(config.hidden_size, kv_heads * dim, bias=bias) if spec.has_v_proj else None
+        self.o_proj = Linear(heads * dim, config.hidden_size, bias=bias)
         self.q_norm = RMSNorm(dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(dim, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, layer: int, plan: AttentionPlan) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer: int, plan: AttentionPlan, exact: bool = True) -> torch.Tensor:
         batch, length, _ = x.shape
         dim = self.spec.head_dim
         cos, sin = plan.rope[self.spec.kind]
-        q = self.q_norm(self.q_proj(x).view(batch, length, -1, dim)).transpose(1, 2)
+        q = self.q_norm(self.q_proj(x, exact).view(batch, length, -1, dim)).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
-        raw_k = self.k_proj(x).view(batch, length, -1, dim)
+        raw_k = self.k_proj(x, exact).view(batch, length, -1, dim)
         # Layers without v_proj use the raw key projection as values (before k-norm and RoPE).
-        v = self.v_proj(x).view(batch, length, -1, dim) if self.v_proj is not None else raw_k
+        v = self.v_proj(x, exact).view(batch, length, -1, dim) if self.v_proj is not None else raw_k
         k = self.k_norm(raw_k).transpose(1, 2)
         k = k * cos + rotate_half(k) * sin
         v = rms_norm_without_scale(v, self.eps).transpose(1, 2)
@@ -156,7 +174,7 @@ class Attention(nn.Module):
                 b, r, n, window = row.batch_index, row.store_row, row.queries, row.windows[kind]
                 out[b:b + 1, :, :n] = attend(q[b:b + 1, :, :n], keys[r:r + 1, :, window], values[r:r + 1, :, window],
                                              row.masks[kind])
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1), exact)
 
 
 class MLP(nn.Module):
@@ -164,13 +182,13 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int, act: str):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = Linear(hidden, intermediate, bias=False)
+        self.up_proj = Linear(hidden, intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
         self.act = activation(act)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, exact: bool = True) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x, exact)) * self.up_proj(x, exact), exact)
 
 
 class Router(nn.Module):
@@ -181,7 +199,7 @@ class Router(nn.Module):
         self.eps = config.rms_norm_eps
         self.top_k = config.top_k_experts
         self.root_size = config.hidden_size**-0.5
-        self.proj = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.proj = Linear(config.hidden_size, config.num_experts, bias=False)
         self.scale = nn.Parameter(torch.ones(config.hidden_size))
         self.per_expert_scale = nn.Parameter(torch.ones(config.num_experts))
 
@@ -206,15 +224,22 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, exact: bool = True) -> torch.Tensor:
         tokens, top_k = index.shape
+        if not exact and takes_experts(x, self.gate_up_proj, top_k):
+            # One token (autoregressive decoding): its top_k experts' matrices read in place, one compiled loop
+            # each for gate/up and down, instead of a grouped matmul that visits every expert.
+            gate, up = expert_products(x.expand(top_k, -1), self.gate_up_proj, index[0]).chunk(2, dim=-1)
+            out = expert_products(self.act(gate) * up, self.down_proj, index[0])  # (token, choice) order
+            return self._combined(out, weights, x.dtype)
         expert_of, order = torch.sort(index.reshape(-1))  # (token, choice) pairs grouped by expert
         position = torch.empty_like(order)  # the inverse: where each (token, choice) pair went
         position[order] = torch.arange(order.numel(), device=order.device)
         rows = x[order // top_k]
         counts = torch.bincount(expert_of, minlength=self.num_experts)
         stored_as_tensors = isinstance(self.gate_up_proj, torch.Tensor) and isinstance(self.down_proj, torch.Tensor)
-        if not exact and x.device.type == "cpu" and stored_as_tensors:
+        if not exact and x.device.type == "cpu" and stored_as_tensors and tokens > 1:
             # Each expert's rows in a [E, capacity, H] batch: two batched matmuls instead of 2E small ones, faster
-            # than grouped_mm on a CPU. (Reading the capacity back is free there; elsewhere grouped_mm needs none.)
+            # than grouped_mm on a CPU. (Reading the capacity back is free there; elsewhere grouped_mm needs none.
+            # One token would have every expert's matrix read for it: it takes the grouped path.)
             # Quantised experts are dequantised one at a time instead (grouped_linear), never all at once.
             slot = torch.arange(expert_of.numel(), device=x.device) - (torch.cumsum(counts, 0) - counts)[expert_of]
             batch = x.new_zeros(self.num_experts, int(counts.max()), x.shape[-1])
@@ -226,9 +251,14 @@ class Experts(nn.Module):
             ends = torch.cumsum(counts, dim=0).to(torch.int32)
             gate, up = grouped_linear(rows, self.gate_up_proj, ends).chunk(2, dim=-1)
             out = grouped_linear(self.act(gate) * up, self.down_proj, ends)[position]  # back in (token, choice) order
-        # The k contributions, weighted in fp32, are summed in fp32 and rounded once, as the reference's grouped path
-        # does.
-        return (out.view(tokens, top_k, -1) * weights[..., None]).sum(dim=1).to(x.dtype)
+        return self._combined(out, weights, x.dtype)
+
+    @staticmethod
+    def _combined(out: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Each token's k expert outputs (rows of `out` in (token, choice) order) weighted in fp32, summed in fp32 and
+        rounded once, as the reference's grouped path does."""
+        tokens, top_k = weights.shape
+        return (out.view(tokens, top_k, -1) * weights[..., None]).sum(dim=1).to(dtype)
 
 
 def grouped_linear(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
@@ -275,9 +305,9 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, layer: int, plan: AttentionPlan, exact: bool = True) -> torch.Tensor:
         residual = x
-        x = residual + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), layer, plan))
+        x = residual + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), layer, plan, exact))
         residual = x
-        h = self.mlp(self.pre_feedforward_layernorm(x))
+        h = self.mlp(self.pre_feedforward_layernorm(x), exact)
         if self.has_experts:
             # The router reads the raw residual; the experts read a separately normed copy.
             flat = residual.reshape(-1, residual.shape[-1])
@@ -311,9 +341,9 @@ class SelfConditioning(nn.Module):
         h = config.hidden_size
         self.eps = config.rms_norm_eps
         self.pre_norm = RMSNorm(h, config.rms_norm_eps)
-        self.gate_proj = nn.Linear(h, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(h, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, h, bias=False)
+        self.gate_proj = Linear(h, config.intermediate_size, bias=False)
+        self.up_proj = Linear(h, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, h, bias=False)
         self.act = activation(config.hidden_activation)
 
     def forward(self, embeds: torch.Tensor, soft_embeddings: torch.Tensor | None) -> torch.Tensor:
@@ -357,7 +387,7 @@ class DiffusionGemma(nn.Module):
         self.config = config
         self.encoder = Stack(config, self_conditioning=False)
         self.decoder = Stack(config, self_conditioning=True)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size,
                                                                         bias=False)
         self.tie_weights()
         self.rope_kinds = sorted(set(config.layer_types))
@@ -441,9 +471,9 @@ class DiffusionGemma(nn.Module):
         probs = logits.softmax(dim=-1, dtype=torch.float32).to(embed.weight.dtype)
         return (probs @ embed.weight) * embed.scale_as(embed.weight.dtype)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 soft-capped logits from final hidden states."""
-        logits = F.linear(hidden, self.head_matrix).float()
+    def logits(self, hidden: torch.Tensor, exact: bool = True) -> torch.Tensor:
+        """fp32 soft-capped logits from final hidden states (`exact`: as for a forward)."""
+        logits = linear(hidden, self.head_matrix, exact=exact).float()
         cap = self.config.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap

@@ -8,6 +8,8 @@ Each method multiplies by enough copies of the matrix (at least 256 MB of bf16) 
 not cache, as in a model whose every matrix is read once per step; times are per matrix, with the allocator settings
 the CLI uses (`dgemma.allocator`). Methods, each on the same random Q4_K / Q8_0 weight:
 - `bf16`: the dequantised weight held in bf16 and F.linear (the float baseline).
+- `bf16-one-row` (1 row only): the same bf16 weight in `dgemma.one_row.row_product`, the compiled one-row product
+  an autoregressive token takes (`exact=False`).
 - `tiles-q4k`, `tiles-q8`: `GroupQuantized.dequantize(bf16)` then F.linear, per call (dgemma's path for matrices
   without an int4 kernel; Q8_0 tiles take its one compiled pass).
 - `q8`, `q6k`: F.linear on the Q8_0 and Q6_K `GroupQuantized` itself, as the network calls it: tiles, or at up to
@@ -42,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dgemma import amx_int4  # noqa: E402
 from dgemma.allocator import tune_allocator  # noqa: E402
+from dgemma.one_row import row_product  # noqa: E402
 from dgemma.quantized import CpuInt4, GroupQuantized  # noqa: E402
 
 # (name, N out, K in) of the released model's matrices: an expert's gate+up and down, attention q, the dense MLP's up
@@ -124,6 +127,8 @@ def main() -> int:
                       "int8pack": per_matrix(lambda w: torch._weight_int8pack_mm(x, w, int8_scales), int8_codes,
                                              args.repeats),
                       "int4pack_repack_rel_rms_error": repack_error}
+            if m == 1:
+                result["bf16-one-row"] = per_matrix(lambda w: row_product(x, w), dense, args.repeats)
             if amx:
                 result["int4amx"] = per_matrix(lambda w: F.linear(x, w), packed_amx, args.repeats)
                 result["q8halves-amx"] = per_matrix(lambda w: F.linear(x, w), halves_amx, args.repeats)
@@ -133,12 +138,12 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
-    methods = ("bf16", "tiles-q4k", "tiles-q8", "q8", "q6k", "int4pack", *(("int4amx",) if amx else ()), "q8halves",
+    methods = ("bf16", "bf16-one-row", "tiles-q4k", "tiles-q8", "q8", "q6k", "int4pack", *(("int4amx",) if amx else ()), "q8halves",
                *(("q8halves-amx",) if amx else ()), "int8pack")
     print("| matrix | rows | " + " | ".join(f"{m} ms" for m in methods) + " | int4pack repack error |")
     print("|---|---:|" + "---:|" * (len(methods) + 1))
     for r in rows_out:
-        cells = [f"{r[m] * 1e3:.2f}" for m in methods]
+        cells = [f"{r[m] * 1e3:.2f}" if m in r else "-" for m in methods]
         error = f"{r['int4pack_repack_rel_rms_error']:.2e}"
         print(f"| {r['matrix']} {r['shape'][0]}x{r['shape'][1]} | {r['rows']} | " + " | ".join(cells) + f" | {error} |")
     print(f"wrote {out}")

@@ -18,7 +18,7 @@ def both(model, ids: torch.Tensor, budget: int, temperature: float, seed: int, d
          eos: list[int] | None = None, processors: GenerationConfig | None = None
          ) -> tuple[list[int], list[int], SpeculativeStats]:
     ar = list(autoregressive_steps(model, ids, budget, eos, temperature, torch.Generator().manual_seed(seed),
-                                   processors=processors))
+                                   processors=processors, exact=True))
     stats = SpeculativeStats()
     speculative = list(speculative_steps(model, ids, budget, eos, temperature, torch.Generator().manual_seed(seed),
                                          draft=draft, draft_generator=torch.Generator().manual_seed(seed + 1000),

@@ -26,8 +26,8 @@ class LoRALinear(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.base.weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scale
+    def forward(self, x: torch.Tensor, exact: bool = True) -> torch.Tensor:
+        return self.base(x, exact) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scale
 
 
 def add_lora(model: DiffusionGemma, targets: list[str], rank: int, alpha: float,
