@@ -84,9 +84,11 @@ def test_the_one_row_kernels_take_only_large_low_precision_matrices_and_no_gradi
 @needs_compiling
 def test_a_lone_token_takes_the_one_row_kernels_off_the_reference_path_only(random_checkpoint, monkeypatch):
     """A tiny bf16 MoE model with the size threshold lifted: a token encoded with exact=False runs its projections,
-    experts and head in the one-row kernels and gives the reference path's hidden states and logits to bf16
-    rounding; exact=True, a prompt of several tokens and autoregressive decoding with exact=True never take them."""
-    model = dgemma.load(random_checkpoint("moe"), dtype=torch.bfloat16)
+    experts and head in the one-row kernels (and its attention in `attend_one_query`), and its hidden states and
+    logits are as close to the float32 model's as the reference path's bf16 ones are; exact=True, a prompt of several
+    tokens and autoregressive decoding with exact=True never take them."""
+    path = random_checkpoint("moe")
+    model = dgemma.load(path, dtype=torch.bfloat16)
     monkeypatch.setattr(one_row, "MIN_VALUES", 0)
     calls = {"row_product": 0, "expert_products": 0}
     for name in calls:
@@ -99,23 +101,25 @@ def test_a_lone_token_takes_the_one_row_kernels_off_the_reference_path_only(rand
     prompt = torch.tensor([[2, 9, 14, 33, 5]])
     valid = torch.ones_like(prompt, dtype=torch.bool)
     token = torch.tensor([[21]])
+    one = torch.ones_like(token, dtype=torch.bool)
     hidden, logits = {}, {}
     with torch.no_grad():
-        for exact in (True, False):
-            cache = KVCache(model.config, 1, model.dtype, capacity=8)
-            model.encode(prompt, cache.encoder_plan(model.rope, valid), exact=exact)
+        for run, exact in (("float32", True), ("exact", True), ("fast", False)):
+            network = dgemma.load(path, dtype=torch.float32) if run == "float32" else model
+            cache = KVCache(network.config, 1, network.dtype, capacity=8)
+            network.encode(prompt, cache.encoder_plan(network.rope, valid), exact=exact)
             cache.commit(valid)
             assert calls == {"row_product": 0, "expert_products": 0}  # five tokens: never the one-row kernels
-            hidden[exact] = model.encode(token, cache.encoder_plan(model.rope, torch.ones_like(token, dtype=torch.bool)),
-                                         exact=exact)
-            logits[exact] = model.logits(hidden[exact][0, -1], exact=exact)
-            if exact:
-                assert calls == {"row_product": 0, "expert_products": 0}
+            hidden[run] = network.encode(token, cache.encoder_plan(network.rope, one), exact=exact).float()
+            logits[run] = network.logits(hidden[run][0, -1].to(network.dtype), exact=exact)
     layers = len(model.config.layers)
     assert calls["expert_products"] == 2 * layers  # gate/up and down, every layer
     assert calls["row_product"] >= 6 * layers + 1  # q, k, v (where the layer has one), o, the dense MLP's three, the head
-    assert torch.allclose(hidden[False].float(), hidden[True].float(), rtol=2**-6, atol=2**-6)  # bf16 roundings
-    assert torch.allclose(logits[False], logits[True], rtol=2**-6, atol=2**-5)
+    for of in (hidden, logits):
+        fast, exact = ((of[run] - of["float32"]).abs().max() for run in ("fast", "exact"))
+        # bf16's roundings, no more (measured: hidden states 0.126 from float32's against the reference path's 0.133,
+        # logits 0.149 against 0.172)
+        assert fast <= 1.25 * exact
     before = dict(calls)
     list(autoregressive_steps(model, prompt, 3, temperature=0, exact=True))
     assert calls == before
