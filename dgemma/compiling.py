@@ -4,8 +4,8 @@ The sampler's fused digest for large vocabularies, the AMX int4 kernel, the one-
 one-byte codes, the product of a few rows with such a matrix and a lone token's products with large bf16 or fp16
 matrices (`dgemma.one_row`) are compiled; each has an eager version that computes the same thing (the AMX kernel's is
 torch's eager int4 kernel, in its own layout; the few-row product's, dequantised tiles, which round the weights to
-the model dtype where it rounds only its result; the one-row products', F.linear and the grouped experts). `DGEMMA_COMPILE=0`
-keeps every kernel eager: for a machine without a C++ compiler, or to time the eager paths.
+the model dtype where it rounds only its result; the one-row products', F.linear and the grouped experts).
+`DGEMMA_COMPILE=0` keeps every kernel eager: for a machine without a C++ compiler, or to time the eager paths.
 """
 
 from __future__ import annotations

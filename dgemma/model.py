@@ -16,7 +16,7 @@ Design choices:
   fp32 router softmax, experts accumulated in expert order), so that fp32 logits agree to 1e-5 and bf16 ones
   to bf16 rounding. `exact=False` lets a forward pick kernels that are faster on its device but equal only up
   to float rounding (the experts' padded batched matmul on a CPU; for a single token, `dgemma.one_row`'s compiled
-  products); sampling="fast" and autoregressive decoding run that way.
+  products and a float32 attention); sampling="fast" and autoregressive decoding run that way.
 - This module is the network alone: generation, checkpoints and training build on it, never the reverse.
 """
 
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .one_row import expert_products, row_product, takes_experts, takes_row
 from .config import LayerSpec, ModelConfig
+from .one_row import expert_products, row_product, takes_experts, takes_row
 
 # (layer index, new keys, new values) -> (all visible keys, all visible values), each [B, H_kv, S, D]
 KVJoin = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -408,7 +408,7 @@ class DiffusionGemma(nn.Module):
         self.encoder = Stack(config, self_conditioning=False)
         self.decoder = Stack(config, self_conditioning=True)
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size,
-                                                                        bias=False)
+                                                                     bias=False)
         self.tie_weights()
         self.rope_kinds = sorted(set(config.layer_types))
         self.reset_rope()

@@ -138,8 +138,8 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
-    methods = ("bf16", "bf16-one-row", "tiles-q4k", "tiles-q8", "q8", "q6k", "int4pack", *(("int4amx",) if amx else ()), "q8halves",
-               *(("q8halves-amx",) if amx else ()), "int8pack")
+    methods = ("bf16", "bf16-one-row", "tiles-q4k", "tiles-q8", "q8", "q6k", "int4pack", *(("int4amx",) if amx else ()),
+               "q8halves", *(("q8halves-amx",) if amx else ()), "int8pack")
     print("| matrix | rows | " + " | ".join(f"{m} ms" for m in methods) + " | int4pack repack error |")
     print("|---|---:|" + "---:|" * (len(methods) + 1))
     for r in rows_out:

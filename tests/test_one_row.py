@@ -114,7 +114,7 @@ def test_a_lone_token_takes_the_one_row_kernels_off_the_reference_path_only(rand
             logits[run] = network.logits(hidden[run][0, -1].to(network.dtype), exact=exact)
     layers = len(model.config.layers)
     assert calls["expert_products"] == 2 * layers  # gate/up and down, every layer
-    assert calls["row_product"] >= 6 * layers + 1  # q, k, v (where the layer has one), o, the dense MLP's three, the head
+    assert calls["row_product"] >= 6 * layers + 1  # q, k, v (where a layer has one), o, the dense MLP's three; the head
     for of in (hidden, logits):
         fast, exact = ((of[run] - of["float32"]).abs().max() for run in ("fast", "exact"))
         # bf16's roundings, no more (measured: hidden states 0.126 from float32's against the reference path's 0.133,
