@@ -137,8 +137,8 @@ class Linear(nn.Linear):
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
            exact: bool = True) -> torch.Tensor:
     """Attention of q [B, H, T, D] to keys and values [B, H_kv, S, D] under a boolean mask [B, 1, T, S] (None: all
-    visible), scale 1: SDPA, or with exact=False and one query a row (a token), `attend_one_query`."""
-    if not exact and q.shape[-2] == 1:
+    visible), scale 1: SDPA, or with exact=False and one query a row (a token) on a CPU, `attend_one_query`."""
+    if not exact and q.shape[-2] == 1 and q.device.type == "cpu":
         return attend_one_query(q, keys, values, mask)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0,
                                           enable_gqa=keys.shape[1] != q.shape[1])
