@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import dgemma
 from dgemma import one_row
