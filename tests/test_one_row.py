@@ -29,9 +29,10 @@ def within_one_rounding(out: torch.Tensor, rows: torch.Tensor, matrices: torch.T
 
 @needs_compiling
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_one_row_times_a_matrix_is_its_float32_sum_rounded_once_in_one_graph_for_every_shape(dtype):
+def test_one_row_times_a_matrix_is_its_float32_sum_rounded_once_in_a_graph_for_short_rows_and_one_for_long(dtype):
     generator = torch.Generator().manual_seed(0)
-    for n, k in [(4096, 1024), (2048, 2560)]:  # MIN_VALUES and more, two shapes
+    # MIN_VALUES and more: two shapes with rows up to CHUNK long, two with rows of several chunks
+    for n, k in [(4096, 1024), (2048, 2560), (512, 8192), (384, 12288)]:
         weight = torch.randn(n, k, generator=generator).to(dtype)
         for leading in [(1,), (1, 1), ()]:  # as a [1, K] row, a [B, L, K] token and the 1-D row of `logits`
             x = torch.randn(*leading, k, generator=generator).to(dtype)
@@ -41,7 +42,7 @@ def test_one_row_times_a_matrix_is_its_float32_sum_rounded_once_in_one_graph_for
             within_one_rounding(out.reshape(1, n), x.reshape(1, k), weight.unsqueeze(0))
     code = one_row._kernel(one_row._product, dtype)._torchdynamo_orig_callable.__code__
     assert code.co_name == f"one_row_product_{str(dtype).removeprefix('torch.')}"
-    assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code)) == 1
+    assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code)) == 2
 
 
 @needs_compiling
@@ -68,6 +69,8 @@ def test_the_one_row_kernels_take_only_large_low_precision_matrices_and_no_gradi
     assert not one_row.takes_row(torch.zeros(2, 2048, dtype=torch.bfloat16), weight)  # a batch: GEMM
     assert not one_row.takes_row(row.float(), weight.float())  # float32 keeps the eager kernels
     assert not one_row.takes_row(row, weight[:1024])  # small: not worth a compile
+    long = torch.zeros(1024, 5000, dtype=torch.bfloat16)
+    assert not one_row.takes_row(torch.zeros(1, 5000, dtype=torch.bfloat16), long)  # neither one chunk nor several
     assert not one_row.takes_row(row.requires_grad_(), weight)  # no backward
     assert not one_row.takes_row(torch.zeros(1, 2048, dtype=torch.bfloat16), weight.requires_grad_())
     quantized = dgemma.quantized.GroupQuantized.quantize(torch.zeros(2048, 2048), "Q8_0")
