@@ -149,12 +149,26 @@ def test_dense_only_config_equals_moe_reference_with_silent_experts(tmp_path):
     torch.testing.assert_close(our_enc, ref_enc, atol=1e-4, rtol=1e-4)
 
 
-def test_fast_kernel_experts_compute_what_the_reference_kernel_computes(checkpoint_dir):
-    """sampling='fast' batches each expert's tokens into one bmm: equal to grouped_mm up to float rounding."""
+@pytest.mark.parametrize("large", [False, True], ids=["padded batch", "one matmul per expert"])
+def test_fast_kernel_experts_compute_what_the_reference_kernel_computes(checkpoint_dir, monkeypatch, large):
+    """sampling='fast' runs a CPU step's experts as one padded bmm (small experts) or, for experts of LARGE_EXPERT
+    values and more (the threshold lowered here), one matmul per expert and the choices gathered inside their
+    weighted sum: equal to the reference's grouped_mm up to float rounding."""
     model = dgemma.load(checkpoint_dir("moe_top3_bias"))
     experts, router = model.decoder.layers[0].experts, model.decoder.layers[0].router
+    if large:
+        monkeypatch.setattr(dgemma.model, "LARGE_EXPERT", 0)
+    per_expert = []
+    grouped_linear = dgemma.model.grouped_linear
+
+    def recorded(*args, **kwargs):
+        per_expert.append(kwargs.get("per_expert", False))
+        return grouped_linear(*args, **kwargs)
+    monkeypatch.setattr(dgemma.model, "grouped_linear", recorded)
     x = torch.randn(40, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         weights, index = router(x)
-        torch.testing.assert_close(experts(x, index, weights, exact=False), experts(x, index, weights),
-                                   atol=1e-5, rtol=1e-5)
+        fast = experts(x, index, weights, exact=False)
+        assert per_expert == ([True, True] if large else [])  # gate/up and down; the padded batch takes none
+        torch.testing.assert_close(fast, experts(x, index, weights), atol=1e-5, rtol=1e-5)
+    assert per_expert[-2:] == [False, False]  # the reference path: grouped_mm
