@@ -15,8 +15,9 @@ Design choices:
 - Numerics follow the reference operation by operation (fp32 norms, RoPE tables cast to the activation dtype,
   fp32 router softmax, experts accumulated in expert order), so that fp32 logits agree to 1e-5 and bf16 ones
   to bf16 rounding. `exact=False` lets a forward pick kernels that are faster on its device but equal only up
-  to float rounding (the experts' padded batched matmul on a CPU; for a single token, `dgemma.one_row`'s compiled
-  products and a float32 attention); sampling="fast" and autoregressive decoding run that way.
+  to float rounding (on a CPU the experts' padded batched matmul, or for large experts one matmul per expert and a
+  compiled weighted sum; for a single token, `dgemma.one_row`'s compiled products and a float32 attention);
+  sampling="fast" and autoregressive decoding run that way.
 - This module is the network alone: generation, checkpoints and training build on it, never the reverse.
 """
 
@@ -295,15 +296,22 @@ class Experts(nn.Module):
 
 
 def _gathered_combination(out: torch.Tensor, position: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """`Experts._combined` of the rows of `out` (in expert order) taken in (token, choice) order by `position`."""
-    return Experts._combined(out[position], weights, out.dtype)
+    """`Experts._combined` of the rows of `out` (in expert order) taken in (token, choice) order by `position`
+    [tokens * k]: the same fp32 products added in the same order, written choice by choice so that Inductor
+    vectorises along the hidden size (the sum over a k-axis it vectorised along k, 16 lanes for 8 values)."""
+    tokens, top_k = weights.shape
+    chosen = position.view(tokens, top_k)
+    total = out[chosen[:, 0]].float() * weights[:, :1]
+    for choice in range(1, top_k):
+        total = total + out[chosen[:, choice]].float() * weights[:, choice:choice + 1]
+    return total.to(out.dtype)
 
 
 @functools.cache
 def _gathered_combination_kernel() -> Callable:
-    """`_gathered_combination` compiled (at first use; every size dynamic): the gather, the fp32 weighting and the
-    sum in one pass. Eager, a released layer's step (256 tokens x 8 choices x 2,816) wrote a 23 MB fp32 product
-    and its sum: 8 ms of a 2-core AMD EPYC's step layer, about 1 compiled."""
+    """`_gathered_combination` compiled (at first use; every size dynamic): the gathers, the fp32 weighting and the
+    sum in one pass. Eager, `_combined` of a released layer's step (256 tokens x 8 choices x 2,816) wrote a 23 MB
+    fp32 product and summed it: 14 ms on a 2-core AMD EPYC (Zen 5), against 0.2 ms compiled."""
     return compiled_under_own_name(_gathered_combination, "experts_gathered_combination", dynamic=True,
                                    fullgraph=True)
 
