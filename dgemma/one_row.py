@@ -25,26 +25,21 @@ from typing import Callable
 
 import torch
 
-from .compiling import compiled_under_own_name, compiling_allowed
+from .compiling import SUM_CHUNK, compiled_under_own_name, compiling_allowed
 
 # Matrices smaller than this many values keep torch's eager kernels: below it the gain is tens of microseconds a matrix,
 # which does not pay the seconds of compiling; the bundled model (its largest matrix, the head, 2^21) never compiles.
 MIN_VALUES = 1 << 22
 
 
-# Inductor sums a reduction longer than 4,096 values with a cascade helper (for accuracy), which read a 2,816 x 8,192
-# matrix (the released model's full layers' o_proj) from memory at 27 GB/s against 40 GB/s for plain loops on the
-# machine above: a longer row is summed in chunks of CHUNK, each a plain loop, their float32 sums added.
-CHUNK = 4096
-
 
 def _product(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """row [1, K] @ weight[N, K].T -> [N], accumulated in float32 and rounded once to row's dtype (K at most CHUNK, or a
-    multiple of it)."""
+    """row [1, K] @ weight[N, K].T -> [N], accumulated in float32 and rounded once to row's dtype (K at most
+    SUM_CHUNK, or a multiple of it)."""
     rows, width = weight.shape
-    if width <= CHUNK:
+    if width <= SUM_CHUNK:
         return (weight.float() * row.float()).sum(-1).to(row.dtype)
-    chunks = weight.float().view(rows, -1, CHUNK) * row.float().view(1, -1, CHUNK)
+    chunks = weight.float().view(rows, -1, SUM_CHUNK) * row.float().view(1, -1, SUM_CHUNK)
     return chunks.sum(-1).sum(-1).to(row.dtype)
 
 
@@ -74,10 +69,10 @@ def _applies(row: torch.Tensor, weight: object, values: int) -> bool:
 
 def takes_row(x: torch.Tensor, weight: object) -> bool:
     """Whether x [..., K] @ weight[N, K].T runs as the one-row product: x is a single row, and weight a large matrix
-    in x's dtype (bf16 or fp16) on the CPU whose rows are at most CHUNK long or a multiple of it, with no gradient to
-    record (the kernel has no backward)."""
+    in x's dtype (bf16 or fp16) on the CPU whose rows are at most SUM_CHUNK long or a multiple of it, with no gradient
+    to record (the kernel has no backward)."""
     width = x.shape[-1]
-    return (x.numel() == width > 0 and (width <= CHUNK or width % CHUNK == 0)
+    return (x.numel() == width > 0 and (width <= SUM_CHUNK or width % SUM_CHUNK == 0)
             and _applies(x, weight, weight.numel() if isinstance(weight, torch.Tensor) else 0))
 
 

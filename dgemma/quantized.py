@@ -54,7 +54,7 @@ from torch import nn
 
 from .amx_int4 import BLOCK_N as AMX_BLOCK_N, available as amx_int4_available, block_codes
 from .amx_int4 import calls as amx_int4_calls, matmul as amx_int4_matmul, product as amx_int4_product
-from .compiling import compiled_under_own_name, compiling_allowed
+from .compiling import SUM_CHUNK, compiled_under_own_name, compiling_allowed
 
 
 # eq=False: the fields are tensors, whose == is elementwise; identity is the only meaningful equality here.
@@ -391,7 +391,12 @@ def _few_rows_product(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     if not torch.compiler.is_compiling():  # eagerly, [M, N, K] float32 temporaries: the whole matrix, M times over
         raise RuntimeError("the few-row quantised product ran eagerly: it only exists compiled")
     values = _grouped_values(codes, scale, offset, zero_code, group)  # [N, K // group, group]
-    return (values * x.view(-1, 1, *values.shape[1:])).sum((-2, -1))
+    rows, width = values.shape[0], values.shape[1] * group
+    if width <= SUM_CHUNK or width % SUM_CHUNK:
+        return (values * x.view(-1, 1, *values.shape[1:])).sum((-2, -1))
+    chunk = SUM_CHUNK // group  # groups in a chunk: the row summed a chunk at a time (see SUM_CHUNK)
+    chunks = values.view(rows, -1, chunk, group) * x.view(-1, 1, width // SUM_CHUNK, chunk, group)
+    return chunks.sum((-2, -1)).sum(-1)
 
 
 @functools.cache

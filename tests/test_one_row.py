@@ -31,7 +31,7 @@ def within_one_rounding(out: torch.Tensor, rows: torch.Tensor, matrices: torch.T
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_one_row_times_a_matrix_is_its_float32_sum_rounded_once_in_a_graph_for_short_rows_and_one_for_long(dtype):
     generator = torch.Generator().manual_seed(0)
-    # MIN_VALUES and more: two shapes with rows up to CHUNK long, two with rows of several chunks
+    # MIN_VALUES and more: two shapes with rows up to SUM_CHUNK long, two with rows of several chunks
     for n, k in [(4096, 1024), (2048, 2560), (512, 8192), (384, 12288)]:
         weight = torch.randn(n, k, generator=generator).to(dtype)
         for leading in [(1,), (1, 1), ()]:  # as a [1, K] row, a [B, L, K] token and the 1-D row of `logits`

@@ -20,6 +20,7 @@ from gguf.quants import dequantize
 
 import dgemma.quantized
 from dgemma import amx_int4
+from dgemma.compiling import SUM_CHUNK
 from dgemma.gguf import quantize_blocks
 from dgemma.quantized import CpuInt4, GroupQuantized
 
@@ -241,26 +242,29 @@ def test_large_tiles_of_byte_codes_take_one_compiled_pass_with_the_eager_bits(qt
 @needs_compiling
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q6_K, T.Q5_1], ids=lambda t: t.name)  # zero codes 128, 32, 0 + offsets
 def test_a_few_rows_times_a_large_matrix_of_byte_codes_take_one_compiled_pass_as_exact_as_tiles(qtype: T) -> None:
-    shape = (1024, 1024)  # 2^20 values: the smallest matrix the few-row kernel takes
-    weight = GroupQuantized.from_gguf(raw(qtype, shape), qtype, shape)
-    exact = oracle(qtype, shape)
-    for dtype in (torch.bfloat16, torch.float16) if qtype == T.Q8_0 else (torch.bfloat16,):
-        typed = weight.to(dtype=dtype)
-        for leading in [(1,), (1, 1)]:  # an AR token, as [1, K] and as [B, L, K]
-            x = torch.randn(*leading, 1024, generator=torch.Generator().manual_seed(len(leading))).to(dtype)
-            assert dgemma.quantized._takes_few_rows_kernel(x, typed)
-            out = F.linear(x, typed)
-            assert out.dtype == dtype and out.shape == (*leading, 1024)
-            truth = x.float() @ exact.T
-            tiles = F.linear(x, exact.to(dtype)).float()  # what the tiles compute: weights rounded to the dtype
-            # float32 sums rounded once to the dtype (2^-8 of a value in bf16, 2^-11 in fp16), against float32 sums
-            # of the rounded weights: no further from the exact product than the tiles, to one rounding of the largest.
-            slack = 2**-8 * truth.abs().amax()
-            assert (out.float() - truth).abs().max() <= (tiles - truth).abs().max() + slack
     kernel = dgemma.quantized._few_rows_kernel(qtype.name)
     code = kernel._torchdynamo_orig_callable.__code__
     assert code.co_name == f"few_rows_product_{qtype.name}"
-    assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code)) == 1  # one graph for every shape
+    # 2^20 values, the smallest matrix the few-row kernel takes; then rows of two SUM_CHUNKs, summed a chunk at a time
+    for graphs, shape in enumerate([(1024, 1024), (128, 2 * SUM_CHUNK)], start=1):
+        weight = GroupQuantized.from_gguf(raw(qtype, shape), qtype, shape)
+        exact = oracle(qtype, shape)
+        for dtype in (torch.bfloat16, torch.float16) if qtype == T.Q8_0 else (torch.bfloat16,):
+            typed = weight.to(dtype=dtype)
+            for leading in [(1,), (1, 1)]:  # an AR token, as [1, K] and as [B, L, K]
+                x = torch.randn(*leading, shape[1], generator=torch.Generator().manual_seed(len(leading))).to(dtype)
+                assert dgemma.quantized._takes_few_rows_kernel(x, typed)
+                out = F.linear(x, typed)
+                assert out.dtype == dtype and out.shape == (*leading, shape[0])
+                truth = x.float() @ exact.T
+                tiles = F.linear(x, exact.to(dtype)).float()  # what the tiles compute: weights rounded to the dtype
+                # float32 sums rounded once to the dtype (2^-8 of a value in bf16, 2^-11 in fp16), against float32
+                # sums of the rounded weights: no further from the exact product than the tiles, to one rounding of
+                # the largest.
+                slack = 2**-8 * truth.abs().amax()
+                assert (out.float() - truth).abs().max() <= (tiles - truth).abs().max() + slack
+        # one graph for every shape with rows up to SUM_CHUNK long, and one for longer rows
+        assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code)) == graphs
     with torch.compiler.set_stance("force_eager"), pytest.raises(RuntimeError, match="ran eagerly"):
         F.linear(torch.randn(1, 1024).to(torch.bfloat16), weight.to(dtype=torch.bfloat16))
 
