@@ -33,7 +33,7 @@ from .config import ModelConfig
 from .gguf import GGUFCheckpoint
 from .model import DiffusionGemma
 from .quantized import (QUANTIZED_TYPES, CpuInt4, GroupQuantized, attach, cpu_int4_layout, is_expert,
-                        keeps_one_row_copy, quantized_weights, scheme_type)
+                        keeps_one_row_copy, keeps_tiles, quantized_weights, scheme_type)
 
 logger = logging.getLogger(__name__)
 
@@ -336,7 +336,8 @@ def _assign(model: DiffusionGemma, state: dict[str, torch.Tensor], device: str |
         layout = cpu_int4_layout(name, weight, device, linear_only=isinstance(owner, nn.Linear)
                                  and owner is not model.lm_head, one_row=one_row)
         if layout is not None:
-            weight = CpuInt4.from_grouped(weight, layout, one_row_copy=keeps_one_row_copy(name, layout))
+            weight = CpuInt4.from_grouped(weight, layout, one_row_copy=keeps_one_row_copy(name, layout),
+                                          keep_tiles=keeps_tiles(name, layout, one_row))
         for target in [name, *(encoder for encoder, decoder in tied.items() if decoder == name)]:
             attach(model, target, weight)
     state.update({encoder: state[decoder] for encoder, decoder in tied.items() if decoder in state})

@@ -482,7 +482,8 @@ def cpu_int4_layout(name: str, weight: GroupQuantized, device: torch.device | st
     F.linear (`linear_only`: an nn.Linear's weight, not the head the sampler reads; experts always). With the AMX
     kernel (amx_int4_available()) every such matrix whose rows are a multiple of 32: faster than tiles at any number
     of rows. Without it, experts with rows a multiple of 16, in torch's eager kernel: faster than tiles at an
-    expert's few rows, slower at a canvas's 256 (docs/quantization.md).
+    expert's few rows, slower at a canvas's 256 (docs/quantization.md); and the other matrices with such rows in the
+    eager kernel's layout for single rows, their tiles kept for more rows (`keeps_tiles`).
 
     Q8_0 experts also take a layout, as two 4-bit halves (`CpuInt4`, `halves`): twice the 4-bit work, which at an
     expert's 16 rows on the AMX kernel still takes 0.63 to 0.71 of the time of its tiles, and at one row in the eager
@@ -496,7 +497,7 @@ def cpu_int4_layout(name: str, weight: GroupQuantized, device: torch.device | st
     kernel (which pads the row to two and dequantises the whole matrix either way), at an expert's share of a
     prompt (16 rows) 1.9 times slower. The other matrices keep the AMX kernel where there is one (with a copy in the
     eager kernel's layout for single rows: `keeps_one_row_copy`), and take the eager kernel without it (tiles are
-    19 to 30 times slower for one row)."""
+    19 to 30 times slower for one row), keeping no tiles."""
     if not (weight.bits in (4, 8) and weight.group == 32 and weight.dtype == torch.bfloat16
             and torch.device(device).type == "cpu" and (linear_only or is_expert(name))):
         return None
@@ -511,7 +512,7 @@ def cpu_int4_layout(name: str, weight: GroupQuantized, device: torch.device | st
         return "int4pack" if rows % 16 == 0 else None
     if rows % AMX_BLOCK_N == 0 and amx_int4_available():
         return "amx"
-    return "int4pack" if (one_row or is_expert(name)) and rows % 16 == 0 else None
+    return "int4pack" if rows % 16 == 0 else None
 
 
 def keeps_one_row_copy(name: str, layout: str | None) -> bool:
@@ -520,6 +521,17 @@ def keeps_one_row_copy(name: str, layout: str | None) -> bool:
     the dense MLP), and those matrices are 7 % of a released layer's weights, so the copy costs about 3 % of a
     4-bit model's memory; the experts, 93 %, take one layout, chosen by the decoding the model is loaded for."""
     return layout == "amx" and not is_expert(name)
+
+
+def keeps_tiles(name: str, layout: str | None, one_row: bool) -> bool:
+    """Whether a 4-bit matrix in torch's eager int4 layout also keeps its codes as they came (GroupQuantized), for more
+    than one row: the matrices other than experts without AMX, loaded for diffusion. A canvas's 256 rows are faster
+    in dequantised tiles than in the eager kernel, one token's row 19 to 30 times slower (a released layer's token,
+    `int4` loaded for diffusion: 14 / 15 ms with tiles alone, docs/cpu.md). Under `int4` these are the dense MLP, 2 %
+    of a released layer's weights (its attention is 8-bit), under `q4_k_m` also attention's q, k and o, 5 %: the
+    second copy costs about as much of the model's memory. Loaded for autoregressive decoding, they keep the eager
+    layout alone."""
+    return layout == "int4pack" and not is_expert(name) and not one_row
 
 
 @dataclass(eq=False)
@@ -533,7 +545,8 @@ class CpuInt4:
     Two kernels, two layouts (`cpu_int4_layout` chooses): "amx", Inductor's AMX template (dgemma.amx_int4), and
     "int4pack", torch's eager kernel, packed by `torch._convert_weight_to_int4pack_for_cpu`. Beside the amx layout
     the codes may also be kept in the int4pack one (`one_row_codes`): a single row then takes the eager kernel,
-    faster for one row (the two kernels share the scales and zeros).
+    faster for one row (the two kernels share the scales and zeros). Beside the int4pack layout the GroupQuantized
+    weight it came from may be kept (`tiles`): more than one row then takes its dequantised tiles (`keeps_tiles`).
 
     8-bit codes (Q8_0) are held as two 4-bit halves (`halves`), a 4-bit matrix [..., N, 2K] whose first K columns
     are the codes' high nibbles and last K their low ones, times the input taken twice, [x, x]: code - zero_code =
@@ -547,20 +560,25 @@ class CpuInt4:
     qtype: str
     layout: str  # "amx" or "int4pack"
     one_row_codes: torch.Tensor | None = None  # uint8 [..., N, K // 2] in the int4pack layout, beside amx codes
+    tiles: GroupQuantized | None = None  # the weight as it came, for more than one row, beside int4pack codes
     halves: bool = False  # 8-bit codes as two 4-bit halves: codes [..., N, K], scales and zeros [..., 2K // 32, N, 2]
 
     GROUP = 32
 
     @classmethod
-    def from_grouped(cls, weight: GroupQuantized, layout: str, one_row_copy: bool = False) -> CpuInt4:
+    def from_grouped(cls, weight: GroupQuantized, layout: str, one_row_copy: bool = False,
+                     keep_tiles: bool = False) -> CpuInt4:
         """The same codes repacked (one leading entry, e.g. one expert, at a time: the kernels pack 2-D weights),
         in `layout` ("amx" or "int4pack", as `cpu_int4_layout` chooses), and with `one_row_copy` (amx only) also
-        in the int4pack layout for single rows (`keeps_one_row_copy`)."""
+        in the int4pack layout for single rows (`keeps_one_row_copy`); with `keep_tiles` (int4pack, 4-bit only)
+        `weight` itself is kept for more than one row (`keeps_tiles`)."""
         *lead, n, k = weight.shape
         if layout not in ("amx", "int4pack"):
             raise ValueError(f"layout must be 'amx' or 'int4pack', not {layout!r}")
         if one_row_copy and layout != "amx":
             raise ValueError("a copy for single rows is kept beside the amx layout only (int4pack is that copy)")
+        if keep_tiles and (layout != "int4pack" or weight.bits != 4):
+            raise ValueError("tiles for many rows are kept beside 4-bit codes in the int4pack layout only")
         if weight.bits not in (4, 8) or weight.group != cls.GROUP:
             raise ValueError(f"a CPU int4 layout takes 4- or 8-bit codes in groups of {cls.GROUP}, not "
                              f"{weight.qtype}'s {weight.bits}-bit codes in groups of {weight.group}")
@@ -591,12 +609,13 @@ class CpuInt4:
         return cls(codes=packed.reshape(*lead, n, width // 2),
                    scales_and_zeros=scales_and_zeros.reshape(*lead, width // cls.GROUP, n, 2),
                    shape=tuple(weight.shape), qtype=weight.qtype, layout=layout,
-                   one_row_codes=None if one_row is None else one_row.reshape(*lead, n, width // 2), halves=halves)
+                   one_row_codes=None if one_row is None else one_row.reshape(*lead, n, width // 2),
+                   tiles=weight if keep_tiles else None, halves=halves)
 
     def nbytes(self) -> int:
-        """bytes held (packed codes, the copy for single rows if kept, scales and zeros)"""
+        """bytes held (packed codes, the copy for single rows or the tiles if kept, scales and zeros)"""
         held = (self.codes, self.scales_and_zeros) + (() if self.one_row_codes is None else (self.one_row_codes,))
-        return sum(t.numel() * t.element_size() for t in held)
+        return sum(t.numel() * t.element_size() for t in held) + (0 if self.tiles is None else self.tiles.nbytes())
 
     @property
     def device(self) -> torch.device:
@@ -606,7 +625,8 @@ class CpuInt4:
         """Entry `index` of the leading dimension (one expert of [E, N, K])."""
         return replace(self, codes=self.codes[index], scales_and_zeros=self.scales_and_zeros[index],
                        shape=self.shape[1:],
-                       one_row_codes=None if self.one_row_codes is None else self.one_row_codes[index])
+                       one_row_codes=None if self.one_row_codes is None else self.one_row_codes[index],
+                       tiles=None if self.tiles is None else self.tiles[index])
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -615,6 +635,8 @@ class CpuInt4:
             raise TypeError(f"{getattr(func, '__name__', func)} is not defined on a weight in a CPU int4 layout")
         x, weight, *rest = args
         bias = rest[0] if rest else (kwargs or {}).get("bias")
+        if weight.tiles is not None and x.numel() > x.shape[-1]:
+            return F.linear(x, weight.tiles, bias)
         flat = weight._kernel_rows(x)
         if weight.one_row_codes is not None and flat.shape[0] == 1:
             out = torch._weight_int4pack_mm_for_cpu(flat, weight.one_row_codes, cls.GROUP, weight.scales_and_zeros)
@@ -639,8 +661,8 @@ class CpuInt4:
         (`dgemma.model.grouped_linear` takes F.linear per expert when there are)."""
         if rows.requires_grad and torch.is_grad_enabled():
             raise RuntimeError("CpuInt4.grouped_linear records no gradient: multiply each expert with F.linear")
-        if self.one_row_codes is not None:  # experts keep one layout (keeps_one_row_copy)
-            raise ValueError("CpuInt4.grouped_linear takes experts, which keep no copy for single rows")
+        if self.one_row_codes is not None or self.tiles is not None:  # experts keep one layout (keeps_one_row_copy)
+            raise ValueError("CpuInt4.grouped_linear takes experts, which keep no second copy")
         flat = self._kernel_rows(rows)
         out = flat.new_empty(flat.shape[0], self.shape[-2])
         amx = self.layout == "amx"

@@ -287,7 +287,7 @@ def test_the_few_row_kernel_takes_only_what_it_computes_faster_and_without_a_bac
     assert not takes(torch.randn(1, 1024).to(torch.bfloat16), q4)  # nibbles: measured slower than tiles
 
 
-def test_cpu_int4_layout_takes_amx_where_it_applies_and_otherwise_only_experts_in_torchs_kernel(monkeypatch) -> None:
+def test_cpu_int4_layout_takes_amx_where_it_applies_and_otherwise_torchs_kernel(monkeypatch) -> None:
     def q4(rows: int, dtype: torch.dtype = torch.bfloat16) -> GroupQuantized:
         return GroupQuantized.quantize(torch.randn(rows, 256), "Q4_0").to(dtype=dtype)
 
@@ -295,10 +295,12 @@ def test_cpu_int4_layout_takes_amx_where_it_applies_and_otherwise_only_experts_i
     expert, linear = "decoder.layers.0.experts.down_proj", "decoder.layers.0.mlp.up_proj.weight"
     for amx in (True, False):
         monkeypatch.setattr(dgemma.quantized, "amx_int4_available", lambda: amx)
+        # Loaded for diffusion: the other matrices in torch's kernel keep their tiles for many rows (keeps_tiles)
         assert layout(expert, q4(64), "cpu", linear_only=False) == ("amx" if amx else "int4pack")
-        assert layout(linear, q4(64), "cpu", linear_only=True) == ("amx" if amx else None)
-        assert layout(expert, q4(48), "cpu", linear_only=False) == "int4pack"  # rows not in 32s
-        assert layout(linear, q4(48), "cpu", linear_only=True) is None
+        assert layout(linear, q4(64), "cpu", linear_only=True) == ("amx" if amx else "int4pack")
+        for name, linear_only in ((expert, False), (linear, True)):
+            assert layout(name, q4(48), "cpu", linear_only=linear_only) == "int4pack"  # rows not in 32s
+            assert layout(name, q4(40), "cpu", linear_only=linear_only) is None  # rows not in 16s
         # the embedding (also the head) is read by more than F.linear; fp32 is the parity path: tiles, exact
         assert layout("decoder.embed_tokens.weight", q4(64), "cpu", linear_only=False) is None
         assert layout(expert, q4(64, torch.float32), "cpu", linear_only=False) is None
@@ -333,6 +335,12 @@ def test_cpu_int4_layout_takes_amx_where_it_applies_and_otherwise_only_experts_i
     assert not dgemma.quantized.keeps_one_row_copy(expert, "amx")
     assert not dgemma.quantized.keeps_one_row_copy(linear, "int4pack")
     assert not dgemma.quantized.keeps_one_row_copy(linear, None)
+    # Tiles for many rows: beside torch's layout, for the matrices other than experts loaded for diffusion
+    keeps_tiles = dgemma.quantized.keeps_tiles
+    assert keeps_tiles(linear, "int4pack", one_row=False)
+    assert not keeps_tiles(linear, "int4pack", one_row=True)  # loaded for one row at a time
+    assert not keeps_tiles(expert, "int4pack", one_row=False)
+    assert not keeps_tiles(linear, "amx", one_row=False) and not keeps_tiles(linear, None, one_row=False)
 
 
 def test_amx_int4_layout_is_the_one_inductors_template_blocks_its_constant_weights_into() -> None:
@@ -388,6 +396,28 @@ def test_a_copy_for_single_rows_gives_one_row_the_eager_kernels_product_and_more
             assert torch.equal(F.linear(x, both[entry]), F.linear(x, same_as[entry]))
     with pytest.raises(ValueError, match="beside the amx layout only"):
         CpuInt4.from_grouped(weight, "int4pack", one_row_copy=True)
+
+
+def test_tiles_kept_beside_torchs_layout_take_more_than_one_row_and_one_row_takes_torchs_kernel() -> None:
+    shape = (2, 64, 256)  # two entries' worth, to slice
+    weight = GroupQuantized.from_gguf(raw(T.Q4_K, shape), T.Q4_K, shape).to(dtype=torch.bfloat16)
+    eager = CpuInt4.from_grouped(weight, "int4pack")
+    both = CpuInt4.from_grouped(weight, "int4pack", keep_tiles=True)
+    assert eager.tiles is None and both.tiles is weight and torch.equal(both.codes, eager.codes)
+    assert both.nbytes() == eager.nbytes() + weight.nbytes()
+    for entry in range(shape[0]):
+        for leading, same_as in (((1,), eager[entry]), ((1, 1), eager[entry]), ((5,), weight[entry]),
+                                 ((2, 3), weight[entry])):
+            x = torch.randn(*leading, 256, generator=torch.Generator().manual_seed(len(leading))).to(torch.bfloat16)
+            # the same computation on the same codes: bitwise the same product
+            assert torch.equal(F.linear(x, both[entry]), F.linear(x, same_as))
+    with pytest.raises(ValueError, match="beside 4-bit codes in the int4pack layout only"):
+        CpuInt4.from_grouped(weight, "amx", keep_tiles=True)
+    q8 = GroupQuantized.quantize(torch.randn(64, 256), "Q8_0").to(dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="beside 4-bit codes in the int4pack layout only"):
+        CpuInt4.from_grouped(q8, "int4pack", keep_tiles=True)
+    with pytest.raises(ValueError, match="keep no second copy"):
+        both.grouped_linear(torch.randn(4, 256).to(torch.bfloat16), [2, 4])
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
