@@ -24,6 +24,7 @@ Design choices:
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -235,9 +236,10 @@ class Router(nn.Module):
 
 
 # Experts whose gate/up matrix holds at least this many values run a step's rows on a CPU (exact=False) one matmul
-# per expert, without padding every expert to the fullest one's rows. On a 2-core AMD EPYC (Zen 5), bf16, 256 tokens:
-# the released model's experts (128 of 1,408 x 2,816, top-8) 92 against 109 ms a layer with the padded batched
-# matmul; the bench's small config (16 of 512 x 512, top-2) 1.9 against 1.5 ms, the padded batch ahead there.
+# per expert (bf16; quantised experts always do), without padding every expert to the fullest one's rows, and their
+# choices' weighted sum compiled. On a 2-core AMD EPYC (Zen 5), bf16, 256 tokens: the released model's experts (128
+# of 1,408 x 2,816, top-8) 92 against 109 ms a layer with the padded batched matmul; the bench's small config (16 of
+# 512 x 512, top-2) 1.9 against 1.5 ms, the padded batch ahead there (and not worth a compile).
 LARGE_EXPERT = 1 << 20
 
 
@@ -266,8 +268,9 @@ class Experts(nn.Module):
         rows = x[order // top_k]
         counts = torch.bincount(expert_of, minlength=self.num_experts)
         stored_as_tensors = isinstance(self.gate_up_proj, torch.Tensor) and isinstance(self.down_proj, torch.Tensor)
-        on_cpu_fast = not exact and x.device.type == "cpu" and stored_as_tensors and tokens > 1
-        if on_cpu_fast and self.gate_up_proj[0].numel() < LARGE_EXPERT:
+        on_cpu_fast = not exact and x.device.type == "cpu" and tokens > 1
+        large = math.prod(self.gate_up_proj.shape[-2:]) >= LARGE_EXPERT
+        if on_cpu_fast and stored_as_tensors and not large:
             # Each expert's rows in a [E, capacity, H] batch: two batched matmuls instead of 2E small ones, faster
             # than grouped_mm on a CPU for small experts. (Reading the capacity back is free there; elsewhere
             # grouped_mm needs none. One token would have every expert's matrix read for it: it takes the grouped
@@ -279,10 +282,11 @@ class Experts(nn.Module):
             out = torch.bmm(self.act(gate) * up, self.down_proj.transpose(-2, -1))
             return self._combined(out[index.reshape(-1), slot[position]], weights, x.dtype)
         ends = torch.cumsum(counts, dim=0).to(torch.int32)
-        # Large experts on a CPU (on_cpu_fast): one matmul per expert, no padding to the fullest expert's rows.
-        gate, up = grouped_linear(rows, self.gate_up_proj, ends, per_expert=on_cpu_fast).chunk(2, dim=-1)
-        out = grouped_linear(self.act(gate) * up, self.down_proj, ends, per_expert=on_cpu_fast)
-        if on_cpu_fast and compiling_allowed() and not torch.is_grad_enabled():
+        # Large experts on a CPU: one matmul per expert, no padding to the fullest expert's rows.
+        per_expert = on_cpu_fast and stored_as_tensors
+        gate, up = grouped_linear(rows, self.gate_up_proj, ends, per_expert=per_expert).chunk(2, dim=-1)
+        out = grouped_linear(self.act(gate) * up, self.down_proj, ends, per_expert=per_expert)
+        if on_cpu_fast and large and compiling_allowed() and not torch.is_grad_enabled():
             # Gathered back into (token, choice) order inside the compiled sum: no [tokens x k, hidden] copies.
             return _gathered_combination_kernel()(out, position, weights)
         return self._combined(out[position], weights, x.dtype)  # back in (token, choice) order
