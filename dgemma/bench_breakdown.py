@@ -320,8 +320,12 @@ def ar_bytes(parts: dict, full) -> float:
     return full.num_hidden_layers * mean + head
 
 
-def floors(parts: dict, full, prompt: int, rates: dict) -> dict:
-    cost, token_bytes = step_cost(full, prompt), ar_bytes(parts, full)
+def floors(parts: dict, full, prompt: int, rates: dict, tokens: dict | None = None) -> dict:
+    """A step's floor (its FLOPs or its weights' bytes, whichever takes longer) and a token's (the bytes it reads),
+    at `rates`. A token's bytes are counted in the layout its time is measured in: `tokens`, the parts measured
+    loaded for autoregressive decoding, where given (a load for diffusion may hold second copies a token never
+    reads: the tiles kept beside torch's int4 layout)."""
+    cost, token_bytes = step_cost(full, prompt), ar_bytes(tokens or parts, full)
     step = max(cost["flops"] / rates["matmul_flops"], cost["weight_bytes"] / rates["copy_bytes_per_second"])
     return {"step_seconds": step, "ar_token_seconds": token_bytes / rates["copy_bytes_per_second"],
             "step_flops": cost["flops"], "ar_token_bytes": token_bytes}
@@ -409,8 +413,8 @@ def main_run(args: argparse.Namespace) -> dict:
         if token_runs:
             entry["token_layout_parts"] = tokens = median_of(token_runs)
         entry["projection"] = project(parts, full, args.steps, tokens)
-        entry["floor"] = floors(parts, full, args.prompt_length, rates)
-        entry["desktop_floor"] = floors(parts, full, args.prompt_length, DESKTOP)
+        entry["floor"] = floors(parts, full, args.prompt_length, rates, tokens)
+        entry["desktop_floor"] = floors(parts, full, args.prompt_length, DESKTOP, tokens)
         entry["rounds"] = [{key: value for key, value in project(one, full, args.steps, token_run).items()
                             if key in ("step_seconds", "ar_token_seconds", "ar_token_seconds_canvas_layout")}
                            for one, token_run in zip(measured, token_runs or [None] * len(measured))]

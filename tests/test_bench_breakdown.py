@@ -10,8 +10,8 @@ from gguf.quants import dequantize
 
 from dgemma.bench import build_checkpoint, named_config
 from dgemma import amx_int4
-from dgemma.bench_breakdown import (FORMS, ONE_ROW_LAYOUT_FORMS, SCHEME_OF_FORM, measure_parts, median_of, project,
-                                    random_blocks, weights_file)
+from dgemma.bench_breakdown import (FORMS, ONE_ROW_LAYOUT_FORMS, SCHEME_OF_FORM, floors, measure_parts, median_of,
+                                    project, random_blocks, weights_file)
 from dgemma.gguf import read_gguf
 from dgemma.quantized import CpuInt4, quantized_weights
 
@@ -102,6 +102,17 @@ def test_a_one_layer_slice_is_refused_by_name(tmp_path, capsys):
     assert main(["bench", "--breakdown", "--config", "tiny", "--layers", "1", "--work-dir", str(tmp_path)]) == 2
     assert "--layers 1: the breakdown projects each layer kind" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # refused before any checkpoint is built
+
+
+def test_a_tokens_floor_counts_the_bytes_held_in_the_layout_its_time_is_measured_in():
+    full = named_config("release", 256)
+    rates = {"matmul_flops": 1e12, "copy_bytes_per_second": 1e10}
+    canvas = {"layer_types": [True, False],
+              "held_bytes": {"rest": 100, "layer0": 30, "layer0.experts": 1280, "layer1": 40, "layer1.experts": 1280}}
+    tokens = dict(canvas, held_bytes=dict(canvas["held_bytes"], layer0=10, layer1=20))  # no second copies
+    per_layer = (10 + 20) / 2 + 8 / 128 * 1280
+    assert floors(canvas, full, 256, rates, tokens)["ar_token_bytes"] == pytest.approx(30 * per_layer + 100)
+    assert floors(canvas, full, 256, rates)["ar_token_bytes"] == pytest.approx(30 * (per_layer + 20) + 100)
 
 
 def test_projection_counts_each_layer_kind_of_the_full_model():
