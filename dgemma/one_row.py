@@ -32,7 +32,6 @@ from .compiling import SUM_CHUNK, compiled_under_own_name, compiling_allowed
 MIN_VALUES = 1 << 22
 
 
-
 def _product(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """row [1, K] @ weight[N, K].T -> [N], accumulated in float32 and rounded once to row's dtype (K at most
     SUM_CHUNK, or a multiple of it)."""

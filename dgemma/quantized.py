@@ -527,10 +527,10 @@ def keeps_tiles(name: str, layout: str | None, one_row: bool) -> bool:
     """Whether a 4-bit matrix in torch's eager int4 layout also keeps its codes as they came (GroupQuantized), for more
     than one row: the matrices other than experts without AMX, loaded for diffusion. A canvas's 256 rows are faster
     in dequantised tiles than in the eager kernel, one token's row 19 to 30 times slower (a released layer's token,
-    `int4` loaded for diffusion: 14 / 15 ms with tiles alone, docs/cpu.md). Under `int4` these are the dense MLP, 2 %
-    of a released layer's weights (its attention is 8-bit), under `q4_k_m` also attention's q, k and o, 5 %: the
-    second copy costs about as much of the model's memory. Loaded for autoregressive decoding, they keep the eager
-    layout alone."""
+    `int4` loaded for diffusion: 14 / 15 ms with tiles alone, docs/cpu.md). Under `int4` these are the dense MLP and
+    the self-conditioning block (the dense MLP is 2 % of a released layer's weights; attention is 8-bit there), under
+    `q4_k_m` also attention's q, k and o (5 %): the second copy cost 0.32 GiB of the released `int4` form's 15.9.
+    Loaded for autoregressive decoding, they keep the eager layout alone."""
     return layout == "int4pack" and not is_expert(name) and not one_row
 
 
