@@ -240,6 +240,36 @@ def test_large_tiles_of_byte_codes_take_one_compiled_pass_with_the_eager_bits(qt
 
 
 @needs_compiling
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q4_K], ids=lambda t: t.name)  # zero code 8; offsets
+def test_large_4_bit_tiles_run_in_nibble_plane_order_with_the_eager_bits_and_the_same_product(qtype: T) -> None:
+    shape = (1024, 1024)  # 2^20 values: the compiled tiles' threshold
+    weight = GroupQuantized.from_gguf(raw(qtype, shape), qtype, shape)
+    exact = oracle(qtype, shape)
+    order = dgemma.quantized._plane_order(1024, 32)
+    assert torch.equal(order[:34], torch.tensor([*range(0, 32, 2), *range(1, 32, 2), 32, 34]))
+    for dtype in (torch.bfloat16, torch.float16):
+        typed = weight.to(dtype=dtype)
+        for rows in (slice(None), slice(100, 612)):  # every number of rows: one graph
+            planes = dgemma.quantized._plane_tile(typed, rows, dtype)
+            # the same values as gguf's (signed zeros told apart), each group's columns even then odd
+            assert torch.equal(planes.view(torch.int16), exact[rows][:, order].to(dtype).view(torch.int16))
+        code = dgemma.quantized._nibble_planes_kernel(qtype.name, dtype, 1024)._torchdynamo_orig_callable.__code__
+        assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code)) == 1
+        x = torch.randn(2, 40, 1024, generator=torch.Generator().manual_seed(0)).to(dtype)
+        assert dgemma.quantized._takes_nibble_planes(x, typed)
+        out, tiles = F.linear(x, typed).float(), F.linear(x, exact.to(dtype)).float()
+        # the same products summed in another order: within one rounding of the largest to the dtype
+        assert (out - tiles).abs().max() <= 2**-7 * tiles.abs().amax()
+    takes = dgemma.quantized._takes_nibble_planes
+    row = torch.randn(3, 1024).to(torch.bfloat16)
+    assert not takes(row.float(), weight)  # float32: the parity path keeps gguf's order and eager steps
+    small = GroupQuantized.from_gguf(raw(qtype, (512, 1024)), qtype, (512, 1024)).to(dtype=torch.bfloat16)
+    assert not takes(row, small)  # small matrices: not worth a compile
+    q8 = GroupQuantized.quantize(torch.randn(1024, 1024), "Q8_0").to(dtype=torch.bfloat16)
+    assert not takes(row, q8)  # one-byte codes have their own compiled pass
+
+
+@needs_compiling
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q6_K, T.Q5_1], ids=lambda t: t.name)  # zero codes 128, 32, 0 + offsets
 def test_a_few_rows_times_a_large_matrix_of_byte_codes_take_one_compiled_pass_as_exact_as_tiles(qtype: T) -> None:
     kernel = dgemma.quantized._few_rows_kernel(qtype.name)
