@@ -429,12 +429,11 @@ def _few_rows_linear(x: torch.Tensor, weight: GroupQuantized) -> torch.Tensor:
 
 # ---- tiles of 4-bit codes in nibble planes ---------------------------------------------------------------------------
 # A product only needs its input's columns and the weight's in the same order, not in the checkpoint's. Unpacked in the
-# checkpoint's order, a 4-bit tile interleaves each byte's two nibbles, which Inductor does not vectorise (so those
-# tiles were dequantised eagerly); unpacked with each group's low nibbles (its even columns) before its high ones (its
+# checkpoint's order, a 4-bit tile interleaves each byte's two nibbles, which Inductor does not vectorise (such tiles
+# take `dequantize`'s eager steps); unpacked with each group's low nibbles (its even columns) before its high ones (its
 # odd columns), each is a vector of the group's bytes, and the tile is one vectorised pass: a released dense MLP
-# matrix (2,112 x 2,816, Q4_K) in bf16 0.95 against 3.05 ms, one in Q4_0 (4,096 x 2,816) 2.3 against 17.5 ms, on a
-# 2-core AMD EPYC (Zen 5). The input takes the same order (`_plane_order`): the same products, summed in another
-# order.
+# matrix (2,112 x 2,816, Q4_K) in bf16 0.8 to 0.95 against 2.8 to 3.1 ms on a 2-core AMD EPYC (Zen 5). The input
+# takes the same order (`_plane_order`): the same products, summed in another order.
 
 
 def _nibble_planes(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, zero_code: int, group: int,
