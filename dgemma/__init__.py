@@ -41,12 +41,13 @@ def __getattr__(name: str) -> Any:
 
 def load(path: str | Path | None = None, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
          keep_quantized: bool | str = True, quantize: str | None = None,
-         decode: str = "diffusion") -> DiffusionGemmaForBlockDiffusion:
+         decode: str | None = "diffusion") -> DiffusionGemmaForBlockDiffusion:
     """Load a checkpoint: a directory (config.json, safetensors, optional generation_config.json), a GGUF file
     (its quantised matrices kept quantised unless `keep_quantized=False`; only its experts with "experts"), a
     Hugging Face repo id resolved from the local Hugging Face cache, or the bundled model when `path` is None.
     `quantize` (a scheme of `dgemma.quantized.SCHEMES`) quantises a safetensors checkpoint's matrices as they load.
-    `decode="autoregressive"` lays 4-bit experts out for one token at a time on the CPU (see `from_pretrained`)."""
+    `decode="autoregressive"` lays 4-bit experts out for one token at a time on the CPU; `decode=None` keeps every
+    floating-point weight a parameter, to train or convert (see `from_pretrained`)."""
     from .pretrained import DiffusionGemmaForBlockDiffusion
 
     return DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=dtype, device=device,

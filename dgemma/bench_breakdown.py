@@ -154,7 +154,9 @@ class LayerClock:
 
 def held_bytes(model) -> dict[str, int]:
     """Bytes of weights held, per decoder layer (its experts apart) and for the rest (embedding, norms, ...)."""
-    from .quantized import quantized_weights
+    from .model import attached_weights
+    from .onednn import ReorderedExperts
+    from .quantized import CpuInt4, GroupQuantized
 
     held: dict[str, int] = defaultdict(int)
 
@@ -172,7 +174,7 @@ def held_bytes(model) -> dict[str, int]:
         if id(tensor) not in seen:
             seen.add(id(tensor))
             held[place(name)] += tensor.numel() * tensor.element_size()
-    for name, weight in quantized_weights(model):
+    for name, weight in attached_weights(model, (GroupQuantized, CpuInt4, ReorderedExperts)):
         held[place(name)] += weight.nbytes()
     return dict(held)
 

@@ -31,8 +31,9 @@ from torch import nn
 from .allocator import release_free_memory
 from .config import ModelConfig
 from .gguf import GGUFCheckpoint
-from .model import DiffusionGemma
-from .quantized import (QUANTIZED_TYPES, CpuInt4, GroupQuantized, attach, cpu_int4_layout, is_expert,
+from .model import DiffusionGemma, Experts, attach, attached_weights
+from .onednn import ReorderedExperts, available as onednn_available
+from .quantized import (QUANTIZED_TYPES, CpuInt4, GroupQuantized, cpu_int4_layout, is_expert,
                         keeps_one_row_copy, keeps_tiles, quantized_weights, scheme_type)
 
 logger = logging.getLogger(__name__)
@@ -250,7 +251,11 @@ def checkpoint_name(name: str) -> str:
 def to_checkpoint_names(model: DiffusionGemma) -> dict[str, torch.Tensor]:
     """The model's tensors under the names transformers uses, tied copies omitted as transformers omits them."""
     tied = {"encoder." + name for name in model.tied_parameter_names()}
-    return {checkpoint_name(name): tensor for name, tensor in model.state_dict().items() if name not in tied}
+    names = {checkpoint_name(name): tensor for name, tensor in model.state_dict().items() if name not in tied}
+    # Experts held in oneDNN's layout are not in the state dict: their tensors, given back (the decoder's names).
+    reordered = attached_weights(model, (ReorderedExperts,))
+    names.update({checkpoint_name(name): weight.dense() for name, weight in reordered})
+    return names
 
 
 # ---- loading -----------------------------------------------------------------------------------------------------
@@ -347,6 +352,34 @@ def _assign(model: DiffusionGemma, state: dict[str, torch.Tensor], device: str |
     if quantized_count:
         release_free_memory()  # the decoding and repacking temporaries, kept by a tuned allocator
     return model.eval()
+
+
+def reorder_experts(model: DiffusionGemma) -> int:
+    """Hold each large bf16 expert weight of a model on the CPU in oneDNN's blocked layout (`ReorderedExperts`, the
+    same bytes), for a canvas's few rows an expert (`dgemma.onednn`); the decoder's weight and the encoder's tied
+    one stay one object. Returns how many weights were reordered: none where this CPU's oneDNN has no bf16, or for
+    experts small, quantised, in another dtype or off the CPU. For a model loaded to decode, not to train: the
+    reordered weights are not parameters."""
+    if not onednn_available():
+        return 0
+    tied = tied_names(model)
+    # A canvas's rows an expert on average (256 x 8 / 128 = 16 for the released model): oneDNN's layout hint.
+    rows = max(1, model.config.canvas_length * (model.config.top_k_experts or 1) // (model.config.num_experts or 1))
+    reordered = 0
+    for path, module in model.decoder.named_modules(prefix="decoder"):
+        if not isinstance(module, Experts):
+            continue
+        for attr in ("gate_up_proj", "down_proj"):
+            weight = getattr(module, attr)
+            if not (isinstance(weight, torch.Tensor) and weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+                    and module.large):
+                continue
+            held = ReorderedExperts.from_tensor(weight.detach(), rows)
+            name = f"{path}.{attr}"
+            for target in [name, *(encoder for encoder, decoder in tied.items() if decoder == name)]:
+                attach(model, target, held)
+            reordered += 1
+    return reordered
 
 
 def load_gguf_model(checkpoint: GGUFCheckpoint, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",

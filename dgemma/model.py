@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -269,7 +269,7 @@ class Experts(nn.Module):
         counts = torch.bincount(expert_of, minlength=self.num_experts)
         stored_as_tensors = isinstance(self.gate_up_proj, torch.Tensor) and isinstance(self.down_proj, torch.Tensor)
         on_cpu_fast = not exact and x.device.type == "cpu" and tokens > 1
-        large = math.prod(self.gate_up_proj.shape[-2:]) >= LARGE_EXPERT
+        large = self.large
         if on_cpu_fast and stored_as_tensors and not large:
             # Each expert's rows in a [E, capacity, H] batch: two batched matmuls instead of 2E small ones, faster
             # than grouped_mm on a CPU for small experts. (Reading the capacity back is free there; elsewhere
@@ -290,6 +290,11 @@ class Experts(nn.Module):
             # Gathered back into (token, choice) order inside the compiled sum: no [tokens x k, hidden] copies.
             return _gathered_combination_kernel()(out, position, weights)
         return self._combined(out[position], weights, x.dtype)  # back in (token, choice) order
+
+    @property
+    def large(self) -> bool:
+        """Whether an expert's gate/up matrix holds LARGE_EXPERT values or more (the CPU's per-expert path)."""
+        return math.prod(self.gate_up_proj.shape[-2:]) >= LARGE_EXPERT
 
     @staticmethod
     def _combined(out: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -432,6 +437,27 @@ class Stack(nn.Module):
         return self.norm(x)
 
 
+def attach(model: nn.Module, name: str, weight: object) -> None:
+    """Put `weight` (a weight held in a kernel's own form: quantised, or in oneDNN's layout) where the parameter
+    `name` (a module path) was: the network's calls on it then reach it."""
+    owner_path, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_path)
+    owner._parameters.pop(attr, None)  # a Parameter slot refuses anything but a Parameter
+    setattr(owner, attr, weight)
+
+
+def attached_weights(model: nn.Module, kinds: tuple[type, ...]) -> Iterator[tuple[str, object]]:
+    """(module path, weight) of every attached weight of one of `kinds`, each once (an encoder tied to the decoder
+    shares its objects: the first path found, the decoder's, names it)."""
+    seen: set[int] = set()
+    modules = sorted(model.named_modules(), key=lambda item: not item[0].startswith("decoder"))
+    for path, module in modules:
+        for attr, value in vars(module).items():
+            if isinstance(value, kinds) and id(value) not in seen:
+                seen.add(id(value))
+                yield f"{path}.{attr}" if path else attr, value
+
+
 class DiffusionGemma(nn.Module):
     """Encoder and decoder stacks named as in the checkpoint (`model.encoder.language_model.*`, `model.decoder.*`).
 
@@ -465,12 +491,27 @@ class DiffusionGemma(nn.Module):
             self.register_buffer(f"inv_freq_{kind}", self.config.rope_inv_freq(kind).to(device), persistent=False)
 
     def _apply(self, fn, recurse: bool = True):
+        # Weights held in oneDNN's layout (`dgemma.onednn.ReorderedExperts`, a CPU bf16 form) are parameters again
+        # before a move or a cast, which then applies to them as to the rest.
+        self._restore_parameters()
         # `model.to(device)` moves the RoPE buffers; a cast (`.to(torch.bfloat16)`) must not round them, so they
         # are rebuilt in fp32 where they landed. (Casting the reference's module does round its tables.)
         super()._apply(fn, recurse)
         if any(getattr(self, f"inv_freq_{kind}").dtype != torch.float32 for kind in self.rope_kinds):
             self.reset_rope()
         return self
+
+    def _restore_parameters(self) -> None:
+        """Every attached weight that gives its tensor back (`dense()`) made a parameter again where it was held (one
+        parameter for the decoder's weight and the encoder's tied one)."""
+        restored: dict[int, nn.Parameter] = {}
+        for module in self.modules():
+            for attr, value in list(vars(module).items()):
+                if not isinstance(value, torch.Tensor) and callable(getattr(value, "dense", None)):
+                    if id(value) not in restored:
+                        restored[id(value)] = nn.Parameter(value.dense())
+                    delattr(module, attr)
+                    module.register_parameter(attr, restored[id(value)])
 
     def tied_parameter_names(self) -> list[str]:
         """Encoder parameters that are the decoder's (same name under `encoder.`), as the reference ties them."""

@@ -55,6 +55,7 @@ from torch import nn
 from .amx_int4 import BLOCK_N as AMX_BLOCK_N, available as amx_int4_available, block_codes
 from .amx_int4 import calls as amx_int4_calls, matmul as amx_int4_matmul, product as amx_int4_product
 from .compiling import SUM_CHUNK, compiled_under_own_name, compiling_allowed
+from .model import attached_weights
 
 
 # eq=False: the fields are tensors, whose == is elementwise; identity is the only meaningful equality here.
@@ -744,24 +745,9 @@ class CpuInt4:
 QuantizedWeight = GroupQuantized | CpuInt4
 
 
-def attach(model: nn.Module, name: str, weight: QuantizedWeight) -> None:
-    """Put `weight` where the parameter `name` (a module path) was: the network's calls on it then reach it."""
-    owner_path, _, attr = name.rpartition(".")
-    owner = model.get_submodule(owner_path)
-    owner._parameters.pop(attr, None)  # a Parameter slot refuses anything but a Parameter
-    setattr(owner, attr, weight)
-
-
 def quantized_weights(model: nn.Module) -> Iterator[tuple[str, QuantizedWeight]]:
-    """(module path, weight) of every weight kept quantised, each once (an encoder tied to the decoder shares its
-    objects: the first path found, the decoder's, names it)."""
-    seen: set[int] = set()
-    modules = sorted(model.named_modules(), key=lambda item: not item[0].startswith("decoder"))
-    for path, module in modules:
-        for attr, value in vars(module).items():
-            if isinstance(value, (GroupQuantized, CpuInt4)) and id(value) not in seen:
-                seen.add(id(value))
-                yield f"{path}.{attr}" if path else attr, value
+    """(module path, weight) of every weight kept quantised, each once (`dgemma.model.attached_weights`)."""
+    return attached_weights(model, (GroupQuantized, CpuInt4))
 
 
 # ---- quantisation schemes ------------------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ from ..constraints import FixedTokens, GrammarControl, grammar_tokenizer
 from ..engine import CanvasCommitted, DraftStep, Engine, Group, until_eos
 from ..generation import TokenBatch, TokenSequence
 from ..generation_config import GenerationConfig
-from ..model import DiffusionGemma
+from ..model import DiffusionGemma, attached_weights
+from ..onednn import ReorderedExperts
 from ..quantized import quantized_weights
 from ..tokenizer import Tokenizer
 
@@ -368,4 +369,8 @@ def model_fingerprint(model: DiffusionGemma) -> str:
     for name, weight in quantized_weights(model):  # kept quantised: not in the state dict
         digest.update(f"{name}{weight.shape}{weight.qtype}".encode())
         digest.update(weight.codes.reshape(-1)[:16].cpu().numpy().tobytes())
+    for name, weight in attached_weights(model, (ReorderedExperts,)):  # in oneDNN's layout: not in the state dict
+        first = weight.matrices[0].to_dense().view(-1)  # one expert's matrix given back, a few MB
+        digest.update(f"{name}{weight.shape}{weight.dtype}".encode())
+        digest.update(torch.cat([first[:8], first[-8:]]).float().numpy().tobytes())
     return digest.hexdigest()[:12]

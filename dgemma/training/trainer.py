@@ -307,7 +307,8 @@ class Trainer:
         if config.checkpoint:
             # A sharded run keeps the stored dtype (memory-mapped, shared by the ranks of a machine) and converts
             # to fp32 unit by unit as it shards; otherwise fp32 now.
-            model = load_checkpoint(config.checkpoint, dtype=None if self.dist.sharded else torch.float32)
+            model = load_checkpoint(config.checkpoint, dtype=None if self.dist.sharded else torch.float32,
+                                    decode=None)  # parameters to train, in no decoding layout
         else:
             if model_config.vocab_size != self.tokenizer.vocab_size:
                 raise ValueError(f"model vocab_size {model_config.vocab_size} differs from the tokenizer's "
