@@ -17,6 +17,8 @@ import ctypes.util
 import logging
 import os
 
+import torch
+
 log = logging.getLogger(__name__)
 
 # mallopt parameter numbers from glibc's <malloc.h>
@@ -44,6 +46,28 @@ def release_free_memory() -> None:
     if libc is not None:
         libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
         libc.malloc_trim(0)
+
+
+# madvise's advice (Linux, <sys/mman.h>): reclaim these pages, keeping their data (Linux 5.4 and later).
+_MADV_PAGEOUT = 21
+
+
+def page_out(tensor: torch.Tensor) -> bool:
+    """Ask the kernel to reclaim the pages of a CPU tensor that will not be read again (`madvise(MADV_PAGEOUT)`): a
+    weight that views a checkpoint's file mapping and has been replaced by a copy leaves the resident set instead of
+    staying there, read once, until memory runs short. The data are kept (a file's pages are read again if touched;
+    anonymous memory without swap stays), so the advice is safe on any tensor. Returns whether the kernel took it:
+    not off Linux or glibc, on kernels before 5.4, or for a tensor within one page."""
+    libc = _glibc()
+    if libc is None or tensor.device.type != "cpu":
+        return False
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = tensor.data_ptr()
+    first, last = -(-start // page) * page, (start + tensor.numel() * tensor.element_size()) // page * page
+    if last <= first:
+        return False
+    libc.madvise.argtypes, libc.madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return libc.madvise(first, last - first, _MADV_PAGEOUT) == 0
 
 
 def tune_allocator() -> bool:

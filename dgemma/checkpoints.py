@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .allocator import release_free_memory
+from .allocator import page_out, release_free_memory
 from .config import ModelConfig
 from .gguf import GGUFCheckpoint
 from .model import DiffusionGemma, Experts, attach, attached_weights
@@ -356,10 +356,10 @@ def _assign(model: DiffusionGemma, state: dict[str, torch.Tensor], device: str |
 
 def reorder_experts(model: DiffusionGemma) -> int:
     """Hold each large bf16 expert weight of a model on the CPU in oneDNN's blocked layout (`ReorderedExperts`, the
-    same bytes), for a canvas's few rows an expert (`dgemma.onednn`); the decoder's weight and the encoder's tied
-    one stay one object. Returns how many weights were reordered: none where this CPU's oneDNN has no bf16, or for
-    experts small, quantised, in another dtype or off the CPU. For a model loaded to decode, not to train: the
-    reordered weights are not parameters."""
+    same bytes, in the parameter's place), for a canvas's few rows an expert (`dgemma.onednn`); the decoder's weight
+    and the encoder's tied one stay one object. Returns how many weights were reordered: none where this CPU's
+    oneDNN has no bf16, nor experts small, quantised, in another dtype or off the CPU. For a model loaded to decode,
+    not to train: the reordered weights are not parameters."""
     if not onednn_available():
         return 0
     tied = tied_names(model)
@@ -375,6 +375,7 @@ def reorder_experts(model: DiffusionGemma) -> int:
                     and module.large):
                 continue
             held = ReorderedExperts.from_tensor(weight.detach(), rows)
+            page_out(weight)  # if it views the checkpoint's file, its pages (read once) leave the resident set
             name = f"{path}.{attr}"
             for target in [name, *(encoder for encoder, decoder in tied.items() if decoder == name)]:
                 attach(model, target, held)

@@ -1,42 +1,30 @@
-"""bf16 matrices kept in oneDNN's blocked layout, for the CPU products that multiply the same large matrix every step.
+"""bf16 experts kept in oneDNN's blocked layout, for a canvas's few rows an expert on the CPU.
 
 torch multiplies bf16 matrices on a CPU with oneDNN, which first reorders the weight operand into its blocked
-layout, on every call. For a matrix read once per call that reorder is a second pass over it: the fast sampler's
-self-conditioning product, a canvas's [256, V] weights times the [V, H] vocabulary matrix, measured 90.9 ms as
-`weights @ embedding` and 76.3 ms with the matrix reordered once (`torch.ops.mkldnn._reorder_linear_weight`, what
-Inductor does for a frozen model's weights) and multiplied with `torch.ops.mkldnn._linear_pointwise`, at V 262,144
-and H 512 on a 2-core AMD EPYC (Zen 5): the same oneDNN kernel, the same products and sums, and on the shapes
-measured the same bits (tests/test_onednn.py checks within a bf16 rounding, machine-independently).
+layout, on every call. A mixture of experts' matrices are multiplied by few rows each (a canvas's 256 tokens x 8 of
+128 experts: 16 rows an expert on average), where that reorder costs about as much as the product: on a 2-core AMD
+EPYC (Zen 5), one of the released model's experts' gate/up matrices (1,408 x 2,816) times 16 rows ran at 0.34
+TFLOP/s through F.linear and 0.57 reordered once (`torch.ops.mkldnn._reorder_linear_weight`, what Inductor does for
+a frozen model's weights) and multiplied with `torch.ops.mkldnn._linear_pointwise`; its down matrix (2,816 x 704)
+0.32 and 0.67. It is the same oneDNN kernel with the same products and sums: the results were the same bits on
+every shape measured (tests/test_onednn.py checks within a bf16 rounding, machine-independently).
 
-The reordered copy is held beside the matrix (the vocabulary matrix is also the embedding, whose rows a lookup reads
-in the plain layout) and costs its size again: 256 MiB at V 262,144 and H 512, 1.4 GiB for the released model's
-2,816. It is made at first use, for large vocabularies only (`LARGE_MATRIX`), and made again if the matrix changes in
-place (its version counter) or is freed and another takes its address. Its product allocates its result: kept for
-products whose result is small ([rows, H] here); a [rows, V] result allocated every step would pay page faults
-under glibc's default allocator (docs/performance.md), more than the reorder saves.
-
-A mixture of experts' matrices are multiplied by few rows each (a canvas's 256 tokens x 8 of 128 experts: 16 rows an
-expert on average), where the reorder costs as much as the product: one of the released model's experts' gate/up
-matrices (1,408 x 2,816) times 16 rows ran at 0.34 TFLOP/s through F.linear and 0.57 reordered, its down matrix
-0.32 and 0.67, the same bits. Large bf16 experts on a CPU are therefore held reordered instead of as parameters
-(`ReorderedExperts`, the same bytes), when a model is loaded for decoding (`dgemma.checkpoints.reorder_experts`).
+So large bf16 experts on a CPU are held reordered in the parameters' place (`ReorderedExperts`, the same bytes, the
+original's pages given back: `dgemma.allocator.page_out`) when a model is loaded to decode canvases
+(`dgemma.checkpoints.reorder_experts`). Not for anything else: a reordered copy beside the plain tensor would cost
+its size again (the vocabulary matrix, whose rows the embedding lookup reads in the plain layout, measured 15 % faster
+reordered in the sampler's self-conditioning product, 1.4 GiB more for the released model), and a product whose
+result is large ([rows, vocabulary]) allocates it anew on every call, which under glibc's default allocator costs
+page faults (docs/performance.md).
 """
 
 from __future__ import annotations
 
 import functools
-import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-# Matrices of at least this many values get a reordered copy: the vocabulary matrices of vocabularies from 16k on
-# (as the sampler's compiled digest) at the small configs' widths; the bundled model's (8,192 x 256) stays as it is.
-LARGE_MATRIX = 1 << 22
-
-# id(matrix) -> (a weak reference to the matrix, its version when reordered, the reordered copy of its transpose)
-_transposes: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
 
 
 @functools.cache
@@ -48,48 +36,22 @@ def available() -> bool:
     generator = torch.Generator().manual_seed(0)
     rows = torch.randn(16, 96, generator=generator).to(torch.bfloat16)
     weight = torch.randn(80, 96, generator=generator).to(torch.bfloat16)
-    expected = F.linear(rows, weight).float()
     try:
-        reordered = product(rows, torch.ops.mkldnn._reorder_linear_weight(weight, rows.shape[0])).float()
+        reordered = product(rows, reorder(weight, rows.shape[0])).float()
     except RuntimeError:
         return False
-    return bool(torch.allclose(reordered, expected, rtol=2**-7, atol=1e-3))
-
-
-def product(rows: torch.Tensor, reordered: torch.Tensor) -> torch.Tensor:
-    """rows [M, K] times the matrix whose reordered copy (of [N, K], as a linear layer's weight) this is: [M, N]."""
-    return torch.ops.mkldnn._linear_pointwise(rows, reordered, None, "none", [], "")
-
-
-def reordered_transpose(matrix: torch.Tensor, rows: int) -> torch.Tensor | None:
-    """The reordered copy of matrix.T, for `product(x, ...)` = x @ matrix, or None where the plain product is the
-    one to run: not a large bf16 matrix on the CPU, no oneDNN bf16 here, or gradients being recorded. `rows`: the
-    product's usual row count, oneDNN's hint for the layout (any count multiplies)."""
-    if not (isinstance(matrix, torch.Tensor) and matrix.device.type == "cpu" and matrix.dtype == torch.bfloat16
-            and matrix.dim() == 2 and matrix.numel() >= LARGE_MATRIX and not torch.is_grad_enabled()
-            and available()):
-        return None
-    key = id(matrix)
-    held = _transposes.get(key)
-    if held is not None and held[0]() is matrix and held[1] == matrix._version:
-        return held[2]
-    _transposes.pop(key, None)  # stale: freed before its callback ran, or changed in place
-    reordered = reorder(matrix.t(), rows)
-    reference = weakref.ref(matrix, lambda _, key=key: _forget(key))
-    _transposes[key] = (reference, matrix._version, reordered)
-    return reordered
-
-
-def _forget(key: int) -> None:
-    """Drop the copy of a matrix that has been freed (unless its address already holds a newer one's)."""
-    held = _transposes.get(key)
-    if held is not None and held[0]() is None:
-        del _transposes[key]
+    return bool(torch.allclose(reordered, F.linear(rows, weight).float(), rtol=2**-7, atol=1e-3))
 
 
 def reorder(matrix: torch.Tensor, rows: int) -> torch.Tensor:
-    """A bf16 matrix [N, K] (a linear layer's weight) in oneDNN's blocked layout for products of about `rows` rows."""
+    """A bf16 matrix [N, K] (a linear layer's weight) in oneDNN's blocked layout for products of about `rows` rows
+    (oneDNN's hint: any number multiplies)."""
     return torch.ops.mkldnn._reorder_linear_weight(matrix.contiguous(), rows)
+
+
+def product(rows: torch.Tensor, reordered: torch.Tensor) -> torch.Tensor:
+    """rows [M, K] times the matrix [N, K] whose reordered copy this is, transposed: [M, N], as F.linear."""
+    return torch.ops.mkldnn._linear_pointwise(rows, reordered, None, "none", [], "")
 
 
 @dataclass(eq=False)

@@ -37,7 +37,6 @@ from typing import Callable
 import torch
 
 from .compiling import compiling_allowed
-from .onednn import product as reordered_product, reordered_transpose
 
 
 @dataclass
@@ -328,7 +327,6 @@ def fast_step(hidden: torch.Tensor, head: torch.Tensor, embedding: torch.Tensor,
     maxima, digest = _kernel("maxima", block_maxima, large), _kernel("digest", digest_logits, large)
     outer, inner = max(1, matmul_elements // vocab), max(1, digest_elements // vocab)
     workspace = workspace or Workspace()
-    reordered = reordered_transpose(embedding, min(outer, n))  # oneDNN's layout of embedding.T, or None
     weights = workspace.take("weights", min(outer, n), vocab, head.dtype, hidden.device)
     if controls is not None:
         row_of = torch.arange(batch, device=hidden.device).repeat_interleave(length)  # batch row of each position
@@ -371,9 +369,7 @@ def fast_step(hidden: torch.Tensor, head: torch.Tensor, embedding: torch.Tensor,
             entropy[span] = (torch.log(total) - block_wx.sum(dim=-1, keepdim=True) / total).squeeze(1)
             sampled[span] = sample_from_blocks(part, block_w.double(), peak, inv_softcap, part_scale,
                                                uniforms[span], block)
-        step_weights = weights[:end - start].to(embedding.dtype)
-        summed = step_weights @ embedding if reordered is None else reordered_product(step_weights, reordered)
-        soft[start:end] = (summed.float() / totals).to(embedding.dtype)
+        soft[start:end] = ((weights[:end - start].to(embedding.dtype) @ embedding).float() / totals).to(embedding.dtype)
     return StepResult(sampled=sampled.view(batch, length), argmax=argmax.view(batch, length),
                       entropy=entropy.view(batch, length),
                       self_conditioning=(soft * embed_scale).view(batch, length, width))

@@ -1,5 +1,5 @@
-"""bf16 matrices in oneDNN's blocked layout (dgemma/onednn.py): the sampler's reordered vocabulary matrix and experts
-held reordered by a model loaded to decode compute what the plain tensors compute, and give the tensors back."""
+"""bf16 experts in oneDNN's blocked layout (dgemma/onednn.py): held reordered by a model loaded to decode, they compute
+what the plain tensors compute, give the tensors back, and leave no second copy resident."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import dgemma
 import dgemma.model
 from dgemma.checkpoints import to_checkpoint_names
 from dgemma.model import attached_weights
-from dgemma.onednn import LARGE_MATRIX, ReorderedExperts, available, reordered_transpose
-from dgemma.sampling import draw_uniforms, fast_step
+from dgemma.onednn import ReorderedExperts, available
 
 pytestmark = pytest.mark.skipif(not available(), reason="this CPU's oneDNN does not multiply bf16")
 
@@ -23,42 +22,6 @@ BF16 = dict(atol=1e-2, rtol=2**-7)
 
 def bf16(*shape: int, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
-
-
-@torch.no_grad()
-def test_the_vocabulary_matrix_reordered_once_gives_the_plain_product_and_follows_changes():
-    vocab, width = LARGE_MATRIX // 256, 256
-    embedding, weights = bf16(vocab, width, seed=0), bf16(32, vocab, seed=1).abs()
-    reordered = reordered_transpose(embedding, 32)
-    assert reordered is not None and reordered_transpose(embedding, 32) is reordered  # made once, then reused
-    torch.testing.assert_close(dgemma.onednn.product(weights, reordered).float(), (weights @ embedding).float(), **BF16)
-    embedding.mul_(-1)  # changed in place: the copy is made again
-    again = reordered_transpose(embedding, 32)
-    assert again is not reordered
-    torch.testing.assert_close(dgemma.onednn.product(weights, again).float(), (weights @ embedding).float(), **BF16)
-
-
-def test_only_large_bf16_matrices_without_gradients_are_reordered():
-    with torch.no_grad():
-        assert reordered_transpose(bf16(LARGE_MATRIX // 256 - 1, 256, seed=0), 16) is None  # small
-        assert reordered_transpose(torch.randn(LARGE_MATRIX // 256, 256), 16) is None  # fp32
-    assert reordered_transpose(bf16(LARGE_MATRIX // 256, 256, seed=0), 16) is None  # gradients recorded
-
-
-@torch.no_grad()
-def test_the_fast_step_with_a_reordered_vocabulary_matrix_computes_the_plain_step():
-    """fast_step reorders a large bf16 vocabulary matrix for its self-conditioning product; with the threshold
-    raised it takes the plain product: the same draws, argmax and entropy, and the same embeddings."""
-    vocab, width = LARGE_MATRIX // 256, 256
-    head, hidden = bf16(vocab, width, seed=2) * 0.1, bf16(1, 24, width, seed=3)
-    args = (hidden, head, head, torch.tensor(1.0), 30.0, torch.tensor(0.8), draw_uniforms(24, torch.Generator()))
-    reordered = fast_step(*args)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(dgemma.onednn, "LARGE_MATRIX", 1 << 62)
-        plain = fast_step(*args)
-    for name in ("sampled", "argmax", "entropy"):
-        assert torch.equal(getattr(reordered, name), getattr(plain, name)), name
-    torch.testing.assert_close(reordered.self_conditioning.float(), plain.self_conditioning.float(), **BF16)
 
 
 @torch.no_grad()
@@ -107,3 +70,29 @@ def test_a_model_loaded_to_decode_holds_large_bf16_experts_reordered(random_chec
     assert isinstance(gate_up, torch.nn.Parameter) and gate_up.dtype == torch.float32
     assert model.encoder.layers[0].experts.gate_up_proj is gate_up
     assert torch.equal(gate_up, plain.decoder.layers[0].experts.gate_up_proj.float())
+
+
+def test_page_out_gives_back_a_file_mappings_pages_and_keeps_every_tensors_data(tmp_path):
+    """A tensor viewing a file mapping, read once and paged out, leaves the resident set (what a checkpoint's expert
+    does once reordered); any tensor keeps its values."""
+    import mmap
+
+    from dgemma.allocator import page_out
+    from dgemma.bench_breakdown import resident_bytes
+
+    size = 64 * 2**20
+    path = tmp_path / "weights.bin"
+    values = torch.arange(size // 4, dtype=torch.int32)
+    path.write_bytes(values.numpy().tobytes())
+    with open(path, "rb") as handle:
+        mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+    mapped = torch.frombuffer(mapping, dtype=torch.int32)
+    assert torch.equal(mapped, values)  # every page read
+    before = resident_bytes()
+    if not page_out(mapped):
+        pytest.skip("this kernel does not take MADV_PAGEOUT")
+    assert before - resident_bytes() > size // 2
+    assert torch.equal(mapped, values)  # read again from the file
+    anonymous = values.clone()
+    assert page_out(anonymous) and torch.equal(anonymous, values)
+    del mapped
