@@ -151,8 +151,7 @@ def measure_machine(threads: int, repeat: int = 5, copy_bytes: int = 64 * 2**20)
     """bf16 matmul FLOP/s (a decoder-sized and a vocabulary-sized product) and memory copy bandwidth, here (of
     `copy_bytes`: make it larger than the last-level cache to time the memory itself). Each product's time is the
     faster of torch's and, where oneDNN multiplies bf16 here, of the product with its weight reordered once
-    (`dgemma.onednn`, which dgemma runs for the sampler's self-conditioning and for experts): a floor is set by the
-    fastest kernel at hand."""
+    (`dgemma.onednn`, as dgemma runs large bf16 experts): a floor is set by the fastest kernel at hand."""
     torch.set_num_threads(threads)
 
     def best(fn) -> float:

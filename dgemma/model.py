@@ -328,8 +328,9 @@ def _gathered_combination_kernel() -> Callable:
 def grouped_linear(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor,
                    per_expert: bool = False) -> torch.Tensor:
     """rows [S, in] grouped by expert (group e ends at ends[e]) times weight[e].T, [E, out, in] -> [S, out]. A
-    quantised weight (`dgemma.quantized.GroupQuantized`) is dequantised one expert at a time; one in a CPU int4
-    kernel's layout (`CpuInt4`) runs its experts through its own `grouped_linear` when no gradient is recorded.
+    quantised weight (`dgemma.quantized.GroupQuantized`) is dequantised one expert at a time; one in a CPU kernel's
+    layout (`CpuInt4`, `dgemma.onednn.ReorderedExperts`) runs its experts through its own `grouped_linear` when no
+    gradient is recorded.
     `per_expert`: a float weight takes one matmul per expert instead of grouped_mm (on a CPU, faster for large
     experts: see `LARGE_EXPERT`)."""
     if isinstance(weight, torch.Tensor) and not per_expert:

@@ -12,8 +12,8 @@ every shape measured (tests/test_onednn.py checks within a bf16 rounding, machin
 So large bf16 experts on a CPU are held reordered in the parameters' place (`ReorderedExperts`, the same bytes, the
 original's pages given back: `dgemma.allocator.page_out`) when a model is loaded to decode canvases
 (`dgemma.checkpoints.reorder_experts`). Not for anything else: a reordered copy beside the plain tensor would cost
-its size again (the vocabulary matrix, whose rows the embedding lookup reads in the plain layout, measured 15 % faster
-reordered in the sampler's self-conditioning product, 1.4 GiB more for the released model), and a product whose
+its size again (the vocabulary matrix, whose rows the embedding lookup reads in the plain layout, measured 15 to 18 %
+faster reordered in the sampler's self-conditioning product, 1.4 GiB more for the released model), and a product whose
 result is large ([rows, vocabulary]) allocates it anew on every call, which under glibc's default allocator costs
 page faults (docs/performance.md).
 """
