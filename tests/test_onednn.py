@@ -96,3 +96,25 @@ def test_page_out_gives_back_a_file_mappings_pages_and_keeps_every_tensors_data(
     anonymous = values.clone()
     assert page_out(anonymous) and torch.equal(anonymous, values)
     del mapped
+
+
+def test_generation_runs_through_reordered_experts_as_through_parameters(random_checkpoint, monkeypatch):
+    """A seeded generation (fast sampler, then speculative decoding) on a model holding its experts reordered writes
+    the tokens the same model writes with its experts as parameters: nothing in the engine reads the experts but the
+    products, and those give the same bits (the same oneDNN kernel)."""
+    from dgemma.generation import speculative_steps
+
+    monkeypatch.setattr(dgemma.model, "LARGE_EXPERT", 0)
+    path = random_checkpoint("moe_top3_bias")
+    models = [dgemma.load(path, dtype=torch.bfloat16, decode=decode) for decode in ("diffusion", None)]
+    assert any(attached_weights(models[0], (ReorderedExperts,)))
+    prompt = torch.randint(3, models[0].config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(7))
+    canvases, spoken = [], []
+    for model in models:
+        out = model.generate(prompt, max_new_tokens=24, max_denoising_steps=4, generator=torch.Generator().manual_seed(3))
+        canvases.append(out.sequences)
+        spoken.append(list(speculative_steps(model, prompt, 12, generator=torch.Generator().manual_seed(4),
+                                             draft=model.generation_config.updated(max_denoising_steps=4),
+                                             draft_generator=torch.Generator().manual_seed(5))))
+    assert torch.equal(canvases[0], canvases[1]) and canvases[0].shape[1] > prompt.shape[1]
+    assert spoken[0] == spoken[1] and len(spoken[0]) > 0
