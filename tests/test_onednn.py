@@ -111,7 +111,8 @@ def test_generation_runs_through_reordered_experts_as_through_parameters(random_
     prompt = torch.randint(3, models[0].config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(7))
     canvases, spoken = [], []
     for model in models:
-        out = model.generate(prompt, max_new_tokens=24, max_denoising_steps=4, generator=torch.Generator().manual_seed(3))
+        out = model.generate(prompt, max_new_tokens=24, max_denoising_steps=4,
+                             generator=torch.Generator().manual_seed(3))
         canvases.append(out.sequences)
         spoken.append(list(speculative_steps(model, prompt, 12, generator=torch.Generator().manual_seed(4),
                                              draft=model.generation_config.updated(max_denoising_steps=4),
