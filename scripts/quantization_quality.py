@@ -9,6 +9,8 @@ Per scheme, over the shipped held-out passages (24-word prompts, as `dgemma eval
   half its tokens replaced by noise), the same noise for every scheme;
 - tokens per forward with the checkpoint's own settings (adaptive stopping), two canvases per prompt, two seeds;
 - the weights' bytes against the float weights'.
+Two more rows hold the float weights in bf16, computed through the reference's kernels (and its sampler for tokens per
+forward) and through the fast path's: what bf16 itself costs, and what the fast path's CPU kernels add to it.
 The judge's gen-ppl of each scheme's samples is `dgemma eval quality --weights SCHEME` (docs/quantization.md).
 """
 
@@ -32,15 +34,16 @@ from dgemma.tokenizer import Tokenizer  # noqa: E402
 
 
 @torch.no_grad()
-def canvas_log_probs(model, prompt: list[int], canvas: torch.Tensor) -> torch.Tensor:
-    """log-softmax of the decoder's logits [L, V] for `canvas` after `prompt` (first pass: no self-conditioning)."""
+def canvas_log_probs(model, prompt: list[int], canvas: torch.Tensor, exact: bool = True) -> torch.Tensor:
+    """log-softmax of the decoder's logits [L, V] for `canvas` after `prompt` (first pass: no self-conditioning), in
+    fp32, through the reference's kernels or (exact=False) the fast path's."""
     ids = torch.tensor([prompt])
     cache = KVCache(model.config, 1, model.dtype, model.device, capacity=len(prompt) + canvas.numel())
     valid = torch.ones_like(ids, dtype=torch.bool)
-    model.encode(ids, cache.encoder_plan(model.rope, valid))
+    model.encode(ids, cache.encoder_plan(model.rope, valid), exact=exact)
     cache.commit(valid)
     plan = cache.decoder_plan(model.rope, 1, canvas.numel())
-    return model.logits(model.decode(canvas[None], plan))[0].log_softmax(-1)
+    return model.logits(model.decode(canvas[None], plan, exact=exact), exact=exact)[0].float().log_softmax(-1)
 
 
 def weight_bytes(model) -> int:
@@ -74,11 +77,11 @@ def main() -> int:
         canvases.append((prompt, uniform, half))
     expected = [(canvas_log_probs(reference, p, u), canvas_log_probs(reference, p, h)) for p, u, h in canvases]
 
-    def tokens_per_forward(model) -> float:
+    def tokens_per_forward(model, sampling: str = "fast") -> float:
         tokens = forwards = 0
         for seed in range(args.seeds):
             for prompt in prompts:
-                out = model.generate(torch.tensor([prompt]), max_new_tokens=2 * length,
+                out = model.generate(torch.tensor([prompt]), max_new_tokens=2 * length, sampling=sampling,
                                      generator=torch.Generator().manual_seed(seed))
                 tokens += 2 * length
                 forwards += int(out.decoder_forward_passes[0])
@@ -86,23 +89,28 @@ def main() -> int:
 
     rows = [{"scheme": "float (fp32)", "weight_bytes": weight_bytes(reference),
              "tokens_per_forward": tokens_per_forward(reference)}]
-    for scheme in SCHEMES:
-        model = dgemma.load(directory, dtype=torch.float32, quantize=scheme)
-        row = {"scheme": scheme, "weight_bytes": weight_bytes(model),
+    # Each scheme in fp32 through the reference's kernels; then bf16 weights and compute (no quantisation) through
+    # the reference's kernels and through the fast path's (its attention on a CPU: `attend_with_matmuls`).
+    variants = [(scheme, torch.float32, scheme, True) for scheme in SCHEMES]
+    variants += [("bf16, reference path", torch.bfloat16, None, True), ("bf16, fast path", torch.bfloat16, None, False)]
+    for name, dtype, scheme, exact in variants:
+        model = dgemma.load(directory, dtype=dtype, quantize=scheme)
+        row = {"scheme": name, "weight_bytes": weight_bytes(model),
                "types": sorted({w.qtype for _, w in quantized_weights(model)})}
         for step, index in (("first step", 0), ("half noised", 1)):
             kl, agree, count = 0.0, 0, 0
             for (prompt, uniform, half), truth in zip(canvases, expected):
-                ours = canvas_log_probs(model, prompt, (uniform, half)[index])
+                ours = canvas_log_probs(model, prompt, (uniform, half)[index], exact)
                 ref = truth[index]
                 kl += float((ref.exp() * (ref - ours)).sum())
                 agree += int((ref.argmax(-1) == ours.argmax(-1)).sum())
                 count += length
             row[f"kl {step}"] = kl / count
             row[f"argmax agreement {step}"] = agree / count
-        row["tokens_per_forward"] = tokens_per_forward(model)
+        row["tokens_per_forward"] = tokens_per_forward(model, "reference" if dtype != torch.float32 and exact
+                                                      else "fast")
         rows.append(row)
-        print(f"[quantization] {scheme}: done", file=sys.stderr, flush=True)
+        print(f"[quantization] {name}: done", file=sys.stderr, flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": str(directory), "passages": len(prompts), "seeds": args.seeds,

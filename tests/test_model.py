@@ -36,6 +36,39 @@ def test_rms_norm_gradients_match_the_reference_operations():
 
 
 @pytest.mark.parametrize("kv_heads", [4, 1])
+def test_many_query_attention_with_matmuls_is_sdpas_formula_and_rounds_only_scores_and_probabilities(kv_heads):
+    """`attend_with_matmuls` (a canvas's or prompt's attention off the reference path in bf16 or fp16 on a CPU): in
+    float64 it is SDPA's result (grouped query heads folded, the mask, a query that sees no key giving zeros); in
+    bf16 it stays within 0.02 of the float64 result of its bf16 inputs (scores and probabilities rounded to bf16);
+    attend takes it only for exact=False in bf16 / fp16, SDPA otherwise."""
+    from dgemma.model import attend, attend_with_matmuls
+
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, queries, keys, dim = 2, 8, 6, 37, 64
+    q = torch.randn(batch, heads, queries, dim, generator=generator) / 2
+    k = torch.randn(batch, kv_heads, keys, dim, generator=generator) / 2
+    v = torch.randn(batch, kv_heads, keys, dim, generator=generator)
+    mask = torch.rand(batch, 1, queries, keys, generator=generator) > 0.3
+    mask[1, 0, 3] = False  # a query that sees nothing
+    for m in (mask, None):
+        wide = [t.double() for t in (q, k, v)]
+        expected = torch.nn.functional.scaled_dot_product_attention(*wide, attn_mask=m, scale=1.0,
+                                                                    enable_gqa=kv_heads != heads)
+        torch.testing.assert_close(attend_with_matmuls(*wide, m), expected, rtol=1e-12, atol=1e-12)
+        low = [t.to(torch.bfloat16) for t in (q, k, v)]
+        truth = torch.nn.functional.scaled_dot_product_attention(*[t.double() for t in low], attn_mask=m, scale=1.0,
+                                                                 enable_gqa=kv_heads != heads)
+        out = attend(*low, m, exact=False)
+        assert out.dtype == torch.bfloat16 and torch.equal(out, attend_with_matmuls(*low, m))
+        torch.testing.assert_close(out.double(), truth, rtol=0, atol=0.02)
+        assert torch.equal(attend(*low, m), torch.nn.functional.scaled_dot_product_attention(
+            *low, attn_mask=m, scale=1.0, enable_gqa=kv_heads != heads))  # exact: SDPA itself
+    many = attend(q, k, v, mask, exact=False)  # fp32: SDPA, no faster another way
+    assert torch.equal(many, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0,
+                                                                              enable_gqa=kv_heads != heads))
+
+
+@pytest.mark.parametrize("kv_heads", [4, 1])
 def test_one_query_attention_is_sdpas_result_in_float32_and_the_float64_one_rounded_in_bf16(kv_heads):
     """`attend_one_query` (a token's attention off the reference path): fp32 equals SDPA to float32 rounding, grouped
     query heads and the mask included; bf16 is the float64 result rounded once (within half a bf16 unit, doubled)."""
