@@ -152,6 +152,11 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
                                           enable_gqa=keys.shape[1] != q.shape[1])
 
 
+# The most float32 scores `attend_with_matmuls` holds at once (16 MiB; SDPA holds none): a canvas's (16 heads x 256
+# queries x 512 keys of the released model, 2^21) in one go, a long prompt's a chunk of queries at a time.
+SCORE_VALUES = 1 << 22
+
+
 def attend_with_matmuls(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                         mask: torch.Tensor | None) -> torch.Tensor:
     """`attend` as transformers' eager attention computes it in q's dtype: scores rounded to it by their matmul,
@@ -164,6 +169,14 @@ def attend_with_matmuls(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     reference's kernels, where int4 weights cost 1.5e-3 (scripts/quantization_quality.py, docs/performance.md)."""
     batch, heads, queries, dim = q.shape
     kv_heads = keys.shape[1]
+    chunk = max(1, SCORE_VALUES // (batch * heads * keys.shape[-2]))
+    if queries > chunk:  # a long prompt: a chunk of queries at a time
+        out = torch.empty_like(q)
+        for first in range(0, queries, chunk):
+            part = slice(first, first + chunk)
+            rows = None if mask is None else mask[:, :, part]
+            out[:, :, part] = attend_with_matmuls(q[:, :, part], keys, values, rows)
+        return out
     folded = q.reshape(batch, kv_heads, heads // kv_heads * queries, dim)  # the query heads sharing a key head
     # [B, H_kv, H / H_kv * T, S], softmaxed in float32 at least
     scores = (folded @ keys.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32))

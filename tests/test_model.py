@@ -1,11 +1,13 @@
 """The network's choices of kernel that need no oracle: a faster kernel is used only where it computes exactly what
-the reference's own operations compute."""
+the reference's own operations compute, or (a canvas's attention off the reference path in bf16) what transformers'
+eager attention computes, within a stated bound."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+import dgemma.model
 from dgemma.model import rms_norm, rms_norm_as_reference
 
 
@@ -63,6 +65,11 @@ def test_many_query_attention_with_matmuls_is_sdpas_formula_and_rounds_only_scor
         torch.testing.assert_close(out.double(), truth, rtol=0, atol=0.02)
         assert torch.equal(attend(*low, m), torch.nn.functional.scaled_dot_product_attention(
             *low, attn_mask=m, scale=1.0, enable_gqa=kv_heads != heads))  # exact: SDPA itself
+    low = [t.to(torch.bfloat16) for t in (q, k, v)]
+    whole = attend_with_matmuls(*low, mask)
+    with pytest.MonkeyPatch.context() as patch:  # scores for 2 queries at a time (a long prompt's way)
+        patch.setattr(dgemma.model, "SCORE_VALUES", batch * heads * keys * 2)
+        torch.testing.assert_close(attend_with_matmuls(*low, mask).float(), whole.float(), rtol=2**-7, atol=1e-2)
     many = attend(q, k, v, mask, exact=False)  # fp32: SDPA, no faster another way
     assert torch.equal(many, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0,
                                                                               enable_gqa=kv_heads != heads))
