@@ -169,6 +169,7 @@ def attend_with_matmuls(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     reference's kernels, where int4 weights cost 1.5e-3 (scripts/quantization_quality.py, docs/performance.md)."""
     batch, heads, queries, dim = q.shape
     kv_heads = keys.shape[1]
+    groups = heads // kv_heads  # the query heads sharing a key head
     chunk = max(1, SCORE_VALUES // (batch * heads * keys.shape[-2]))
     if queries > chunk:  # a long prompt: a chunk of queries at a time
         out = torch.empty_like(q)
@@ -177,16 +178,15 @@ def attend_with_matmuls(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
             rows = None if mask is None else mask[:, :, part]
             out[:, :, part] = attend_with_matmuls(q[:, :, part], keys, values, rows)
         return out
-    folded = q.reshape(batch, kv_heads, heads // kv_heads * queries, dim)  # the query heads sharing a key head
+    folded = q.reshape(batch, kv_heads, groups * queries, dim)
     # [B, H_kv, H / H_kv * T, S], softmaxed in float32 at least
     scores = (folded @ keys.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32))
-    if mask is None:
-        return (scores.softmax(dim=-1).to(q.dtype) @ values).view(batch, heads, queries, dim)
-    groups = heads // kv_heads
-    scores = scores.view(batch, kv_heads, groups, queries, -1).masked_fill(~mask[:, :, None], float("-inf"))
-    out = (scores.view(batch, kv_heads, groups * queries, -1).softmax(dim=-1).to(q.dtype) @ values)
+    if mask is not None:  # [B, 1, T, S], the same for every head
+        scores = scores.view(batch, kv_heads, groups, queries, -1).masked_fill(~mask[:, :, None], float("-inf"))
+        scores = scores.view(batch, kv_heads, groups * queries, -1)
+    out = (scores.softmax(dim=-1).to(q.dtype) @ values).view(batch, heads, queries, dim)
     # A query that sees no key (a left pad's) gets zeros, as from SDPA, not the NaN of a softmax over -inf alone.
-    return torch.where(mask.any(dim=-1, keepdim=True), out.view(batch, heads, queries, dim), 0.0)
+    return out if mask is None else torch.where(mask.any(dim=-1, keepdim=True), out, 0.0)
 
 
 def attend_one_query(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
