@@ -18,9 +18,10 @@ Design choices:
   parts add up to the whole). Medians over `--repeat` calls after a warm-up call; with `--rounds N`, every form is
   measured N times, the forms interleaved in each round (a shared machine's drift then slows them alike), and the
   report holds the medians over rounds and each round's projected step and token.
-- Forms with 4-bit matrices (int4, int4_experts, q4_k_m) are measured once more loaded for autoregressive decoding
-  (`dgemma.load(decode="autoregressive")`, the layout `--decode autoregressive` gets: experts in torch's int4
-  kernel, faster at one row, slower at a canvas's share): prefill and tokens only. Their projected AR token is that
+- Forms with 4-bit matrices or Q8_0 experts (int8, int4, int4_experts, q4_k_m) are measured once more loaded for
+  autoregressive decoding (`dgemma.load(decode="autoregressive")`, the layout `--decode autoregressive` gets: on AMX
+  experts in torch's int4 kernel, faster at one row, slower at a canvas's share) where that layout differs
+  (`one_row_layout_forms`; not on the AVX-512 kernel, which takes them either way): prefill and tokens only. Their projected AR token is that
   run's; the canvas layout's is kept beside it (`ar_token_seconds_canvas_layout`), and the prompt's prefill in the
   token layout too.
 - `generate()` of one canvas with `--steps` fixed steps, by dgemma (each form) and by transformers (bf16), in their
@@ -49,7 +50,7 @@ from .bench import build_checkpoint, machine, measure_machine, named_config, spa
 
 FORMS = ("bf16", "int8", "int4", "int4_experts", "q4_k_m")
 SCHEME_OF_FORM = {"bf16": None, "int8": "int8", "int4": "int4", "int4_experts": "int4_experts", "q4_k_m": "q4_k_m"}
-# The forms holding 4-bit matrices or Q8_0 experts, whose layout on a CPU depends on the decoding they are loaded for.
+# The forms holding 4-bit matrices or Q8_0 experts, whose layout on a CPU may depend on the decoding they are loaded for.
 ONE_ROW_LAYOUT_FORMS = ("int8", "int4", "int4_experts", "q4_k_m")
 # The released model card's tokens per forward pass (../design: 15-20; vLLM runs 16 fixed steps per 256-token canvas)
 # and the bundled model's at its shipped settings (docs/quality.md), for the diffusion tok/s projections.
@@ -150,6 +151,15 @@ class LayerClock:
 
     def clear(self) -> None:
         self.calls.clear()
+
+
+def one_row_layout_forms() -> tuple[str, ...]:
+    """The forms whose layout on this CPU depends on the decoding they are loaded for (`dgemma.quantized.
+    cpu_int4_layout`): on the AVX-512 kernel none (it takes their matrices for one row as for many), else those
+    holding 4-bit matrices or Q8_0 experts."""
+    from .quantized import fast_int4_layout
+
+    return () if fast_int4_layout() == "avx512" else ONE_ROW_LAYOUT_FORMS
 
 
 def held_bytes(model) -> dict[str, int]:
@@ -375,7 +385,7 @@ def main_run(args: argparse.Namespace) -> dict:
                                     prompt=None, tune_allocator=False)
     fixed = {"max_denoising_steps": args.steps, "stability_threshold": None}
     systems = [(form, system) for form in forms for system in ("parts", "generate")]
-    systems += [(form, "tokens") for form in forms if form in ONE_ROW_LAYOUT_FORMS]
+    systems += [(form, "tokens") for form in forms if form in one_row_layout_forms()]
     if "transformers" not in args.skip.split(",") and "bf16" in forms:
         try:
             import transformers  # noqa: F401

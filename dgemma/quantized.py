@@ -54,6 +54,8 @@ from torch import nn
 
 from .amx_int4 import BLOCK_N as AMX_BLOCK_N, available as amx_int4_available, block_codes
 from .amx_int4 import calls as amx_int4_calls, matmul as amx_int4_matmul, product as amx_int4_product
+from .avx512_int4 import BLOCK_N as AVX512_BLOCK_N, available as avx512_int4_available
+from .avx512_int4 import grouped as avx512_int4_grouped, matmul as avx512_int4_matmul, pack as avx512_pack
 from .compiling import SUM_CHUNK, compiled_under_own_name, compiling_allowed
 from .model import attached_weights
 
@@ -523,7 +525,7 @@ def _mix(weights: torch.Tensor, matrix: GroupQuantized) -> torch.Tensor:
     return total.to(weights.dtype)
 
 
-# ---- CPU int4 kernels, for experts and (on AMX) every 4-bit matrix reached through F.linear --------------------------
+# ---- CPU int4 kernels, for experts and (on AMX or AVX-512 BF16) every 4-bit matrix reached through F.linear -------
 # An expert sees few rows per step (a 256-token canvas routes 2,048 (token, expert) pairs over the released model's
 # 128 experts: 16 rows each; an autoregressive token, one), so an expert matmul is bound by reading its weight, and a
 # dequantised tile costs far more than the matmul it feeds. An int4 kernel reads the packed codes directly. Measured
@@ -531,52 +533,62 @@ def _mix(weights: torch.Tensor, matrix: GroupQuantized) -> torch.Tensor:
 # weights read from memory): 16 rows 0.43 ms on the AMX kernel and 0.82 ms in torch's eager one against 0.53 ms in
 # bf16 and 3.3 ms dequantising a tile; one row 0.42 ms (AMX), 0.14 ms (eager) and 0.50 ms (bf16). For a canvas's 256
 # rows (attention, dense MLP) the AMX kernel takes 1.1 to 1.2 times bf16's time, tiles 3.3 to 4.3 times and the
-# eager kernel 9 times: so on AMX every 4-bit matrix takes its kernel, elsewhere only experts take the eager one
-# (docs/quantization.md).
+# eager kernel 9 times (docs/quantization.md). Without AMX, dgemma's AVX-512 BF16 kernel (dgemma.avx512_int4) runs
+# a released expert at 16 rows 1.6 to 1.8 times as fast as bf16 and 2.5 times torch's eager kernel, one row 1.4 to
+# 1.7 times the eager kernel, a canvas's 256 rows as fast as bf16 and 1.5 to 1.7 times tiles (a 2-core AMD EPYC,
+# Zen 5). So every 4-bit matrix takes the fast kernel where there is one, and elsewhere only experts take the eager
+# one.
 
 def is_expert(name: str) -> bool:
     """Whether a tensor (by checkpoint or module name) is one of the experts' stacked matrices."""
     return ".experts." in name
 
 
+def fast_int4_layout() -> str | None:
+    """The layout of this CPU's fast int4 kernel: "amx" (Inductor's AMX template, dgemma.amx_int4), else "avx512"
+    (dgemma.avx512_int4, on AVX-512 BF16), else None (torch's eager kernel alone)."""
+    if amx_int4_available():
+        return "amx"
+    return "avx512" if avx512_int4_available() else None
+
+
 def cpu_int4_layout(name: str, weight: GroupQuantized, device: torch.device | str, linear_only: bool,
                     one_row: bool = False) -> str | None:
     """The layout (`CpuInt4`) of the CPU int4 kernel a matrix computed in bf16 on the CPU runs through, or None for
     tiles. It needs 4-bit codes in groups of 32 (Q4_0, Q4_1, Q4_K) and a matrix the network reaches only through
-    F.linear (`linear_only`: an nn.Linear's weight, not the head the sampler reads; experts always). With the AMX
-    kernel (amx_int4_available()) every such matrix whose rows are a multiple of 32: faster than tiles at any number
-    of rows. Without it, experts with rows a multiple of 16, in torch's eager kernel: faster than tiles at an
-    expert's few rows, slower at a canvas's 256 (docs/quantization.md); and the other matrices with such rows in the
-    eager kernel's layout for single rows, their tiles kept for more rows (`keeps_tiles`).
+    F.linear (`linear_only`: an nn.Linear's weight, not the head the sampler reads; experts always). With a fast
+    kernel (`fast_int4_layout`: AMX, or AVX-512 BF16) every such matrix whose rows are a multiple of 32: faster than
+    tiles at any number of rows. Without one, experts with rows a multiple of 16, in torch's eager kernel: faster
+    than tiles at an expert's few rows, slower at a canvas's 256 (docs/quantization.md); and the other matrices with
+    such rows in the eager kernel's layout for single rows, their tiles kept for more rows (`keeps_tiles`).
 
     Q8_0 experts also take a layout, as two 4-bit halves (`CpuInt4`, `halves`): twice the 4-bit work, which at an
     expert's 16 rows on the AMX kernel still takes 0.63 to 0.71 of the time of its tiles, and at one row in the eager
     kernel 0.47 to 0.56 of the time of the one-row pass over its bytes (`scripts/quantized_matmul.py`). At a
-    canvas's 256 rows tiles are faster (the AMX kernel dequantises twice the codes per block of rows), so Q8_0
-    matrices other than experts stay tiles; so do Q8_0 experts loaded for diffusion without AMX (the eager kernel
+    canvas's 256 rows tiles are faster (the kernel dequantises twice the codes per block of rows), so Q8_0 matrices
+    other than experts stay tiles; so do Q8_0 experts loaded for diffusion without a fast kernel (the eager kernel
     at 16 rows: 1.1 to 1.2 times the tiles' time).
 
     `one_row`: the model is loaded for autoregressive decoding, where all but the prompt's products are one token's
-    row. Then experts take torch's eager kernel, on any CPU: at one row it is 2.3 to 3.9 times faster than the AMX
-    kernel (which pads the row to two and dequantises the whole matrix either way), at an expert's share of a
-    prompt (16 rows) 1.9 times slower. The other matrices keep the AMX kernel where there is one (with a copy in the
-    eager kernel's layout for single rows: `keeps_one_row_copy`), and take the eager kernel without it (tiles are
-    19 to 30 times slower for one row), keeping no tiles."""
+    row. On AMX experts then take torch's eager kernel: at one row it is 2.3 to 3.9 times faster than the AMX kernel
+    (which pads the row to two and dequantises the whole matrix either way), at an expert's share of a prompt (16
+    rows) 1.9 times slower; the other matrices keep the AMX kernel (with a copy in the eager kernel's layout for
+    single rows: `keeps_one_row_copy`). The AVX-512 kernel is the faster one at one row as at many. Without a fast
+    kernel the eager one takes them all (tiles are 19 to 30 times slower for one row), keeping no tiles."""
     if not (weight.bits in (4, 8) and weight.group == 32 and weight.dtype == torch.bfloat16
             and torch.device(device).type == "cpu" and (linear_only or is_expert(name))):
         return None
     rows = weight.shape[-2]
+    fast = fast_int4_layout()
+    if fast and (rows % {"amx": AMX_BLOCK_N, "avx512": AVX512_BLOCK_N}[fast]
+                 or (one_row and fast == "amx" and is_expert(name))):  # at one row torch's eager kernel is faster
+        fast = None
+    eager = "int4pack" if rows % 16 == 0 else None
     if weight.bits == 8:
         if not is_expert(name):
             return None
-        if one_row:
-            return "int4pack" if rows % 16 == 0 else None
-        return "amx" if rows % AMX_BLOCK_N == 0 and amx_int4_available() else None
-    if one_row and is_expert(name):
-        return "int4pack" if rows % 16 == 0 else None
-    if rows % AMX_BLOCK_N == 0 and amx_int4_available():
-        return "amx"
-    return "int4pack" if rows % 16 == 0 else None
+        return fast or (eager if one_row else None)
+    return fast or eager
 
 
 def keeps_one_row_copy(name: str, layout: str | None) -> bool:
@@ -589,13 +601,20 @@ def keeps_one_row_copy(name: str, layout: str | None) -> bool:
 
 def keeps_tiles(name: str, layout: str | None, one_row: bool) -> bool:
     """Whether a 4-bit matrix in torch's eager int4 layout also keeps its codes as they came (GroupQuantized), for more
-    than one row: the matrices other than experts without AMX, loaded for diffusion. A canvas's 256 rows are faster
-    in dequantised tiles than in the eager kernel, one token's row 19 to 30 times slower (a released layer's token,
-    `int4` loaded for diffusion: 14 / 15 ms with tiles alone, docs/cpu.md). Under `int4` these are the dense MLP and
-    the self-conditioning block (the dense MLP is 2 % of a released layer's weights; attention is 8-bit there), under
-    `q4_k_m` also attention's q, k and o (5 %): the second copy cost 0.32 GiB of the released `int4` form's 15.9.
+    than one row: the matrices other than experts without a fast kernel (`fast_int4_layout`), loaded for diffusion.
+    A canvas's 256 rows are faster in dequantised tiles than in the eager kernel, one token's row 19 to 30 times
+    slower (a released layer's token, `int4` loaded for diffusion: 14 / 15 ms with tiles alone, docs/cpu.md). Under
+    `int4` these are the dense MLP and the self-conditioning block (the dense MLP is 2 % of a released layer's
+    weights; attention is 8-bit there), under `q4_k_m` also attention's q, k and o (5 %): the second copy cost 0.32
+    GiB of the released `int4` form's 15.9.
     Loaded for autoregressive decoding, they keep the eager layout alone."""
     return layout == "int4pack" and not is_expert(name) and not one_row
+
+
+# How each layout packs a matrix's 4-bit codes [N, K] (int32, 0..15) into uint8 [N, K // 2].
+PACKERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "amx": block_codes, "avx512": avx512_pack,
+    "int4pack": lambda codes: torch._convert_weight_to_int4pack_for_cpu(codes, 1)}
 
 
 @dataclass(eq=False)
@@ -606,8 +625,9 @@ class CpuInt4:
     in float32 and rounded once to bf16: the one rounding of the repack (relative 2^-9 of the scale and of the zero,
     about 1/64 of a quantisation step for Q4_K's zero). Computes in bf16.
 
-    Two kernels, two layouts (`cpu_int4_layout` chooses): "amx", Inductor's AMX template (dgemma.amx_int4), and
-    "int4pack", torch's eager kernel, packed by `torch._convert_weight_to_int4pack_for_cpu`. Beside the amx layout
+    Three kernels, three layouts (`cpu_int4_layout` chooses): "amx", Inductor's AMX template (dgemma.amx_int4),
+    "avx512", dgemma's AVX-512 BF16 kernel (dgemma.avx512_int4), and "int4pack", torch's eager kernel, packed by
+    `torch._convert_weight_to_int4pack_for_cpu`. Beside the amx layout
     the codes may also be kept in the int4pack one (`one_row_codes`): a single row then takes the eager kernel,
     faster for one row (the two kernels share the scales and zeros). Beside the int4pack layout the GroupQuantized
     weight it came from may be kept (`tiles`): more than one row then takes its dequantised tiles (`keeps_tiles`).
@@ -622,7 +642,7 @@ class CpuInt4:
     scales_and_zeros: torch.Tensor  # bf16 [..., K // 32, N, 2] (of 2K with `halves`)
     shape: tuple[int, ...]
     qtype: str
-    layout: str  # "amx" or "int4pack"
+    layout: str  # "amx", "avx512" or "int4pack"
     one_row_codes: torch.Tensor | None = None  # uint8 [..., N, K // 2] in the int4pack layout, beside amx codes
     tiles: GroupQuantized | None = None  # the weight as it came, for more than one row, beside int4pack codes
     halves: bool = False  # 8-bit codes as two 4-bit halves: codes [..., N, K], scales and zeros [..., 2K // 32, N, 2]
@@ -633,12 +653,12 @@ class CpuInt4:
     def from_grouped(cls, weight: GroupQuantized, layout: str, one_row_copy: bool = False,
                      keep_tiles: bool = False) -> CpuInt4:
         """The same codes repacked (one leading entry, e.g. one expert, at a time: the kernels pack 2-D weights),
-        in `layout` ("amx" or "int4pack", as `cpu_int4_layout` chooses), and with `one_row_copy` (amx only) also
-        in the int4pack layout for single rows (`keeps_one_row_copy`); with `keep_tiles` (int4pack, 4-bit only)
-        `weight` itself is kept for more than one row (`keeps_tiles`)."""
+        in `layout` ("amx", "avx512" or "int4pack", as `cpu_int4_layout` chooses), and with `one_row_copy` (amx
+        only) also in the int4pack layout for single rows (`keeps_one_row_copy`); with `keep_tiles` (int4pack,
+        4-bit only) `weight` itself is kept for more than one row (`keeps_tiles`)."""
         *lead, n, k = weight.shape
-        if layout not in ("amx", "int4pack"):
-            raise ValueError(f"layout must be 'amx' or 'int4pack', not {layout!r}")
+        if layout not in PACKERS:
+            raise ValueError(f"layout must be one of {', '.join(map(repr, PACKERS))}, not {layout!r}")
         if one_row_copy and layout != "amx":
             raise ValueError("a copy for single rows is kept beside the amx layout only (int4pack is that copy)")
         if keep_tiles and (layout != "int4pack" or weight.bits != 4):
@@ -665,8 +685,7 @@ class CpuInt4:
             else:
                 unpacked = torch.stack((codes[entry] & 0x0F, codes[entry] >> 4), dim=-1).reshape(n, k).to(torch.int32)
                 scales, zeros = scale[entry], (8 - weight.zero_code) * scale[entry] + added
-            packed[entry] = (block_codes(unpacked) if layout == "amx"
-                             else torch._convert_weight_to_int4pack_for_cpu(unpacked, 1))
+            packed[entry] = PACKERS[layout](unpacked)
             if one_row is not None:
                 one_row[entry] = torch._convert_weight_to_int4pack_for_cpu(unpacked, 1)
             scales_and_zeros[entry] = torch.stack((scales, zeros), dim=-1).transpose(0, 1)
@@ -706,6 +725,8 @@ class CpuInt4:
             out = torch._weight_int4pack_mm_for_cpu(flat, weight.one_row_codes, cls.GROUP, weight.scales_and_zeros)
         elif weight.layout == "amx":
             out = amx_int4_matmul(flat, weight.codes, weight.scales_and_zeros)
+        elif weight.layout == "avx512":
+            out = avx512_int4_matmul(flat, weight.codes, weight.scales_and_zeros)
         else:
             out = torch._weight_int4pack_mm_for_cpu(flat, weight.codes, cls.GROUP, weight.scales_and_zeros)
         out = out.view(*x.shape[:-1], weight.shape[-2])
@@ -728,6 +749,8 @@ class CpuInt4:
         if self.one_row_codes is not None or self.tiles is not None:  # experts keep one layout (keeps_one_row_copy)
             raise ValueError("CpuInt4.grouped_linear takes experts, which keep no second copy")
         flat = self._kernel_rows(rows)
+        if self.layout == "avx512":  # every expert in one call
+            return avx512_int4_grouped(flat, self.codes, self.scales_and_zeros, ends)
         out = flat.new_empty(flat.shape[0], self.shape[-2])
         amx = self.layout == "amx"
         begin = 0

@@ -9,11 +9,10 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from dgemma.bench import build_checkpoint, named_config
-from dgemma import amx_int4
 from dgemma.bench_breakdown import (FORMS, ONE_ROW_LAYOUT_FORMS, SCHEME_OF_FORM, floors, measure_parts, median_of,
-                                    project, random_blocks, weights_file)
+                                    one_row_layout_forms, project, random_blocks, weights_file)
 from dgemma.gguf import read_gguf
-from dgemma.quantized import CpuInt4, quantized_weights
+from dgemma.quantized import CpuInt4, fast_int4_layout, quantized_weights
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q6_K"])
@@ -42,11 +41,12 @@ def test_parts_of_a_kept_quantised_slice_add_up(tmp_path):
     assert set(held) == {"rest", "layer0", "layer1", "layer0.experts", "layer1.experts"}
     # (resident_bytes is measured in the worker's fresh process; here, inside pytest's, it means nothing)
     # Loaded for autoregressive decoding: the prompt and the tokens only, in the one-row layout, the same bytes held
-    # but for the tiles a load for diffusion keeps beside torch's layout without AMX (the layers' dense matrices)
+    # but for the tiles a load for diffusion keeps beside torch's layout without a fast kernel (the layers' dense
+    # matrices)
     tokens = measure_parts(path, threads=1, prompt_length=8, repeat=1, ar_tokens=2, seed=0, decode="autoregressive")
     assert "decoder_seconds" not in tokens and "sampler_seconds" not in tokens
     assert len(tokens["ar_layers"]) == 2 and sum(tokens["ar_layers"]) <= tokens["ar_token_seconds"]
-    if amx_int4.available():
+    if fast_int4_layout():
         assert tokens["held_bytes"] == held
     else:
         assert all(tokens["held_bytes"][place] == held[place] for place in ("layer0.experts", "layer1.experts"))
@@ -59,22 +59,23 @@ def test_load_keeps_the_slices_four_bit_matrices_in_a_cpu_int4_kernels_layout(tm
     model = dgemma.load(weights_file(build_checkpoint("tiny", None, 16, tmp_path / "tiny", layers=2), "int4"))
     weights = dict(quantized_weights(model))
     assert all(isinstance(weights[name], CpuInt4) for name in weights if ".experts." in name)
-    # The dense MLP and self-conditioning (Q4_0 here) join them: on the AMX kernel, which beats tiles at any number
-    # of rows, or without it in torch's kernel for one row, their tiles kept for more; the 8-bit embedding, attention
-    # and router stay tiles.
+    # The dense MLP and self-conditioning (Q4_0 here) join them: on a fast kernel (AMX, AVX-512 BF16), which beats
+    # tiles at any number of rows, or without one in torch's kernel for one row, their tiles kept for more; the 8-bit
+    # embedding, attention and router stay tiles.
     on_kernel = {name for name, weight in weights.items() if isinstance(weight, CpuInt4)}
     four_bit = {name for name, weight in weights.items() if weight.qtype == "Q4_0"}
     assert on_kernel == four_bit
     assert {".experts.", ".mlp.", "self_conditioning."} <= {
         part for name in four_bit for part in (".experts.", ".mlp.", "self_conditioning.") if part in name}
-    amx = amx_int4.available()
-    assert all((weights[name].tiles is not None) == (not amx and ".experts." not in name) for name in four_bit)
+    fast = fast_int4_layout()
+    assert all((weights[name].tiles is not None) == (not fast and ".experts." not in name) for name in four_bit)
 
 
 def test_the_forms_measured_loaded_for_tokens_are_those_whose_layout_depends_on_the_load(tmp_path):
     """A form whose weights the load for autoregressive decoding lays out differently gets its own token worker: on
-    AMX, every form with 4-bit matrices or Q8_0 experts (`int8`'s experts run as 4-bit halves); without AMX, a subset
-    (there 4-bit experts take torch's kernel either way)."""
+    AMX, every form with 4-bit matrices or Q8_0 experts (`int8`'s experts run as 4-bit halves); on the AVX-512 kernel
+    none (it takes every such matrix either way); without a fast kernel, a subset (there 4-bit experts take torch's
+    kernel either way)."""
     import dgemma
 
     checkpoint = build_checkpoint("tiny", None, 16, tmp_path / "tiny", layers=2)
@@ -89,11 +90,14 @@ def test_the_forms_measured_loaded_for_tokens_are_those_whose_layout_depends_on_
         path = weights_file(checkpoint, SCHEME_OF_FORM[form]) if SCHEME_OF_FORM[form] else checkpoint
         if layouts(path, "diffusion") != layouts(path, "autoregressive"):
             depends.add(form)
-    assert depends <= set(ONE_ROW_LAYOUT_FORMS)
-    if amx_int4.available():
+    assert depends <= set(one_row_layout_forms()) <= set(ONE_ROW_LAYOUT_FORMS)
+    fast = fast_int4_layout()
+    if fast == "amx":
         assert depends == set(ONE_ROW_LAYOUT_FORMS)
-    # Q8_0 experts in the eager kernel; 4-bit linear matrices leave AMX, or without it their tiles kept for many rows
-    assert {"int8", "int4"} <= depends
+    if fast == "avx512":
+        assert not depends
+    else:  # Q8_0 experts in the eager kernel; 4-bit linear matrices leave AMX, or without it keep tiles for many rows
+        assert {"int8", "int4"} <= depends
 
 
 def test_a_one_layer_slice_is_refused_by_name(tmp_path, capsys):

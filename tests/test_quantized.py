@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
 import dgemma.quantized
-from dgemma import amx_int4
+from dgemma import amx_int4, avx512_int4
 from dgemma.compiling import SUM_CHUNK
 from dgemma.gguf import quantize_blocks
 from dgemma.quantized import CpuInt4, GroupQuantized
@@ -178,7 +178,9 @@ def test_mismatched_bytes_or_shape_raise_value_error() -> None:
 needs_amx = pytest.mark.skipif(not torch.cpu._is_amx_tile_supported() or os.environ.get("DGEMMA_COMPILE") == "0",
                                reason="no AMX on this CPU, or compiling turned off")
 needs_compiling = pytest.mark.skipif(os.environ.get("DGEMMA_COMPILE") == "0", reason="compiling turned off")
-LAYOUTS = ["int4pack", pytest.param("amx", marks=needs_amx)]
+needs_avx512 = pytest.mark.skipif(not avx512_int4.available(),
+                                  reason="no AVX-512 BF16 kernel here (no such CPU, AMX instead, or compiling off)")
+LAYOUTS = ["int4pack", pytest.param("amx", marks=needs_amx), pytest.param("avx512", marks=needs_avx512)]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -317,53 +319,69 @@ def test_the_few_row_kernel_takes_only_what_it_computes_faster_and_without_a_bac
     assert not takes(torch.randn(1, 1024).to(torch.bfloat16), q4)  # nibbles: measured slower than tiles
 
 
-def test_cpu_int4_layout_takes_amx_where_it_applies_and_otherwise_torchs_kernel(monkeypatch) -> None:
+@pytest.mark.parametrize("fast", ["amx", "avx512", None])
+def test_cpu_int4_layout_takes_the_fast_kernel_where_it_applies_and_otherwise_torchs(fast, monkeypatch) -> None:
     def q4(rows: int, dtype: torch.dtype = torch.bfloat16) -> GroupQuantized:
         return GroupQuantized.quantize(torch.randn(rows, 256), "Q4_0").to(dtype=dtype)
 
     layout = dgemma.quantized.cpu_int4_layout
     expert, linear = "decoder.layers.0.experts.down_proj", "decoder.layers.0.mlp.up_proj.weight"
-    for amx in (True, False):
-        monkeypatch.setattr(dgemma.quantized, "amx_int4_available", lambda: amx)
-        # Loaded for diffusion: the other matrices in torch's kernel keep their tiles for many rows (keeps_tiles)
-        assert layout(expert, q4(64), "cpu", linear_only=False) == ("amx" if amx else "int4pack")
-        assert layout(linear, q4(64), "cpu", linear_only=True) == ("amx" if amx else "int4pack")
-        for name, linear_only in ((expert, False), (linear, True)):
-            assert layout(name, q4(48), "cpu", linear_only=linear_only) == "int4pack"  # rows not in 32s
-            assert layout(name, q4(40), "cpu", linear_only=linear_only) is None  # rows not in 16s
-        # the embedding (also the head) is read by more than F.linear; fp32 is the parity path: tiles, exact
-        assert layout("decoder.embed_tokens.weight", q4(64), "cpu", linear_only=False) is None
-        assert layout(expert, q4(64, torch.float32), "cpu", linear_only=False) is None
-        # Loaded for one row at a time (autoregressive decoding): experts in torch's kernel on any CPU; the other
-        # matrices on AMX where there is one (with a copy for single rows), else in torch's kernel, never tiles.
-        assert layout(expert, q4(64), "cpu", linear_only=False, one_row=True) == "int4pack"
-        assert layout(linear, q4(64), "cpu", linear_only=True, one_row=True) == ("amx" if amx else "int4pack")
-        for name, linear_only in ((expert, False), (linear, True)):
-            assert layout(name, q4(48), "cpu", linear_only=linear_only, one_row=True) == "int4pack"
-            assert layout(name, q4(40), "cpu", linear_only=linear_only, one_row=True) is None  # rows not in 16s
-        assert layout("decoder.embed_tokens.weight", q4(64), "cpu", linear_only=False, one_row=True) is None
-        assert layout(expert, q4(64, torch.float32), "cpu", linear_only=False, one_row=True) is None
-    # Q8_0: experts as two 4-bit halves on AMX, or in torch's kernel when loaded for one row (faster than the
-    # one-pass product over its bytes); in torch's kernel at an expert's 16 rows, and on AMX at a canvas's 256, tiles
-    # are faster, so the other Q8_0 matrices and, without AMX, Q8_0 experts loaded for diffusion stay tiles.
+    monkeypatch.setattr(dgemma.quantized, "fast_int4_layout", lambda: fast)
+    # Loaded for diffusion: the other matrices in torch's kernel keep their tiles for many rows (keeps_tiles)
+    assert layout(expert, q4(64), "cpu", linear_only=False) == (fast or "int4pack")
+    assert layout(linear, q4(64), "cpu", linear_only=True) == (fast or "int4pack")
+    for name, linear_only in ((expert, False), (linear, True)):
+        assert layout(name, q4(48), "cpu", linear_only=linear_only) == "int4pack"  # rows not in 32s
+        assert layout(name, q4(40), "cpu", linear_only=linear_only) is None  # rows not in 16s
+    # the embedding (also the head) is read by more than F.linear; fp32 is the parity path: tiles, exact
+    assert layout("decoder.embed_tokens.weight", q4(64), "cpu", linear_only=False) is None
+    assert layout(expert, q4(64, torch.float32), "cpu", linear_only=False) is None
+    # Loaded for one row at a time (autoregressive decoding): experts in torch's kernel on AMX (whose kernel pads a
+    # row to two), in the AVX-512 kernel where that is the fast one; the other matrices in the fast kernel (on AMX
+    # with a copy for single rows), else in torch's kernel, never tiles.
+    assert layout(expert, q4(64), "cpu", linear_only=False, one_row=True) == ("avx512" if fast == "avx512"
+                                                                             else "int4pack")
+    assert layout(linear, q4(64), "cpu", linear_only=True, one_row=True) == (fast or "int4pack")
+    for name, linear_only in ((expert, False), (linear, True)):
+        assert layout(name, q4(48), "cpu", linear_only=linear_only, one_row=True) == "int4pack"
+        assert layout(name, q4(40), "cpu", linear_only=linear_only, one_row=True) is None  # rows not in 16s
+    assert layout("decoder.embed_tokens.weight", q4(64), "cpu", linear_only=False, one_row=True) is None
+    assert layout(expert, q4(64, torch.float32), "cpu", linear_only=False, one_row=True) is None
+
+    # Q8_0: experts as two 4-bit halves in the fast kernel, or in torch's kernel when loaded for one row on AMX or
+    # without a fast kernel (faster than the one-pass product over its bytes); in torch's kernel at an expert's 16
+    # rows, and in a fast kernel at a canvas's 256, tiles are faster, so the other Q8_0 matrices and, without a fast
+    # kernel, Q8_0 experts loaded for diffusion stay tiles.
     def q8(rows: int) -> GroupQuantized:
         return GroupQuantized.quantize(torch.randn(rows, 256), "Q8_0").to(dtype=torch.bfloat16)
 
-    for amx in (True, False):
+    assert layout(expert, q8(64), "cpu", linear_only=False) == fast
+    assert layout(expert, q8(64), "cpu", linear_only=False, one_row=True) == ("avx512" if fast == "avx512"
+                                                                             else "int4pack")
+    assert layout(expert, q8(48), "cpu", linear_only=False) is None  # rows not in 32s
+    assert layout(expert, q8(48), "cpu", linear_only=False, one_row=True) == "int4pack"
+    for one_row in (False, True):
+        assert layout(linear, q8(64), "cpu", linear_only=True, one_row=one_row) is None
+        assert layout(expert, q8(40), "cpu", linear_only=False, one_row=one_row) is None
+
+
+def test_the_fast_int4_kernel_is_amx_where_there_is_one_then_avx512(monkeypatch) -> None:
+    for amx, avx512, fast in ((True, True, "amx"), (True, False, "amx"), (False, True, "avx512"),
+                              (False, False, None)):
         monkeypatch.setattr(dgemma.quantized, "amx_int4_available", lambda: amx)
-        assert layout(expert, q8(64), "cpu", linear_only=False) == ("amx" if amx else None)
-        assert layout(expert, q8(64), "cpu", linear_only=False, one_row=True) == "int4pack"
-        assert layout(expert, q8(48), "cpu", linear_only=False) is None  # rows not in 32s
-        assert layout(expert, q8(48), "cpu", linear_only=False, one_row=True) == "int4pack"
-        for one_row in (False, True):
-            assert layout(linear, q8(64), "cpu", linear_only=True, one_row=one_row) is None
-            assert layout(expert, q8(40), "cpu", linear_only=False, one_row=one_row) is None
+        monkeypatch.setattr(dgemma.quantized, "avx512_int4_available", lambda: avx512)
+        assert dgemma.quantized.fast_int4_layout() == fast
+
+
+def test_cpu_int4_layouts_refuse_what_they_cannot_hold() -> None:
+    expert, linear = "decoder.layers.0.experts.down_proj", "decoder.layers.0.mlp.up_proj.weight"
     with pytest.raises(ValueError, match="4- or 8-bit codes in groups of 32, not Q6_K's 6-bit codes in groups of 16"):
         CpuInt4.from_grouped(GroupQuantized.quantize(torch.randn(32, 256), "Q6_K").to(dtype=torch.bfloat16), "amx")
     # The copy for single rows: the matrices on AMX other than experts (the experts, 93 % of a layer, keep one layout)
     assert dgemma.quantized.keeps_one_row_copy(linear, "amx")
     assert not dgemma.quantized.keeps_one_row_copy(expert, "amx")
     assert not dgemma.quantized.keeps_one_row_copy(linear, "int4pack")
+    assert not dgemma.quantized.keeps_one_row_copy(linear, "avx512")  # as fast for one row as for many
     assert not dgemma.quantized.keeps_one_row_copy(linear, None)
     # Tiles for many rows: beside torch's layout, for the matrices other than experts loaded for diffusion
     keeps_tiles = dgemma.quantized.keeps_tiles
@@ -371,6 +389,9 @@ def test_cpu_int4_layout_takes_amx_where_it_applies_and_otherwise_torchs_kernel(
     assert not keeps_tiles(linear, "int4pack", one_row=True)  # loaded for one row at a time
     assert not keeps_tiles(expert, "int4pack", one_row=False)
     assert not keeps_tiles(linear, "amx", one_row=False) and not keeps_tiles(linear, None, one_row=False)
+    assert not keeps_tiles(linear, "avx512", one_row=False)
+    with pytest.raises(ValueError, match="layout must be one of 'amx', 'avx512', 'int4pack', not 'vnni'"):
+        CpuInt4.from_grouped(GroupQuantized.quantize(torch.randn(32, 256), "Q4_0").to(dtype=torch.bfloat16), "vnni")
 
 
 def test_amx_int4_layout_is_the_one_inductors_template_blocks_its_constant_weights_into() -> None:

@@ -180,15 +180,16 @@ def test_a_four_bit_embedding_stays_tiles_while_the_linear_matrices_take_a_cpu_i
     model = dgemma.load(path)
     weights = {checkpoint_name(name): w for name, w in quantized_weights(model)}
     assert type(weights.pop("model.decoder.embed_tokens.weight")).__name__ == "GroupQuantized"
-    amx = dgemma.amx_int4.available()
+    fast = dgemma.quantized.fast_int4_layout()
     for name, weight in weights.items():
-        # experts always; every other matrix whose rows are in 16s (not the router's 2): on AMX where they fill its
-        # 32-column blocks, else in torch's kernel with its tiles kept for a canvas's rows
+        # experts always; every other matrix whose rows are in 16s (not the router's 2): in the fast kernel (AMX or
+        # AVX-512 BF16) where they fill its 32-column blocks, else in torch's kernel with its tiles kept for a
+        # canvas's rows
         rows, expert = weight.shape[-2], ".experts." in name
         assert type(weight).__name__ == ("CpuInt4" if expert or rows % 16 == 0 else "GroupQuantized"), name
         if not expert and rows % 16 == 0:
-            on_amx = amx and rows % 32 == 0
-            assert (weight.layout, weight.tiles is not None) == (("amx", False) if on_amx else ("int4pack", True))
+            on_fast = fast and rows % 32 == 0
+            assert (weight.layout, weight.tiles is not None) == ((fast, False) if on_fast else ("int4pack", True))
     assert any(".mlp." in name and type(w).__name__ == "CpuInt4" for name, w in weights.items())
     out = model.generate(torch.tensor([[2, 5, 6, 7]]), max_new_tokens=16, max_denoising_steps=4,
                          generator=torch.Generator().manual_seed(0))
@@ -224,31 +225,33 @@ def test_bf16_logits_on_the_cpu_int4_kernels_stay_as_close_to_fp32_as_plain_bf16
         return (*both_logits(model, ids), last_token_logits(model, ids[:1]))
 
     # Loaded for autoregressive decoding, as `dgemma generate --decode autoregressive` loads it: the experts in
-    # torch's one-row layout, the other 4-bit matrices on AMX with a copy for single rows where there is AMX (as
-    # loaded for diffusion), in torch's layout where not (loaded for diffusion, with their tiles kept for more rows);
-    # the other 8-bit ones as before. Q8_0 experts loaded for diffusion without AMX stay tiles.
+    # torch's one-row layout on AMX or without a fast kernel, in the AVX-512 kernel where that is the fast one; the
+    # other 4-bit matrices in the fast kernel (on AMX with a copy for single rows), as loaded for diffusion, in
+    # torch's layout without one (loaded for diffusion, with their tiles kept for more rows); the other 8-bit ones as
+    # before. Q8_0 experts loaded for diffusion without a fast kernel stay tiles.
     args = build_parser().parse_args(["generate", "x", "--model", str(path), "--decode", "autoregressive"])
     one_row, _ = load_for_generation(args)
-    amx = dgemma.amx_int4.available()
+    fast = dgemma.quantized.fast_int4_layout()
     # A server loaded for autoregressive requests lays its weights out the same way.
     served, _ = load_for_generation(build_parser().parse_args(["serve", "--model", str(path), "--load-for",
                                                                "autoregressive"]))
     assert [(name, getattr(w, "layout", None)) for name, w in quantized_weights(served)] == \
         [(name, getattr(w, "layout", None)) for name, w in quantized_weights(one_row)]
     del served
-    for model, experts in ((kernels, "amx" if amx else "int4pack"), (one_row, "int4pack")):
+    one_row_experts = "avx512" if fast == "avx512" else "int4pack"
+    for model, experts in ((kernels, fast or "int4pack"), (one_row, one_row_experts)):
         for name, weight in quantized_weights(model):
             if "embed" in name or "self_attn" in name or "router" in name:
                 assert type(weight).__name__ == "GroupQuantized", name
-            elif ".experts.down_proj" in name and model is kernels and not amx:
+            elif ".experts.down_proj" in name and model is kernels and not fast:
                 assert type(weight).__name__ == "GroupQuantized", name
             elif ".experts." in name:
                 assert (weight.layout, weight.one_row_codes) == (experts, None), name
                 assert weight.halves == ("down_proj" in name), name
-            else:  # without AMX, loaded for diffusion: torch's kernel for one row, tiles for more
-                assert weight.layout == ("amx" if amx else "int4pack"), name
-                assert (weight.one_row_codes is not None) == amx, name
-                assert (weight.tiles is not None) == (model is kernels and not amx), name
+            else:  # without a fast kernel, loaded for diffusion: torch's kernel for one row, tiles for more
+                assert weight.layout == (fast or "int4pack"), name
+                assert (weight.one_row_codes is not None) == (fast == "amx"), name
+                assert (weight.tiles is not None) == (model is kernels and not fast), name
     with pytest.raises(ValueError, match="decode must be one of diffusion, autoregressive, speculative, not 'side"):
         dgemma.load(path, decode="sideways")
 
