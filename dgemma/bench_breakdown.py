@@ -20,10 +20,10 @@ Design choices:
   report holds the medians over rounds and each round's projected step and token.
 - Forms with 4-bit matrices or Q8_0 experts (int8, int4, int4_experts, q4_k_m) are measured once more loaded for
   autoregressive decoding (`dgemma.load(decode="autoregressive")`, the layout `--decode autoregressive` gets: on AMX
-  experts in torch's int4 kernel, faster at one row, slower at a canvas's share) where that layout differs
-  (`one_row_layout_forms`; not on the AVX-512 kernel, which takes them either way): prefill and tokens only. Their projected AR token is that
-  run's; the canvas layout's is kept beside it (`ar_token_seconds_canvas_layout`), and the prompt's prefill in the
-  token layout too.
+  experts in torch's int4 kernel, faster at one row, slower at a canvas's share; on the AVX-512 kernel 8-bit
+  attention as 4-bit halves) where that layout differs (`one_row_layout_forms`): prefill and tokens only. Their
+  projected AR token is that run's; the canvas layout's is kept beside it (`ar_token_seconds_canvas_layout`), and
+  the prompt's prefill in the token layout too.
 - `generate()` of one canvas with `--steps` fixed steps, by dgemma (each form) and by transformers (bf16), in their
   own processes (`dgemma bench`'s workers): the whole step as a user sees it, prefill and commit included.
 - Floors: a denoising step at the measured bf16 matmul rate (it is compute-bound: 256 tokens x 8 experts route to
@@ -50,8 +50,10 @@ from .bench import build_checkpoint, machine, measure_machine, named_config, spa
 
 FORMS = ("bf16", "int8", "int4", "int4_experts", "q4_k_m")
 SCHEME_OF_FORM = {"bf16": None, "int8": "int8", "int4": "int4", "int4_experts": "int4_experts", "q4_k_m": "q4_k_m"}
-# The forms holding 4-bit matrices or Q8_0 experts, whose layout on a CPU may depend on the decoding they are loaded for.
+# The forms holding 4-bit matrices or Q8_0 experts, whose layout on a CPU may depend on the decoding they are loaded
+# for; of them, those with 8-bit matrices other than experts (attention, the router, q4_k_m's dense down projection).
 ONE_ROW_LAYOUT_FORMS = ("int8", "int4", "int4_experts", "q4_k_m")
+EIGHT_BIT_LINEAR_FORMS = ("int8", "int4", "q4_k_m")
 # The released model card's tokens per forward pass (../design: 15-20; vLLM runs 16 fixed steps per 256-token canvas)
 # and the bundled model's at its shipped settings (docs/quality.md), for the diffusion tok/s projections.
 TOKENS_PER_FORWARD = (1.0, 5.6, 16.0)
@@ -155,11 +157,12 @@ class LayerClock:
 
 def one_row_layout_forms() -> tuple[str, ...]:
     """The forms whose layout on this CPU depends on the decoding they are loaded for (`dgemma.quantized.
-    cpu_int4_layout`): on the AVX-512 kernel none (it takes their matrices for one row as for many), else those
-    holding 4-bit matrices or Q8_0 experts."""
+    cpu_int4_layout`): on the AVX-512 kernel those with 8-bit matrices other than experts (which take it as halves
+    for a token's row only; 4-bit matrices and Q8_0 experts take it in either load), else those holding 4-bit
+    matrices or Q8_0 experts."""
     from .quantized import fast_int4_layout
 
-    return () if fast_int4_layout() == "avx512" else ONE_ROW_LAYOUT_FORMS
+    return EIGHT_BIT_LINEAR_FORMS if fast_int4_layout() == "avx512" else ONE_ROW_LAYOUT_FORMS
 
 
 def held_bytes(model) -> dict[str, int]:

@@ -19,10 +19,13 @@ the CLI uses (`dgemma.allocator`). Methods, each on the same random Q4_K / Q8_0 
   bf16 scales and zeros: what dgemma runs experts with in bf16 on a CPU without AMX); the relative RMS error of the
   repacked values against the exact ones is reported. (The expert down matrix, rows of 704, is Q4_0 under dgemma's int4
   scheme: Q4_K needs rows of 256.)
-- `int4amx`: the same codes in `dgemma.amx_int4`'s layout, through Inductor's AMX int4 template (what dgemma runs
-  experts with where this process's check passes; columns left out where the CPU has no AMX).
-- `q8halves`, `q8halves-amx`: the Q8_0 weight as two 4-bit halves (`CpuInt4` with `halves`: twice the 4-bit work)
-  in torch's eager kernel and on the AMX template: what dgemma runs Q8_0 experts with (docs/quantization.md).
+- `int4amx` or `int4avx512`: the same codes in the layout of this CPU's fast int4 kernel
+  (`dgemma.quantized.fast_int4_layout`): Inductor's AMX int4 template (`dgemma.amx_int4`) where there is AMX, else
+  dgemma's AVX-512 BF16 kernel (`dgemma.avx512_int4`); what dgemma runs 4-bit matrices with where this process's
+  check passes (columns left out where there is neither).
+- `q8halves`, `q8halves-amx` / `q8halves-avx512`: the Q8_0 weight as two 4-bit halves (`CpuInt4` with `halves`:
+  twice the 4-bit work) in torch's eager kernel and in the fast one: what dgemma runs Q8_0 experts with
+  (docs/quantization.md).
 - `int8pack`: `torch._weight_int8pack_mm` (per-channel int8: a different, coarser quantisation than Q8_0's
   per-32 scales, timed for its speed only).
 """
@@ -42,10 +45,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dgemma import amx_int4  # noqa: E402
 from dgemma.allocator import tune_allocator  # noqa: E402
 from dgemma.one_row import row_product  # noqa: E402
-from dgemma.quantized import CpuInt4, GroupQuantized  # noqa: E402
+from dgemma.quantized import CpuInt4, GroupQuantized, fast_int4_layout  # noqa: E402
 
 # (name, N out, K in) of the released model's matrices: an expert's gate+up and down, attention q, the dense MLP's up
 SHAPES = [("expert gate_up", 1408, 2816), ("expert down", 2816, 704),
@@ -89,7 +91,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)
-    amx = amx_int4.available()
+    fast = fast_int4_layout()  # "amx", "avx512" or None
     tune_allocator()  # as the CLI runs: a tile's fresh megabytes come from the heap, not from new page mappings
     rows_out = []
     for name, n, k in SHAPES:
@@ -104,9 +106,9 @@ def main() -> int:
         sixes = copies_of(q6k, count)
         int4 = CpuInt4.from_grouped(q4k.to(dtype=torch.bfloat16), "int4pack")
         packed, halves = copies_of(int4, count), copies_of(CpuInt4.from_grouped(q8, "int4pack"), count)
-        if amx:
-            packed_amx = copies_of(CpuInt4.from_grouped(q4k.to(dtype=torch.bfloat16), "amx"), count)
-            halves_amx = copies_of(CpuInt4.from_grouped(q8, "amx"), count)
+        if fast:
+            packed_fast = copies_of(CpuInt4.from_grouped(q4k.to(dtype=torch.bfloat16), fast), count)
+            halves_fast = copies_of(CpuInt4.from_grouped(q8, fast), count)
         eye = torch.eye(k, dtype=torch.bfloat16)
         repacked = F.linear(eye, int4).t().float()
         repack_error = float((repacked - exact).pow(2).mean().sqrt() / exact.pow(2).mean().sqrt())
@@ -129,17 +131,17 @@ def main() -> int:
                       "int4pack_repack_rel_rms_error": repack_error}
             if m == 1:
                 result["bf16-one-row"] = per_matrix(lambda w: row_product(x, w), dense, args.repeats)
-            if amx:
-                result["int4amx"] = per_matrix(lambda w: F.linear(x, w), packed_amx, args.repeats)
-                result["q8halves-amx"] = per_matrix(lambda w: F.linear(x, w), halves_amx, args.repeats)
+            if fast:
+                result[f"int4{fast}"] = per_matrix(lambda w: F.linear(x, w), packed_fast, args.repeats)
+                result[f"q8halves-{fast}"] = per_matrix(lambda w: F.linear(x, w), halves_fast, args.repeats)
             rows_out.append(result)
     report = {"cpu": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,
               "seconds_are": "best of --repeats", "results": rows_out}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
-    methods = ("bf16", "bf16-one-row", "tiles-q4k", "tiles-q8", "q8", "q6k", "int4pack", *(("int4amx",) if amx else ()),
-               "q8halves", *(("q8halves-amx",) if amx else ()), "int8pack")
+    methods = ("bf16", "bf16-one-row", "tiles-q4k", "tiles-q8", "q8", "q6k", "int4pack",
+               *((f"int4{fast}",) if fast else ()), "q8halves", *((f"q8halves-{fast}",) if fast else ()), "int8pack")
     print("| matrix | rows | " + " | ".join(f"{m} ms" for m in methods) + " | int4pack repack error |")
     print("|---|---:|" + "---:|" * (len(methods) + 1))
     for r in rows_out:

@@ -351,17 +351,21 @@ def test_cpu_int4_layout_takes_the_fast_kernel_where_it_applies_and_otherwise_to
     # Q8_0: experts as two 4-bit halves in the fast kernel, or in torch's kernel when loaded for one row on AMX or
     # without a fast kernel (faster than the one-pass product over its bytes); in torch's kernel at an expert's 16
     # rows, and in a fast kernel at a canvas's 256, tiles are faster, so the other Q8_0 matrices and, without a fast
-    # kernel, Q8_0 experts loaded for diffusion stay tiles.
+    # kernel, Q8_0 experts loaded for diffusion stay tiles. Loaded for one row on the AVX-512 kernel, the other Q8_0
+    # matrices take it too (a token's row: faster than the one-row pass over the bytes).
     def q8(rows: int) -> GroupQuantized:
         return GroupQuantized.quantize(torch.randn(rows, 256), "Q8_0").to(dtype=torch.bfloat16)
 
+    one_row_halves = "avx512" if fast == "avx512" else "int4pack"
     assert layout(expert, q8(64), "cpu", linear_only=False) == fast
-    assert layout(expert, q8(64), "cpu", linear_only=False, one_row=True) == ("avx512" if fast == "avx512"
-                                                                             else "int4pack")
+    assert layout(expert, q8(64), "cpu", linear_only=False, one_row=True) == one_row_halves
     assert layout(expert, q8(48), "cpu", linear_only=False) is None  # rows not in 32s
     assert layout(expert, q8(48), "cpu", linear_only=False, one_row=True) == "int4pack"
+    assert layout(linear, q8(64), "cpu", linear_only=True) is None
+    assert layout(linear, q8(64), "cpu", linear_only=True, one_row=True) == ("avx512" if fast == "avx512" else None)
+    assert layout(linear, q8(48), "cpu", linear_only=True, one_row=True) is None
+    assert layout("decoder.embed_tokens.weight", q8(64), "cpu", linear_only=False, one_row=True) is None
     for one_row in (False, True):
-        assert layout(linear, q8(64), "cpu", linear_only=True, one_row=one_row) is None
         assert layout(expert, q8(40), "cpu", linear_only=False, one_row=one_row) is None
 
 

@@ -228,7 +228,8 @@ def test_bf16_logits_on_the_cpu_int4_kernels_stay_as_close_to_fp32_as_plain_bf16
     # torch's one-row layout on AMX or without a fast kernel, in the AVX-512 kernel where that is the fast one; the
     # other 4-bit matrices in the fast kernel (on AMX with a copy for single rows), as loaded for diffusion, in
     # torch's layout without one (loaded for diffusion, with their tiles kept for more rows); the other 8-bit ones as
-    # before. Q8_0 experts loaded for diffusion without a fast kernel stay tiles.
+    # before, except on the AVX-512 kernel, where those nn.Linear ones with rows in 32s (attention, the router) join
+    # it as 4-bit halves for a token's row. Q8_0 experts loaded for diffusion without a fast kernel stay tiles.
     args = build_parser().parse_args(["generate", "x", "--model", str(path), "--decode", "autoregressive"])
     one_row, _ = load_for_generation(args)
     fast = dgemma.quantized.fast_int4_layout()
@@ -241,7 +242,10 @@ def test_bf16_logits_on_the_cpu_int4_kernels_stay_as_close_to_fp32_as_plain_bf16
     one_row_experts = "avx512" if fast == "avx512" else "int4pack"
     for model, experts in ((kernels, fast or "int4pack"), (one_row, one_row_experts)):
         for name, weight in quantized_weights(model):
-            if "embed" in name or "self_attn" in name or "router" in name:
+            eight_bit_linear = "self_attn" in name or "router" in name
+            if eight_bit_linear and model is one_row and fast == "avx512" and weight.shape[-2] % 32 == 0:
+                assert (type(weight).__name__, weight.layout, weight.halves) == ("CpuInt4", "avx512", True), name
+            elif "embed" in name or eight_bit_linear:
                 assert type(weight).__name__ == "GroupQuantized", name
             elif ".experts.down_proj" in name and model is kernels and not fast:
                 assert type(weight).__name__ == "GroupQuantized", name
@@ -252,6 +256,8 @@ def test_bf16_logits_on_the_cpu_int4_kernels_stay_as_close_to_fp32_as_plain_bf16
                 assert weight.layout == (fast or "int4pack"), name
                 assert (weight.one_row_codes is not None) == (fast == "amx"), name
                 assert (weight.tiles is not None) == (model is kernels and not fast), name
+    if fast == "avx512":
+        assert any("self_attn" in name and getattr(w, "halves", False) for name, w in quantized_weights(one_row))
     with pytest.raises(ValueError, match="decode must be one of diffusion, autoregressive, speculative, not 'side"):
         dgemma.load(path, decode="sideways")
 
