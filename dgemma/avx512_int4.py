@@ -4,12 +4,13 @@ first use with the machine's C++ compiler against the installed torch and loaded
 
 torch's eager CPU int4 kernel multiplies a released expert (16 rows of a canvas) at 0.32 TFLOP/s on a 2-core AMD
 EPYC (Zen 5), below the 0.44 to 0.50 of the same expert in bf16, so 4-bit experts made a denoising step slower than
-bf16 ones; Inductor's AVX-512 template was no faster (docs/cpu.md). This kernel turns a word of packed codes into
+bf16 ones; Inductor's AVX-512 template was no faster (docs/quantization.md). This kernel turns a word of packed codes into
 bf16 pairs with a shift and one logic op and multiplies them with VDPBF16PS, prefetching the codes ahead: 16 rows at
-0.77 to 0.81 TFLOP/s, a canvas's 256 rows at bf16's speed (0.82 against 0.81 to 0.88), one row at 49 GB/s of codes
-against torch's 35. It computes what torch's int4 kernels compute, value = (code - 8) * scale + zero per group of 32
-(`CpuInt4`'s scales and zeros), for every expert of a layer in one call (`grouped`), each output one thread's fp32
-sum in a fixed order: the same bits with any number of threads.
+0.77 to 0.81 TFLOP/s, a canvas's 256 rows at bf16's speed (0.82 against 0.81 to 0.88), one row as fast as torch's
+kernel or up to 1.5 times faster, both near the memory's rate (docs/quantization.md). It computes what torch's int4
+kernels compute, value = (code - 8) * scale + zero per group of 32 (`CpuInt4`'s scales and zeros), for every expert
+of a layer in one call (`grouped`), each output one thread's fp32 sum in a fixed order: the same bits with any
+number of threads.
 
 The build is cached per source, torch version and compiler flags under $XDG_CACHE_HOME/dgemma/kernels (about 6
 seconds once). `available()` says whether this process uses it: the CPU has AVX-512 BF16, compiling is allowed

@@ -534,10 +534,10 @@ def _mix(weights: torch.Tensor, matrix: GroupQuantized) -> torch.Tensor:
 # bf16 and 3.3 ms dequantising a tile; one row 0.42 ms (AMX), 0.14 ms (eager) and 0.50 ms (bf16). For a canvas's 256
 # rows (attention, dense MLP) the AMX kernel takes 1.1 to 1.2 times bf16's time, tiles 3.3 to 4.3 times and the
 # eager kernel 9 times (docs/quantization.md). Without AMX, dgemma's AVX-512 BF16 kernel (dgemma.avx512_int4) runs
-# a released expert at 16 rows 1.6 to 1.8 times as fast as bf16 and 2.5 times torch's eager kernel, one row 1.4 to
-# 1.7 times the eager kernel, a canvas's 256 rows as fast as bf16 and 1.5 to 1.7 times tiles (a 2-core AMD EPYC,
-# Zen 5). So every 4-bit matrix takes the fast kernel where there is one, and elsewhere only experts take the eager
-# one.
+# a released expert at 16 rows 1.6 to 1.8 times as fast as bf16 and 2.4 times torch's eager kernel, one row as fast
+# as the eager kernel or up to 1.5 times faster, a canvas's 256 rows as fast as bf16 and 1.5 to 1.9 times tiles (a
+# 2-core AMD EPYC, Zen 5; docs/amd/quantized_matmul-avx512-int4.json). So every 4-bit matrix takes the fast kernel
+# where there is one, and elsewhere only experts take the eager one.
 
 def is_expert(name: str) -> bool:
     """Whether a tensor (by checkpoint or module name) is one of the experts' stacked matrices."""
@@ -628,11 +628,11 @@ class CpuInt4:
     in float32 and rounded once to bf16: the one rounding of the repack (relative 2^-9 of the scale and of the zero,
     about 1/64 of a quantisation step for Q4_K's zero). Computes in bf16.
 
-    Three kernels, three layouts (`cpu_int4_layout` chooses): "amx", Inductor's AMX template (dgemma.amx_int4),
-    "avx512", dgemma's AVX-512 BF16 kernel (dgemma.avx512_int4), and "int4pack", torch's eager kernel, packed by
-    `torch._convert_weight_to_int4pack_for_cpu`. Beside the amx layout
-    the codes may also be kept in the int4pack one (`one_row_codes`): a single row then takes the eager kernel,
-    faster for one row (the two kernels share the scales and zeros). Beside the int4pack layout the GroupQuantized
+    Three kernels, three layouts (`cpu_int4_layout` chooses; `PACKERS`): "amx", Inductor's AMX template
+    (dgemma.amx_int4), "avx512", dgemma's AVX-512 BF16 kernel (dgemma.avx512_int4), and "int4pack", torch's eager
+    kernel, packed by `torch._convert_weight_to_int4pack_for_cpu`. Beside the amx layout the codes may also be kept
+    in the int4pack one (`one_row_codes`): a single row then takes the eager kernel, faster for one row (the two
+    kernels share the scales and zeros). Beside the int4pack layout the GroupQuantized
     weight it came from may be kept (`tiles`): more than one row then takes its dequantised tiles (`keeps_tiles`).
 
     8-bit codes (Q8_0) are held as two 4-bit halves (`halves`), a 4-bit matrix [..., N, 2K] whose first K columns
@@ -690,7 +690,7 @@ class CpuInt4:
                 scales, zeros = scale[entry], (8 - weight.zero_code) * scale[entry] + added
             packed[entry] = PACKERS[layout](unpacked)
             if one_row is not None:
-                one_row[entry] = torch._convert_weight_to_int4pack_for_cpu(unpacked, 1)
+                one_row[entry] = PACKERS["int4pack"](unpacked)
             scales_and_zeros[entry] = torch.stack((scales, zeros), dim=-1).transpose(0, 1)
         return cls(codes=packed.reshape(*lead, n, width // 2),
                    scales_and_zeros=scales_and_zeros.reshape(*lead, width // cls.GROUP, n, 2),
