@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -31,6 +32,8 @@ from pathlib import Path
 import torch
 
 from .compiling import compiling_allowed
+
+logger = logging.getLogger(__name__)
 
 GROUP = 32  # values per scale and zero
 BLOCK_N = 32  # output columns per block of the kernel's layout
@@ -87,6 +90,7 @@ def _library() -> Path:
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler ({compiler!r}) to build {SOURCE.name}")
     cache.mkdir(parents=True, exist_ok=True)
+    logger.info("building %s with %s, once (cached in %s)", SOURCE.name, compiler, cache)
     with tempfile.TemporaryDirectory(dir=cache) as scratch:
         built = Path(scratch) / library.name
         command = [compiler, *FLAGS, abi, f"-I{torch_dir / 'include'}",
@@ -108,7 +112,9 @@ def available() -> bool:
         return False
     try:
         _load()
-    except (OSError, RuntimeError):
+    except (OSError, RuntimeError) as error:  # no compiler, an unwritable cache, a failed build: say why, once
+        logger.warning("4-bit matrices run in torch's int4 kernels here, slower: dgemma's AVX-512 kernel is "
+                       "unavailable (%s)", error)
         return False
     generator = torch.Generator().manual_seed(0)
     n, k = 64, 256
