@@ -69,14 +69,15 @@ void multiply_block(const uint16_t* x, int64_t K, const float* group_sums, const
       for (int m = 0; m < Rows; ++m) sums[s][m][0] = sums[s][m][1] = _mm512_setzero_ps();
     const uint16_t* xg = x + g * kGroup;
     for (int quad = 0; quad < 4; ++quad) {
-      const __m512i low = _mm512_loadu_si512(words + quad * kBlock);
-      const __m512i high = _mm512_loadu_si512(words + quad * kBlock + 16);
+      // The quad's words for the block's columns 0..15 and 16..31.
+      const __m512i first = _mm512_loadu_si512(words + quad * kBlock);
+      const __m512i second = _mm512_loadu_si512(words + quad * kBlock + 16);
 #pragma GCC unroll 4
       for (int i = 0; i < 4; ++i) {
         const int pair = quad * 4 + i, s = pair % kSplit;
         // (word >> 4i) & 0x000F000F | 0x43004300: ternary-logic function 0xEA is (a & b) | c.
-        const __m512bh w0 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(low, 4 * i), nibbles, bias, 0xEA);
-        const __m512bh w1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(high, 4 * i), nibbles, bias, 0xEA);
+        const __m512bh w0 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(first, 4 * i), nibbles, bias, 0xEA);
+        const __m512bh w1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(second, 4 * i), nibbles, bias, 0xEA);
 #pragma GCC unroll 8
         for (int m = 0; m < Rows; ++m) {
           int32_t values;  // x[m, 2 pair], x[m, 2 pair + 1]
