@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .compiling import compiled_under_own_name, compiling_allowed
+from .compiling import agrees_with_torch_int4, compiled_under_own_name, compiling_allowed
 
 GROUP = 32  # values per scale and zero, as CpuInt4 stores them
 BLOCK_N = 32  # output columns per block of the AMX micro-kernel's weight layout
@@ -144,19 +144,5 @@ def available() -> bool:
     its own layout (to bf16 rounding) on a small weight."""
     if not compiling_allowed() or not torch.cpu._is_amx_tile_supported():
         return False
-    generator = torch.Generator().manual_seed(0)
-    n, k = 128, 256  # four blocks of columns, two of them a multiple of 64 (where the AVX-512 kernel could apply)
-    codes = torch.randint(0, 16, (n, k), generator=generator, dtype=torch.int32)
-    scales_and_zeros = (torch.rand(k // GROUP, n, 2, generator=generator) - 0.5).to(torch.bfloat16)
-    packed, blocked = torch._convert_weight_to_int4pack_for_cpu(codes, 1), block_codes(codes)
-    for count in (5, 2, 3, 4, 17, 1):
-        rows = torch.randn(count, k, generator=generator).to(torch.bfloat16)
-        try:
-            expected = torch._weight_int4pack_mm_for_cpu(rows, packed, GROUP, scales_and_zeros)
-            got = matmul(rows, blocked, scales_and_zeros)
-        except Exception:  # no C++ compiler, or an Inductor that lowers the op differently: the eager kernel stays
-            return False
-        # Both products round to bf16 once, from fp32 sums in different orders.
-        if not ((got.float() - expected.float()).abs() <= 2**-7 * expected.float().abs().amax() + 1e-3).all():
-            return False
-    return True
+    # four blocks of columns, two of them a multiple of 64 (where the AVX-512 micro-kernel could apply)
+    return agrees_with_torch_int4(block_codes, matmul, n=128, k=256, counts=(5, 2, 3, 4, 17, 1))

@@ -4,13 +4,13 @@ first use with the machine's C++ compiler against the installed torch and loaded
 
 torch's eager CPU int4 kernel multiplies a released expert (16 rows of a canvas) at 0.32 TFLOP/s on a 2-core AMD
 EPYC (Zen 5), below the 0.44 to 0.50 of the same expert in bf16, so 4-bit experts made a denoising step slower than
-bf16 ones; Inductor's AVX-512 template was no faster (docs/quantization.md). This kernel turns a word of packed codes into
-bf16 pairs with a shift and one logic op and multiplies them with VDPBF16PS, prefetching the codes ahead: 16 rows at
-0.77 to 0.81 TFLOP/s, a canvas's 256 rows at bf16's speed (0.82 against 0.81 to 0.88), one row as fast as torch's
-kernel or up to 1.5 times faster, both near the memory's rate (docs/quantization.md). It computes what torch's int4
-kernels compute, value = (code - 8) * scale + zero per group of 32 (`CpuInt4`'s scales and zeros), for every expert
-of a layer in one call (`grouped`), each output one thread's fp32 sum in a fixed order: the same bits with any
-number of threads.
+bf16 ones; Inductor's AVX-512 template was no faster (docs/quantization.md). This kernel turns a word of packed
+codes into bf16 pairs with a shift and one logic op and multiplies them with VDPBF16PS, prefetching the codes ahead:
+16 rows at 0.77 to 0.81 TFLOP/s, a canvas's 256 rows at bf16's speed (0.82 against 0.81 to 0.88), one row as fast
+as torch's kernel or up to 1.5 times faster, both near the memory's rate (docs/quantization.md). It computes what
+torch's int4 kernels compute, value = (code - 8) * scale + zero per group of 32 (`CpuInt4`'s scales and zeros), for
+every expert of a layer in one call (`grouped`), each output one thread's fp32 sum in a fixed order: the same bits
+with any number of threads.
 
 The build is cached per source, torch version and compiler flags under $XDG_CACHE_HOME/dgemma/kernels (about 6
 seconds once). `available()` says whether this process uses it: the CPU has AVX-512 BF16, compiling is allowed
@@ -31,11 +31,10 @@ from pathlib import Path
 
 import torch
 
-from .compiling import compiling_allowed
+from .compiling import agrees_with_torch_int4, compiling_allowed
 
 logger = logging.getLogger(__name__)
 
-GROUP = 32  # values per scale and zero
 BLOCK_N = 32  # output columns per block of the kernel's layout
 SOURCE = Path(__file__).parent / "kernels" / "avx512_int4.cpp"
 FLAGS = ("-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp",
@@ -116,16 +115,4 @@ def available() -> bool:
         logger.warning("4-bit matrices run in torch's int4 kernels here, slower: dgemma's AVX-512 kernel is "
                        "unavailable (%s)", error)
         return False
-    generator = torch.Generator().manual_seed(0)
-    n, k = 64, 256
-    codes = torch.randint(0, 16, (n, k), generator=generator, dtype=torch.int32)
-    scales_and_zeros = (torch.rand(k // GROUP, n, 2, generator=generator) - 0.5).to(torch.bfloat16)
-    packed, ours = torch._convert_weight_to_int4pack_for_cpu(codes, 1), pack(codes)
-    for count in (1, 3, 8, 17):
-        rows = torch.randn(count, k, generator=generator).to(torch.bfloat16)
-        expected = torch._weight_int4pack_mm_for_cpu(rows, packed, GROUP, scales_and_zeros).float()
-        got = matmul(rows, ours, scales_and_zeros).float()
-        # Both round to bf16 once, from fp32 sums in different orders.
-        if not ((got - expected).abs() <= 2**-7 * expected.abs().amax() + 1e-3).all():
-            return False
-    return True
+    return agrees_with_torch_int4(pack, matmul, n=64, k=256, counts=(1, 3, 8, 17))

@@ -326,6 +326,13 @@ def tied_names(model: DiffusionGemma) -> dict[str, str]:
     return {"encoder." + name: "decoder." + name for name in model.tied_parameter_names()}
 
 
+def attach_tied(model: DiffusionGemma, tied: dict[str, str], name: str, weight: object) -> None:
+    """`attach` a weight held in a kernel's form at the decoder's `name` and at every encoder name tied to it
+    (`tied_names`): one object for both."""
+    for target in [name, *(encoder for encoder, decoder in tied.items() if decoder == name)]:
+        attach(model, target, weight)
+
+
 def _assign(model: DiffusionGemma, state: dict[str, torch.Tensor], device: str | torch.device,
             quantized: dict[str, GroupQuantized] | None = None, one_row: bool = False) -> DiffusionGemma:
     """Give a model built on the meta device its tensors (tied names share the decoder's); `quantized` weights (by
@@ -343,8 +350,7 @@ def _assign(model: DiffusionGemma, state: dict[str, torch.Tensor], device: str |
         if layout is not None:
             weight = CpuInt4.from_grouped(weight, layout, one_row_copy=keeps_one_row_copy(name, layout),
                                           keep_tiles=keeps_tiles(name, layout, one_row))
-        for target in [name, *(encoder for encoder, decoder in tied.items() if decoder == name)]:
-            attach(model, target, weight)
+        attach_tied(model, tied, name, weight)
     state.update({encoder: state[decoder] for encoder, decoder in tied.items() if decoder in state})
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()  # assignment gave tied names separate Parameter objects
@@ -377,8 +383,7 @@ def reorder_experts(model: DiffusionGemma) -> int:
             held = ReorderedExperts.from_tensor(weight.detach(), rows)
             page_out(weight)  # if it views the checkpoint's file, its pages (read once) leave the resident set
             name = f"{path}.{attr}"
-            for target in [name, *(encoder for encoder, decoder in tied.items() if decoder == name)]:
-                attach(model, target, held)
+            attach_tied(model, tied, name, held)
             reordered += 1
     return reordered
 

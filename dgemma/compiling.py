@@ -6,6 +6,8 @@ matrices (`dgemma.one_row`) are compiled; each has an eager version that compute
 torch's eager int4 kernel, in its own layout; the few-row product's, dequantised tiles, which round the weights to
 the model dtype where it rounds only its result; the one-row products', F.linear and the grouped experts).
 `DGEMMA_COMPILE=0` keeps every kernel eager: for a machine without a C++ compiler, or to time the eager paths.
+The 4-bit kernels built here (the AMX template, dgemma's AVX-512 kernel) are used only where they agree with torch's
+eager int4 kernel on a small weight in this process (`agrees_with_torch_int4`).
 """
 
 from __future__ import annotations
@@ -36,3 +38,25 @@ def compiled_under_own_name(function: Callable, name: str, **options: Any) -> Ca
     each other's recompile limit."""
     code = function.__code__.replace(co_name=name)
     return torch.compile(types.FunctionType(code, function.__globals__, name), **options)
+
+
+def agrees_with_torch_int4(pack: Callable[[torch.Tensor], torch.Tensor], matmul: Callable[..., torch.Tensor],
+                           n: int, k: int, counts: tuple[int, ...]) -> bool:
+    """Whether a 4-bit kernel (`matmul(rows, pack(codes), scales_and_zeros)`, value = (code - 8) * scale + zero per
+    group of 32) agrees with torch's eager int4 kernel on a random weight [n, k], for each number of rows in
+    `counts`, to bf16 rounding: both round once from fp32 sums in different orders. A kernel that raises (no C++
+    compiler, an Inductor that lowers the op differently) does not agree."""
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (n, k), generator=generator, dtype=torch.int32)
+    scales_and_zeros = (torch.rand(k // 32, n, 2, generator=generator) - 0.5).to(torch.bfloat16)
+    packed, ours = torch._convert_weight_to_int4pack_for_cpu(codes, 1), pack(codes)
+    for count in counts:
+        rows = torch.randn(count, k, generator=generator).to(torch.bfloat16)
+        try:
+            expected = torch._weight_int4pack_mm_for_cpu(rows, packed, 32, scales_and_zeros).float()
+            got = matmul(rows, ours, scales_and_zeros).float()
+        except Exception:
+            return False
+        if not ((got - expected).abs() <= 2**-7 * expected.abs().amax() + 1e-3).all():
+            return False
+    return True

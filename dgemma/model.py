@@ -384,11 +384,18 @@ def grouped_linear(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor,
     elif hasattr(weight, "grouped_linear") and not (rows.requires_grad and torch.is_grad_enabled()):
         return weight.grouped_linear(rows, ends.tolist())
     # Odd sizes, quantised weights and `per_expert` take one matmul per expert.
-    out = rows.new_empty(rows.shape[0], weight.shape[1])
+    return each_expert(rows, ends.tolist(), weight.shape[1], lambda group, expert: F.linear(group, weight[expert]))
+
+
+def each_expert(rows: torch.Tensor, ends: list[int], width: int,
+                product: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+    """rows [S, K] grouped by expert (group e ends at ends[e]) -> [S, width]: each non-empty group's rows through
+    product(group, e), one call per expert."""
+    out = rows.new_empty(rows.shape[0], width)
     begin = 0
-    for expert, end in enumerate(ends.tolist()):
+    for expert, end in enumerate(ends):
         if end > begin:
-            out[begin:end] = F.linear(rows[begin:end], weight[expert])
+            out[begin:end] = product(rows[begin:end], expert)
         begin = end
     return out
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .model import each_expert
+
 
 @functools.cache
 def available() -> bool:
@@ -85,13 +87,7 @@ class ReorderedExperts:
         product the one F.linear(rows[group], weight[e]) gives. No gradient is recorded."""
         if rows.dtype != self.dtype:
             raise TypeError(f"experts held in oneDNN's layout compute in {self.dtype}, not {rows.dtype}")
-        out = rows.new_empty(rows.shape[0], self.shape[1])
-        begin = 0
-        for expert, end in enumerate(ends):
-            if end > begin:
-                out[begin:end] = product(rows[begin:end], self.matrices[expert])
-            begin = end
-        return out
+        return each_expert(rows, ends, self.shape[1], lambda group, expert: product(group, self.matrices[expert]))
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):

@@ -57,7 +57,7 @@ from .amx_int4 import calls as amx_int4_calls, matmul as amx_int4_matmul, produc
 from .avx512_int4 import BLOCK_N as AVX512_BLOCK_N, available as avx512_int4_available
 from .avx512_int4 import grouped as avx512_int4_grouped, matmul as avx512_int4_matmul, pack as avx512_pack
 from .compiling import SUM_CHUNK, compiled_under_own_name, compiling_allowed
-from .model import attached_weights
+from .model import attached_weights, each_expert
 
 
 # eq=False: the fields are tensors, whose == is elementwise; identity is the only meaningful equality here.
@@ -754,18 +754,14 @@ class CpuInt4:
         flat = self._kernel_rows(rows)
         if self.layout == "avx512":  # every expert in one call
             return avx512_int4_grouped(flat, self.codes, self.scales_and_zeros, ends)
-        out = flat.new_empty(flat.shape[0], self.shape[-2])
         amx = self.layout == "amx"
-        begin = 0
+
+        def product(group: torch.Tensor, expert: int) -> torch.Tensor:
+            codes, scales_and_zeros = self.codes[expert], self.scales_and_zeros[expert]
+            return (amx_int4_product(group, codes, scales_and_zeros) if amx else
+                    torch._weight_int4pack_mm_for_cpu(group, codes, self.GROUP, scales_and_zeros))
         with amx_int4_calls() if amx else contextlib.nullcontext():  # one kernel window for every expert
-            for expert, end in enumerate(ends):
-                if end > begin:
-                    codes, scales_and_zeros = self.codes[expert], self.scales_and_zeros[expert]
-                    out[begin:end] = (amx_int4_product(flat[begin:end], codes, scales_and_zeros) if amx else
-                                      torch._weight_int4pack_mm_for_cpu(flat[begin:end], codes, self.GROUP,
-                                                                        scales_and_zeros))
-                begin = end
-        return out
+            return each_expert(flat, ends, self.shape[-2], product)
 
 
 QuantizedWeight = GroupQuantized | CpuInt4

@@ -127,3 +127,13 @@ def test_a_machine_that_cannot_build_the_kernel_is_told_why(tmp_path, monkeypatc
     with pytest.raises(RuntimeError, match="building avx512_int4.cpp failed"):
         avx512_int4._library()
     assert list((tmp_path / "dgemma" / "kernels").iterdir()) == []
+
+
+def test_the_check_against_torch_refuses_a_kernel_off_by_a_percent() -> None:
+    from dgemma.compiling import agrees_with_torch_int4
+
+    def skewed(rows, codes, scales_and_zeros):
+        return avx512_int4.matmul(rows, codes, scales_and_zeros) * 1.01
+
+    assert agrees_with_torch_int4(avx512_int4.pack, avx512_int4.matmul, n=64, k=256, counts=(1, 17))
+    assert not agrees_with_torch_int4(avx512_int4.pack, skewed, n=64, k=256, counts=(1, 17))
