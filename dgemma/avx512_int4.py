@@ -56,16 +56,26 @@ def pack(codes: torch.Tensor) -> torch.Tensor:
     return words.contiguous().view(torch.uint8).view(n, k // 2)
 
 
+def pack_scales(scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """bf16 scales and zeros in torch's int4 layout, [..., K // 32, N, 2], in the kernel's: [..., N // 32, K // 32, 32,
+    2], each block of 32 output columns' pairs together, group after group (dgemma/kernels/avx512_int4.cpp)."""
+    *lead, groups, n, _ = scales_and_zeros.shape
+    if n % BLOCK_N:
+        raise ValueError(f"the AVX-512 int4 layout needs rows in multiples of {BLOCK_N}, got scales and zeros for {n}")
+    return scales_and_zeros.reshape(*lead, groups, n // BLOCK_N, BLOCK_N, 2).transpose(-4, -3).contiguous()
+
+
 def grouped(rows: torch.Tensor, codes: torch.Tensor, scales_and_zeros: torch.Tensor, ends: list[int]) -> torch.Tensor:
     """rows [S, K] bf16 grouped by matrix (group e ends at ends[e]) times matrix e of codes [E, N, K // 2] (`pack`ed)
-    with bf16 scales and zeros [E, K // 32, N, 2], transposed: [S, N] bf16. No derivative: backward through it
-    raises, as through torch's int4 kernels."""
+    with bf16 scales and zeros [E, N // 32, K // 32, 32, 2] (`pack_scales`), transposed: [S, N] bf16. No derivative:
+    backward through it raises, as through torch's int4 kernels."""
     _load()
     return torch.ops.dgemma.avx512_int4_grouped(rows, codes, scales_and_zeros, ends)
 
 
 def matmul(rows: torch.Tensor, codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    """rows [M, K] bf16 times one matrix held as codes [N, K // 2] and scales and zeros [K // 32, N, 2]: [M, N]."""
+    """rows [M, K] bf16 times one matrix held as codes [N, K // 2] and scales and zeros [N // 32, K // 32, 32, 2]
+    (`pack`, `pack_scales`): [M, N]."""
     return grouped(rows, codes[None], scales_and_zeros[None], [rows.shape[0]])
 
 
@@ -115,4 +125,6 @@ def available() -> bool:
         logger.warning("4-bit matrices run in torch's int4 kernels here, slower: dgemma's AVX-512 kernel is "
                        "unavailable (%s)", error)
         return False
-    return agrees_with_torch_int4(pack, matmul, n=64, k=256, counts=(1, 3, 8, 17))
+    def with_torch_scales(rows: torch.Tensor, codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+        return matmul(rows, codes, pack_scales(scales_and_zeros))
+    return agrees_with_torch_int4(pack, with_torch_scales, n=64, k=256, counts=(1, 3, 8, 17))

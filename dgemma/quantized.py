@@ -56,6 +56,7 @@ from .amx_int4 import BLOCK_N as AMX_BLOCK_N, available as amx_int4_available, b
 from .amx_int4 import calls as amx_int4_calls, matmul as amx_int4_matmul, product as amx_int4_product
 from .avx512_int4 import BLOCK_N as AVX512_BLOCK_N, available as avx512_int4_available
 from .avx512_int4 import grouped as avx512_int4_grouped, matmul as avx512_int4_matmul, pack as avx512_pack
+from .avx512_int4 import pack_scales as avx512_pack_scales
 from .compiling import SUM_CHUNK, compiled_under_own_name, compiling_allowed
 from .model import attached_weights, each_expert
 
@@ -618,6 +619,9 @@ def keeps_tiles(name: str, layout: str | None, one_row: bool) -> bool:
 PACKERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "amx": block_codes, "avx512": avx512_pack,
     "int4pack": lambda codes: torch._convert_weight_to_int4pack_for_cpu(codes, 1)}
+# How a layout holds a matrix's bf16 scales and zeros, given in torch's int4 layout [K // 32, N, 2]: as given, but for
+# the AVX-512 kernel, which reads each block of 32 output columns' pairs together ([N // 32, K // 32, 32, 2]).
+SCALE_PACKERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"avx512": avx512_pack_scales}
 
 
 @dataclass(eq=False)
@@ -642,13 +646,13 @@ class CpuInt4:
     and 8 s are exact multiples of s in bf16, so the repack rounds Q8_0's scale and nothing else."""
 
     codes: torch.Tensor  # uint8 [..., N, K // 2] (of 2K with `halves`), packed in the layout's order
-    scales_and_zeros: torch.Tensor  # bf16 [..., K // 32, N, 2] (of 2K with `halves`)
+    scales_and_zeros: torch.Tensor  # bf16 [..., K // 32, N, 2] (of 2K with `halves`), as `SCALE_PACKERS` holds them
     shape: tuple[int, ...]
     qtype: str
     layout: str  # "amx", "avx512" or "int4pack"
     one_row_codes: torch.Tensor | None = None  # uint8 [..., N, K // 2] in the int4pack layout, beside amx codes
     tiles: GroupQuantized | None = None  # the weight as it came, for more than one row, beside int4pack codes
-    halves: bool = False  # 8-bit codes as two 4-bit halves: codes [..., N, K], scales and zeros [..., 2K // 32, N, 2]
+    halves: bool = False  # 8-bit codes as two 4-bit halves: codes [..., N, K], scales and zeros for 2K columns
 
     GROUP = 32
 
@@ -677,7 +681,8 @@ class CpuInt4:
         entries = codes.shape[0]
         packed = torch.empty(entries, n, width // 2, dtype=torch.uint8)
         one_row = torch.empty(entries, n, width // 2, dtype=torch.uint8) if one_row_copy else None
-        scales_and_zeros = torch.empty(entries, width // cls.GROUP, n, 2, dtype=torch.bfloat16)
+        pack_scales = SCALE_PACKERS.get(layout, lambda pairs: pairs)
+        scales_and_zeros = None
         for entry in range(entries):
             added = offset[entry] if offset is not None else 0
             if halves:
@@ -691,9 +696,12 @@ class CpuInt4:
             packed[entry] = PACKERS[layout](unpacked)
             if one_row is not None:
                 one_row[entry] = PACKERS["int4pack"](unpacked)
-            scales_and_zeros[entry] = torch.stack((scales, zeros), dim=-1).transpose(0, 1)
+            pairs = pack_scales(torch.stack((scales, zeros), dim=-1).transpose(0, 1))
+            if scales_and_zeros is None:
+                scales_and_zeros = torch.empty(entries, *pairs.shape, dtype=torch.bfloat16)
+            scales_and_zeros[entry] = pairs
         return cls(codes=packed.reshape(*lead, n, width // 2),
-                   scales_and_zeros=scales_and_zeros.reshape(*lead, width // cls.GROUP, n, 2),
+                   scales_and_zeros=scales_and_zeros.reshape(*lead, *scales_and_zeros.shape[1:]),
                    shape=tuple(weight.shape), qtype=weight.qtype, layout=layout,
                    one_row_codes=None if one_row is None else one_row.reshape(*lead, n, width // 2),
                    tiles=weight if keep_tiles else None, halves=halves)

@@ -1,9 +1,16 @@
 // 4-bit weights times bf16 rows on CPUs with AVX-512 BF16 (dgemma/avx512_int4.py builds and loads this file).
 //
-// One op, dgemma::avx512_int4_grouped(rows [S, K] bf16, codes [E, N, K / 2] uint8, scales_and_zeros [E, K / 32, N, 2]
-// bf16, ends int[E]) -> [S, N] bf16: rows ends[e - 1]..ends[e] times matrix e transposed, where matrix e's value at
-// (n, k) is (code - 8) * scale + zero with the scale and zero of k's group of 32, as torch's int4 kernels define it.
-// One matrix is E = 1; a mixture-of-experts layer passes every expert at once, rows grouped by expert.
+// One op, dgemma::avx512_int4_grouped(rows [S, K] bf16, codes [E, N, K / 2] uint8, scales_and_zeros
+// [E, N / 32, K / 32, 32, 2] bf16, ends int[E]) -> [S, N] bf16: rows ends[e - 1]..ends[e] times matrix e transposed,
+// where matrix e's value at (n, k) is (code - 8) * scale + zero with the scale and zero of k's group of 32, as torch's
+// int4 kernels define it. One matrix is E = 1; a mixture-of-experts layer passes every expert at once, rows grouped by
+// expert.
+//
+// Scales and zeros, per matrix: for each block of 32 output columns, for each group of 32 k, the block's 32 (scale,
+// zero) pairs. A block's are contiguous, and the next block's follow, so a thread that walks its blocks reads codes
+// and scales as two streams. (In torch's layout, [K / 32, N, 2], a block's pairs for successive groups lie N * 4 bytes
+// apart: one row read 8 random released experts, 1408 x 2816, at 35 against 38 to 41 GB/s in this layout, 16 rows
+// each of 128 experts at 0.78 against 0.84 TFLOP/s, on a 2-core AMD EPYC, Zen 5.)
 //
 // Codes layout, per matrix: blocks of 32 output columns; in a block, for each 8 consecutive k (a "quad" of four k
 // pairs), 32 little-endian 32-bit words, word j for column j of the block. Bits 4i..4i+3 of a word hold k = 2i of the
@@ -45,7 +52,7 @@ constexpr int64_t kPrefetchGroups = 16;  // how far ahead the codes and scales a
 // One block of 32 columns times `Rows` rows: out[m, n0 .. n0 + 31] for m < Rows.
 template <int Rows>
 void multiply_block(const uint16_t* x, int64_t K, const float* group_sums, const uint32_t* codes,
-                    const uint16_t* scales_and_zeros, int64_t N, int64_t n0, uint16_t* out) {
+                    const uint16_t* block_scales, int64_t N, int64_t n0, uint16_t* out) {
   // Independent accumulators per (row, vector): few rows get more, so that enough dot products are in flight.
   constexpr int kSplit = Rows >= 6 ? 1 : (Rows >= 3 ? 2 : 4);
   const int64_t groups = K / kGroup;
@@ -55,15 +62,14 @@ void multiply_block(const uint16_t* x, int64_t K, const float* group_sums, const
   alignas(64) float total[Rows][2][16] = {};
   for (int64_t g = 0; g < groups; ++g) {
     const uint32_t* words = codes + g * 4 * kBlock;  // four quads of 32 words
-    const uint16_t* scales = scales_and_zeros + (g * N + n0) * 2;
-    // Past the end of this block (or of the tensor) a prefetch reads the next block's codes, or nothing: harmless.
+    const uint16_t* scales = block_scales + g * kBlock * 2;
+    // Past the end of this block (or of the tensor) a prefetch reads the next block's codes and scales, or nothing:
+    // harmless.
     for (int line = 0; line < 8; ++line)
       _mm_prefetch(reinterpret_cast<const char*>(words + kPrefetchGroups * 4 * kBlock) + 64 * line, _MM_HINT_T0);
-    if (g + kPrefetchGroups < groups) {
-      const char* ahead = reinterpret_cast<const char*>(scales + kPrefetchGroups * N * 2);
-      _mm_prefetch(ahead, _MM_HINT_T0);
-      _mm_prefetch(ahead + 64, _MM_HINT_T0);
-    }
+    const char* ahead = reinterpret_cast<const char*>(scales + kPrefetchGroups * kBlock * 2);
+    _mm_prefetch(ahead, _MM_HINT_T0);
+    _mm_prefetch(ahead + 64, _MM_HINT_T0);
     __m512 sums[kSplit][Rows][2];
     for (int s = 0; s < kSplit; ++s)
       for (int m = 0; m < Rows; ++m) sums[s][m][0] = sums[s][m][1] = _mm512_setzero_ps();
@@ -129,9 +135,9 @@ at::Tensor grouped(const at::Tensor& rows, const at::Tensor& codes, const at::Te
               "got ", codes.scalar_type(), " ", codes.sizes(), " for rows of ", K);
   const int64_t E = codes.size(0), N = codes.size(1), groups = K / kGroup;
   TORCH_CHECK(scales_and_zeros.scalar_type() == at::kBFloat16 && scales_and_zeros.is_contiguous() &&
-                  scales_and_zeros.sizes() == at::IntArrayRef({E, groups, N, 2}),
-              "avx512_int4_grouped: scales_and_zeros must be contiguous bf16 [", E, ", ", groups, ", ", N,
-              ", 2], got ", scales_and_zeros.scalar_type(), " ", scales_and_zeros.sizes());
+                  scales_and_zeros.sizes() == at::IntArrayRef({E, N / kBlock, groups, kBlock, 2}),
+              "avx512_int4_grouped: scales_and_zeros must be contiguous bf16 [", E, ", ", N / kBlock, ", ", groups,
+              ", ", kBlock, ", 2], got ", scales_and_zeros.scalar_type(), " ", scales_and_zeros.sizes());
   TORCH_CHECK(static_cast<int64_t>(ends.size()) == E, "avx512_int4_grouped: ", ends.size(), " ends for ", E,
               " matrices");
   std::vector<int64_t> begins(E), used;  // used: the matrices with rows
@@ -165,11 +171,11 @@ at::Tensor grouped(const at::Tensor& rows, const at::Tensor& codes, const at::Te
     for (int64_t item = first; item < last; ++item) {
       const int64_t e = used[item / blocks], block = item % blocks;
       const uint32_t* block_codes = words + (e * blocks + block) * block_words;
-      const uint16_t* matrix_scales = scales + e * groups * N * 2;
+      const uint16_t* block_scales = scales + (e * blocks + block) * groups * kBlock * 2;
       for (int64_t r = begins[e]; r < ends[e]; r += kMaxRows) {
         const int64_t count = std::min<int64_t>(kMaxRows, ends[e] - r);
-        kBlockFunctions[count](x + r * K, K, group_sums + r * groups, block_codes, matrix_scales, N,
-                               block * kBlock, result + r * N);
+        kBlockFunctions[count](x + r * K, K, group_sums + r * groups, block_codes, block_scales, N, block * kBlock,
+                               result + r * N);
       }
     }
   });
