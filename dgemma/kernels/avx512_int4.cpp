@@ -9,8 +9,8 @@
 // Scales and zeros, per matrix: for each block of 32 output columns, for each group of 32 k, the block's 32 (scale,
 // zero) pairs. A block's are contiguous, and the next block's follow, so a thread that walks its blocks reads codes
 // and scales as two streams. (In torch's layout, [K / 32, N, 2], a block's pairs for successive groups lie N * 4 bytes
-// apart: one row read 8 random released experts, 1408 x 2816, at 35 against 38 to 41 GB/s in this layout, 16 rows
-// each of 128 experts at 0.78 against 0.84 TFLOP/s, on a 2-core AMD EPYC, Zen 5.)
+// apart. Against it, the two kernels alternated in one process over released shapes read from memory on a 2-core AMD
+// EPYC, Zen 5: one row 11 to 14 % faster, 16 rows 0 to 5 %; docs/quantization.md.)
 //
 // Codes layout, per matrix: blocks of 32 output columns; in a block, for each 8 consecutive k (a "quad" of four k
 // pairs), 32 little-endian 32-bit words, word j for column j of the block. Bits 4i..4i+3 of a word hold k = 2i of the
