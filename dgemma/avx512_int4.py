@@ -21,24 +21,17 @@ weight; otherwise 4-bit weights keep torch's kernels.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-from .compiling import agrees_with_torch_int4, compiling_allowed
+from .compiling import AVX512_FLAGS, agrees_with_torch_int4, built_library, compiling_allowed
 
 logger = logging.getLogger(__name__)
 
 BLOCK_N = 32  # output columns per block of the kernel's layout
 SOURCE = Path(__file__).parent / "kernels" / "avx512_int4.cpp"
-FLAGS = ("-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp",
-         "-shared", "-fPIC", "-w")
 
 
 def pack(codes: torch.Tensor) -> torch.Tensor:
@@ -86,30 +79,8 @@ def _load() -> None:
 
 
 def _library() -> Path:
-    """The kernel's shared library, built into the cache if it is not there (atomically: concurrent builds each
-    write their own file and rename it into place)."""
-    torch_dir = Path(torch.__file__).parent
-    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
-    compiler = os.environ.get("CXX", "c++")
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), torch.__version__, compiler, abi, *FLAGS]).encode())
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dgemma" / "kernels"
-    library = cache / f"avx512_int4-{key.hexdigest()[:16]}.so"
-    if library.exists():
-        return library
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C++ compiler ({compiler!r}) to build {SOURCE.name}")
-    cache.mkdir(parents=True, exist_ok=True)
-    logger.info("building %s with %s, once (cached in %s)", SOURCE.name, compiler, cache)
-    with tempfile.TemporaryDirectory(dir=cache) as scratch:
-        built = Path(scratch) / library.name
-        command = [compiler, *FLAGS, abi, f"-I{torch_dir / 'include'}",
-                   f"-I{torch_dir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}", str(SOURCE), "-o", str(built),
-                   f"-L{torch_dir / 'lib'}", f"-Wl,-rpath,{torch_dir / 'lib'}", "-ltorch_cpu", "-lc10"]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode:
-            raise RuntimeError(f"building {SOURCE.name} failed:\n{result.stderr[-2000:]}")
-        os.replace(built, library)
-    return library
+    """The kernel's shared library, built into the cache if it is not there (`dgemma.compiling.built_library`)."""
+    return built_library(SOURCE, AVX512_FLAGS)
 
 
 @functools.cache

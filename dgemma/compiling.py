@@ -7,16 +7,25 @@ torch's eager int4 kernel, in its own layout; the few-row product's, dequantised
 the model dtype where it rounds only its result; the one-row products', F.linear and the grouped experts).
 `DGEMMA_COMPILE=0` keeps every kernel eager: for a machine without a C++ compiler, or to time the eager paths.
 The 4-bit kernels built here (the AMX template, dgemma's AVX-512 kernel) are used only where they agree with torch's
-eager int4 kernel on a small weight in this process (`agrees_with_torch_int4`).
+eager int4 kernel on a small weight in this process (`agrees_with_torch_int4`). dgemma's own C++ kernels
+(dgemma/kernels/) are built with the machine's compiler at first use (`built_library`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import shutil
+import subprocess
+import tempfile
 import types
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 # Inductor sums a float32 reduction longer than 4,096 values with a cascade helper (for accuracy), which read a
@@ -60,3 +69,37 @@ def agrees_with_torch_int4(pack: Callable[[torch.Tensor], torch.Tensor], matmul:
         if not ((got - expected).abs() <= 2**-7 * expected.abs().amax() + 1e-3).all():
             return False
     return True
+
+
+# How dgemma's AVX-512 kernels (dgemma/kernels/*.cpp) are compiled: AVX-512 BF16 instructions, torch's OpenMP.
+AVX512_FLAGS = ("-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp",
+                "-shared", "-fPIC", "-w")
+
+
+def built_library(source: Path, flags: tuple[str, ...]) -> Path:
+    """The shared library of a C++ kernel source built against the installed torch with the machine's compiler ($CXX,
+    else c++), cached under $XDG_CACHE_HOME/dgemma/kernels by source, torch version, compiler and flags; built if it
+    is not there (atomically: concurrent builds each write their own file and rename it into place). Raises
+    RuntimeError naming the source when there is no compiler or the build fails."""
+    torch_dir = Path(torch.__file__).parent
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    compiler = os.environ.get("CXX", "c++")
+    key = hashlib.sha256("\0".join([source.read_text(), torch.__version__, compiler, abi, *flags]).encode())
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dgemma" / "kernels"
+    library = cache / f"{source.stem}-{key.hexdigest()[:16]}.so"
+    if library.exists():
+        return library
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler ({compiler!r}) to build {source.name}")
+    cache.mkdir(parents=True, exist_ok=True)
+    logger.info("building %s with %s, once (cached in %s)", source.name, compiler, cache)
+    with tempfile.TemporaryDirectory(dir=cache) as scratch:
+        built = Path(scratch) / library.name
+        command = [compiler, *flags, abi, f"-I{torch_dir / 'include'}",
+                   f"-I{torch_dir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}", str(source), "-o", str(built),
+                   f"-L{torch_dir / 'lib'}", f"-Wl,-rpath,{torch_dir / 'lib'}", "-ltorch_cpu", "-lc10"]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(f"building {source.name} failed:\n{result.stderr[-2000:]}")
+        os.replace(built, library)
+    return library

@@ -184,7 +184,7 @@ at::Tensor grouped(const at::Tensor& rows, const at::Tensor& codes, const at::Te
 
 }  // namespace
 
-TORCH_LIBRARY(dgemma, m) {
+TORCH_LIBRARY_FRAGMENT(dgemma, m) {
   m.def("avx512_int4_grouped(Tensor rows, Tensor codes, Tensor scales_and_zeros, int[] ends) -> Tensor");
 }
 

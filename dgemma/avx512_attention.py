@@ -1,0 +1,85 @@
+"""A token's attention on CPUs with AVX-512 BF16: a C++ kernel (dgemma/kernels/avx512_attention.cpp), built at first
+use with the machine's C++ compiler against the installed torch (`dgemma.compiling.built_library`) and loaded as the
+op `torch.ops.dgemma.avx512_one_query_attention`.
+
+An autoregressive token's query attends to the whole cache of its layer (a released sliding layer's up to 1,024 keys
+of 8 heads of 256, a full layer's every key of 2 heads of 512). `dgemma.model.attend_one_query` computes it in
+float32 as two batched matmuls, which first widen every key and value to a float32 copy: the cache's bytes through
+memory five times over, which grows with the context. This kernel reads each key and value once, in chunks of 256
+keys spread over the threads, with the same float32 arithmetic (products of the bf16 values, float32 sums in
+another order, a polynomial exponential within 2 units in the last place), rounding the result once to bf16.
+
+`available()`: the CPU has AVX-512 BF16, compiling is allowed (DGEMMA_COMPILE is not 0), the library builds and
+loads, and on a small case it agrees with the float32 formula; otherwise a token's attention stays eager.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import torch
+
+from .compiling import AVX512_FLAGS, built_library, compiling_allowed
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "kernels" / "avx512_attention.cpp"
+MAX_GROUP = 16  # query heads a key head may serve (the kernel's kMaxGroup)
+
+
+def one_query(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """q [B, H, 1, D] bf16 attending (scale 1) to keys and values [B, H_kv, S, D] bf16 (views of a longer cache
+    are fine: their last dimension must be contiguous) under a boolean mask [B, 1, 1, S] (None: every key):
+    [B, H, 1, D] bf16. A query that sees no key gets zeros. No derivative."""
+    _load()
+    if mask is not None:  # one mask for every row may come broadcast
+        mask = mask.expand(q.shape[0], 1, 1, keys.shape[2])
+    return torch.ops.dgemma.avx512_one_query_attention(q, keys, values, mask)
+
+
+def takes(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether a query [B, H, 1, D] and its keys and values run in the kernel: bf16 on a CPU, D a multiple of 16, at
+    most MAX_GROUP query heads a key head, rows contiguous, no gradient to record, and the kernel available."""
+    return (q.device.type == "cpu" and q.dtype == keys.dtype == values.dtype == torch.bfloat16
+            and q.shape[-1] % 16 == 0 and q.shape[1] % keys.shape[1] == 0 and q.shape[1] // keys.shape[1] <= MAX_GROUP
+            and keys.stride(-1) == 1 and values.stride(-1) == 1
+            and not (torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad or values.requires_grad))
+            and available())
+
+
+@functools.cache
+def _load() -> None:
+    """Build (if needed) and load the kernel's library once per process, registering its op."""
+    torch.ops.load_library(str(built_library(SOURCE, AVX512_FLAGS)))
+
+
+def _exact_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The attention in float64, for the check: softmax(q . k) v with the query heads grouped over the key heads."""
+    batch, heads, _, dim = q.shape
+    grouped = q.double().reshape(batch, keys.shape[1], heads // keys.shape[1], dim)
+    scores = (grouped @ keys.double().transpose(-1, -2)).masked_fill(~mask, float("-inf"))
+    return (scores.softmax(dim=-1) @ values.double()).reshape(batch, heads, 1, dim)
+
+
+@functools.cache
+def available() -> bool:
+    """Whether this process runs a token's attention in this kernel: AVX-512 BF16, compiling allowed, the library
+    builds and loads, and on a small case (two rows, a masked key, 600 keys: three chunks) its result is the float64
+    one to bf16 rounding."""
+    if not compiling_allowed() or not torch.cpu._is_avx512_bf16_supported():
+        return False
+    try:
+        _load()
+    except (OSError, RuntimeError) as error:  # no compiler, an unwritable cache, a failed build: say why, once
+        logger.warning("a token's attention runs eagerly here: dgemma's AVX-512 attention kernel is unavailable (%s)",
+                       error)
+        return False
+    generator = torch.Generator().manual_seed(0)
+    q, keys, values = (torch.randn(2, heads, length, 32, generator=generator).to(torch.bfloat16)
+                       for heads, length in ((8, 1), (2, 600), (2, 600)))
+    mask = torch.rand(2, 1, 1, 600, generator=generator) > 0.2
+    expected = _exact_attention(q, keys, values, mask)
+    got = one_query(q, keys, values, mask).double()
+    return bool(((got - expected).abs() <= 2**-8 * expected.abs() + 1e-6).all())
