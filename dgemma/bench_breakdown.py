@@ -24,6 +24,9 @@ Design choices:
   attention as 4-bit halves) where that layout differs (`one_row_layout_forms`): prefill and tokens only. Their
   projected AR token is that run's; the canvas layout's is kept beside it (`ar_token_seconds_canvas_layout`), and
   the prompt's prefill in the token layout too.
+- With `--ar-context N`, tokens are timed once more after the cache is filled to N tokens (random ones, in prompts of
+  512): a token then also reads its layers' keys and values (a sliding layer's last 1,024, a full layer's all), which
+  the floor at that context counts too (`kv_bytes`).
 - `generate()` of one canvas with `--steps` fixed steps, by dgemma (each form) and by transformers (bf16), in their
   own processes (`dgemma bench`'s workers): the whole step as a user sees it, prefill and commit included.
 - Floors: a denoising step at the measured bf16 matmul rate (it is compute-bound: 256 tokens x 8 experts route to
@@ -194,9 +197,10 @@ def held_bytes(model) -> dict[str, int]:
 
 @torch.no_grad()
 def measure_parts(path: Path, threads: int, prompt_length: int, repeat: int, ar_tokens: int, seed: int,
-                  decode: str = "diffusion") -> dict:
+                  decode: str = "diffusion", ar_context: int = 0) -> dict:
     """One form's parts: see the module's design notes. Loaded for `decode`; for "autoregressive", the prompt's
-    prefill and the tokens only."""
+    prefill and the tokens only. With `ar_context` past the prompt and its tokens, tokens once more at that
+    context (`ar_token_seconds_at_context`, `ar_layers_at_context`)."""
     import dgemma
     from .cache import KVCache
 
@@ -217,8 +221,9 @@ def measure_parts(path: Path, threads: int, prompt_length: int, repeat: int, ar_
     prompt = torch.randint(3, config.vocab_size, (1, prompt_length), generator=generator)
     valid = torch.ones_like(prompt, dtype=torch.bool)
     prefill = []
+    capacity = max(prompt_length + canvas_length + ar_tokens, ar_context + ar_tokens + 1)
     for _ in range(repeat + 1):
-        cache = KVCache(config, 1, model.dtype, model.device, capacity=prompt_length + canvas_length + ar_tokens)
+        cache = KVCache(config, 1, model.dtype, model.device, capacity=capacity)
         prefill.append(timed(lambda: model.encode(prompt, cache.encoder_plan(model.rope, valid), exact=False)))
         cache.commit(valid)
     measured = {"load_seconds": load_seconds, "layer_types": [spec.is_sliding for spec in config.layers],
@@ -227,6 +232,15 @@ def measure_parts(path: Path, threads: int, prompt_length: int, repeat: int, ar_
     if decode == "diffusion":
         measured.update(denoising_parts(model, cache, canvas_length, repeat, generator))
     measured.update(autoregressive_parts(model, cache, prompt[:, -1:], ar_tokens, encoder_clock))
+    if ar_context > cache.lengths[0]:
+        while cache.lengths[0] < ar_context:  # the context filled a prompt of at most 512 tokens at a time
+            more = torch.randint(3, config.vocab_size, (1, min(512, ar_context - cache.lengths[0])),
+                                 generator=generator)
+            model.encode(more, cache.encoder_plan(model.rope, torch.ones_like(more, dtype=torch.bool)), exact=False)
+            cache.commit(torch.ones_like(more, dtype=torch.bool))
+        at_context = autoregressive_parts(model, cache, prompt[:, -1:], ar_tokens, encoder_clock)
+        measured.update(ar_context=ar_context, ar_token_seconds_at_context=at_context["ar_token_seconds"],
+                        ar_layers_at_context=at_context["ar_layers"])
     return {**measured, "resident_bytes": resident_bytes() - before, "held_bytes": held_bytes(model)}
 
 
@@ -276,7 +290,8 @@ def autoregressive_parts(model, cache, token: torch.Tensor, ar_tokens: int, enco
 
 def spawn_parts(path: Path, args: argparse.Namespace, decode: str = "diffusion") -> dict:
     command = [sys.executable, "-m", "dgemma.bench_breakdown", "worker", str(path), str(args.threads),
-               str(args.prompt_length), str(args.repeat), str(args.ar_tokens), str(args.seed), decode]
+               str(args.prompt_length), str(args.repeat), str(args.ar_tokens), str(args.seed), decode,
+               str(args.ar_context)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"breakdown worker for {path} failed:\n{result.stderr[-3000:]}")
@@ -321,6 +336,10 @@ def project(parts: dict, full, steps: int, tokens: dict | None = None) -> dict:
     if tokens is not None:
         projection.update(ar_token_seconds_canvas_layout=ar_token_of(parts),
                           prefill_seconds_token_layout=prefill_of(tokens))
+    if "ar_token_seconds_at_context" in (tokens or parts):
+        at_context = deepened(tokens or parts, "ar_token_seconds_at_context", "ar_layers_at_context")
+        projection.update(ar_context=(tokens or parts)["ar_context"], ar_token_seconds_at_context=at_context,
+                          ar_tokens_per_second_at_context=1 / at_context)
     return projection
 
 
@@ -335,15 +354,29 @@ def ar_bytes(parts: dict, full) -> float:
     return full.num_hidden_layers * mean + head
 
 
+def kv_bytes(full, context: int, itemsize: int = 2) -> int:
+    """Bytes of cached keys and values a token reads at `context` in the full model: each layer's (a sliding layer
+    its last `sliding_window`, a full layer all), in a cache of `itemsize`-byte values (bf16)."""
+    return sum(2 * (min(context, full.sliding_window) if spec.is_sliding else context) * spec.num_kv_heads
+               * spec.head_dim * itemsize for spec in full.layers)
+
+
 def floors(parts: dict, full, prompt: int, rates: dict, tokens: dict | None = None) -> dict:
     """A step's floor (its FLOPs or its weights' bytes, whichever takes longer) and a token's (the bytes it reads),
     at `rates`. A token's bytes are counted in the layout its time is measured in: `tokens`, the parts measured
     loaded for autoregressive decoding, where given (a load for diffusion may hold second copies a token never
-    reads: the tiles kept beside torch's int4 layout)."""
+    reads: the tiles kept beside torch's int4 layout). Where tokens were timed at a longer context, a token's floor
+    there adds the keys and values it reads (`kv_bytes`)."""
     cost, token_bytes = step_cost(full, prompt), ar_bytes(tokens or parts, full)
     step = max(cost["flops"] / rates["matmul_flops"], cost["weight_bytes"] / rates["copy_bytes_per_second"])
-    return {"step_seconds": step, "ar_token_seconds": token_bytes / rates["copy_bytes_per_second"],
-            "step_flops": cost["flops"], "ar_token_bytes": token_bytes}
+    floor = {"step_seconds": step, "ar_token_seconds": token_bytes / rates["copy_bytes_per_second"],
+             "step_flops": cost["flops"], "ar_token_bytes": token_bytes}
+    context = (tokens or parts).get("ar_context")
+    if context:
+        at_context = token_bytes + kv_bytes(full, context)
+        floor.update(ar_token_bytes_at_context=at_context,
+                     ar_token_seconds_at_context=at_context / rates["copy_bytes_per_second"])
+    return floor
 
 
 def median_of(measurements: list[dict]) -> dict:
@@ -371,6 +404,9 @@ def main_run(args: argparse.Namespace) -> dict:
         raise ValueError(f"unknown weight forms {unknown} (choose from {', '.join(FORMS)})")
     if args.rounds < 1:
         raise ValueError(f"--rounds {args.rounds}: measure every form at least once")
+    if args.ar_context and args.ar_context <= args.prompt_length + args.ar_tokens + 1:
+        raise ValueError(f"--ar-context {args.ar_context}: tokens are timed after the {args.prompt_length}-token prompt "
+                         f"and {args.ar_tokens + 1} tokens already; ask for a longer context")
     layers = args.layers or 2
     if layers < 2:
         raise ValueError(f"--layers {layers}: the breakdown projects each layer kind, so the slice needs 2 layers or "
@@ -431,7 +467,8 @@ def main_run(args: argparse.Namespace) -> dict:
         entry["floor"] = floors(parts, full, args.prompt_length, rates, tokens)
         entry["desktop_floor"] = floors(parts, full, args.prompt_length, DESKTOP, tokens)
         entry["rounds"] = [{key: value for key, value in project(one, full, args.steps, token_run).items()
-                            if key in ("step_seconds", "ar_token_seconds", "ar_token_seconds_canvas_layout")}
+                            if key in ("step_seconds", "ar_token_seconds", "ar_token_seconds_canvas_layout",
+                                       "ar_token_seconds_at_context")}
                            for one, token_run in zip(measured, token_runs or [None] * len(measured))]
         entry["generate"] = median_of(runs[form, "generate"])
     if ("bf16", "transformers") in runs:
@@ -467,16 +504,20 @@ def table(report: dict) -> str:
     if "transformers_generate" in forms.get("bf16", {}):
         lines.append(f"transformers generate() step (bf16): "
                      f"{forms['bf16']['transformers_generate']['seconds_per_step']:.3f} s")
+    context = next((e["projection"]["ar_context"] for e in forms.values() if "ar_context" in e["projection"]), None)
     lines += ["", f"projected to {report['full_layers']} layers on this machine (floor in brackets; AR tokens of 4-bit "
                   "forms in the layout they are loaded in for --decode autoregressive):",
               "| form | step s | AR token s | AR tok/s | diffusion tok/s at 16 tok/forward | break-even tok/forward | "
-              "weights GiB |", "|---|---:|---:|---:|---:|---:|---:|"]
+              "weights GiB |" + (f" AR token at {context} tokens s | AR tok/s at {context} |" if context else ""),
+              "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if context else "")]
     for form, entry in forms.items():
         p, f = entry["projection"], entry["floor"]
+        at_context = (f" {p['ar_token_seconds_at_context']:.3f} [{f['ar_token_seconds_at_context']:.3f}] | "
+                      f"{p['ar_tokens_per_second_at_context']:.2f} |" if context else "")
         lines.append(f"| {form} | {p['step_seconds']:.2f} [{f['step_seconds']:.2f}] | {p['ar_token_seconds']:.3f} "
                      f"[{f['ar_token_seconds']:.3f}] | {p['ar_tokens_per_second']:.2f} | "
                      f"{p['diffusion_tokens_per_second']['16.0']:.2f} | {p['break_even_tokens_per_forward']:.1f} | "
-                     f"{p['weights_bytes'] / 2**30:.1f} |")
+                     f"{p['weights_bytes'] / 2**30:.1f} |" + at_context)
     return "\n".join(lines)
 
 
@@ -522,6 +563,8 @@ def chart(report: dict, path: Path) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--forms", default=",".join(FORMS), help=f"with --breakdown: weight forms of {FORMS}")
     parser.add_argument("--ar-tokens", type=int, default=8, help="with --breakdown: autoregressive tokens timed")
+    parser.add_argument("--ar-context", type=int, default=0,
+                        help="with --breakdown: also time tokens with the cache filled to this many tokens")
     parser.add_argument("--rounds", type=int, default=1,
                         help="with --breakdown: measure every form this many times, interleaved, and report medians")
     parser.add_argument("--skip", default="", help="with --breakdown: 'transformers' to leave that baseline out")
@@ -530,9 +573,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["worker"]:
-        path, threads, prompt, repeat, ar_tokens, seed, decode = argv[1:]
+        path, threads, prompt, repeat, ar_tokens, seed, decode, ar_context = argv[1:]
         print(json.dumps(measure_parts(Path(path), int(threads), int(prompt), int(repeat), int(ar_tokens),
-                                       int(seed), decode)))
+                                       int(seed), decode, int(ar_context))))
         return
     raise SystemExit("run it as `dgemma bench --breakdown`")
 

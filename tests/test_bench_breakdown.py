@@ -9,8 +9,8 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from dgemma.bench import build_checkpoint, named_config
-from dgemma.bench_breakdown import (FORMS, ONE_ROW_LAYOUT_FORMS, SCHEME_OF_FORM, floors, measure_parts, median_of,
-                                    one_row_layout_forms, project, random_blocks, weights_file)
+from dgemma.bench_breakdown import (FORMS, ONE_ROW_LAYOUT_FORMS, SCHEME_OF_FORM, floors, kv_bytes, measure_parts,
+                                    median_of, one_row_layout_forms, project, random_blocks, weights_file)
 from dgemma.gguf import read_gguf
 from dgemma.quantized import CpuInt4, fast_int4_layout, quantized_weights
 
@@ -44,8 +44,13 @@ def test_parts_of_a_kept_quantised_slice_add_up(tmp_path):
     # but for the tiles a load for diffusion keeps beside torch's layout without a fast kernel (the layers' dense
     # matrices), and on the AVX-512 kernel the 8-bit attention and router as 4-bit halves (1.25 bytes a value against
     # the tiles' 1.125)
-    tokens = measure_parts(path, threads=1, prompt_length=8, repeat=1, ar_tokens=2, seed=0, decode="autoregressive")
+    tokens = measure_parts(path, threads=1, prompt_length=8, repeat=1, ar_tokens=2, seed=0, decode="autoregressive",
+                           ar_context=600)
     assert "decoder_seconds" not in tokens and "sampler_seconds" not in tokens
+    # and tokens once more with the cache filled to 600 (two prompts: 512, then the rest)
+    assert tokens["ar_context"] == 600 and "ar_context" not in parts
+    assert len(tokens["ar_layers_at_context"]) == 2
+    assert sum(tokens["ar_layers_at_context"]) <= tokens["ar_token_seconds_at_context"]
     assert len(tokens["ar_layers"]) == 2 and sum(tokens["ar_layers"]) <= tokens["ar_token_seconds"]
     assert all(tokens["held_bytes"][place] == held[place] for place in ("rest", "layer0.experts", "layer1.experts"))
     fast = fast_int4_layout()
@@ -118,6 +123,28 @@ def test_a_tokens_floor_counts_the_bytes_held_in_the_layout_its_time_is_measured
     assert floors(canvas, full, 256, rates)["ar_token_bytes"] == pytest.approx(30 * (per_layer + 20) + 100)
 
 
+def test_a_token_at_a_longer_context_adds_the_cached_keys_and_values_it_reads():
+    full = named_config("release", 256)  # 25 sliding layers (8 key heads of 256, window 1024), 5 full (2 of 512)
+    assert kv_bytes(full, 4096) == 25 * 2 * 1024 * 8 * 256 * 2 + 5 * 2 * 4096 * 2 * 512 * 2
+    assert kv_bytes(full, 100) == 25 * 2 * 100 * 8 * 256 * 2 + 5 * 2 * 100 * 2 * 512 * 2
+    rates = {"matmul_flops": 1e12, "copy_bytes_per_second": 1e10}
+    parts = {"layer_types": [True, False], "held_bytes": {"rest": 100, "layer0": 10, "layer1": 20},
+             "ar_context": 4096}
+    floor = floors(parts, full, 256, rates)
+    assert floor["ar_token_bytes_at_context"] == floor["ar_token_bytes"] + kv_bytes(full, 4096)
+    assert floor["ar_token_seconds_at_context"] == pytest.approx(floor["ar_token_bytes_at_context"] / 1e10)
+    assert "ar_token_seconds_at_context" not in floors({**parts, "ar_context": None}, full, 256, rates)
+
+
+def test_a_context_no_longer_than_the_tokens_already_timed_is_refused_by_name(tmp_path, capsys):
+    from dgemma.cli import main
+
+    assert main(["bench", "--breakdown", "--config", "tiny", "--prompt-length", "256", "--ar-context", "100",
+                 "--work-dir", str(tmp_path), "--out", str(tmp_path / "out.json")]) == 2
+    assert "--ar-context 100: tokens are timed after the 256-token prompt" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_projection_counts_each_layer_kind_of_the_full_model():
     full = named_config("release", 256)  # 30 layers: 25 sliding, 5 full
     parts = {"layer_types": [True, False], "decoder_layers": [1.0, 2.0], "decoder_seconds": 3.5, "sampler_seconds": 1.0,
@@ -142,6 +169,13 @@ def test_projection_counts_each_layer_kind_of_the_full_model():
     assert with_tokens["prefill_seconds_token_layout"] == pytest.approx(25 * 0.3 + 5 * 0.6 + 0.1)
     assert with_tokens["step_seconds"] == projected["step_seconds"]
     assert with_tokens["break_even_tokens_per_forward"] == pytest.approx(36.5 / with_tokens["ar_token_seconds"])
+    assert "ar_token_seconds_at_context" not in with_tokens
+    # Tokens timed at a longer context are projected the same way.
+    longer = {**tokens, "ar_context": 4096, "ar_layers_at_context": [0.006, 0.02], "ar_token_seconds_at_context": 0.05}
+    at_context = project(parts, full, steps=16, tokens=longer)
+    assert at_context["ar_context"] == 4096
+    assert at_context["ar_token_seconds_at_context"] == pytest.approx(25 * 0.006 + 5 * 0.02 + 0.024)
+    assert at_context["ar_tokens_per_second_at_context"] == pytest.approx(1 / 0.274)
 
 
 def test_rounds_merge_into_medians_of_numbers_and_lists_keeping_the_rest():
