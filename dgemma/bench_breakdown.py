@@ -338,7 +338,7 @@ def project(parts: dict, full, steps: int, tokens: dict | None = None) -> dict:
                           prefill_seconds_token_layout=prefill_of(tokens))
     if "ar_token_seconds_at_context" in (tokens or parts):
         at_context = deepened(tokens or parts, "ar_token_seconds_at_context", "ar_layers_at_context")
-        projection.update(ar_context=(tokens or parts)["ar_context"], ar_token_seconds_at_context=at_context,
+        projection.update(ar_context=int((tokens or parts)["ar_context"]), ar_token_seconds_at_context=at_context,
                           ar_tokens_per_second_at_context=1 / at_context)
     return projection
 
