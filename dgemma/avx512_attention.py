@@ -10,7 +10,8 @@ keys spread over the threads, with the same float32 arithmetic (products of the 
 another order, a polynomial exponential within 2 units in the last place), rounding the result once to bf16.
 
 `available()`: the CPU has AVX-512 BF16, compiling is allowed (DGEMMA_COMPILE is not 0), the library builds and
-loads, and on a small case it agrees with the float32 formula; otherwise a token's attention stays eager.
+loads, and on a small case its result is the float64 one to bf16 rounding; otherwise a token's attention stays
+eager.
 """
 
 from __future__ import annotations
@@ -82,4 +83,5 @@ def available() -> bool:
     mask = torch.rand(2, 1, 1, 600, generator=generator) > 0.2
     expected = _exact_attention(q, keys, values, mask)
     got = one_query(q, keys, values, mask).double()
-    return bool(((got - expected).abs() <= 2**-8 * expected.abs() + 1e-6).all())
+    # 1e-5: float32 sums of scores carry about 1e-6 into outputs near zero (the eager float32 formula's too)
+    return bool(((got - expected).abs() <= 2**-8 * expected.abs() + 1e-5).all())

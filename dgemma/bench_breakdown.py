@@ -233,7 +233,7 @@ def measure_parts(path: Path, threads: int, prompt_length: int, repeat: int, ar_
         measured.update(denoising_parts(model, cache, canvas_length, repeat, generator))
     measured.update(autoregressive_parts(model, cache, prompt[:, -1:], ar_tokens, encoder_clock))
     if ar_context > cache.lengths[0]:
-        while cache.lengths[0] < ar_context:  # the context filled a prompt of at most 512 tokens at a time
+        while cache.lengths[0] < ar_context:  # filled by prompts of at most 512 tokens
             more = torch.randint(3, config.vocab_size, (1, min(512, ar_context - cache.lengths[0])),
                                  generator=generator)
             model.encode(more, cache.encoder_plan(model.rope, torch.ones_like(more, dtype=torch.bool)), exact=False)
