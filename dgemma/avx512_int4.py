@@ -72,6 +72,11 @@ def matmul(rows: torch.Tensor, codes: torch.Tensor, scales_and_zeros: torch.Tens
     return grouped(rows, codes[None], scales_and_zeros[None], [rows.shape[0]])
 
 
+def matmul_torch_scales(rows: torch.Tensor, codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """`matmul` given scales and zeros in torch's int4 layout [K // 32, N, 2] (packed on each call: for checks)."""
+    return matmul(rows, codes, pack_scales(scales_and_zeros))
+
+
 @functools.cache
 def _load() -> None:
     """Build (if needed) and load the kernel's library once per process, registering its op."""
@@ -96,6 +101,4 @@ def available() -> bool:
         logger.warning("4-bit matrices run in torch's int4 kernels here, slower: dgemma's AVX-512 kernel is "
                        "unavailable (%s)", error)
         return False
-    def with_torch_scales(rows: torch.Tensor, codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
-        return matmul(rows, codes, pack_scales(scales_and_zeros))
-    return agrees_with_torch_int4(pack, with_torch_scales, n=64, k=256, counts=(1, 3, 8, 17))
+    return agrees_with_torch_int4(pack, matmul_torch_scales, n=64, k=256, counts=(1, 3, 8, 17))

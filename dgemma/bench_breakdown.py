@@ -236,8 +236,9 @@ def measure_parts(path: Path, threads: int, prompt_length: int, repeat: int, ar_
         while cache.lengths[0] < ar_context:  # filled by prompts of at most 512 tokens
             more = torch.randint(3, config.vocab_size, (1, min(512, ar_context - cache.lengths[0])),
                                  generator=generator)
-            model.encode(more, cache.encoder_plan(model.rope, torch.ones_like(more, dtype=torch.bool)), exact=False)
-            cache.commit(torch.ones_like(more, dtype=torch.bool))
+            real = torch.ones_like(more, dtype=torch.bool)
+            model.encode(more, cache.encoder_plan(model.rope, real), exact=False)
+            cache.commit(real)
         at_context = autoregressive_parts(model, cache, prompt[:, -1:], ar_tokens, encoder_clock)
         measured.update(ar_context=ar_context, ar_token_seconds_at_context=at_context["ar_token_seconds"],
                         ar_layers_at_context=at_context["ar_layers"])
@@ -336,9 +337,10 @@ def project(parts: dict, full, steps: int, tokens: dict | None = None) -> dict:
     if tokens is not None:
         projection.update(ar_token_seconds_canvas_layout=ar_token_of(parts),
                           prefill_seconds_token_layout=prefill_of(tokens))
-    if "ar_token_seconds_at_context" in (tokens or parts):
-        at_context = deepened(tokens or parts, "ar_token_seconds_at_context", "ar_layers_at_context")
-        projection.update(ar_context=int((tokens or parts)["ar_context"]), ar_token_seconds_at_context=at_context,
+    timed = tokens or parts  # the load whose tokens give the AR figures
+    if "ar_token_seconds_at_context" in timed:
+        at_context = deepened(timed, "ar_token_seconds_at_context", "ar_layers_at_context")
+        projection.update(ar_context=int(timed["ar_context"]), ar_token_seconds_at_context=at_context,
                           ar_tokens_per_second_at_context=1 / at_context)
     return projection
 

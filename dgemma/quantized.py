@@ -621,7 +621,8 @@ PACKERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "int4pack": lambda codes: torch._convert_weight_to_int4pack_for_cpu(codes, 1)}
 # How a layout holds a matrix's bf16 scales and zeros, given in torch's int4 layout [K // 32, N, 2]: as given, but for
 # the AVX-512 kernel, which reads each block of 32 output columns' pairs together ([N // 32, K // 32, 32, 2]).
-SCALE_PACKERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"avx512": avx512_pack_scales}
+SCALE_PACKERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "amx": lambda pairs: pairs, "avx512": avx512_pack_scales, "int4pack": lambda pairs: pairs}
 
 
 @dataclass(eq=False)
@@ -681,8 +682,7 @@ class CpuInt4:
         entries = codes.shape[0]
         packed = torch.empty(entries, n, width // 2, dtype=torch.uint8)
         one_row = torch.empty(entries, n, width // 2, dtype=torch.uint8) if one_row_copy else None
-        pack_scales = SCALE_PACKERS.get(layout, lambda pairs: pairs)
-        scales_and_zeros = None
+        scales_and_zeros = []
         for entry in range(entries):
             added = offset[entry] if offset is not None else 0
             if halves:
@@ -696,12 +696,10 @@ class CpuInt4:
             packed[entry] = PACKERS[layout](unpacked)
             if one_row is not None:
                 one_row[entry] = PACKERS["int4pack"](unpacked)
-            pairs = pack_scales(torch.stack((scales, zeros), dim=-1).transpose(0, 1))
-            if scales_and_zeros is None:
-                scales_and_zeros = torch.empty(entries, *pairs.shape, dtype=torch.bfloat16)
-            scales_and_zeros[entry] = pairs
-        return cls(codes=packed.reshape(*lead, n, width // 2),
-                   scales_and_zeros=scales_and_zeros.reshape(*lead, *scales_and_zeros.shape[1:]),
+            pairs = torch.stack((scales, zeros), dim=-1).transpose(0, 1).to(torch.bfloat16)
+            scales_and_zeros.append(SCALE_PACKERS[layout](pairs))
+        pairs = torch.stack(scales_and_zeros)
+        return cls(codes=packed.reshape(*lead, n, width // 2), scales_and_zeros=pairs.reshape(*lead, *pairs.shape[1:]),
                    shape=tuple(weight.shape), qtype=weight.qtype, layout=layout,
                    one_row_codes=None if one_row is None else one_row.reshape(*lead, n, width // 2),
                    tiles=weight if keep_tiles else None, halves=halves)

@@ -36,11 +36,6 @@ def packed(codes: torch.Tensor) -> torch.Tensor:
     return torch.stack([avx512_int4.pack(matrix) for matrix in codes])
 
 
-def with_torch_scales(rows: torch.Tensor, codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    """The kernel's product of one matrix given torch's layout of scales and zeros."""
-    return avx512_int4.matmul(rows, codes, avx512_int4.pack_scales(scales_and_zeros))
-
-
 def test_pack_puts_each_value_where_the_kernel_reads_it() -> None:
     codes = torch.randint(0, 16, (64, 48), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
     words = avx512_int4.pack(codes).view(torch.int32).view(2, 6, 32).long() & 0xFFFFFFFF  # [blocks, runs, columns]
@@ -66,7 +61,7 @@ def test_pack_scales_puts_each_block_s_pairs_together_group_after_group() -> Non
 def test_products_are_the_exact_values_times_the_rows_to_bf16_rounding(rows: int) -> None:
     codes, scales_and_zeros = weights(1, 96, 256, seed=rows)
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
-    out = with_torch_scales(x, packed(codes)[0], scales_and_zeros[0])
+    out = avx512_int4.matmul_torch_scales(x, packed(codes)[0], scales_and_zeros[0])
     assert out.dtype == torch.bfloat16 and out.shape == (rows, 96)
     truth = x.double() @ values(codes, scales_and_zeros)[0].T
     # fp32 sums (of exact products) rounded once to bf16: within 2^-8 of the largest a row could sum to.
@@ -151,7 +146,7 @@ def test_the_check_against_torch_refuses_a_kernel_off_by_a_percent() -> None:
     from dgemma.compiling import agrees_with_torch_int4
 
     def skewed(rows, codes, scales_and_zeros):
-        return with_torch_scales(rows, codes, scales_and_zeros) * 1.01
+        return avx512_int4.matmul_torch_scales(rows, codes, scales_and_zeros) * 1.01
 
-    assert agrees_with_torch_int4(avx512_int4.pack, with_torch_scales, n=64, k=256, counts=(1, 17))
+    assert agrees_with_torch_int4(avx512_int4.pack, avx512_int4.matmul_torch_scales, n=64, k=256, counts=(1, 17))
     assert not agrees_with_torch_int4(avx512_int4.pack, skewed, n=64, k=256, counts=(1, 17))

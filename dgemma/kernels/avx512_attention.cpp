@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <vector>
 
 namespace {
 
@@ -161,23 +162,24 @@ at::Tensor one_query_attention(const at::Tensor& q, const at::Tensor& keys, cons
       const int64_t head = row / group, g = row % group;
       float peak = -std::numeric_limits<float>::infinity();
       for (int64_t c = 0; c < chunks; ++c) peak = std::max(peak, maximum[(head * chunks + c) * group + g]);
+      // The chunks that saw a key, each with its exponentials' factor to the row's maximum.
+      std::vector<int64_t> seen;
+      std::vector<float> scales;
       float sum = 0.0f;
       for (int64_t c = 0; c < chunks; ++c) {
         const float m = maximum[(head * chunks + c) * group + g];
-        if (m != -std::numeric_limits<float>::infinity())
-          sum += total[(head * chunks + c) * group + g] * std::exp(m - peak);
+        if (m == -std::numeric_limits<float>::infinity()) continue;
+        seen.push_back(c);
+        scales.push_back(std::exp(m - peak));
+        sum += total[(head * chunks + c) * group + g] * scales.back();
       }
       const int64_t b = head / kv_heads, h = head % kv_heads;
       uint16_t* target = result_data + (b * H + h * group + g) * D;
       for (int64_t d = 0; d < D; d += 16) {
         __m512 acc = _mm512_setzero_ps();
-        for (int64_t c = 0; c < chunks; ++c) {
-          const float m = maximum[(head * chunks + c) * group + g];
-          if (m == -std::numeric_limits<float>::infinity()) continue;
-          const float scale = std::exp(m - peak);
-          acc = _mm512_fmadd_ps(_mm512_set1_ps(scale), _mm512_loadu_ps(out + ((head * chunks + c) * group + g) * D + d),
-                                acc);
-        }
+        for (size_t i = 0; i < seen.size(); ++i)
+          acc = _mm512_fmadd_ps(_mm512_set1_ps(scales[i]),
+                                _mm512_loadu_ps(out + ((head * chunks + seen[i]) * group + g) * D + d), acc);
         // A query that sees no key gets zeros (as from dgemma's batched attention), not a softmax's NaN.
         const __m512 value = sum > 0.0f ? _mm512_div_ps(acc, _mm512_set1_ps(sum)) : _mm512_setzero_ps();
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(target + d), (__m256i)_mm512_cvtneps_pbh(value));
