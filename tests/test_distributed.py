@@ -107,7 +107,9 @@ def test_fsdp_with_activation_checkpointing_follows_one_process(corpus, single, 
     config = write_toml(tmp_path / "fsdp.toml", sections_for(corpus, out, parallel="fsdp",
                                                              activation_checkpointing=True))
     results = train_ranks(config)
-    assert_same_curve(log(single), log(out))
+    # The ranks' gradients are summed in another order than one process's: the norms after the first step differ in
+    # their fifth digit on some CPUs (4e-5 at step 6 on an AMD EPYC of family 25, AVX2).
+    assert_same_curve(log(single), log(out), grad_rel=1e-4)
     assert_same_weights(single / "model", out / "model")
     # Rank 0 says where the model is; the sharded state is one DCP directory with a shard per rank.
     assert f"model written to {out / 'model'}" in results[0][1]
@@ -207,15 +209,20 @@ def test_killed_sharded_run_resumes_as_if_uninterrupted(corpus, expert_parallel_
 
 def test_fsdp_bf16_mixed_precision_tracks_one_process_bf16(corpus, tmp_path):
     """bf16 compute with fp32 master weights: FSDP gathers bf16 weights where one process autocasts fp32 ones, so
-    the curves agree to bf16 rounding, not exactly; the exported weights stay fp32."""
+    the curves agree to bf16 rounding, not exactly; the exported weights stay fp32. Gradient norms are compared at the
+    first step only: Adam's first update moves every weight by about lr x the sign of its gradient, so gradients near
+    zero, whose sign bf16 rounding decides, take full-size steps, and the next norms drift by several percent in
+    either run (at step 2, on an AMD EPYC of family 25 without AVX-512: one process in bf16 5.4 % from fp32, FSDP in
+    bf16 1.6 %)."""
     one = Trainer(TrainConfig.from_sections(tiny_config(corpus, tmp_path / "one", steps=2, bf16=True))).run()
     config = write_toml(tmp_path / "bf16.toml", tiny_config(corpus, tmp_path / "two", steps=2, bf16=True,
                                                             parallel="fsdp", expert_parallel=2))
     train_ranks(config)
     two = log(tmp_path / "two")
+    assert [b["step"] for b in two] == [a["step"] for a in one] == [1, 2]
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-3)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=3e-2)
+    assert two[0]["grad_norm"] == pytest.approx(one[0]["grad_norm"], rel=2e-2)
     assert dgemma.load(tmp_path / "two" / "model").dtype == torch.float32
 
 
