@@ -32,6 +32,7 @@ import torch
 from .allocator import tune_allocator
 from .engine import until_eos
 from .onednn import available as onednn_available, product as reordered_product, reorder
+from .widening import linear as widened_linear, widens
 
 S, F = "sliding_attention", "full_attention"
 
@@ -150,8 +151,10 @@ def call_times(fn: Callable[[], object], repeat: int) -> list[float]:
 def measure_machine(threads: int, repeat: int = 5, copy_bytes: int = 64 * 2**20) -> dict[str, float]:
     """bf16 matmul FLOP/s (a decoder-sized and a vocabulary-sized product) and memory copy bandwidth, here (of
     `copy_bytes`: make it larger than the last-level cache to time the memory itself). Each product's time is the
-    faster of torch's and, where oneDNN multiplies bf16 here, of the product with its weight reordered once
-    (`dgemma.onednn`, as dgemma runs large bf16 experts): a floor is set by the fastest kernel at hand."""
+    fastest of torch's, where oneDNN multiplies bf16 here, of the product with its weight reordered once
+    (`dgemma.onednn`, as dgemma runs large bf16 experts), and where this CPU has no native half-precision matmuls, of
+    the product widened to float32 (`dgemma.widening`, as dgemma's fast path runs a canvas there): a floor is set by
+    the fastest kernel at hand."""
     torch.set_num_threads(threads)
 
     def best(fn) -> float:
@@ -159,11 +162,13 @@ def measure_machine(threads: int, repeat: int = 5, copy_bytes: int = 64 * 2**20)
 
     def fastest(rows: torch.Tensor, weight: torch.Tensor) -> float:
         """seconds of rows @ weight.T, the faster way"""
-        plain = best(lambda: torch.nn.functional.linear(rows, weight))
-        if not onednn_available():
-            return plain
-        reordered = reorder(weight, rows.shape[0])
-        return min(plain, best(lambda: reordered_product(rows, reordered)))
+        seconds = [best(lambda: torch.nn.functional.linear(rows, weight))]
+        if onednn_available():
+            reordered = reorder(weight, rows.shape[0])
+            seconds.append(best(lambda: reordered_product(rows, reordered)))
+        if widens(rows, weight):
+            seconds.append(best(lambda: widened_linear(rows, weight)))
+        return min(seconds)
 
     a, b = torch.randn(256, 512, dtype=torch.bfloat16), torch.randn(2048, 512, dtype=torch.bfloat16)
     head = torch.randn(65_536, 512, dtype=torch.bfloat16)

@@ -36,6 +36,7 @@ from .avx512_attention import one_query as avx512_one_query, takes as avx512_att
 from .compiling import compiled_under_own_name, compiling_allowed
 from .config import LayerSpec, ModelConfig
 from .one_row import expert_products, row_product, takes_experts, takes_row
+from .widening import bmm as widened_bmm, linear as widened_linear, widens
 
 # (layer index, new keys, new values) -> (all visible keys, all visible values), each [B, H_kv, S, D]
 KVJoin = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -125,10 +126,13 @@ class AttentionPlan:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, exact: bool = True) -> torch.Tensor:
     """x @ weight.T (+ bias): F.linear (a quantised weight answers it itself), or with exact=False, for a single row
-    and a large bf16 or fp16 matrix on a CPU, the compiled one-row product (`dgemma.one_row`)."""
+    and a large bf16 or fp16 matrix on a CPU, the compiled one-row product (`dgemma.one_row`), and for more rows on a
+    CPU without native half-precision matmuls, the product widened to float32 (`dgemma.widening`)."""
     if not exact and takes_row(x, weight):
         out = row_product(x, weight)
         return out if bias is None else out + bias
+    if not exact and widens(x, weight):
+        return widened_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -143,11 +147,14 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
            exact: bool = True) -> torch.Tensor:
     """Attention of q [B, H, T, D] to keys and values [B, H_kv, S, D] under a boolean mask [B, 1, T, S] (None: all
     visible), scale 1: SDPA, or with exact=False on a CPU, `attend_one_query` for one query a row (a token) and
-    `attend_with_matmuls` for more in bf16 or fp16 (a canvas, a prompt)."""
+    `attend_with_matmuls` for more in bf16 or fp16 (a canvas, a prompt), or where the CPU has no native
+    half-precision matmuls (`dgemma.widening`), float32's attention rounded once to q's dtype."""
     if not exact and q.device.type == "cpu":
         if q.shape[-2] == 1:
             return attend_one_query(q, keys, values, mask)
         if q.dtype in (torch.bfloat16, torch.float16):
+            if widens(q, keys):
+                return attend(q.float(), keys.float(), values.float(), mask, exact).to(q.dtype)
             return attend_with_matmuls(q, keys, values, mask)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0,
                                           enable_gqa=keys.shape[1] != q.shape[1])
@@ -324,8 +331,8 @@ class Experts(nn.Module):
             slot = torch.arange(expert_of.numel(), device=x.device) - (torch.cumsum(counts, 0) - counts)[expert_of]
             batch = x.new_zeros(self.num_experts, int(counts.max()), x.shape[-1])
             batch[expert_of, slot] = rows
-            gate, up = torch.bmm(batch, self.gate_up_proj.transpose(-2, -1)).chunk(2, dim=-1)
-            out = torch.bmm(self.act(gate) * up, self.down_proj.transpose(-2, -1))
+            gate, up = batched_products(batch, self.gate_up_proj).chunk(2, dim=-1)
+            out = batched_products(self.act(gate) * up, self.down_proj)
             return self._combined(out[index.reshape(-1), slot[position]], weights, x.dtype)
         ends = torch.cumsum(counts, dim=0).to(torch.int32)
         # Large experts on a CPU: one matmul per expert, no padding to the fullest expert's rows.
@@ -371,6 +378,14 @@ def _gathered_combination_kernel() -> Callable:
                                    fullgraph=True)
 
 
+def batched_products(batch: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """batch [E, C, K] @ weights[E, N, K].T -> [E, C, N] (the small experts' padded batch off the reference path):
+    torch.bmm, or widened to float32 where the CPU has no native half-precision matmuls (`dgemma.widening`)."""
+    if widens(batch, weights):
+        return widened_bmm(batch, weights)
+    return torch.bmm(batch, weights.transpose(-2, -1))
+
+
 def grouped_linear(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor,
                    per_expert: bool = False) -> torch.Tensor:
     """rows [S, in] grouped by expert (group e ends at ends[e]) times weight[e].T, [E, out, in] -> [S, out]. A
@@ -378,7 +393,7 @@ def grouped_linear(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor,
     layout (`CpuInt4`, `dgemma.onednn.ReorderedExperts`) runs its experts through its own `grouped_linear` when no
     gradient is recorded.
     `per_expert`: a float weight takes one matmul per expert instead of grouped_mm (on a CPU, faster for large
-    experts: see `LARGE_EXPERT`)."""
+    experts: see `LARGE_EXPERT`), widened to float32 where the CPU has no native half-precision matmuls."""
     if isinstance(weight, torch.Tensor) and not per_expert:
         weight_t = weight.transpose(-2, -1)
         # grouped_mm (what the reference runs) needs every non-unit stride to be a multiple of 16 bytes.
@@ -389,7 +404,10 @@ def grouped_linear(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor,
     elif hasattr(weight, "grouped_linear") and not (rows.requires_grad and torch.is_grad_enabled()):
         return weight.grouped_linear(rows, ends.tolist())
     # Odd sizes, quantised weights and `per_expert` take one matmul per expert.
-    return each_expert(rows, ends.tolist(), weight.shape[1], lambda group, expert: F.linear(group, weight[expert]))
+    def product(group: torch.Tensor, expert: int) -> torch.Tensor:
+        matrix = weight[expert]
+        return widened_linear(group, matrix) if per_expert and widens(group, matrix) else F.linear(group, matrix)
+    return each_expert(rows, ends.tolist(), weight.shape[1], product)
 
 
 def each_expert(rows: torch.Tensor, ends: list[int], width: int,

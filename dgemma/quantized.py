@@ -59,6 +59,7 @@ from .avx512_int4 import grouped as avx512_int4_grouped, matmul as avx512_int4_m
 from .avx512_int4 import pack_scales as avx512_pack_scales
 from .compiling import SUM_CHUNK, compiled_under_own_name, compiling_allowed
 from .model import attached_weights, each_expert
+from .widening import widens
 
 
 # eq=False: the fields are tensors, whose == is elementwise; identity is the only meaningful equality here.
@@ -491,7 +492,8 @@ def _linear(x: torch.Tensor, weight: GroupQuantized, bias: torch.Tensor | None =
             out: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ weight[N, K].T (+ bias) in x's dtype: a few rows in one compiled pass over the codes
     (`_takes_few_rows_kernel`), else a tile of weight rows at a time (4-bit ones in plane order where
-    `_takes_nibble_planes`)."""
+    `_takes_nibble_planes`), dequantised to x's dtype, or to float32 (x widened once, the result rounded once) where
+    the CPU has no native half-precision matmuls (`dgemma.widening`)."""
     if _takes_few_rows_kernel(x, weight):
         product = _few_rows_linear(x, weight)
         product = product if bias is None else product + bias
@@ -500,29 +502,39 @@ def _linear(x: torch.Tensor, weight: GroupQuantized, bias: torch.Tensor | None =
     planes = _takes_nibble_planes(x, weight)
     if planes:
         x = x[..., _plane_order(width, weight.group).to(x.device)]
+    dtype = x.dtype
+    rows_in = x.float() if _widens(x) else x
 
     def tile_of(selected: slice) -> torch.Tensor:
-        return _plane_tile(weight, selected, x.dtype) if planes else weight.dequantize(selected, x.dtype)
+        values = rows_in.dtype
+        return _plane_tile(weight, selected, values) if planes else weight.dequantize(selected, values)
     tile = _rows_per_tile(width)
     if rows <= tile and out is None:
-        return F.linear(x, tile_of(slice(None)), bias)
+        return F.linear(rows_in, tile_of(slice(None)), bias).to(dtype)
     out = x.new_empty(*x.shape[:-1], rows) if out is None else out
     for start in range(0, rows, tile):
         end = min(start + tile, rows)
-        out[..., start:end] = F.linear(x, tile_of(slice(start, end)), None if bias is None else bias[start:end])
+        out[..., start:end] = F.linear(rows_in, tile_of(slice(start, end)), None if bias is None else bias[start:end])
     return out
+
+
+def _widens(x: torch.Tensor) -> bool:
+    """Whether tiles for x are dequantised to float32: x has more than one row in bf16 or fp16 on a CPU without native
+    half-precision matmuls (`dgemma.widening.widens`; the tile stands for the weight)."""
+    return widens(x, x)
 
 
 def _mix(weights: torch.Tensor, matrix: GroupQuantized) -> torch.Tensor:
     """weights [..., N] @ matrix[N, K] in weights' dtype, summed over tiles of matrix rows in fp32 and rounded once."""
     rows, width = matrix.shape
     tile = _rows_per_tile(width)
+    values = torch.float32 if _widens(weights) else weights.dtype  # tiles in float32 (`_linear`)
     if rows <= tile:
-        return weights @ matrix.dequantize(None, weights.dtype)
+        return (weights.to(values) @ matrix.dequantize(None, values)).to(weights.dtype)
     total = torch.zeros(*weights.shape[:-1], width, dtype=torch.float32, device=weights.device)
     for start in range(0, rows, tile):
         end = min(start + tile, rows)
-        total += (weights[..., start:end] @ matrix.dequantize(slice(start, end), weights.dtype)).float()
+        total += (weights[..., start:end].to(values) @ matrix.dequantize(slice(start, end), values)).float()
     return total.to(weights.dtype)
 
 

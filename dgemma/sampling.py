@@ -37,6 +37,7 @@ from typing import Callable
 import torch
 
 from .compiling import compiling_allowed
+from .widening import linear as widened_linear, mix, widens
 
 
 @dataclass
@@ -334,7 +335,9 @@ def fast_step(hidden: torch.Tensor, head: torch.Tensor, embedding: torch.Tensor,
     for start in range(0, n, outer):
         end = min(start + outer, n)
         logits = workspace.take("logits", end - start, vocab, head.dtype, hidden.device)
-        if isinstance(head, torch.Tensor):
+        if widens(rows, head):  # no native half-precision matmuls here: in float32, a tile of the matrix at a time
+            widened_linear(rows[start:end], head, out=logits)
+        elif isinstance(head, torch.Tensor):
             torch.mm(rows[start:end], head.t(), out=logits)  # [R, V] in the model dtype
         else:  # a quantised vocabulary matrix, dequantised a tile of rows at a time
             head.linear(rows[start:end], out=logits)
@@ -369,7 +372,11 @@ def fast_step(hidden: torch.Tensor, head: torch.Tensor, embedding: torch.Tensor,
             entropy[span] = (torch.log(total) - block_wx.sum(dim=-1, keepdim=True) / total).squeeze(1)
             sampled[span] = sample_from_blocks(part, block_w.double(), peak, inv_softcap, part_scale,
                                                uniforms[span], block)
-        soft[start:end] = ((weights[:end - start].to(embedding.dtype) @ embedding).float() / totals).to(embedding.dtype)
+        if widens(rows, embedding):
+            mixed = mix(weights[:end - start], embedding)
+        else:
+            mixed = (weights[:end - start].to(embedding.dtype) @ embedding).float()
+        soft[start:end] = (mixed / totals).to(embedding.dtype)
     return StepResult(sampled=sampled.view(batch, length), argmax=argmax.view(batch, length),
                       entropy=entropy.view(batch, length),
                       self_conditioning=(soft * embed_scale).view(batch, length, width))

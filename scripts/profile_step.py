@@ -16,6 +16,7 @@ from dgemma.allocator import tune_allocator
 from dgemma.bench import NAMED_CONFIGS, call_times
 from dgemma.cache import KVCache
 from dgemma.sampling import draw_uniforms, fast_step
+from dgemma.widening import linear as widened_linear, mix, widens
 
 
 def main() -> None:
@@ -62,8 +63,10 @@ def main() -> None:
             "decoder forward (with self-conditioning)": lambda: model.decode(canvas, plan, soft, exact=False),
             "fast sampler, total": lambda: fast_step(hidden, head, head, scale, 30.0, torch.tensor(0.6),
                                                     draw_uniforms(args.canvas, None)),
-            "  logits matmul": lambda: torch.nn.functional.linear(rows, head),
-            "  soft-embedding matmul": lambda: weights @ head,
+            # as the sampler multiplies: widened to float32 where this CPU has no native half-precision matmuls
+            "  logits matmul": lambda: (widened_linear(rows, head) if widens(rows, head)
+                                        else torch.nn.functional.linear(rows, head)),
+            "  soft-embedding matmul": lambda: mix(weights, head) if widens(rows, head) else weights @ head,
             "  one compiled exp over every logit": exp_pass,
         }
         for name, fn in parts.items():

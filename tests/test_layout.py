@@ -65,11 +65,13 @@ def test_no_import_cycles_lazy_imports_included():
 
 def test_the_network_imports_nothing_built_on_it():
     assert graph()["dgemma.model"] <= {"dgemma.avx512_attention", "dgemma.compiling", "dgemma.config",
-                                       "dgemma.one_row"}
+                                       "dgemma.one_row", "dgemma.widening"}
     assert graph()["dgemma.one_row"] <= {"dgemma.compiling"}  # kernels, below the network
     assert graph()["dgemma.avx512_attention"] <= {"dgemma.compiling"}
-    # whether to compile its kernels (an environment setting) is all it reads
-    assert graph()["dgemma.sampling"] <= {"dgemma.compiling"}, "the sampler is pure: no model, cache or tokenizer"
+    assert graph()["dgemma.widening"] == set()
+    # whether to compile its kernels (an environment setting) and how to multiply in half precision is all it reads
+    assert graph()["dgemma.sampling"] <= {"dgemma.compiling", "dgemma.widening"}, \
+        "the sampler is pure: no model, cache or tokenizer"
 
 
 def test_only_the_scheduler_touches_tensors_in_the_server():

@@ -42,7 +42,9 @@ def test_many_query_attention_with_matmuls_is_sdpas_formula_and_rounds_only_scor
     """`attend_with_matmuls` (a canvas's or prompt's attention off the reference path in bf16 or fp16 on a CPU): in
     float64 it is SDPA's result (grouped query heads folded, the mask, a query that sees no key giving zeros); in
     bf16 it stays within 0.02 of the float64 result of its bf16 inputs (scores and probabilities rounded to bf16);
-    attend takes it only for exact=False in bf16 / fp16, SDPA otherwise."""
+    attend takes it only for exact=False in bf16 / fp16 (on a CPU with native half-precision matmuls; without, float32's
+    attention: tests/test_widening.py), SDPA otherwise."""
+    from dgemma import widening
     from dgemma.model import attend, attend_with_matmuls
 
     generator = torch.Generator().manual_seed(0)
@@ -60,7 +62,9 @@ def test_many_query_attention_with_matmuls_is_sdpas_formula_and_rounds_only_scor
         low = [t.to(torch.bfloat16) for t in (q, k, v)]
         truth = torch.nn.functional.scaled_dot_product_attention(*[t.double() for t in low], attn_mask=m, scale=1.0,
                                                                  enable_gqa=kv_heads != heads)
-        out = attend(*low, m, exact=False)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(widening, "native_half_matmuls", lambda: True)
+            out = attend(*low, m, exact=False)
         assert out.dtype == torch.bfloat16 and torch.equal(out, attend_with_matmuls(*low, m))
         torch.testing.assert_close(out.double(), truth, rtol=0, atol=0.02)
         assert torch.equal(attend(*low, m), torch.nn.functional.scaled_dot_product_attention(
