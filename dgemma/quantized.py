@@ -504,6 +504,7 @@ def _linear(x: torch.Tensor, weight: GroupQuantized, bias: torch.Tensor | None =
         x = x[..., _plane_order(width, weight.group).to(x.device)]
     dtype = x.dtype
     rows_in = x.float() if _widens(x) else x
+    bias = None if bias is None else bias.to(rows_in.dtype)
 
     def tile_of(selected: slice) -> torch.Tensor:
         values = rows_in.dtype

@@ -52,8 +52,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     out = x.new_empty(*x.shape[:-1], rows) if out is None else out
     flat_out = out.view(-1, rows)
     tile = min(rows, max(1, TILE_VALUES // width))
-    # One float32 tile and one float32 product reused: fresh ones per tile cost page faults under glibc's defaults
-    # (widening the released vocabulary matrix a tile at a time: 231 ms into fresh tensors, 19 ms into one buffer).
+    # One float32 tile and one float32 product reused: fresh ones per tile can cost page faults under glibc's
+    # defaults (the released vocabulary matrix widened a tile at a time on the Zen 3 EPYC: 55 and 231 ms in two runs
+    # into fresh tensors, 19 and 22 ms into one buffer; the whole product, alternated in one process, 4 % faster).
     widened = torch.empty(tile, width, dtype=torch.float32, device=x.device)
     product = torch.empty(wide.shape[0], tile, dtype=torch.float32, device=x.device)
     for start in range(0, rows, tile):

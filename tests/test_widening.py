@@ -196,11 +196,12 @@ def test_quantised_tiles_widen_to_float32_and_land_closer_to_the_exact_product(m
     generator = torch.Generator().manual_seed(6)
     weight = GroupQuantized.quantize(torch.randn(40, 64, generator=generator), "Q8_0")
     x = torch.randn(9, 64, generator=generator).to(torch.bfloat16)
+    bias = torch.zeros(40, dtype=torch.bfloat16)  # taken in the tiles' dtype (attention biases)
     truth = x.double() @ weight.dequantize().double().t()
     errors = {}
     for native in (True, False):
         monkeypatch.setattr(widening, "native_half_matmuls", lambda native=native: native)
-        out = F.linear(x, weight)
+        out = F.linear(x, weight, bias)
         assert out.dtype == torch.bfloat16 and out.shape == (9, 40)
         errors[native] = (out.double() - truth).abs().max()
     # native: the tile rounded to bf16 before its product; widened: the tile's float32 values, the sum rounded once
