@@ -54,6 +54,7 @@ from torch import nn
 
 from .amx_int4 import BLOCK_N as AMX_BLOCK_N, available as amx_int4_available, block_codes
 from .amx_int4 import calls as amx_int4_calls, matmul as amx_int4_matmul, product as amx_int4_product
+from .avx2_byte_codes import available as avx2_byte_codes_available, rows_times_codes as avx2_rows_times_codes
 from .avx512_int4 import BLOCK_N as AVX512_BLOCK_N, available as avx512_int4_available
 from .avx512_int4 import grouped as avx512_int4_grouped, matmul as avx512_int4_matmul, pack as avx512_pack
 from .avx512_int4 import pack_scales as avx512_pack_scales
@@ -426,12 +427,16 @@ def _takes_few_rows_kernel(x: torch.Tensor, weight: GroupQuantized) -> bool:
 
 
 def _few_rows_linear(x: torch.Tensor, weight: GroupQuantized) -> torch.Tensor:
-    # Contiguous, and every size dynamic, so that no stride or shape ever asks for another graph.
+    """The compiled few-row product, or on a CPU with AVX2 and no AVX-512, where Inductor's loop is slow, dgemma's
+    kernel for it (`dgemma.avx2_byte_codes`)."""
     rows, codes, scale = (t.contiguous() for t in (x.reshape(-1, x.shape[-1]).float(), weight.codes, weight.scale))
     offset = None if weight.offset is None else weight.offset.contiguous()
-    _every_size_dynamic(rows, codes, scale, offset)
-    with torch.no_grad():  # one grad mode for every call: no recompile for it
-        out = _few_rows_kernel(weight.qtype)(rows, codes, scale, offset, weight.zero_code, weight.group)
+    if avx2_byte_codes_available():
+        out = avx2_rows_times_codes(rows, codes, scale, offset, weight.zero_code)
+    else:
+        _every_size_dynamic(rows, codes, scale, offset)  # every size dynamic: no shape ever asks for another graph
+        with torch.no_grad():  # one grad mode for every call: no recompile for it
+            out = _few_rows_kernel(weight.qtype)(rows, codes, scale, offset, weight.zero_code, weight.group)
     return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])  # the float32 sums rounded once
 
 
