@@ -20,14 +20,11 @@ products are the float64 ones to float32 rounding.
 from __future__ import annotations
 
 import functools
-import logging
 from pathlib import Path
 
 import torch
 
-from .compiling import AVX2_FLAGS, built_library, compiling_allowed
-
-logger = logging.getLogger(__name__)
+from .compiling import AVX2_FLAGS, compiling_allowed, library_loads, load_library
 
 SOURCE = Path(__file__).parent / "kernels" / "avx2_byte_codes.cpp"
 
@@ -37,14 +34,8 @@ def rows_times_codes(rows: torch.Tensor, codes: torch.Tensor, scale: torch.Tenso
     """rows [M, K] float32 @ W.T -> [M, N] float32, W [N, K] = (codes - zero_code) * scale (+ offset) per group of
     K / scale.shape[1] values (16 or 32); codes uint8 [N, K], scale and offset float32 [N, K / group], contiguous.
     No derivative: backward through it raises."""
-    _load()
+    load_library(SOURCE, AVX2_FLAGS)
     return torch.ops.dgemma.avx2_byte_codes_rows(rows, codes, scale, offset, zero_code)
-
-
-@functools.cache
-def _load() -> None:
-    """Build (if needed) and load the kernel's library once per process, registering its op."""
-    torch.ops.load_library(str(built_library(SOURCE, AVX2_FLAGS)))
 
 
 def exact_product(rows: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
@@ -62,13 +53,8 @@ def available() -> bool:
     """Whether this process multiplies a few rows by one-byte codes in this kernel: AVX2 without AVX-512, compiling
     allowed, the library builds and loads, and on small matrices (groups of 16 and of 32, with and without offsets)
     its products are the float64 ones to float32 rounding."""
-    if not compiling_allowed() or not torch.cpu._is_avx2_supported() or torch.cpu._is_avx512_supported():
-        return False
-    try:
-        _load()
-    except (OSError, RuntimeError) as error:  # no compiler, an unwritable cache, a failed build: say why, once
-        logger.warning("8-bit matrices times a token's row run in Inductor's loop here, slower: dgemma's AVX2 kernel "
-                       "is unavailable (%s)", error)
+    if (not compiling_allowed() or not torch.cpu._is_avx2_supported() or torch.cpu._is_avx512_supported()
+            or not library_loads(SOURCE, AVX2_FLAGS, "a token's row times 8-bit matrices runs in Inductor's loop")):
         return False
     generator = torch.Generator().manual_seed(0)
     for group, with_offset in ((32, False), (16, False), (32, True)):

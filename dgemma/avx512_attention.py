@@ -17,14 +17,11 @@ eager.
 from __future__ import annotations
 
 import functools
-import logging
 from pathlib import Path
 
 import torch
 
-from .compiling import AVX512_FLAGS, built_library, compiling_allowed
-
-logger = logging.getLogger(__name__)
+from .compiling import AVX512_FLAGS, compiling_allowed, library_loads, load_library
 
 SOURCE = Path(__file__).parent / "kernels" / "avx512_attention.cpp"
 MAX_GROUP = 16  # query heads a key head may serve (the kernel's kMaxGroup)
@@ -34,7 +31,7 @@ def one_query(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: t
     """q [B, H, 1, D] bf16 attending (scale 1) to keys and values [B, H_kv, S, D] bf16 (views of a longer cache
     are fine: their last dimension must be contiguous) under a boolean mask [B, 1, 1, S] (None: every key):
     [B, H, 1, D] bf16. A query that sees no key gets zeros. No derivative."""
-    _load()
+    load_library(SOURCE, AVX512_FLAGS)
     if mask is not None:  # one mask for every row may come broadcast
         mask = mask.expand(q.shape[0], 1, 1, keys.shape[2])
     return torch.ops.dgemma.avx512_one_query_attention(q, keys, values, mask)
@@ -50,12 +47,6 @@ def takes(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
             and available())
 
 
-@functools.cache
-def _load() -> None:
-    """Build (if needed) and load the kernel's library once per process, registering its op."""
-    torch.ops.load_library(str(built_library(SOURCE, AVX512_FLAGS)))
-
-
 def _exact_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The attention in float64, for the check: softmax(q . k) v with the query heads grouped over the key heads."""
     batch, heads, _, dim = q.shape
@@ -69,13 +60,8 @@ def available() -> bool:
     """Whether this process runs a token's attention in this kernel: AVX-512 BF16, compiling allowed, the library
     builds and loads, and on a small case (two rows, a masked key, 600 keys: three chunks) its result is the float64
     one to bf16 rounding."""
-    if not compiling_allowed() or not torch.cpu._is_avx512_bf16_supported():
-        return False
-    try:
-        _load()
-    except (OSError, RuntimeError) as error:  # no compiler, an unwritable cache, a failed build: say why, once
-        logger.warning("a token's attention runs eagerly here: dgemma's AVX-512 attention kernel is unavailable (%s)",
-                       error)
+    if (not compiling_allowed() or not torch.cpu._is_avx512_bf16_supported()
+            or not library_loads(SOURCE, AVX512_FLAGS, "a token's attention runs eagerly")):
         return False
     generator = torch.Generator().manual_seed(0)
     q, keys, values = (torch.randn(2, heads, length, 32, generator=generator).to(torch.bfloat16)

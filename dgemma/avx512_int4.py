@@ -21,14 +21,11 @@ weight; otherwise 4-bit weights keep torch's kernels.
 from __future__ import annotations
 
 import functools
-import logging
 from pathlib import Path
 
 import torch
 
-from .compiling import AVX512_FLAGS, agrees_with_torch_int4, built_library, compiling_allowed
-
-logger = logging.getLogger(__name__)
+from .compiling import AVX512_FLAGS, agrees_with_torch_int4, compiling_allowed, library_loads, load_library
 
 BLOCK_N = 32  # output columns per block of the kernel's layout
 SOURCE = Path(__file__).parent / "kernels" / "avx512_int4.cpp"
@@ -62,7 +59,7 @@ def grouped(rows: torch.Tensor, codes: torch.Tensor, scales_and_zeros: torch.Ten
     """rows [S, K] bf16 grouped by matrix (group e ends at ends[e]) times matrix e of codes [E, N, K // 2] (`pack`ed)
     with bf16 scales and zeros [E, N // 32, K // 32, 32, 2] (`pack_scales`), transposed: [S, N] bf16. No derivative:
     backward through it raises, as through torch's int4 kernels."""
-    _load()
+    load_library(SOURCE, AVX512_FLAGS)
     return torch.ops.dgemma.avx512_int4_grouped(rows, codes, scales_and_zeros, ends)
 
 
@@ -78,27 +75,11 @@ def matmul_torch_scales(rows: torch.Tensor, codes: torch.Tensor, scales_and_zero
 
 
 @functools.cache
-def _load() -> None:
-    """Build (if needed) and load the kernel's library once per process, registering its op."""
-    torch.ops.load_library(str(_library()))
-
-
-def _library() -> Path:
-    """The kernel's shared library, built into the cache if it is not there (`dgemma.compiling.built_library`)."""
-    return built_library(SOURCE, AVX512_FLAGS)
-
-
-@functools.cache
 def available() -> bool:
     """Whether this process computes 4-bit matrices with this kernel: the CPU has AVX-512 BF16 (and no AMX, whose
     kernel is faster: dgemma.amx_int4), compiling is allowed, the library builds and loads, and on a small weight
     its products agree with torch's eager int4 kernel to bf16 rounding."""
-    if not compiling_allowed() or not torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
-        return False
-    try:
-        _load()
-    except (OSError, RuntimeError) as error:  # no compiler, an unwritable cache, a failed build: say why, once
-        logger.warning("4-bit matrices run in torch's int4 kernels here, slower: dgemma's AVX-512 kernel is "
-                       "unavailable (%s)", error)
+    if (not compiling_allowed() or not torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+            or not library_loads(SOURCE, AVX512_FLAGS, "4-bit matrices run in torch's int4 kernels")):
         return False
     return agrees_with_torch_int4(pack, matmul_torch_scales, n=64, k=256, counts=(1, 3, 8, 17))

@@ -13,6 +13,7 @@ eager int4 kernel on a small weight in this process (`agrees_with_torch_int4`). 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -76,6 +77,24 @@ def agrees_with_torch_int4(pack: Callable[[torch.Tensor], torch.Tensor], matmul:
 AVX512_FLAGS = ("-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp",
                 "-shared", "-fPIC", "-w")
 AVX2_FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-w")
+
+
+@functools.cache
+def load_library(source: Path, flags: tuple[str, ...]) -> None:
+    """Build (if needed) and load a C++ kernel's library once per process, registering its ops; raises as
+    `built_library` does, or OSError when the library does not load."""
+    torch.ops.load_library(str(built_library(source, flags)))
+
+
+def library_loads(source: Path, flags: tuple[str, ...], instead: str) -> bool:
+    """Whether `load_library` works here; where it does not (no compiler, an unwritable cache, a failed build), a
+    warning says why and what runs `instead`."""
+    try:
+        load_library(source, flags)
+    except (OSError, RuntimeError) as error:
+        logger.warning("%s here, slower: dgemma's kernel %s is unavailable (%s)", instead, source.name, error)
+        return False
+    return True
 
 
 def built_library(source: Path, flags: tuple[str, ...]) -> Path:
