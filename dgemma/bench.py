@@ -385,15 +385,23 @@ def write_report(report: dict, out: Path, draw: Callable[[dict, Path], None], de
 
 
 def machine() -> dict:
-    """What the numbers were measured on: the CPU's model name, its cores, torch, and any GPU."""
+    """What the numbers were measured on: the CPU's model name (with its family and model where the name alone does
+    not tell them apart: a virtual machine's "AMD EPYC" may be a Zen 3 or a Zen 5), the vector instructions torch
+    uses on it, whether it has AVX-512 BF16 and AMX, its cores, torch, and any GPU."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as info:
-            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+            fields = dict(line.split(":", 1) for line in info.read().split("\n\n")[0].splitlines() if ":" in line)
+        fields = {key.strip(): value.strip() for key, value in fields.items()}
+        cpu = fields.get("model name", cpu)
+        if "cpu family" in fields:
+            cpu = f"{cpu} (family {fields['cpu family']}, model {fields.get('model', '?')})"
     except OSError:
         pass
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cpus": os.cpu_count(), "torch": torch.__version__, "platform": sys.platform, "gpu": gpu}
+    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "avx512_bf16": torch.cpu._is_avx512_bf16_supported(), "amx": torch.cpu._is_amx_tile_supported(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "platform": sys.platform, "gpu": gpu}
 
 
 def table(report: dict) -> str:

@@ -33,6 +33,10 @@ def test_bench_reports_every_system_with_ratios_and_a_chart(tmp_path, capsys):
                                      "dgemma-fast / dgemma-ar"}
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "dgemma-fast" in capsys.readouterr().out
+    # what it ran on, told apart by more than a virtual machine's model name
+    assert report["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert report["machine"]["avx512_bf16"] == torch.cpu._is_avx512_bf16_supported()
+    assert report["machine"]["amx"] == torch.cpu._is_amx_tile_supported()
 
 
 def test_autoregressive_decoding_matches_the_reference_encoder(checkpoint_dir):
