@@ -391,8 +391,8 @@ def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as info:
-            fields = dict(line.split(":", 1) for line in info.read().split("\n\n")[0].splitlines() if ":" in line)
-        fields = {key.strip(): value.strip() for key, value in fields.items()}
+            pairs = (line.split(":", 1) for line in info.read().split("\n\n")[0].splitlines() if ":" in line)
+            fields = {key.strip(): value.strip() for key, value in pairs}
         cpu = fields.get("model name", cpu)
         if "cpu family" in fields:
             cpu = f"{cpu} (family {fields['cpu family']}, model {fields.get('model', '?')})"

@@ -507,16 +507,15 @@ def _linear(x: torch.Tensor, weight: GroupQuantized, bias: torch.Tensor | None =
     planes = _takes_nibble_planes(x, weight)
     if planes:
         x = x[..., _plane_order(width, weight.group).to(x.device)]
-    dtype = x.dtype
-    rows_in = x.float() if _widens(x) else x
-    bias = None if bias is None else bias.to(rows_in.dtype)
+    compute = torch.float32 if _widens(x) else x.dtype  # the tiles' dtype
+    rows_in = x.to(compute)
+    bias = None if bias is None else bias.to(compute)
 
     def tile_of(selected: slice) -> torch.Tensor:
-        values = rows_in.dtype
-        return _plane_tile(weight, selected, values) if planes else weight.dequantize(selected, values)
+        return _plane_tile(weight, selected, compute) if planes else weight.dequantize(selected, compute)
     tile = _rows_per_tile(width)
     if rows <= tile and out is None:
-        return F.linear(rows_in, tile_of(slice(None)), bias).to(dtype)
+        return F.linear(rows_in, tile_of(slice(None)), bias).to(x.dtype)
     out = x.new_empty(*x.shape[:-1], rows) if out is None else out
     for start in range(0, rows, tile):
         end = min(start + tile, rows)
@@ -534,13 +533,13 @@ def _mix(weights: torch.Tensor, matrix: GroupQuantized) -> torch.Tensor:
     """weights [..., N] @ matrix[N, K] in weights' dtype, summed over tiles of matrix rows in fp32 and rounded once."""
     rows, width = matrix.shape
     tile = _rows_per_tile(width)
-    values = torch.float32 if _widens(weights) else weights.dtype  # tiles in float32 (`_linear`)
+    compute = torch.float32 if _widens(weights) else weights.dtype  # the tiles' dtype, as in `_linear`
     if rows <= tile:
-        return (weights.to(values) @ matrix.dequantize(None, values)).to(weights.dtype)
+        return (weights.to(compute) @ matrix.dequantize(None, compute)).to(weights.dtype)
     total = torch.zeros(*weights.shape[:-1], width, dtype=torch.float32, device=weights.device)
     for start in range(0, rows, tile):
         end = min(start + tile, rows)
-        total += (weights[..., start:end].to(values) @ matrix.dequantize(slice(start, end), values)).float()
+        total += (weights[..., start:end].to(compute) @ matrix.dequantize(slice(start, end), compute)).float()
     return total.to(weights.dtype)
 
 

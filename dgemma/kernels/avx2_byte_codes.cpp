@@ -83,18 +83,20 @@ at::Tensor rows_times_codes(const at::Tensor& rows, const at::Tensor& codes, con
               "avx2_byte_codes_rows: rows must be a contiguous float32 CPU matrix [M, K], got ", rows.scalar_type(),
               " ", rows.sizes());
   const int64_t M = rows.size(0), K = rows.size(1);
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.size(1) == K,
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.is_cpu() &&
+                  codes.size(1) == K,
               "avx2_byte_codes_rows: codes must be contiguous uint8 [N, K] with K = ", K, ", got ",
               codes.scalar_type(), " ", codes.sizes());
   const int64_t N = codes.size(0);
-  TORCH_CHECK(scale.dim() == 2 && scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.size(0) == N &&
-                  scale.size(1) > 0 && K % scale.size(1) == 0,
+  TORCH_CHECK(scale.dim() == 2 && scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.is_cpu() &&
+                  scale.size(0) == N && scale.size(1) > 0 && K % scale.size(1) == 0,
               "avx2_byte_codes_rows: scale must be contiguous float32 [N, K / group] for codes ", codes.sizes(),
               ", got ", scale.scalar_type(), " ", scale.sizes());
   const int64_t group = K / scale.size(1);
   TORCH_CHECK(group == 16 || group == 32, "avx2_byte_codes_rows: groups of 16 or 32 values, got ", group);
   if (offset.has_value())
-    TORCH_CHECK(offset->scalar_type() == at::kFloat && offset->is_contiguous() && offset->sizes() == scale.sizes(),
+    TORCH_CHECK(offset->scalar_type() == at::kFloat && offset->is_contiguous() && offset->is_cpu() &&
+                    offset->sizes() == scale.sizes(),
                 "avx2_byte_codes_rows: offset must be contiguous float32 ", scale.sizes(), ", got ",
                 offset->scalar_type(), " ", offset->sizes());
   const int64_t groups = K / group;
