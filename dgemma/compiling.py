@@ -73,10 +73,10 @@ def agrees_with_torch_int4(pack: Callable[[torch.Tensor], torch.Tensor], matmul:
 
 
 # How dgemma's C++ kernels (dgemma/kernels/*.cpp) are compiled: the AVX-512 ones with AVX-512 BF16 instructions, the
-# AVX2 one with AVX2 and FMA; torch's OpenMP.
+# AVX2 one with AVX2, FMA and F16C (every AVX2 CPU has them); torch's OpenMP.
 AVX512_FLAGS = ("-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp",
                 "-shared", "-fPIC", "-w")
-AVX2_FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-w")
+AVX2_FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-w")
 
 
 @functools.cache

@@ -15,7 +15,9 @@ rounding once to the row's dtype: what the eager kernels compute, summed in anot
 from the eager kernel's (or from a batch's row) in its last bit. The model takes them only off the reference path
 (`exact=False`, dgemma.model). Every size is dynamic: one graph serves many matrix shapes (the released model's
 take two, rows up to 4,096 long and longer; compiling costs a few seconds once per process); float32 and small
-matrices (test models, the bundled one) keep the eager kernels.
+matrices (test models, the bundled one) keep the eager kernels. On a CPU with AVX2 and no AVX-512, where Inductor's
+loop widens bf16 slowly (from cache as slowly as from memory), dgemma's C++ kernel (`dgemma.avx2_rows`) computes
+the same float32 sums instead, in another order.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Callable
 
 import torch
 
+from .avx2_rows import available as avx2_rows_available, half_rows as avx2_half_rows
 from .compiling import SUM_CHUNK, compiled_under_own_name, compiling_allowed
 
 # Matrices smaller than this many values keep torch's eager kernels: below it the gain is tens of microseconds a matrix,
@@ -77,8 +80,12 @@ def takes_row(x: torch.Tensor, weight: object) -> bool:
 
 def row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., K] (a single row) @ weight.T, as `takes_row` allows."""
-    with torch.no_grad():  # one grad mode for every call: no recompile for it
-        out = _kernel(_product, x.dtype)(x.reshape(1, -1).clone(), weight.detach())
+    if avx2_rows_available():
+        out = avx2_half_rows(x.reshape(1, -1).float(), weight.detach().unsqueeze(0),
+                                  torch.zeros(1, dtype=torch.long)).to(x.dtype)
+    else:
+        with torch.no_grad():  # one grad mode for every call: no recompile for it
+            out = _kernel(_product, x.dtype)(x.reshape(1, -1).clone(), weight.detach())
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -91,5 +98,7 @@ def takes_experts(x: torch.Tensor, weight: object, top_k: int) -> bool:
 
 def expert_products(rows: torch.Tensor, weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """rows [R, K] @ weight[index[r]].T for each row r -> [R, N], as `takes_experts` allows."""
+    if avx2_rows_available():
+        return avx2_half_rows(rows.float(), weight.detach(), index.contiguous()).to(rows.dtype)
     with torch.no_grad():
         return _kernel(_indexed_products, rows.dtype)(rows.clone(), weight.detach(), index.clone())

@@ -54,7 +54,8 @@ from torch import nn
 
 from .amx_int4 import BLOCK_N as AMX_BLOCK_N, available as amx_int4_available, block_codes
 from .amx_int4 import calls as amx_int4_calls, matmul as amx_int4_matmul, product as amx_int4_product
-from .avx2_byte_codes import available as avx2_byte_codes_available, rows_times_codes as avx2_rows_times_codes
+from .avx2_rows import INT4_BLOCK as AVX2_INT4_BLOCK, available as avx2_rows_available
+from .avx2_rows import byte_codes_rows as avx2_byte_codes_rows, int4_rows as avx2_int4_rows
 from .avx512_int4 import BLOCK_N as AVX512_BLOCK_N, available as avx512_int4_available
 from .avx512_int4 import grouped as avx512_int4_grouped, matmul as avx512_int4_matmul, pack as avx512_pack
 from .avx512_int4 import pack_scales as avx512_pack_scales
@@ -428,11 +429,11 @@ def _takes_few_rows_kernel(x: torch.Tensor, weight: GroupQuantized) -> bool:
 
 def _few_rows_linear(x: torch.Tensor, weight: GroupQuantized) -> torch.Tensor:
     """The compiled few-row product, or on a CPU with AVX2 and no AVX-512, where Inductor's loop is slow, dgemma's
-    kernel for it (`dgemma.avx2_byte_codes`)."""
+    kernel for it (`dgemma.avx2_rows`)."""
     rows, codes, scale = (t.contiguous() for t in (x.reshape(-1, x.shape[-1]).float(), weight.codes, weight.scale))
     offset = None if weight.offset is None else weight.offset.contiguous()
-    if avx2_byte_codes_available():
-        out = avx2_rows_times_codes(rows, codes, scale, offset, weight.zero_code)
+    if avx2_rows_available():
+        out = avx2_byte_codes_rows(rows, codes, scale, offset, weight.zero_code)
     else:
         _every_size_dynamic(rows, codes, scale, offset)  # every size dynamic: no shape ever asks for another graph
         with torch.no_grad():  # one grad mode for every call: no recompile for it
@@ -747,7 +748,10 @@ class CpuInt4:
         if weight.tiles is not None and x.numel() > x.shape[-1]:
             return F.linear(x, weight.tiles, bias)
         flat = weight._kernel_rows(x)
-        if weight.one_row_codes is not None and flat.shape[0] == 1:
+        if weight.takes_avx2_rows:
+            out = avx2_int4_rows(flat.float(), weight.codes.unsqueeze(0), weight.scales_and_zeros.unsqueeze(0),
+                                      torch.zeros(flat.shape[0], dtype=torch.long)).to(flat.dtype)
+        elif weight.one_row_codes is not None and flat.shape[0] == 1:
             out = torch._weight_int4pack_mm_for_cpu(flat, weight.one_row_codes, cls.GROUP, weight.scales_and_zeros)
         elif weight.layout == "amx":
             out = amx_int4_matmul(flat, weight.codes, weight.scales_and_zeros)
@@ -757,6 +761,13 @@ class CpuInt4:
             out = torch._weight_int4pack_mm_for_cpu(flat, weight.codes, cls.GROUP, weight.scales_and_zeros)
         out = out.view(*x.shape[:-1], weight.shape[-2])
         return out if bias is None else out + bias
+
+    @property
+    def takes_avx2_rows(self) -> bool:
+        """Whether products run in dgemma's AVX2 kernel (`dgemma.avx2_rows`) instead of torch's eager one, whose layout
+        it reads: on a CPU with AVX2 and no AVX-512 it is 1.4 to 2 times as fast at any number of rows (a released
+        expert, 1 to 64 rows, a 2-core AMD EPYC of family 25; docs/cpu.md). It takes matrices of 32 rows and more."""
+        return self.layout == "int4pack" and self.shape[-2] % AVX2_INT4_BLOCK == 0 and avx2_rows_available()
 
     def _kernel_rows(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] as the kernels take it: bf16 rows [M, K], contiguous, taken twice for `halves`."""
@@ -777,6 +788,10 @@ class CpuInt4:
         flat = self._kernel_rows(rows)
         if self.layout == "avx512":  # every expert in one call
             return avx512_int4_grouped(flat, self.codes, self.scales_and_zeros, ends)
+        if self.takes_avx2_rows:  # every expert in one call too: each row names its expert
+            counts = torch.diff(torch.tensor([0, *ends]))
+            index = torch.repeat_interleave(torch.arange(len(ends)), counts)
+            return avx2_int4_rows(flat.float(), self.codes, self.scales_and_zeros, index).to(rows.dtype)
         amx = self.layout == "amx"
 
         def product(group: torch.Tensor, expert: int) -> torch.Tensor:

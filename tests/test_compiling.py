@@ -8,11 +8,11 @@ import shutil
 
 import pytest
 
-from dgemma import avx2_byte_codes, avx512_attention, avx512_int4
+from dgemma import avx2_rows, avx512_attention, avx512_int4
 from dgemma.compiling import AVX2_FLAGS, AVX512_FLAGS, built_library, library_loads
 
 KERNELS = [(avx512_int4.SOURCE, AVX512_FLAGS), (avx512_attention.SOURCE, AVX512_FLAGS),
-           (avx2_byte_codes.SOURCE, AVX2_FLAGS)]
+           (avx2_rows.SOURCE, AVX2_FLAGS)]
 
 
 @pytest.mark.parametrize("source, flags", KERNELS, ids=lambda kernel: getattr(kernel, "stem", ""))
@@ -30,11 +30,11 @@ def test_a_machine_that_cannot_build_a_kernel_is_told_why(source, flags, tmp_pat
 
 
 def test_a_kernel_that_does_not_load_says_what_runs_instead(tmp_path, monkeypatch, caplog) -> None:
-    source = tmp_path / "copy_of_avx2_byte_codes.cpp"  # a source this process has not loaded (load_library caches)
-    shutil.copy(avx2_byte_codes.SOURCE, source)
+    source = tmp_path / "copy_of_avx2_rows.cpp"  # a source this process has not loaded (load_library caches)
+    shutil.copy(avx2_rows.SOURCE, source)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("CXX", "no-such-compiler")
     with caplog.at_level(logging.WARNING, logger="dgemma.compiling"):
         assert not library_loads(source, AVX2_FLAGS, "the slow way runs")
-    assert "the slow way runs here, slower: dgemma's kernel copy_of_avx2_byte_codes.cpp is unavailable" in caplog.text
+    assert "the slow way runs here, slower: dgemma's kernel copy_of_avx2_rows.cpp is unavailable" in caplog.text
     assert "no C++ compiler" in caplog.text

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dgemma
-from dgemma import one_row
+from dgemma import avx2_rows, one_row
 from dgemma.cache import KVCache
 from dgemma.generation import autoregressive_steps
 
@@ -29,7 +29,9 @@ def within_one_rounding(out: torch.Tensor, rows: torch.Tensor, matrices: torch.T
 
 @needs_compiling
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_one_row_times_a_matrix_is_its_float32_sum_rounded_once_in_a_graph_for_short_rows_and_one_for_long(dtype):
+def test_one_row_times_a_matrix_is_its_float32_sum_rounded_once_in_a_graph_for_short_rows_and_one_for_long(dtype,
+                                                                                                          monkeypatch):
+    monkeypatch.setattr(one_row, "avx2_rows_available", lambda: False)  # its own tests: tests/test_avx2_rows.py
     generator = torch.Generator().manual_seed(0)
     # MIN_VALUES and more: two shapes with rows up to SUM_CHUNK long, two with rows of several chunks
     for n, k in [(4096, 1024), (2048, 2560), (512, 8192), (384, 12288)]:
@@ -46,7 +48,12 @@ def test_one_row_times_a_matrix_is_its_float32_sum_rounded_once_in_a_graph_for_s
 
 
 @needs_compiling
-def test_a_tokens_experts_are_read_in_place_by_their_indices():
+@pytest.mark.parametrize("kernel", ["inductor", "avx2"])
+def test_a_tokens_experts_are_read_in_place_by_their_indices(kernel, monkeypatch):
+    if kernel == "inductor":
+        monkeypatch.setattr(one_row, "avx2_rows_available", lambda: False)
+    elif not avx2_rows.available():
+        pytest.skip("no AVX2 kernel here")
     generator = torch.Generator().manual_seed(1)
     experts, n, k, top_k = 6, 1024, 1024, 4  # top_k matrices of n x k: MIN_VALUES
     weight = torch.randn(experts, n, k, generator=generator).to(torch.bfloat16)

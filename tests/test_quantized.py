@@ -275,8 +275,8 @@ def test_large_4_bit_tiles_run_in_nibble_plane_order_with_the_eager_bits_and_the
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q6_K, T.Q5_1], ids=lambda t: t.name)  # zero codes 128, 32, 0 + offsets
 def test_a_few_rows_times_a_large_matrix_of_byte_codes_take_one_compiled_pass_as_exact_as_tiles(qtype: T,
                                                                                               monkeypatch) -> None:
-    # Inductor's loop, which an AVX2 CPU without AVX-512 leaves for dgemma's kernel (tests/test_avx2_byte_codes.py)
-    monkeypatch.setattr(dgemma.quantized, "avx2_byte_codes_available", lambda: False)
+    # Inductor's loop, which an AVX2 CPU without AVX-512 leaves for dgemma's kernel (tests/test_avx2_rows.py)
+    monkeypatch.setattr(dgemma.quantized, "avx2_rows_available", lambda: False)
     kernel = dgemma.quantized._few_rows_kernel(qtype.name)
     code = kernel._torchdynamo_orig_callable.__code__
     assert code.co_name == f"few_rows_product_{qtype.name}"

@@ -1,0 +1,126 @@
+"""A token's rows times large matrices on CPUs with AVX2 and no AVX-512: C++ kernels (dgemma/kernels/avx2_rows.cpp),
+built at first use with the machine's C++ compiler against the installed torch and loaded as three ops:
+`torch.ops.dgemma.avx2_half_rows` (bf16 and fp16 matrices), `avx2_byte_codes_rows` (one-byte codes: Q8_0, Q6_K,
+Q5_*) and `avx2_int4_rows` (4-bit codes in torch's int4 layout for the CPU).
+
+An autoregressive token is bound by reading the matrices it uses, and on such a CPU the loops it had were not: on a
+2-core AMD EPYC of family 25 (Zen 3), reading memory at 20 GB/s, torch's eager int4 kernel read a row's 4-bit matrix
+at 5.5 GB/s, Inductor's one-row bf16 loop (`dgemma.one_row`) at 10 to 16 GB/s and its loop over byte codes at about
+1 G codes/s, each about as slow from cache as from memory (docs/cpu.md has the figures; where the CPU has AVX-512
+those loops are fast). These kernels widen 16 to 32 values an instruction and sum in float32 (half precision), or
+take each group of 32 (or 16) values of the row at 16 bits and sum the codes' products in int32, exactly, two an
+instruction (the quantised ops: a value within 2^7 of its group's largest magnitude is taken exactly, a smaller one to
+2^-15 of that largest; `error_bound`). Each output is one thread's sum in a fixed order: the same bits with any
+number of threads, and a row's result does not depend on the other rows.
+
+`available()` says whether this process uses them: the CPU has AVX2 and no AVX-512, compiling is allowed
+(DGEMMA_COMPILE is not 0), the build and load work, and on small matrices each op's products are the float64 ones
+within `error_bound` (the 4-bit one on codes packed by torch in this process: its layout is torch's, checked here).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from .compiling import AVX2_FLAGS, compiling_allowed, library_loads, load_library
+
+SOURCE = Path(__file__).parent / "kernels" / "avx2_rows.cpp"
+INT4_GROUP = 32  # torch's int4 kernel's group, the 4-bit op's
+INT4_BLOCK = 32  # its output columns packed together on an AVX2 CPU: the 4-bit op takes multiples of it
+
+
+def half_rows(rows: torch.Tensor, weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """rows [M, K] float32, weight [E, N, K] bf16 or fp16, index [M] int64 -> [M, N] float32: row m times
+    weight[index[m]].T, summed in float32. No derivative: backward through it raises."""
+    load_library(SOURCE, AVX2_FLAGS)
+    return torch.ops.dgemma.avx2_half_rows(rows, weight, index)
+
+
+def byte_codes_rows(rows: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+                    zero_code: int) -> torch.Tensor:
+    """rows [M, K] float32 @ W.T -> [M, N] float32, W [N, K] = (codes - zero_code) * scale (+ offset) per group of
+    K / scale.shape[1] values (16 or 32); codes uint8 [N, K], scale and offset float32 [N, K / group], contiguous.
+    No derivative."""
+    load_library(SOURCE, AVX2_FLAGS)
+    return torch.ops.dgemma.avx2_byte_codes_rows(rows, codes, scale, offset, zero_code)
+
+
+def int4_rows(rows: torch.Tensor, codes: torch.Tensor, scales_and_zeros: torch.Tensor,
+              index: torch.Tensor) -> torch.Tensor:
+    """rows [M, K] float32, codes uint8 [E, N, K / 2] packed by `torch._convert_weight_to_int4pack_for_cpu`,
+    scales_and_zeros bf16 [E, K / 32, N, 2], index [M] int64 -> [M, N] float32: row m times matrix index[m], whose
+    value is (code - 8) * scale + zero per group of 32 (torch's int4 kernel's matrix); N a multiple of 32. No
+    derivative."""
+    load_library(SOURCE, AVX2_FLAGS)
+    return torch.ops.dgemma.avx2_int4_rows(rows, codes, scales_and_zeros, index)
+
+
+def byte_code_values(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+                     zero_code: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The matrix `byte_codes_rows` multiplies, in float64, and its part from the codes alone ((code - zero) * scale),
+    the part the 16-bit row multiplies: [N, K] each."""
+    group = codes.shape[1] // scale.shape[1]
+    coded = ((codes.double().view(*scale.shape, group) - zero_code) * scale.double().unsqueeze(-1)).view(codes.shape)
+    if offset is None:
+        return coded, coded
+    return coded + offset.double().repeat_interleave(group, dim=-1), coded
+
+
+def int4_values(codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The matrix of 4-bit codes [N, K] (0..15, unpacked) and their bf16 scales_and_zeros [K / 32, N, 2] that
+    `int4_rows` multiplies, in float64, and its part from the codes ((code - 8) * scale): [N, K] each."""
+    pairs = scales_and_zeros.double().transpose(0, 1).repeat_interleave(INT4_GROUP, dim=1)  # [N, K, 2]
+    coded = (codes.double() - 8) * pairs[..., 0]
+    return coded + pairs[..., 1], coded
+
+
+def error_bound(rows: torch.Tensor, values: torch.Tensor, coded: torch.Tensor, group: int | None) -> torch.Tensor:
+    """How far these kernels' products of rows [M, K] with a matrix [N, K] (`values`, in float64) may be from the
+    exact ones: float32 sums (K x 2^-24 of the terms' magnitudes, doubled), and for the quantised ops (`group` the
+    row's groups) 2^-15 of each group's largest magnitude in the row times the codes' part of the matrix (`coded`)."""
+    rows = rows.double()
+    bound = 2 * rows.shape[1] * 2**-24 * (rows.abs() @ values.abs().t())
+    if group is not None:
+        largest = rows.abs().view(rows.shape[0], -1, group).amax(-1).repeat_interleave(group, dim=-1)
+        bound = bound + 2**-15 * (largest @ coded.abs().t())
+    return bound
+
+
+def _agrees(got: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, coded: torch.Tensor,
+            group: int | None) -> bool:
+    return bool(((got.double() - rows.double() @ values.t()).abs() <= error_bound(rows, values, coded, group)).all())
+
+
+@functools.cache
+def available() -> bool:
+    """Whether this process multiplies a token's rows in these kernels: AVX2 without AVX-512, compiling allowed, the
+    library builds and loads, and on small matrices (bf16 and fp16; one-byte codes in groups of 16 and 32, with and
+    without offsets; 4-bit codes packed by torch here) its products are the float64 ones within `error_bound`."""
+    if (not compiling_allowed() or not torch.cpu._is_avx2_supported() or torch.cpu._is_avx512_supported()
+            or not library_loads(SOURCE, AVX2_FLAGS, "a token's rows run in torch's and Inductor's loops")):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(3, 256, generator=generator)
+    index = torch.tensor([1, 0, 1])
+    for dtype in (torch.bfloat16, torch.float16):
+        weight = torch.randn(2, 40, 256, generator=generator).to(dtype)
+        got = half_rows(rows, weight, index)
+        matrices = [weight[index[m]].double() for m in range(3)]
+        if not all(_agrees(got[m:m + 1], rows[m:m + 1], matrices[m], matrices[m], None) for m in range(3)):
+            return False
+    for group, with_offset in ((32, False), (16, False), (32, True)):
+        codes = torch.randint(0, 256, (40, 256), generator=generator, dtype=torch.uint8)
+        scale = torch.rand(40, 256 // group, generator=generator) / 64
+        offset = torch.randn(40, 256 // group, generator=generator) / 64 if with_offset else None
+        if not _agrees(byte_codes_rows(rows, codes, scale, offset, 128), rows,
+                       *byte_code_values(codes, scale, offset, 128), group):
+            return False
+    codes = torch.randint(0, 16, (2, 64, 256), generator=generator, dtype=torch.int32)
+    pairs = (torch.rand(2, 256 // INT4_GROUP, 64, 2, generator=generator) - 0.5).to(torch.bfloat16)
+    packed = torch.stack([torch._convert_weight_to_int4pack_for_cpu(matrix, 1) for matrix in codes])
+    got = int4_rows(rows, packed, pairs, index)
+    return all(_agrees(got[m:m + 1], rows[m:m + 1], *int4_values(codes[index[m]], pairs[index[m]]), INT4_GROUP)
+               for m in range(3))

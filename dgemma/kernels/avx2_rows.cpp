@@ -1,0 +1,362 @@
+// A few rows times large matrices on CPUs with AVX2 and FMA and no AVX-512, as an autoregressive token multiplies
+// (dgemma/avx2_rows.py builds and loads this file). Three ops, each returning float32 [M, N] sums that the caller
+// rounds once:
+//
+// - dgemma::avx2_half_rows(rows [M, K] float32, weight [E, N, K] bf16 or fp16, index [M] int64): row m times matrix
+//   index[m] of the stack, each weight widened exactly to float32 and multiplied and summed in float32.
+// - dgemma::avx2_byte_codes_rows(rows [M, K] float32, codes [N, K] uint8, scale [N, K / G] float32, offset
+//   [N, K / G] float32 or None, zero_code int): the matrix's value at (n, k) is (code - zero_code) * scale + offset
+//   with the scale and offset of k's group of G = K / scale.size(1) values (16 or 32): the one-byte types of
+//   `dgemma.quantized.GroupQuantized` (Q8_0, Q6_K, Q5_0, Q5_1, Q5_K).
+// - dgemma::avx2_int4_rows(rows [M, K] float32, codes [E, N, K / 2] uint8 in torch's int4 layout for this CPU,
+//   scales_and_zeros [E, K / 32, N, 2] bf16, index [M] int64): value = (code - 8) * scale + zero per group of 32,
+//   what torch._weight_int4pack_mm_for_cpu computes, row m times matrix index[m].
+//
+// The quantised ops take each group of the row at 16 bits: the group's values times a power of two (exact) that puts
+// its largest magnitude in [2^14, 2^15), rounded to integers. A bf16 value within 2^7 of the group's largest is exact;
+// any value is off by at most 2^-16 of the power of two above the largest (so 2^-15 of the largest). The codes (less their zero) times these
+// integers are summed exactly in int32 (vpmaddwd, two products an instruction), and each group's sum enters a float32
+// total times scale x the power of two; the offsets (and torch's zeros) times the group's float32 sum of the row. Each
+// output is one thread's sum in a fixed order: the same bits with any number of threads.
+//
+// Why: these products are bound by reading the matrix, and the loops before them were not: on a 2-core AMD EPYC of
+// family 25 (Zen 3) torch's eager int4 kernel read one row's 4-bit matrix at 5.5 GB/s, dgemma's float32 loop over
+// byte codes at 10 to 12 G codes/s and Inductor's one-row bf16 loop at 10 to 16 GB/s, each as slow from cache as from
+// memory, where the machine reads memory at 20 GB/s (docs/cpu.md has the figures).
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <immintrin.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+namespace {
+
+inline float horizontal_sum(__m256 v) {
+  __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  half = _mm_add_ss(half, _mm_movehdup_ps(half));
+  return _mm_cvtss_f32(half);
+}
+
+// ---- rows at 16 bits a group -----------------------------------------------------------------------------------------
+
+// The rows [M, K] as integers, group by group: value = integer * unit[group], unit a power of two; also each group's
+// float32 sum of the row (for offsets and zeros) and sum of its integers (for a zero code taken out of the codes' sums).
+struct SixteenBitRows {
+  std::vector<int16_t> integers;  // [M, K]
+  std::vector<float> unit, sums;  // [M, K / group]
+  std::vector<int32_t> integer_sums;  // [M, K / group]
+
+  SixteenBitRows(const float* x, int64_t M, int64_t K, int64_t group)
+      : integers(M * K), unit(M * K / group), sums(M * K / group), integer_sums(M * K / group) {
+    for (int64_t g = 0; g < M * K / group; ++g) {
+      const float* values = x + g * group;
+      float largest = 0.0f, sum = 0.0f;
+      for (int64_t k = 0; k < group; ++k) {
+        largest = std::max(largest, std::fabs(values[k]));
+        sum += values[k];
+      }
+      int exponent = 0;
+      std::frexp(largest, &exponent);  // largest < 2^exponent
+      const float scale_up = largest > 0.0f ? std::ldexp(1.0f, 15 - exponent) : 0.0f;
+      int32_t integer_sum = 0;
+      for (int64_t k = 0; k < group; ++k) {
+        // |value| * scale_up < 2^15; rounding may reach 2^15 only from a float32 value within 2^-16 of it
+        const float scaled = std::nearbyint(values[k] * scale_up);
+        const int16_t integer = static_cast<int16_t>(std::clamp(scaled, -32767.0f, 32767.0f));
+        integers[g * group + k] = integer;
+        integer_sum += integer;
+      }
+      unit[g] = largest > 0.0f ? std::ldexp(1.0f, exponent - 15) : 0.0f;
+      sums[g] = sum;
+      integer_sums[g] = integer_sum;
+    }
+  }
+};
+
+// ---- bf16 and fp16 matrices --------------------------------------------------------------------------------------------
+
+template <bool Bf16>
+inline __m256 widen(const uint16_t* values) {
+  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(values));
+  if constexpr (Bf16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+  return _mm256_cvtph_ps(half);
+}
+
+inline float widen_one(uint16_t value, bool bf16) {
+  if (bf16) {
+    const uint32_t bits = static_cast<uint32_t>(value) << 16;
+    float out;
+    std::memcpy(&out, &bits, sizeof(out));
+    return out;
+  }
+  return _cvtsh_ss(value);
+}
+
+template <bool Bf16>
+float half_dot(const float* x, const uint16_t* weight, int64_t K) {
+  __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps(), c = _mm256_setzero_ps(), d = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    a = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), widen<Bf16>(weight + k), a);
+    b = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), widen<Bf16>(weight + k + 8), b);
+    c = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), widen<Bf16>(weight + k + 16), c);
+    d = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), widen<Bf16>(weight + k + 24), d);
+  }
+  for (; k + 8 <= K; k += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), widen<Bf16>(weight + k), a);
+  float total = horizontal_sum(_mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d)));
+  for (; k < K; ++k) total += x[k] * widen_one(weight[k], Bf16);
+  return total;
+}
+
+// Work items are (row, block of output columns): one row reads its matrix once; a block is small enough that the two
+// cores share a row's matrix.
+constexpr int64_t HALF_BLOCK = 64;
+
+at::Tensor half_rows(const at::Tensor& rows, const at::Tensor& weight, const at::Tensor& index) {
+  TORCH_CHECK(rows.dim() == 2 && rows.scalar_type() == at::kFloat && rows.is_contiguous() && rows.is_cpu(),
+              "avx2_half_rows: rows must be a contiguous float32 CPU matrix [M, K], got ", rows.scalar_type(), " ",
+              rows.sizes());
+  const int64_t M = rows.size(0), K = rows.size(1);
+  TORCH_CHECK(weight.dim() == 3 && (weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kHalf) &&
+                  weight.is_contiguous() && weight.is_cpu() && weight.size(2) == K,
+              "avx2_half_rows: weight must be a contiguous bf16 or fp16 CPU stack [E, N, K] with K = ", K, ", got ",
+              weight.scalar_type(), " ", weight.sizes());
+  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong && index.is_contiguous() && index.is_cpu() &&
+                  index.size(0) == M,
+              "avx2_half_rows: index must be a contiguous int64 CPU vector of ", M, " entries, got ",
+              index.scalar_type(), " ", index.sizes());
+  const int64_t E = weight.size(0), N = weight.size(1);
+  const int64_t* chosen = index.data_ptr<int64_t>();
+  for (int64_t m = 0; m < M; ++m)
+    TORCH_CHECK(chosen[m] >= 0 && chosen[m] < E, "avx2_half_rows: index ", chosen[m], " out of range for ", E,
+                " matrices");
+  at::Tensor out = at::empty({M, N}, rows.options());
+  const float* x = rows.data_ptr<float>();
+  const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr());
+  float* result = out.data_ptr<float>();
+  const bool bf16 = weight.scalar_type() == at::kBFloat16;
+  const int64_t blocks = (N + HALF_BLOCK - 1) / HALF_BLOCK;
+  at::parallel_for(0, M * blocks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t item = first; item < last; ++item) {
+      const int64_t m = item / blocks, begin = (item % blocks) * HALF_BLOCK, end = std::min(N, begin + HALF_BLOCK);
+      const uint16_t* matrix = w + chosen[m] * N * K;
+      for (int64_t n = begin; n < end; ++n)
+        result[m * N + n] = bf16 ? half_dot<true>(x + m * K, matrix + n * K, K)
+                                 : half_dot<false>(x + m * K, matrix + n * K, K);
+    }
+  });
+  return out;
+}
+
+// ---- one-byte codes -------------------------------------------------------------------------------------------------
+
+// sum over one group of (code - zero_code) x integer, as eight int32 partial sums: exact.
+template <int Group>
+inline __m256i group_dot(const int16_t* x, const uint8_t* codes, __m256i zero_code) {
+  static_assert(Group == 16 || Group == 32, "groups of 16 or 32 values");
+  const __m256i first = _mm256_sub_epi16(
+      _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes))), zero_code);
+  __m256i sum = _mm256_madd_epi16(first, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+  if constexpr (Group == 32) {
+    const __m256i second = _mm256_sub_epi16(
+        _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16))), zero_code);
+    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(second, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16))));
+  }
+  return sum;
+}
+
+template <int Group>
+void multiply_codes(const SixteenBitRows& x, int64_t M, int64_t K, const uint8_t* codes, const float* scale,
+                    const float* offset, int32_t zero_code, int64_t N, float* out) {
+  const int64_t groups = K / Group;
+  const __m256i zero = _mm256_set1_epi16(static_cast<int16_t>(zero_code));
+  at::parallel_for(0, N, 16, [&](int64_t first, int64_t last) {
+    for (int64_t n = first; n < last; ++n) {
+      const uint8_t* row_codes = codes + n * K;
+      const float* row_scale = scale + n * groups;
+      const float* row_offset = offset ? offset + n * groups : nullptr;
+      for (int64_t m = 0; m < M; ++m) {  // the row's codes stay in L1 for the next input row
+        const int16_t* integers = x.integers.data() + m * K;
+        const float* unit = x.unit.data() + m * groups;
+        const float* sums = x.sums.data() + m * groups;
+        __m256 total = _mm256_setzero_ps();
+        float offsets = 0.0f;
+        for (int64_t g = 0; g < groups; ++g) {
+          const __m256i dot = group_dot<Group>(integers + g * Group, row_codes + g * Group, zero);
+          total = _mm256_fmadd_ps(_mm256_set1_ps(row_scale[g] * unit[g]), _mm256_cvtepi32_ps(dot), total);
+          if (row_offset) offsets += row_offset[g] * sums[g];
+        }
+        out[m * N + n] = horizontal_sum(total) + offsets;
+      }
+    }
+  });
+}
+
+at::Tensor byte_codes_rows(const at::Tensor& rows, const at::Tensor& codes, const at::Tensor& scale,
+                           const std::optional<at::Tensor>& offset, int64_t zero_code) {
+  TORCH_CHECK(rows.dim() == 2 && rows.scalar_type() == at::kFloat && rows.is_contiguous() && rows.is_cpu(),
+              "avx2_byte_codes_rows: rows must be a contiguous float32 CPU matrix [M, K], got ", rows.scalar_type(),
+              " ", rows.sizes());
+  const int64_t M = rows.size(0), K = rows.size(1);
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.is_cpu() &&
+                  codes.size(1) == K,
+              "avx2_byte_codes_rows: codes must be contiguous uint8 [N, K] with K = ", K, ", got ",
+              codes.scalar_type(), " ", codes.sizes());
+  const int64_t N = codes.size(0);
+  TORCH_CHECK(scale.dim() == 2 && scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.is_cpu() &&
+                  scale.size(0) == N && scale.size(1) > 0 && K % scale.size(1) == 0,
+              "avx2_byte_codes_rows: scale must be contiguous float32 [N, K / group] for codes ", codes.sizes(),
+              ", got ", scale.scalar_type(), " ", scale.sizes());
+  const int64_t group = K / scale.size(1);
+  TORCH_CHECK(group == 16 || group == 32, "avx2_byte_codes_rows: groups of 16 or 32 values, got ", group);
+  TORCH_CHECK(zero_code >= 0 && zero_code <= 255, "avx2_byte_codes_rows: zero_code must be a byte, got ", zero_code);
+  if (offset.has_value())
+    TORCH_CHECK(offset->scalar_type() == at::kFloat && offset->is_contiguous() && offset->is_cpu() &&
+                    offset->sizes() == scale.sizes(),
+                "avx2_byte_codes_rows: offset must be contiguous float32 ", scale.sizes(), ", got ",
+                offset->scalar_type(), " ", offset->sizes());
+  const SixteenBitRows x(rows.data_ptr<float>(), M, K, group);
+  at::Tensor out = at::empty({M, N}, rows.options());
+  const float* offsets = offset.has_value() ? offset->data_ptr<float>() : nullptr;
+  auto* run = group == 32 ? &multiply_codes<32> : &multiply_codes<16>;
+  run(x, M, K, codes.data_ptr<uint8_t>(), scale.data_ptr<float>(), offsets, static_cast<int32_t>(zero_code), N,
+      out.data_ptr<float>());
+  return out;
+}
+
+// ---- 4-bit codes in torch's int4 layout ---------------------------------------------------------------------------
+// torch._convert_weight_to_int4pack_for_cpu on an AVX2 CPU packs [N, K] codes in blocks of 32 output columns: block
+// b holds K x 16 bytes, byte (k, j) carrying column 32b + j's code at k in its low nibble and column 32b + 16 + j's in
+// its high one (dgemma.avx2_rows checks this against torch's kernel before using it).
+constexpr int64_t INT4_BLOCK = 32, INT4_GROUP = 32;
+
+// Four float32 totals [8 columns] of one block, in the order the sums come out: columns c, c+1, c+2, c+3, c+8, .., c+11
+// for c = 0, 4, 16, 20. Adds a group's exact sums times scale x unit, and zero x the row's sum there.
+inline __m256 add_group(__m256 total, __m256i dot, const uint16_t* pairs_low, const uint16_t* pairs_high, float unit,
+                        float row_sum) {
+  // four (scale, zero) bf16 pairs from each: as int32, scale in the low half, zero in the high one
+  const __m256i pairs = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(pairs_high),
+                                            reinterpret_cast<const __m128i*>(pairs_low));
+  const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+  const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000))));
+  total = _mm256_fmadd_ps(zero, _mm256_set1_ps(row_sum), total);
+  return _mm256_fmadd_ps(_mm256_mul_ps(scale, _mm256_set1_ps(unit)), _mm256_cvtepi32_ps(dot), total);
+}
+
+// One row times one block's 32 columns: out[32] float32.
+void int4_block(const int16_t* x, const float* unit, const float* sums, const int32_t* integer_sums,
+                const uint8_t* codes, const uint16_t* pairs, int64_t N, int64_t K, float* out) {
+  const __m256i low_nibble = _mm256_set1_epi16(0x0F);
+  __m256 totals[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t g = 0; g < K / INT4_GROUP; ++g) {
+    __m256i sums0 = _mm256_setzero_si256(), sums1 = _mm256_setzero_si256();
+    __m256i sums2 = _mm256_setzero_si256(), sums3 = _mm256_setzero_si256();
+    for (int64_t k = g * INT4_GROUP; k < (g + 1) * INT4_GROUP; k += 2) {
+      const __m256i here = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k * 16)));
+      const __m256i next =
+          _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + (k + 1) * 16)));
+      const __m256i low_here = _mm256_and_si256(here, low_nibble), low_next = _mm256_and_si256(next, low_nibble);
+      const __m256i high_here = _mm256_srli_epi16(here, 4), high_next = _mm256_srli_epi16(next, 4);
+      int32_t pair;
+      std::memcpy(&pair, x + k, sizeof(pair));  // (x[k], x[k + 1])
+      const __m256i xs = _mm256_set1_epi32(pair);
+      sums0 = _mm256_add_epi32(sums0, _mm256_madd_epi16(_mm256_unpacklo_epi16(low_here, low_next), xs));
+      sums1 = _mm256_add_epi32(sums1, _mm256_madd_epi16(_mm256_unpackhi_epi16(low_here, low_next), xs));
+      sums2 = _mm256_add_epi32(sums2, _mm256_madd_epi16(_mm256_unpacklo_epi16(high_here, high_next), xs));
+      sums3 = _mm256_add_epi32(sums3, _mm256_madd_epi16(_mm256_unpackhi_epi16(high_here, high_next), xs));
+    }
+    // codes less 8: take 8 x the group's integers from every column's sum
+    const __m256i eights = _mm256_set1_epi32(8 * integer_sums[g]);
+    const uint16_t* group_pairs = pairs + g * N * 2;  // this block's first column's pair in group g
+    // The next block's pairs in this group: a group's pairs lie N x 4 bytes apart, too many streams for the hardware
+    // prefetcher (on the Zen 3 reading a matrix from memory took 1.8 times as long without this).
+    _mm_prefetch(reinterpret_cast<const char*>(group_pairs + 2 * INT4_BLOCK), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(group_pairs + 3 * INT4_BLOCK), _MM_HINT_T0);
+    totals[0] = add_group(totals[0], _mm256_sub_epi32(sums0, eights), group_pairs, group_pairs + 16, unit[g], sums[g]);
+    totals[1] = add_group(totals[1], _mm256_sub_epi32(sums1, eights), group_pairs + 8, group_pairs + 24, unit[g],
+                          sums[g]);
+    totals[2] = add_group(totals[2], _mm256_sub_epi32(sums2, eights), group_pairs + 32, group_pairs + 48, unit[g],
+                          sums[g]);
+    totals[3] = add_group(totals[3], _mm256_sub_epi32(sums3, eights), group_pairs + 40, group_pairs + 56, unit[g],
+                          sums[g]);
+  }
+  // back in column order: totals[0] holds columns 0-3 | 8-11, totals[1] 4-7 | 12-15, [2] and [3] the same plus 16
+  _mm256_storeu_ps(out, _mm256_permute2f128_ps(totals[0], totals[1], 0x20));
+  _mm256_storeu_ps(out + 8, _mm256_permute2f128_ps(totals[0], totals[1], 0x31));
+  _mm256_storeu_ps(out + 16, _mm256_permute2f128_ps(totals[2], totals[3], 0x20));
+  _mm256_storeu_ps(out + 24, _mm256_permute2f128_ps(totals[2], totals[3], 0x31));
+}
+
+at::Tensor int4_rows(const at::Tensor& rows, const at::Tensor& codes, const at::Tensor& scales_and_zeros,
+                     const at::Tensor& index) {
+  TORCH_CHECK(rows.dim() == 2 && rows.scalar_type() == at::kFloat && rows.is_contiguous() && rows.is_cpu(),
+              "avx2_int4_rows: rows must be a contiguous float32 CPU matrix [M, K], got ", rows.scalar_type(), " ",
+              rows.sizes());
+  const int64_t M = rows.size(0), K = rows.size(1);
+  TORCH_CHECK(K % INT4_GROUP == 0, "avx2_int4_rows: rows of a multiple of ", INT4_GROUP, " values, got ", K);
+  TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.is_cpu() &&
+                  codes.size(2) * 2 == K && codes.size(1) % INT4_BLOCK == 0,
+              "avx2_int4_rows: codes must be a contiguous uint8 CPU stack [E, N, K / 2] with K = ", K,
+              " and N a multiple of ", INT4_BLOCK, ", got ", codes.scalar_type(), " ", codes.sizes());
+  const int64_t E = codes.size(0), N = codes.size(1);
+  TORCH_CHECK(scales_and_zeros.scalar_type() == at::kBFloat16 && scales_and_zeros.is_contiguous() &&
+                  scales_and_zeros.is_cpu() &&
+                  scales_and_zeros.sizes() == at::IntArrayRef({E, K / INT4_GROUP, N, 2}),
+              "avx2_int4_rows: scales_and_zeros must be contiguous bf16 [", E, ", ", K / INT4_GROUP, ", ", N,
+              ", 2], got ", scales_and_zeros.scalar_type(), " ", scales_and_zeros.sizes());
+  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong && index.is_contiguous() && index.is_cpu() &&
+                  index.size(0) == M,
+              "avx2_int4_rows: index must be a contiguous int64 CPU vector of ", M, " entries, got ",
+              index.scalar_type(), " ", index.sizes());
+  const int64_t* chosen = index.data_ptr<int64_t>();
+  for (int64_t m = 0; m < M; ++m)
+    TORCH_CHECK(chosen[m] >= 0 && chosen[m] < E, "avx2_int4_rows: index ", chosen[m], " out of range for ", E,
+                " matrices");
+  const SixteenBitRows x(rows.data_ptr<float>(), M, K, INT4_GROUP);
+  at::Tensor out = at::empty({M, N}, rows.options());
+  const uint8_t* all_codes = codes.data_ptr<uint8_t>();
+  const auto* all_pairs = reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr());
+  float* result = out.data_ptr<float>();
+  const int64_t blocks = N / INT4_BLOCK, groups = K / INT4_GROUP;
+  at::parallel_for(0, M * blocks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t item = first; item < last; ++item) {
+      const int64_t m = item / blocks, block = item % blocks, matrix = chosen[m];
+      int4_block(x.integers.data() + m * K, x.unit.data() + m * groups, x.sums.data() + m * groups,
+                 x.integer_sums.data() + m * groups, all_codes + (matrix * N + block * INT4_BLOCK) * (K / 2),
+                 all_pairs + (matrix * groups * N + block * INT4_BLOCK) * 2, N, K,
+                 result + m * N + block * INT4_BLOCK);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(dgemma, m) {
+  m.def("avx2_half_rows(Tensor rows, Tensor weight, Tensor index) -> Tensor");
+  m.def("avx2_byte_codes_rows(Tensor rows, Tensor codes, Tensor scale, Tensor? offset, int zero_code) -> Tensor");
+  m.def("avx2_int4_rows(Tensor rows, Tensor codes, Tensor scales_and_zeros, Tensor index) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dgemma, CPU, m) {
+  m.impl("avx2_half_rows", &half_rows);
+  m.impl("avx2_byte_codes_rows", &byte_codes_rows);
+  m.impl("avx2_int4_rows", &int4_rows);
+}
+
+// No derivatives: a product that records gradients raises when backward reaches it.
+TORCH_LIBRARY_IMPL(dgemma, Autograd, m) {
+  m.impl("avx2_half_rows", torch::autograd::autogradNotImplementedFallback());
+  m.impl("avx2_byte_codes_rows", torch::autograd::autogradNotImplementedFallback());
+  m.impl("avx2_int4_rows", torch::autograd::autogradNotImplementedFallback());
+}

@@ -1,0 +1,218 @@
+"""dgemma.avx2_rows: a token's rows times bf16 / fp16 matrices, one-byte codes and torch's packed 4-bit codes on AVX2
+CPUs without AVX-512 (built from dgemma/kernels/avx2_rows.cpp), which a token's products take there."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as T
+
+import dgemma.one_row
+import dgemma.quantized
+from dgemma import avx2_rows
+from dgemma.quantized import CpuInt4, GroupQuantized
+from test_quantized import oracle, raw
+
+# Where the kernels should run: AVX2 without AVX-512, compiling allowed, a C++ compiler.
+EXPECTED = (torch.cpu._is_avx2_supported() and not torch.cpu._is_avx512_supported()
+            and os.environ.get("DGEMMA_COMPILE") != "0" and shutil.which(os.environ.get("CXX", "c++")) is not None)
+pytestmark = pytest.mark.skipif(not EXPECTED, reason="no AVX2 kernel expected here (AVX-512 instead, no AVX2, "
+                                                     "compiling off, or no C++ compiler)")
+
+
+def within_bound(got: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, coded: torch.Tensor,
+                 group: int | None) -> None:
+    """got is the float64 product within the kernels' stated error (`avx2_rows.error_bound`)."""
+    error = (got.double() - rows.double() @ values.t()).abs()
+    assert (error <= avx2_rows.error_bound(rows, values, coded, group)).all(), error.max()
+
+
+def test_the_kernels_are_there_where_expected():
+    assert avx2_rows.available()
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_rows_are_the_float64_products_summed_in_float32(dtype):
+    generator = seeded(1)
+    weight = torch.randn(3, 70, 203, generator=generator).to(dtype)  # K not a multiple of 8: the tail too
+    rows = torch.randn(4, 203, generator=generator).to(dtype).float()
+    index = torch.tensor([2, 0, 2, 1])
+    got = avx2_rows.half_rows(rows, weight, index)
+    assert got.shape == (4, 70) and got.dtype == torch.float32
+    for m in range(4):
+        matrix = weight[index[m]].double()
+        within_bound(got[m:m + 1], rows[m:m + 1], matrix, matrix, None)
+        # a row alone: the same bits as in the batch
+        assert torch.equal(avx2_rows.half_rows(rows[m:m + 1], weight, index[m:m + 1]), got[m:m + 1])
+
+
+@pytest.mark.parametrize("group, zero_code, with_offset", [(32, 128, False), (16, 32, False), (32, 0, True)],
+                         ids=["Q8_0", "Q6_K", "Q5_1"])
+def test_byte_codes_rows_are_the_float64_products_within_the_stated_bound(group, zero_code, with_offset):
+    generator = seeded(group + zero_code)
+    n, k = 70, 11 * group  # rows not a multiple of the threads' grain; groups not a multiple of anything
+    codes = torch.randint(0, 256 if zero_code == 128 else 64, (n, k), generator=generator, dtype=torch.uint8)
+    scale = torch.rand(n, k // group, generator=generator) * 10.0 ** torch.randint(-3, 2, (n, 1), generator=generator)
+    offset = -torch.rand(n, k // group, generator=generator) if with_offset else None
+    for count in (1, 2, 5):
+        # values spread over many magnitudes, so that some lie far below their group's largest
+        rows = (torch.randn(count, k, generator=generator) * 4.0 ** torch.randint(-6, 3, (count, k),
+                                                                                  generator=generator))
+        rows = rows.to(torch.bfloat16).float()
+        got = avx2_rows.byte_codes_rows(rows, codes, scale, offset, zero_code)
+        assert got.shape == (count, n) and got.dtype == torch.float32
+        within_bound(got, rows, *avx2_rows.byte_code_values(codes, scale, offset, zero_code), group)
+        # the same rows one at a time: the same bits
+        assert torch.equal(torch.cat([avx2_rows.byte_codes_rows(rows[i:i + 1], codes, scale, offset, zero_code)
+                                      for i in range(count)]), got)
+
+
+def test_sixteen_bit_rows_are_exact_within_2_to_the_7_of_their_groups_largest():
+    """A bf16 row whose every group spans less than 2^7 in magnitude: the 16-bit row is the row itself, so the products
+    are the float64 ones to float32's sums alone."""
+    generator = seeded(5)
+    codes = torch.randint(0, 256, (40, 256), generator=generator, dtype=torch.uint8)
+    scale = torch.rand(40, 8, generator=generator) + 0.5
+    signs = torch.randint(0, 2, (1, 256), generator=generator) * 2 - 1
+    magnitudes = (1 + torch.rand(1, 256, generator=generator)) * 2.0 ** torch.randint(-7, 0, (1, 256),
+                                                                                        generator=generator)
+    rows = (signs * magnitudes).to(torch.bfloat16).float()  # 2^-7 .. 1, full bf16 mantissas
+    values, _ = avx2_rows.byte_code_values(codes, scale, None, 128)
+    got = avx2_rows.byte_codes_rows(rows, codes, scale, None, 128)
+    within_bound(got, rows, values, values, None)  # no allowance for the row's rounding
+
+
+def packed_int4(generator: torch.Generator, experts: int, n: int, k: int) -> tuple[torch.Tensor, ...]:
+    codes = torch.randint(0, 16, (experts, n, k), generator=generator, dtype=torch.int32)
+    pairs = (torch.rand(experts, k // 32, n, 2, generator=generator) - 0.5).to(torch.bfloat16)
+    packed = torch.stack([torch._convert_weight_to_int4pack_for_cpu(matrix, 1) for matrix in codes])
+    return codes, pairs, packed
+
+
+def test_int4_rows_are_the_float64_products_of_torchs_packed_codes_within_the_stated_bound():
+    generator = seeded(6)
+    codes, pairs, packed = packed_int4(generator, 3, 96, 7 * 32)
+    rows = torch.randn(5, 7 * 32, generator=generator).to(torch.bfloat16).float()
+    index = torch.tensor([1, 1, 0, 2, 1])
+    got = avx2_rows.int4_rows(rows, packed, pairs, index)
+    assert got.shape == (5, 96) and got.dtype == torch.float32
+    for m in range(5):
+        within_bound(got[m:m + 1], rows[m:m + 1], *avx2_rows.int4_values(codes[index[m]], pairs[index[m]]), 32)
+    # torch's own kernel on the same codes, to bf16 rounding of its output
+    for m in range(5):
+        eager = torch._weight_int4pack_mm_for_cpu(rows[m:m + 1].bfloat16(), packed[index[m]], 32, pairs[index[m]])
+        assert ((got[m:m + 1] - eager.float()).abs() <= 2**-7 * eager.float().abs() + 1e-3).all()
+
+
+def test_the_same_bits_with_any_number_of_threads():
+    generator = seeded(3)
+    codes = torch.randint(0, 256, (333, 512), generator=generator, dtype=torch.uint8)
+    scale = torch.rand(333, 16, generator=generator)
+    _, pairs, packed = packed_int4(generator, 2, 320, 512)
+    weight = torch.randn(2, 333, 512, generator=generator).to(torch.bfloat16)
+    rows = torch.randn(2, 512, generator=generator)
+    index = torch.tensor([1, 0])
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append((avx2_rows.byte_codes_rows(rows, codes, scale, None, 128),
+                            avx2_rows.int4_rows(rows, packed, pairs, index), avx2_rows.half_rows(rows, weight, index)))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for result in results for a, b in zip(result, results[0]))
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q6_K, T.Q5_1], ids=lambda t: t.name)
+def test_a_tokens_row_times_a_byte_code_matrix_takes_the_kernel(qtype, monkeypatch):
+    shape = (1024, 1024)  # the smallest matrix the few-row product takes
+    weight = GroupQuantized.from_gguf(raw(qtype, shape), qtype, shape).to(dtype=torch.bfloat16)
+    x = torch.randn(1, shape[1], generator=seeded(4)).to(torch.bfloat16)
+    assert dgemma.quantized._takes_few_rows_kernel(x, weight)
+    calls = []
+    original = dgemma.quantized.avx2_byte_codes_rows
+    monkeypatch.setattr(dgemma.quantized, "avx2_byte_codes_rows", lambda *args: calls.append(args) or original(*args))
+    out = F.linear(x, weight)
+    assert len(calls) == 1 and out.dtype == torch.bfloat16 and out.shape == (1, shape[0])
+    truth = x.float() @ oracle(qtype, shape).T
+    # rounded once to bf16: within 2^-8 of a value, plus the kernel's own bound (far smaller) as slack
+    assert ((out.float() - truth).abs() <= 2**-8 * truth.abs() + 2**-8 * 2**-8 * truth.abs().amax()).all()
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_a_4bit_matrix_in_torchs_layout_and_its_experts_take_the_kernel(rows, monkeypatch):
+    """F.linear on a matrix and grouped_linear on experts, both in torch's eager layout: dgemma's kernel, once a
+    call, with what torch's eager kernel gives to bf16 rounding."""
+    experts = GroupQuantized.from_gguf(raw(T.Q4_K, (4, 64, 256)), T.Q4_K, (4, 64, 256)).to(dtype=torch.bfloat16)
+    weight = CpuInt4.from_grouped(experts, "int4pack")
+    assert weight.takes_avx2_rows
+    calls = []
+    original = dgemma.quantized.avx2_int4_rows
+    monkeypatch.setattr(dgemma.quantized, "avx2_int4_rows", lambda *args: calls.append(args) or original(*args))
+    x = torch.randn(2 * rows, 256, generator=seeded(7)).to(torch.bfloat16)
+    single = F.linear(x[:rows], weight[2])
+    grouped = weight.grouped_linear(x, [0, rows, rows, 2 * rows])  # expert 1 and expert 3, rows each
+    assert len(calls) == 2 and single.dtype == grouped.dtype == torch.bfloat16
+    for out, pick, matrix in ((single, x[:rows], 2), (grouped[:rows], x[:rows], 1), (grouped[rows:], x[rows:], 3)):
+        eager = torch._weight_int4pack_mm_for_cpu(pick, weight.codes[matrix], 32, weight.scales_and_zeros[matrix])
+        assert ((out.float() - eager.float()).abs() <= 2**-7 * eager.float().abs().amax()).all()
+
+
+def test_a_tokens_row_times_a_large_bf16_matrix_takes_the_kernel(monkeypatch):
+    weight = torch.randn(1024, 4096, generator=seeded(8)).to(torch.bfloat16)  # dgemma.one_row's smallest
+    x = torch.randn(1, 4096, generator=seeded(9)).to(torch.bfloat16)
+    assert dgemma.one_row.takes_row(x, weight)
+    calls = []
+    original = dgemma.one_row.avx2_half_rows
+    monkeypatch.setattr(dgemma.one_row, "avx2_half_rows", lambda *args: calls.append(args) or original(*args))
+    out = dgemma.one_row.row_product(x, weight)
+    assert len(calls) == 1 and out.dtype == torch.bfloat16 and out.shape == (1, 1024)
+    truth = x.double() @ weight.double().t()
+    assert ((out.double() - truth).abs() <= 2**-8 * truth.abs() + 1e-4 * truth.abs().amax()).all()
+
+
+def test_bad_inputs_are_refused_by_name():
+    codes = torch.zeros(4, 64, dtype=torch.uint8)
+    scale = torch.ones(4, 2)
+    rows = torch.ones(1, 64)
+    with pytest.raises(RuntimeError, match="rows must be a contiguous float32"):
+        avx2_rows.byte_codes_rows(rows.to(torch.bfloat16), codes, scale, None, 128)
+    with pytest.raises(RuntimeError, match="codes must be contiguous uint8"):
+        avx2_rows.byte_codes_rows(rows, codes[:, :32], scale, None, 128)
+    with pytest.raises(RuntimeError, match="scale must be contiguous float32"):
+        avx2_rows.byte_codes_rows(rows, codes, scale[:3], None, 128)
+    with pytest.raises(RuntimeError, match="groups of 16 or 32 values, got 64"):
+        avx2_rows.byte_codes_rows(rows, codes, scale[:, :1].contiguous(), None, 128)
+    with pytest.raises(RuntimeError, match="offset must be contiguous float32"):
+        avx2_rows.byte_codes_rows(rows, codes, scale, torch.ones(4, 3), 128)
+    with pytest.raises(RuntimeError, match="zero_code must be a byte"):
+        avx2_rows.byte_codes_rows(rows, codes, scale, None, 256)
+    with pytest.raises(RuntimeError):  # no derivative
+        avx2_rows.byte_codes_rows(rows.requires_grad_(), codes, scale, None, 128).sum().backward()
+    rows = torch.ones(1, 64)
+    weight = torch.zeros(2, 8, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="weight must be a contiguous bf16 or fp16 CPU stack"):
+        avx2_rows.half_rows(rows, weight.float(), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="index 2 out of range for 2 matrices"):
+        avx2_rows.half_rows(rows, weight, torch.tensor([2]))
+    with pytest.raises(RuntimeError, match="index must be a contiguous int64"):
+        avx2_rows.half_rows(rows, weight, torch.zeros(2, dtype=torch.long))
+    packed = torch.zeros(2, 32, 32, dtype=torch.uint8)
+    pairs = torch.zeros(2, 2, 32, 2, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="N a multiple of 32"):
+        avx2_rows.int4_rows(rows, packed[:, :16].contiguous(), pairs, torch.zeros(1, dtype=torch.long))
+    with pytest.raises(RuntimeError, match=r"scales_and_zeros must be contiguous bf16 \[2, 2, 32, 2\]"):
+        avx2_rows.int4_rows(rows, packed, pairs.float(), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="index -1 out of range"):
+        avx2_rows.int4_rows(rows, packed, pairs, torch.tensor([-1]))
+    with pytest.raises(RuntimeError):  # no derivative
+        avx2_rows.int4_rows(rows.requires_grad_(), packed, pairs, torch.zeros(1, dtype=torch.long)).sum().backward()
