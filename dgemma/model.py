@@ -309,11 +309,12 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, exact: bool = True) -> torch.Tensor:
         tokens, top_k = index.shape
-        if not exact and takes_experts(x, self.gate_up_proj, top_k):
-            # One token (autoregressive decoding): its top_k experts' matrices read in place, one compiled loop
-            # each for gate/up and down, instead of a grouped matmul that visits every expert.
-            gate, up = expert_products(x.expand(top_k, -1), self.gate_up_proj, index[0]).chunk(2, dim=-1)
-            out = expert_products(self.act(gate) * up, self.down_proj, index[0])  # (token, choice) order
+        if not exact and tokens == 1 and self._read_by_index(x, top_k):
+            # One token (autoregressive decoding): its top_k experts' matrices read in place, one kernel call each
+            # for gate/up and down, instead of a grouped matmul that visits every expert (or, quantised, of sorting
+            # the token's choices into groups by expert).
+            gate, up = self._by_index(x.expand(top_k, -1), self.gate_up_proj, index[0]).chunk(2, dim=-1)
+            out = self._by_index(self.act(gate) * up, self.down_proj, index[0])  # (token, choice) order
             return self._combined(out, weights, x.dtype)
         expert_of, order = torch.sort(index.reshape(-1))  # (token, choice) pairs grouped by expert
         position = torch.empty_like(order)  # the inverse: where each (token, choice) pair went
@@ -343,6 +344,20 @@ class Experts(nn.Module):
             # Gathered back into (token, choice) order inside the compiled sum: no [tokens x k, hidden] copies.
             return _gathered_combination_kernel()(out, position, weights)
         return self._combined(out[position], weights, x.dtype)  # back in (token, choice) order
+
+    def _read_by_index(self, x: torch.Tensor, top_k: int) -> bool:
+        """Whether one token's experts can be read in place by their indices: large bf16 or fp16 matrices on a CPU
+        (`dgemma.one_row.takes_experts`), or weights in a kernel's layout that multiply rows by index
+        (`reads_by_index`, `dgemma.quantized.CpuInt4`)."""
+        weights = (self.gate_up_proj, self.down_proj)
+        return takes_experts(x, self.gate_up_proj, top_k) or all(getattr(w, "reads_by_index", False) for w in weights)
+
+    @staticmethod
+    def _by_index(rows: torch.Tensor, weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """rows [R, K] @ weight[index[r]].T for each row r -> [R, N]."""
+        if isinstance(weight, torch.Tensor):
+            return expert_products(rows, weight, index)
+        return weight.linear_by_index(rows, index)
 
     @property
     def large(self) -> bool:

@@ -420,10 +420,11 @@ def _few_rows_kernel(qtype: str) -> Callable[..., torch.Tensor]:
 def _takes_few_rows_kernel(x: torch.Tensor, weight: GroupQuantized) -> bool:
     """Whether x [..., K] @ weight.T runs as the compiled few-row product: a large matrix of one-byte codes on the CPU,
     computed in bf16 or fp16 (float32 keeps the exact dequantised tiles), at most FEW_ROWS rows, and no gradient to
-    record (the kernel has no backward)."""
+    record (the kernel has no backward). Where dgemma's AVX2 kernel stands for the compiled loop, which costs no
+    compile, small matrices too (a released router's token: 0.45 ms in tiles)."""
     return (weight.bits != 4 and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
             and x.numel() <= FEW_ROWS * x.shape[-1] and x.numel() > 0 and len(weight.shape) == 2
-            and weight.shape[0] * weight.shape[1] >= COMPILED_TILE_VALUES
+            and (weight.shape[0] * weight.shape[1] >= COMPILED_TILE_VALUES or avx2_rows_available())
             and not (x.requires_grad and torch.is_grad_enabled()) and compiling_allowed())
 
 
@@ -769,6 +770,19 @@ class CpuInt4:
         expert, 1 to 64 rows, a 2-core AMD EPYC of family 25; docs/cpu.md). It takes matrices of 32 rows and more."""
         return self.layout == "int4pack" and self.shape[-2] % AVX2_INT4_BLOCK == 0 and avx2_rows_available()
 
+    @property
+    def reads_by_index(self) -> bool:
+        """Whether `linear_by_index` runs: experts [E, N, K] in dgemma's AVX2 kernel (`takes_avx2_rows`)."""
+        return len(self.shape) == 3 and self.takes_avx2_rows
+
+    def linear_by_index(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """rows [R, K] @ self[index[r]].T for each row r -> [R, N] in one kernel call, each expert's matrix read in
+        place (`reads_by_index`): one token's experts. No gradient."""
+        if not self.reads_by_index:
+            raise ValueError("CpuInt4.linear_by_index takes experts in dgemma's AVX2 kernel (reads_by_index)")
+        flat = self._kernel_rows(rows)
+        return avx2_int4_rows(flat.float(), self.codes, self.scales_and_zeros, index.contiguous()).to(rows.dtype)
+
     def _kernel_rows(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] as the kernels take it: bf16 rows [M, K], contiguous, taken twice for `halves`."""
         if x.dtype != torch.bfloat16:
@@ -785,13 +799,12 @@ class CpuInt4:
             raise RuntimeError("CpuInt4.grouped_linear records no gradient: multiply each expert with F.linear")
         if self.one_row_codes is not None or self.tiles is not None:  # experts keep one layout (keeps_one_row_copy)
             raise ValueError("CpuInt4.grouped_linear takes experts, which keep no second copy")
+        if self.takes_avx2_rows:  # every expert in one call, each row naming its expert
+            counts = torch.diff(torch.tensor([0, *ends]))
+            return self.linear_by_index(rows, torch.repeat_interleave(torch.arange(len(ends)), counts))
         flat = self._kernel_rows(rows)
         if self.layout == "avx512":  # every expert in one call
             return avx512_int4_grouped(flat, self.codes, self.scales_and_zeros, ends)
-        if self.takes_avx2_rows:  # every expert in one call too: each row names its expert
-            counts = torch.diff(torch.tensor([0, *ends]))
-            index = torch.repeat_interleave(torch.arange(len(ends)), counts)
-            return avx2_int4_rows(flat.float(), self.codes, self.scales_and_zeros, index).to(rows.dtype)
         amx = self.layout == "amx"
 
         def product(group: torch.Tensor, expert: int) -> torch.Tensor:

@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T
 
+import dgemma.model
 import dgemma.one_row
 import dgemma.quantized
 from dgemma import avx2_rows
 from dgemma.quantized import CpuInt4, GroupQuantized
+from conftest import text_values
 from test_quantized import oracle, raw
 
 # Where the kernels should run: AVX2 without AVX-512, compiling allowed, a C++ compiler.
@@ -165,6 +167,31 @@ def test_a_4bit_matrix_in_torchs_layout_and_its_experts_take_the_kernel(rows, mo
     for out, pick, matrix in ((single, x[:rows], 2), (grouped[:rows], x[:rows], 1), (grouped[rows:], x[rows:], 3)):
         eager = torch._weight_int4pack_mm_for_cpu(pick, weight.codes[matrix], 32, weight.scales_and_zeros[matrix])
         assert ((out.float() - eager.float()).abs() <= 2**-7 * eager.float().abs().amax()).all()
+
+
+def test_a_tokens_4bit_experts_are_read_by_index_with_the_bits_of_the_grouped_path(monkeypatch):
+    """One token's experts in torch's int4 layout skip the sort into groups by expert: gate/up and down in one kernel
+    call each, by the token's expert indices; each row's result is independent of the others, so the same bits."""
+    values, _ = text_values("moe")
+    values.update(hidden_size=64, moe_intermediate_size=32, num_experts=6)  # rows of a multiple of 32 for int4
+    experts = dgemma.model.Experts(dgemma.ModelConfig.from_dict({"model_type": "diffusion_gemma",
+                                                                   "text_config": values}))
+    generator = seeded(10)
+    for name in ("gate_up_proj", "down_proj"):
+        stack = torch.randn(getattr(experts, name).shape, generator=generator)
+        grouped = GroupQuantized.quantize(stack, "Q4_0").to(dtype=torch.bfloat16)
+        dgemma.model.attach(experts, name, CpuInt4.from_grouped(grouped, "int4pack"))
+    assert experts.gate_up_proj.reads_by_index and experts.down_proj.reads_by_index
+    x = torch.randn(1, 64, generator=generator).to(torch.bfloat16)
+    index, weights = torch.tensor([[4, 1]]), torch.tensor([[0.7, 0.3]])
+    calls = []
+    original = CpuInt4.grouped_linear
+    monkeypatch.setattr(CpuInt4, "grouped_linear", lambda self, *args: calls.append(args) or original(self, *args))
+    by_index = experts(x, index, weights, exact=False)
+    assert not calls
+    monkeypatch.setattr(dgemma.model.Experts, "_read_by_index", lambda self, x, top_k: False)
+    grouped = experts(x, index, weights, exact=False)
+    assert len(calls) == 2 and torch.equal(by_index, grouped)
 
 
 def test_a_tokens_row_times_a_large_bf16_matrix_takes_the_kernel(monkeypatch):
