@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .avx512_attention import one_query as avx512_one_query, takes as avx512_attention_takes
+from .one_query_attention import one_query as kernel_one_query, takes as kernel_attention_takes
 from .compiling import compiled_under_own_name, compiling_allowed
 from .config import LayerSpec, ModelConfig
 from .one_row import expert_products, row_product, takes_experts, takes_row
@@ -203,10 +203,10 @@ def attend_one_query(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     SDPA's fused kernel has a fixed cost that dominates a single query: on a 2-core AMD EPYC, bf16, 16 heads of 256
     over 8 key heads, 0.20 / 1.08 / 6.9 ms for 70 / 320 / 2,000 keys against 0.06 / 0.15 / 1.1 ms here; and it
     rounds within (up to 4e-3 from a float64 evaluation there, where this is the float64 result rounded). In bf16 on
-    a CPU with AVX-512 BF16 it runs in dgemma's kernel (`dgemma.avx512_attention`), which reads the cache once
-    instead of widening it to float32 copies first."""
-    if avx512_attention_takes(q, keys, values):
-        return avx512_one_query(q, keys, values, mask)
+    a CPU with AVX-512 BF16, or with AVX2, it runs in dgemma's kernel (`dgemma.one_query_attention`), which reads the
+    cache once instead of widening it to float32 copies first."""
+    if kernel_attention_takes(q, keys, values):
+        return kernel_one_query(q, keys, values, mask)
     batch, heads, _, dim = q.shape
     kv_heads = keys.shape[1]
     grouped = q.reshape(batch, kv_heads, heads // kv_heads, dim).float()  # the query heads sharing a key head

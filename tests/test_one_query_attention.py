@@ -1,4 +1,5 @@
-"""dgemma.avx512_attention: a token's attention in dgemma's AVX-512 kernel (dgemma/kernels/avx512_attention.cpp)."""
+"""dgemma.one_query_attention: a token's attention in dgemma's kernel (dgemma/kernels/one_query_attention.cpp), built
+for AVX-512 BF16 or for AVX2."""
 
 from __future__ import annotations
 
@@ -8,14 +9,14 @@ import shutil
 import pytest
 import torch
 
-from dgemma import avx512_attention
+from dgemma import one_query_attention
 from dgemma.model import attend, attend_one_query
 
-# Where the kernel should run: AVX-512 BF16, compiling allowed, a C++ compiler.
-EXPECTED = (torch.cpu._is_avx512_bf16_supported() and os.environ.get("DGEMMA_COMPILE") != "0"
+# Where the kernel should run: AVX-512 BF16, or AVX2 without AVX-512; compiling allowed, a C++ compiler.
+EXPECTED = (one_query_attention.build() is not None and os.environ.get("DGEMMA_COMPILE") != "0"
             and shutil.which(os.environ.get("CXX", "c++")) is not None)
-pytestmark = pytest.mark.skipif(not EXPECTED, reason="no AVX-512 attention kernel expected here (no AVX-512 BF16, "
-                                                     "compiling off, or no C++ compiler)")
+pytestmark = pytest.mark.skipif(not EXPECTED, reason="no attention kernel expected here (neither AVX-512 BF16 nor "
+                                                     "AVX2 alone, compiling off, or no C++ compiler)")
 
 
 def case(batch: int, heads: int, kv_heads: int, keys: int, dim: int, seed: int = 0, capacity: int = 0):
@@ -43,18 +44,18 @@ def test_the_kernel_is_the_float64_attention_rounded_once(heads: int, kv_heads: 
     """Grouped query heads, several chunks of 256 keys and a partial one, keys read as views of a longer cache."""
     q, k, v, mask = case(2, heads, kv_heads, keys, dim, capacity=keys + 40)
     for m in (mask, None):
-        out = avx512_attention.one_query(q, k, v, m)
+        out = one_query_attention.one_query(q, k, v, m)
         assert out.dtype == torch.bfloat16 and out.shape == q.shape
-        truth = avx512_attention._exact_attention(q, k, v, torch.ones_like(mask) if m is None else m)
+        truth = one_query_attention._exact_attention(q, k, v, torch.ones_like(mask) if m is None else m)
         assert within_bf16_rounding(out, truth)
 
 
 def test_a_token_s_attention_takes_the_kernel_in_bf16_and_stays_eager_in_float32() -> None:
     q, k, v, mask = case(1, 16, 2, 300, 128)
-    assert torch.equal(attend_one_query(q, k, v, mask), avx512_attention.one_query(q, k, v, mask))
-    assert torch.equal(attend(q, k, v, mask, exact=False), avx512_attention.one_query(q, k, v, mask))
-    assert not avx512_attention.takes(q.float(), k.float(), v.float())
-    assert not avx512_attention.takes(q[..., :24], k[..., :24], v[..., :24])  # rows not a multiple of 16
+    assert torch.equal(attend_one_query(q, k, v, mask), one_query_attention.one_query(q, k, v, mask))
+    assert torch.equal(attend(q, k, v, mask, exact=False), one_query_attention.one_query(q, k, v, mask))
+    assert not one_query_attention.takes(q.float(), k.float(), v.float())
+    assert not one_query_attention.takes(q[..., :24], k[..., :24], v[..., :24])  # rows not a multiple of 16
 
 
 def test_the_bits_do_not_depend_on_the_number_of_threads() -> None:
@@ -64,7 +65,7 @@ def test_the_bits_do_not_depend_on_the_number_of_threads() -> None:
     try:
         for count in (1, 2, 3):
             torch.set_num_threads(count)
-            results.append(avx512_attention.one_query(q, k, v, mask))
+            results.append(one_query_attention.one_query(q, k, v, mask))
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(results[0], other) for other in results[1:])
@@ -74,32 +75,32 @@ def test_masked_chunks_are_left_out_and_a_query_that_sees_no_key_gets_zeros() ->
     q, k, v, mask = case(2, 4, 2, 600, 32)
     mask[0, ..., :512] = False  # the first row's first two chunks entirely hidden
     mask[1] = False  # the second row sees nothing
-    out = avx512_attention.one_query(q, k, v, mask)
-    truth = avx512_attention._exact_attention(q[:1], k[:1], v[:1], mask[:1])
+    out = one_query_attention.one_query(q, k, v, mask)
+    truth = one_query_attention._exact_attention(q[:1], k[:1], v[:1], mask[:1])
     assert within_bf16_rounding(out[:1], truth)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     shared = mask[:1]  # one mask for both rows, broadcast
-    assert torch.equal(avx512_attention.one_query(q, k, v, shared),
-                       avx512_attention.one_query(q, k, v, shared.expand(2, -1, -1, -1).contiguous()))
+    assert torch.equal(one_query_attention.one_query(q, k, v, shared),
+                       one_query_attention.one_query(q, k, v, shared.expand(2, -1, -1, -1).contiguous()))
 
 
 def test_bad_inputs_are_refused_with_their_shapes_and_backward_raises() -> None:
     q, k, v, mask = case(1, 4, 2, 20, 32)
     with pytest.raises(RuntimeError, match="q must be a bf16 CPU tensor .B, H, 1, D., got Float"):
-        avx512_attention.one_query(q.float(), k, v, mask)
+        one_query_attention.one_query(q.float(), k, v, mask)
     with pytest.raises(RuntimeError, match="keys and values must be bf16 CPU tensors .1, Hkv, S, 32. with contiguous"):
-        avx512_attention.one_query(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, mask)
+        one_query_attention.one_query(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, mask)
     with pytest.raises(RuntimeError, match="4 query heads over 3 key heads"):
-        avx512_attention.one_query(q, torch.cat((k, k[:, :1]), 1), torch.cat((v, v[:, :1]), 1), mask)
+        one_query_attention.one_query(q, torch.cat((k, k[:, :1]), 1), torch.cat((v, v[:, :1]), 1), mask)
     with pytest.raises(RuntimeError, match="mask must be bool .1, 1, 1, 20., got Float"):
-        avx512_attention.one_query(q, k, v, mask.float())
+        one_query_attention.one_query(q, k, v, mask.float())
     leaf = q.clone().requires_grad_()
-    out = avx512_attention.one_query(leaf, k, v, mask)
+    out = one_query_attention.one_query(leaf, k, v, mask)
     with pytest.raises(RuntimeError, match="not implemented"):
         out.float().sum().backward()
 
 
-def test_the_kernel_is_used_on_every_cpu_with_avx512_bf16() -> None:
+def test_the_kernel_is_used_on_every_cpu_with_avx512_bf16_or_avx2_alone() -> None:
     """Where it should run, `available()` says so: a kernel that failed its check would leave tokens on the eager
     attention, silently."""
-    assert avx512_attention.available()
+    assert one_query_attention.available()
