@@ -9,14 +9,16 @@ not cache, as in a model whose every matrix is read once per step; times are per
 the CLI uses (`dgemma.allocator`). Methods, each on the same random Q4_K / Q8_0 weight:
 - `bf16`: the dequantised weight held in bf16 and F.linear (the float baseline).
 - `bf16-one-row` (1 row only): the same bf16 weight in `dgemma.one_row.row_product`, the compiled one-row product
-  an autoregressive token takes (`exact=False`).
+  an autoregressive token takes (`exact=False`; on a CPU with AVX2 and no AVX-512, dgemma's AVX2 kernel,
+  `dgemma.avx2_rows`).
 - `tiles-q4k`, `tiles-q8`: `GroupQuantized.dequantize(bf16)` then F.linear, per call (dgemma's path for matrices
   without an int4 kernel; Q8_0 tiles take its one compiled pass).
 - `q8`, `q6k`: F.linear on the Q8_0 and Q6_K `GroupQuantized` itself, as the network calls it: tiles, or at up to
-  `FEW_ROWS` rows the compiled few-row product over the codes (`q6k` is Q8_0 where rows are not a multiple of
-  Q6_K's 256, as under dgemma's q4_k_m scheme).
+  `FEW_ROWS` rows the compiled few-row product over the codes (on AVX2 without AVX-512, dgemma's AVX2 kernel for
+  it; `q6k` is Q8_0 where rows are not a multiple of Q6_K's 256, as under dgemma's q4_k_m scheme).
 - `int4pack`: `dgemma.quantized.CpuInt4` (`torch._weight_int4pack_mm_for_cpu` on the same 4-bit codes repacked with
-  bf16 scales and zeros: what dgemma runs experts with in bf16 on a CPU without AMX); the relative RMS error of the
+  bf16 scales and zeros, or on a CPU with AVX2 and no AVX-512 dgemma's AVX2 kernel over that layout: what dgemma
+  runs experts with in bf16 on a CPU without AVX-512 BF16); the relative RMS error of the
   repacked values against the exact ones is reported. (The expert down matrix, rows of 704, is Q4_0 under dgemma's int4
   scheme: Q4_K needs rows of 256.)
 - `int4amx` or `int4avx512`: the same codes in the layout of this CPU's fast int4 kernel
