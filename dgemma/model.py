@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .one_query_attention import one_query as kernel_one_query, takes as kernel_attention_takes
 from .compiling import compiled_under_own_name, compiling_allowed
 from .config import LayerSpec, ModelConfig
+from .one_query_attention import one_query as kernel_one_query, takes as kernel_attention_takes
 from .one_row import expert_products, row_product, takes_experts, takes_row
 from .widening import bmm as widened_bmm, linear as widened_linear, widens
 
@@ -311,8 +311,8 @@ class Experts(nn.Module):
         tokens, top_k = index.shape
         if not exact and tokens == 1 and self._read_by_index(x, top_k):
             # One token (autoregressive decoding): its top_k experts' matrices read in place, one kernel call each
-            # for gate/up and down, instead of a grouped matmul that visits every expert (or, quantised, of sorting
-            # the token's choices into groups by expert).
+            # for gate/up and down, instead of a grouped matmul that visits every expert or, for weights in a
+            # kernel's layout, a sort of the token's choices into groups by expert.
             gate, up = self._by_index(x.expand(top_k, -1), self.gate_up_proj, index[0]).chunk(2, dim=-1)
             out = self._by_index(self.act(gate) * up, self.down_proj, index[0])  # (token, choice) order
             return self._combined(out, weights, x.dtype)

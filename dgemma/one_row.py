@@ -82,7 +82,7 @@ def row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., K] (a single row) @ weight.T, as `takes_row` allows."""
     if avx2_rows_available():
         out = avx2_half_rows(x.reshape(1, -1).float(), weight.detach().unsqueeze(0),
-                                  torch.zeros(1, dtype=torch.long)).to(x.dtype)
+                             torch.zeros(1, dtype=torch.long)).to(x.dtype)
     else:
         with torch.no_grad():  # one grad mode for every call: no recompile for it
             out = _kernel(_product, x.dtype)(x.reshape(1, -1).clone(), weight.detach())

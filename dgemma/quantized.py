@@ -557,7 +557,8 @@ def _mix(weights: torch.Tensor, matrix: GroupQuantized) -> torch.Tensor:
 # a released expert at 16 rows 1.6 to 1.8 times as fast as bf16 and 2.4 times torch's eager kernel, one row as fast
 # as the eager kernel or up to 1.5 times faster, a canvas's 256 rows as fast as bf16 and 1.5 to 1.9 times tiles (a
 # 2-core AMD EPYC, Zen 5; docs/amd/quantized_matmul-avx512-int4.json). So every 4-bit matrix takes the fast kernel
-# where there is one, and elsewhere only experts take the eager one.
+# where there is one, and elsewhere only experts take the eager one's layout, which on a CPU with AVX2 and no AVX-512
+# dgemma's AVX2 kernel reads instead (`CpuInt4.takes_avx2_rows`).
 
 def is_expert(name: str) -> bool:
     """Whether a tensor (by checkpoint or module name) is one of the experts' stacked matrices."""
@@ -751,7 +752,7 @@ class CpuInt4:
         flat = weight._kernel_rows(x)
         if weight.takes_avx2_rows:
             out = avx2_int4_rows(flat.float(), weight.codes.unsqueeze(0), weight.scales_and_zeros.unsqueeze(0),
-                                      torch.zeros(flat.shape[0], dtype=torch.long)).to(flat.dtype)
+                                 torch.zeros(flat.shape[0], dtype=torch.long)).to(flat.dtype)
         elif weight.one_row_codes is not None and flat.shape[0] == 1:
             out = torch._weight_int4pack_mm_for_cpu(flat, weight.one_row_codes, cls.GROUP, weight.scales_and_zeros)
         elif weight.layout == "amx":

@@ -53,7 +53,9 @@ inline Vector widen(const uint16_t* values) {
 }
 // 2^n for whole n in [-160, 128]
 inline Vector two_to_the(Vector n, Vector p) { return _mm512_scalef_ps(p, n); }
-inline Vector nearest_integer(Vector t) { return _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline Vector nearest_integer(Vector t) {
+  return _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
 inline Vector larger(Vector a, Vector b) { return _mm512_max_ps(a, b); }
 constexpr float kLowestExponent = -160.0f;
 // v rounded to bf16, nearest even
@@ -94,7 +96,8 @@ inline void store_bf16(uint16_t* target, Vector v) {
   // round to nearest even on the upper half's last bit (the values are finite)
   const __m256i bits = _mm256_castps_si256(v);
   const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i bias = _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, bias), 16);
   const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(target), packed);
 }
