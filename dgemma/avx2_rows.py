@@ -7,10 +7,10 @@ An autoregressive token is bound by reading the matrices it uses, and on such a 
 2-core AMD EPYC of family 25 (Zen 3), reading memory at 20 GB/s, torch's eager int4 kernel read a row's 4-bit matrix
 at 5.5 GB/s, Inductor's one-row bf16 loop (`dgemma.one_row`) at 10 to 16 GB/s and its loop over byte codes at about
 1 G codes/s, each about as slow from cache as from memory (docs/cpu.md has the figures; where the CPU has AVX-512
-those loops are fast). These kernels widen 16 to 32 values an instruction and sum in float32 (half precision), or
-take each group of 32 (or 16) values of the row at 16 bits and sum the codes' products in int32, exactly, two an
-instruction (the quantised ops: a value within 2^7 of its group's largest magnitude is taken exactly, a smaller one to
-2^-15 of that largest; `error_bound`). Each output is one thread's sum in a fixed order: the same bits with any
+those loops are fast). These kernels widen half-precision weights to float32 8 an instruction and sum in float32,
+or take each group of 32 (or 16) values of the row at 16 bits and sum the codes' products in int32, exactly, two an
+instruction (the quantised ops: a bf16 value within 2^7 of its group's largest magnitude is taken exactly, any value
+to 2^-15 of that largest; `error_bound`). Each output is one thread's sum in a fixed order: the same bits with any
 number of threads, and a row's result does not depend on the other rows.
 
 `available()` says whether this process uses them: the CPU has AVX2 and no AVX-512, compiling is allowed
