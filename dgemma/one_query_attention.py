@@ -31,9 +31,11 @@ SOURCE = Path(__file__).parent / "kernels" / "one_query_attention.cpp"
 MAX_GROUP = 16  # query heads a key head may serve (the kernel's kMaxGroup)
 
 
+@functools.cache
 def build() -> tuple[str, tuple[str, ...]] | None:
-    """The kernel's build for this CPU: its op's name and compiler flags, or None where there is none (neither
-    AVX-512 BF16 nor AVX2; or AVX-512 without BF16, where the AVX2 build would not be the fast one)."""
+    """The kernel's build for this CPU (read once: a token asks at every layer): its op's name and compiler flags,
+    or None where there is none (neither AVX-512 BF16 nor AVX2; and AVX-512 without BF16, where the AVX2 build has
+    not been measured: no such machine here)."""
     if torch.cpu._is_avx512_bf16_supported():
         return "avx512_one_query_attention", AVX512_FLAGS
     if torch.cpu._is_avx2_supported() and not torch.cpu._is_avx512_supported():

@@ -751,8 +751,7 @@ class CpuInt4:
             return F.linear(x, weight.tiles, bias)
         flat = weight._kernel_rows(x)
         if weight.takes_avx2_rows:
-            out = avx2_int4_rows(flat.float(), weight.codes.unsqueeze(0), weight.scales_and_zeros.unsqueeze(0),
-                                 torch.zeros(flat.shape[0], dtype=torch.long)).to(flat.dtype)
+            out = weight._avx2_product(flat, torch.zeros(flat.shape[0], dtype=torch.long))
         elif weight.one_row_codes is not None and flat.shape[0] == 1:
             out = torch._weight_int4pack_mm_for_cpu(flat, weight.one_row_codes, cls.GROUP, weight.scales_and_zeros)
         elif weight.layout == "amx":
@@ -781,8 +780,14 @@ class CpuInt4:
         place (`reads_by_index`): one token's experts. No gradient."""
         if not self.reads_by_index:
             raise ValueError("CpuInt4.linear_by_index takes experts in dgemma's AVX2 kernel (reads_by_index)")
-        flat = self._kernel_rows(rows)
-        return avx2_int4_rows(flat.float(), self.codes, self.scales_and_zeros, index.contiguous()).to(rows.dtype)
+        return self._avx2_product(self._kernel_rows(rows), index)
+
+    def _avx2_product(self, flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Kernel rows [M, K'] (`_kernel_rows`) times matrix index[m] of this weight (a 2-D weight: its only matrix,
+        index 0) in dgemma's AVX2 kernel: [M, N] in flat's dtype, the float32 sums rounded once."""
+        codes, pairs = (self.codes, self.scales_and_zeros) if len(self.shape) == 3 else (
+            self.codes.unsqueeze(0), self.scales_and_zeros.unsqueeze(0))
+        return avx2_int4_rows(flat.float(), codes, pairs, index.contiguous()).to(flat.dtype)
 
     def _kernel_rows(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] as the kernels take it: bf16 rows [M, K], contiguous, taken twice for `halves`."""
