@@ -33,27 +33,27 @@ INT4_BLOCK = 32  # its output columns packed together on an AVX2 CPU: the 4-bit 
 
 
 def half_rows(rows: torch.Tensor, weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """rows [M, K] float32, weight [E, N, K] bf16 or fp16, index [M] int64 -> [M, N] float32: row m times
-    weight[index[m]].T, summed in float32. No derivative: backward through it raises."""
+    """rows [M, K] (float32, bf16 or fp16), weight [E, N, K] bf16 or fp16, index [M] int64 -> [M, N] in rows' dtype:
+    row m times weight[index[m]].T, summed in float32 and rounded once. No derivative: backward through it raises."""
     load_library(SOURCE, AVX2_FLAGS)
     return torch.ops.dgemma.avx2_half_rows(rows, weight, index)
 
 
 def byte_codes_rows(rows: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
                     zero_code: int) -> torch.Tensor:
-    """rows [M, K] float32 @ W.T -> [M, N] float32, W [N, K] = (codes - zero_code) * scale (+ offset) per group of
-    K / scale.shape[1] values (16 or 32); codes uint8 [N, K], scale and offset float32 [N, K / group], contiguous.
-    No derivative."""
+    """rows [M, K] (float32, bf16 or fp16) @ W.T -> [M, N] in rows' dtype (float32 sums rounded once), W [N, K] =
+    (codes - zero_code) * scale (+ offset) per group of K / scale.shape[1] values (16 or 32); codes uint8 [N, K],
+    scale and offset float32 [N, K / group], contiguous. No derivative."""
     load_library(SOURCE, AVX2_FLAGS)
     return torch.ops.dgemma.avx2_byte_codes_rows(rows, codes, scale, offset, zero_code)
 
 
 def int4_rows(rows: torch.Tensor, codes: torch.Tensor, scales_and_zeros: torch.Tensor,
               index: torch.Tensor) -> torch.Tensor:
-    """rows [M, K] float32, codes uint8 [E, N, K / 2] packed by `torch._convert_weight_to_int4pack_for_cpu`,
-    scales_and_zeros bf16 [E, K / 32, N, 2], index [M] int64 -> [M, N] float32: row m times matrix index[m], whose
-    value is (code - 8) * scale + zero per group of 32 (torch's int4 kernel's matrix); N a multiple of 32. No
-    derivative."""
+    """rows [M, K] (float32, bf16 or fp16), codes uint8 [E, N, K / 2] packed by
+    `torch._convert_weight_to_int4pack_for_cpu`, scales_and_zeros bf16 [E, K / 32, N, 2], index [M] int64 -> [M, N]
+    in rows' dtype (float32 sums rounded once): row m times matrix index[m], whose value is (code - 8) * scale + zero
+    per group of 32 (torch's int4 kernel's matrix); N a multiple of 32. No derivative."""
     load_library(SOURCE, AVX2_FLAGS)
     return torch.ops.dgemma.avx2_int4_rows(rows, codes, scales_and_zeros, index)
 

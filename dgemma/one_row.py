@@ -81,8 +81,8 @@ def takes_row(x: torch.Tensor, weight: object) -> bool:
 def row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., K] (a single row) @ weight.T, as `takes_row` allows."""
     if avx2_rows_available():
-        out = avx2_half_rows(x.reshape(1, -1).float(), weight.detach().unsqueeze(0),
-                             torch.zeros(1, dtype=torch.long)).to(x.dtype)
+        out = avx2_half_rows(x.reshape(1, -1).contiguous(), weight.detach().unsqueeze(0),
+                             torch.zeros(1, dtype=torch.long))
     else:
         with torch.no_grad():  # one grad mode for every call: no recompile for it
             out = _kernel(_product, x.dtype)(x.reshape(1, -1).clone(), weight.detach())
@@ -99,6 +99,6 @@ def takes_experts(x: torch.Tensor, weight: object, top_k: int) -> bool:
 def expert_products(rows: torch.Tensor, weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """rows [R, K] @ weight[index[r]].T for each row r -> [R, N], as `takes_experts` allows."""
     if avx2_rows_available():
-        return avx2_half_rows(rows.float(), weight.detach(), index.contiguous()).to(rows.dtype)
+        return avx2_half_rows(rows.contiguous(), weight.detach(), index.contiguous())
     with torch.no_grad():
         return _kernel(_indexed_products, rows.dtype)(rows.clone(), weight.detach(), index.clone())

@@ -431,15 +431,17 @@ def _takes_few_rows_kernel(x: torch.Tensor, weight: GroupQuantized) -> bool:
 def _few_rows_linear(x: torch.Tensor, weight: GroupQuantized) -> torch.Tensor:
     """The compiled few-row product, or on a CPU with AVX2 and no AVX-512, where Inductor's loop is slow, dgemma's
     kernel for it (`dgemma.avx2_rows`)."""
-    rows, codes, scale = (t.contiguous() for t in (x.reshape(-1, x.shape[-1]).float(), weight.codes, weight.scale))
+    rows, codes, scale = (t.contiguous() for t in (x.reshape(-1, x.shape[-1]), weight.codes, weight.scale))
     offset = None if weight.offset is None else weight.offset.contiguous()
-    if avx2_rows_available():
+    if avx2_rows_available():  # the float32 sums rounded once, inside the kernel
         out = avx2_byte_codes_rows(rows, codes, scale, offset, weight.zero_code)
     else:
+        rows = rows.float()
         _every_size_dynamic(rows, codes, scale, offset)  # every size dynamic: no shape ever asks for another graph
         with torch.no_grad():  # one grad mode for every call: no recompile for it
             out = _few_rows_kernel(weight.qtype)(rows, codes, scale, offset, weight.zero_code, weight.group)
-    return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])  # the float32 sums rounded once
+        out = out.to(x.dtype)  # the float32 sums rounded once
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 # ---- tiles of 4-bit codes in nibble planes ---------------------------------------------------------------------------
@@ -787,7 +789,7 @@ class CpuInt4:
         index 0) in dgemma's AVX2 kernel: [M, N] in flat's dtype, the float32 sums rounded once."""
         codes, pairs = (self.codes, self.scales_and_zeros) if len(self.shape) == 3 else (
             self.codes.unsqueeze(0), self.scales_and_zeros.unsqueeze(0))
-        return avx2_int4_rows(flat.float(), codes, pairs, index.contiguous()).to(flat.dtype)
+        return avx2_int4_rows(flat, codes, pairs, index.contiguous())
 
     def _kernel_rows(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] as the kernels take it: bf16 rows [M, K], contiguous, taken twice for `halves`."""

@@ -134,6 +134,23 @@ def test_the_same_bits_with_any_number_of_threads():
     assert all(torch.equal(a, b) for result in results for a, b in zip(result, results[0]))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_rows_give_their_float32_rows_sums_rounded_once(dtype):
+    """Rows in bf16 or fp16 in, the rows' dtype out: the float32 rows' sums rounded once, bit for bit, by every op; the
+    4-bit op the same whether its rows read distinct matrices (streamed past the caches) or share one."""
+    generator = seeded(11)
+    rows = torch.randn(3, 512, generator=generator).to(dtype)
+    codes = torch.randint(0, 256, (96, 512), generator=generator, dtype=torch.uint8)
+    scale = torch.rand(96, 16, generator=generator) / 64
+    _, pairs, packed = packed_int4(generator, 3, 96, 512)
+    weight = torch.randn(3, 96, 512, generator=generator).to(torch.bfloat16)
+    for index in (torch.tensor([2, 0, 1]), torch.tensor([1, 1, 0])):
+        for op, arguments in ((avx2_rows.byte_codes_rows, (codes, scale, None, 128)),
+                              (avx2_rows.int4_rows, (packed, pairs, index)), (avx2_rows.half_rows, (weight, index))):
+            got = op(rows, *arguments)
+            assert got.dtype == dtype and torch.equal(got, op(rows.float(), *arguments).to(dtype))
+
+
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q6_K, T.Q5_1], ids=lambda t: t.name)
 def test_a_tokens_row_times_a_byte_code_matrix_takes_the_kernel(qtype, monkeypatch):
     shape = (1024, 1024)  # the smallest matrix the few-row product takes
@@ -211,8 +228,8 @@ def test_bad_inputs_are_refused_by_name():
     codes = torch.zeros(4, 64, dtype=torch.uint8)
     scale = torch.ones(4, 2)
     rows = torch.ones(1, 64)
-    with pytest.raises(RuntimeError, match="rows must be a contiguous float32"):
-        avx2_rows.byte_codes_rows(rows.to(torch.bfloat16), codes, scale, None, 128)
+    with pytest.raises(RuntimeError, match="rows must be a contiguous float32, bf16 or fp16 CPU matrix"):
+        avx2_rows.byte_codes_rows(rows.double(), codes, scale, None, 128)
     with pytest.raises(RuntimeError, match="codes must be contiguous uint8"):
         avx2_rows.byte_codes_rows(rows, codes[:, :32], scale, None, 128)
     with pytest.raises(RuntimeError, match="scale must be contiguous float32"):
