@@ -34,6 +34,7 @@ from torch import nn
 
 from .compiling import compiled_under_own_name, compiling_allowed
 from .config import LayerSpec, ModelConfig
+from .fused_norms import rms_norm as fused_rms_norm, rms_norm_rope as fused_rms_norm_rope, takes as fused_norms_take
 from .one_query_attention import one_query as kernel_one_query, takes as kernel_attention_takes
 from .one_row import expert_products, row_product, takes_experts, takes_row
 from .widening import bmm as widened_bmm, linear as widened_linear, widens
@@ -52,15 +53,24 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return F.relu
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """x * (mean(x^2) + eps)^-1/2 * weight over the last dimension, computed in fp32 as the reference does.
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, exact: bool = True,
+             residual: torch.Tensor | None = None, multiplier: torch.Tensor | None = None) -> torch.Tensor:
+    """(residual + x * (mean(x^2) + eps)^-1/2 * weight) * multiplier over the last dimension, the norm computed in
+    fp32 as the reference does and each step rounded to x's dtype; residual and multiplier are optional. With
+    exact=False on a CPU, one pass in `dgemma.fused_norms`, rounded once.
 
     On a CPU, torch's own `rms_norm` gives bit-identical results (tests/test_model.py) in one call from Python
     instead of eight: 12 against 16 us for a canvas of the bundled model (fp32 [32, 256]), 83 against 101 us for
     bf16 [256, 512] (best of 3 x 50; within 6 % from 0.5 M to 3 M elements, except bf16 at 2.9 M, 13 % slower)."""
+    if not exact and fused_norms_take(x, weight, residual):
+        return fused_rms_norm(x, weight, eps, residual, multiplier)
     if x.device.type == "cpu" and (weight is None or weight.dtype == x.dtype):
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    return rms_norm_as_reference(x, weight, eps)
+        out = F.rms_norm(x, (x.shape[-1],), weight, eps)
+    else:
+        out = rms_norm_as_reference(x, weight, eps)
+    if residual is not None:
+        out = residual + out
+    return out if multiplier is None else out * multiplier
 
 
 def rms_norm_as_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -80,13 +90,21 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, exact: bool = True, residual: torch.Tensor | None = None,
+                multiplier: torch.Tensor | None = None) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, exact, residual, multiplier)
+
+    def rotated(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, exact: bool = True) -> torch.Tensor:
+        """Each head of x [B, T, H, D] normed, then its rotary embedding (cos, sin [B, 1, T, D]): [B, H, T, D]."""
+        if not exact and fused_norms_take(x, self.weight, cos, sin):
+            return fused_rms_norm_rope(x, self.weight, cos, sin, self.eps).transpose(1, 2)
+        h = self(x).transpose(1, 2)
+        return h * cos + rotate_half(h) * sin
 
 
-def rms_norm_without_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm_without_scale(x: torch.Tensor, eps: float, exact: bool = True) -> torch.Tensor:
     """The reference's scale-free RMS norm (v-norm, router input, self-conditioning output)."""
-    return rms_norm(x, None, eps)
+    return rms_norm(x, None, eps, exact)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -233,14 +251,12 @@ class Attention(nn.Module):
         batch, length, _ = x.shape
         dim = self.spec.head_dim
         cos, sin = plan.rope[self.spec.kind]
-        q = self.q_norm(self.q_proj(x, exact).view(batch, length, -1, dim)).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
+        q = self.q_norm.rotated(self.q_proj(x, exact).view(batch, length, -1, dim), cos, sin, exact)
         raw_k = self.k_proj(x, exact).view(batch, length, -1, dim)
         # Layers without v_proj use the raw key projection as values (before k-norm and RoPE).
         v = self.v_proj(x, exact).view(batch, length, -1, dim) if self.v_proj is not None else raw_k
-        k = self.k_norm(raw_k).transpose(1, 2)
-        k = k * cos + rotate_half(k) * sin
-        v = rms_norm_without_scale(v, self.eps).transpose(1, 2)
+        k = self.k_norm.rotated(raw_k, cos, sin, exact)
+        v = rms_norm_without_scale(v, self.eps, exact).transpose(1, 2)
         keys, values = plan.join(layer, k, v)
         kind = self.spec.kind
         if plan.rows is None:
@@ -280,8 +296,11 @@ class Router(nn.Module):
         self.scale = nn.Parameter(torch.ones(config.hidden_size))
         self.per_expert_scale = nn.Parameter(torch.ones(config.num_experts))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = rms_norm_without_scale(x, self.eps) * self.scale * self.root_size
+    def forward(self, x: torch.Tensor, exact: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        if exact:  # the reference's roundings: the norm, then each scale
+            h = rms_norm_without_scale(x, self.eps) * self.scale * self.root_size
+        else:
+            h = rms_norm(x, self.scale, self.eps, exact) * self.root_size
         probs = F.softmax(self.proj(h), dim=-1, dtype=torch.float32)
         weights, index = torch.topk(probs, k=self.top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -458,18 +477,17 @@ class Block(nn.Module):
         self.register_buffer("layer_scalar", torch.ones(1))
 
     def forward(self, x: torch.Tensor, layer: int, plan: AttentionPlan, exact: bool = True) -> torch.Tensor:
-        residual = x
-        x = residual + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), layer, plan, exact))
-        residual = x
-        h = self.mlp(self.pre_feedforward_layernorm(x), exact)
+        attended = self.self_attn(self.input_layernorm(x, exact), layer, plan, exact)
+        residual = self.post_attention_layernorm(attended, exact, residual=x)
+        h = self.mlp(self.pre_feedforward_layernorm(residual, exact), exact)
         if self.has_experts:
             # The router reads the raw residual; the experts read a separately normed copy.
             flat = residual.reshape(-1, residual.shape[-1])
-            weights, index = self.router(flat)
-            moe = self.experts(self.pre_feedforward_layernorm_2(flat), index, weights, exact).reshape(residual.shape)
-            h = self.post_feedforward_layernorm_1(h) + self.post_feedforward_layernorm_2(moe)
-        x = residual + self.post_feedforward_layernorm(h)
-        return x * self.layer_scalar
+            weights, index = self.router(flat, exact)
+            moe = self.experts(self.pre_feedforward_layernorm_2(flat, exact), index, weights, exact)
+            h = self.post_feedforward_layernorm_2(moe.reshape(residual.shape), exact,
+                                                  residual=self.post_feedforward_layernorm_1(h, exact))
+        return self.post_feedforward_layernorm(h, exact, residual=residual, multiplier=self.layer_scalar)
 
 
 class ScaledEmbedding(nn.Embedding):
@@ -521,7 +539,7 @@ class Stack(nn.Module):
     def run(self, x: torch.Tensor, plan: AttentionPlan, exact: bool = True) -> torch.Tensor:
         for i, block in enumerate(self.layers):
             x = block(x, i, plan, exact)
-        return self.norm(x)
+        return self.norm(x, exact)
 
 
 def attach(model: nn.Module, name: str, weight: object) -> None:
