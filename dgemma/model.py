@@ -34,7 +34,8 @@ from torch import nn
 
 from .compiling import compiled_under_own_name, compiling_allowed
 from .config import LayerSpec, ModelConfig
-from .fused_norms import rms_norm as fused_rms_norm, rms_norm_rope as fused_rms_norm_rope, takes as fused_norms_take
+from .fused_ops import rms_norm as fused_rms_norm, rms_norm_rope as fused_rms_norm_rope, route as fused_route
+from .fused_ops import takes as fused_ops_take, weighted_sum as fused_weighted_sum
 from .one_query_attention import one_query as kernel_one_query, takes as kernel_attention_takes
 from .one_row import expert_products, row_product, takes_experts, takes_row
 from .widening import bmm as widened_bmm, linear as widened_linear, widens
@@ -57,12 +58,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, exact: bo
              residual: torch.Tensor | None = None, multiplier: torch.Tensor | None = None) -> torch.Tensor:
     """(residual + x * (mean(x^2) + eps)^-1/2 * weight) * multiplier over the last dimension, the norm computed in
     fp32 as the reference does and each step rounded to x's dtype; residual and multiplier are optional. With
-    exact=False on a CPU, one pass in `dgemma.fused_norms`, rounded once.
+    exact=False on a CPU, one pass in `dgemma.fused_ops`, rounded once.
 
     On a CPU, torch's own `rms_norm` gives bit-identical results (tests/test_model.py) in one call from Python
     instead of eight: 12 against 16 us for a canvas of the bundled model (fp32 [32, 256]), 83 against 101 us for
     bf16 [256, 512] (best of 3 x 50; within 6 % from 0.5 M to 3 M elements, except bf16 at 2.9 M, 13 % slower)."""
-    if not exact and fused_norms_take(x, weight, residual):
+    if not exact and fused_ops_take(x, weight, residual):
         return fused_rms_norm(x, weight, eps, residual, multiplier)
     if x.device.type == "cpu" and (weight is None or weight.dtype == x.dtype):
         out = F.rms_norm(x, (x.shape[-1],), weight, eps)
@@ -96,7 +97,7 @@ class RMSNorm(nn.Module):
 
     def rotated(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, exact: bool = True) -> torch.Tensor:
         """Each head of x [B, T, H, D] normed, then its rotary embedding (cos, sin [B, 1, T, D]): [B, H, T, D]."""
-        if not exact and fused_norms_take(x, self.weight, cos, sin):
+        if not exact and fused_ops_take(x, self.weight, cos, sin):
             return fused_rms_norm_rope(x, self.weight, cos, sin, self.eps).transpose(1, 2)
         h = self(x).transpose(1, 2)
         return h * cos + rotate_half(h) * sin
@@ -301,7 +302,10 @@ class Router(nn.Module):
             h = rms_norm_without_scale(x, self.eps) * self.scale * self.root_size
         else:
             h = rms_norm(x, self.scale, self.eps, exact) * self.root_size
-        probs = F.softmax(self.proj(h), dim=-1, dtype=torch.float32)
+        logits = self.proj(h)
+        if not exact and fused_ops_take(logits, self.per_expert_scale):
+            return fused_route(logits, self.top_k, self.per_expert_scale)
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         weights, index = torch.topk(probs, k=self.top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights * self.per_expert_scale[index], index  # [N, K] fp32, [N, K]
@@ -334,7 +338,7 @@ class Experts(nn.Module):
             # kernel's layout, a sort of the token's choices into groups by expert.
             gate, up = self._by_index(x.expand(top_k, -1), self.gate_up_proj, index[0]).chunk(2, dim=-1)
             out = self._by_index(self.act(gate) * up, self.down_proj, index[0])  # (token, choice) order
-            return self._combined(out, weights, x.dtype)
+            return self._combined(out, weights, x.dtype, exact)
         expert_of, order = torch.sort(index.reshape(-1))  # (token, choice) pairs grouped by expert
         position = torch.empty_like(order)  # the inverse: where each (token, choice) pair went
         position[order] = torch.arange(order.numel(), device=order.device)
@@ -353,7 +357,7 @@ class Experts(nn.Module):
             batch[expert_of, slot] = rows
             gate, up = batched_products(batch, self.gate_up_proj).chunk(2, dim=-1)
             out = batched_products(self.act(gate) * up, self.down_proj)
-            return self._combined(out[index.reshape(-1), slot[position]], weights, x.dtype)
+            return self._combined(out[index.reshape(-1), slot[position]], weights, x.dtype, exact)
         ends = torch.cumsum(counts, dim=0).to(torch.int32)
         # Large experts on a CPU: one matmul per expert, no padding to the fullest expert's rows.
         per_expert = on_cpu_fast and stored_as_tensors
@@ -362,7 +366,7 @@ class Experts(nn.Module):
         if on_cpu_fast and large and compiling_allowed() and not torch.is_grad_enabled():
             # Gathered back into (token, choice) order inside the compiled sum: no [tokens x k, hidden] copies.
             return _gathered_combination_kernel()(out, position, weights)
-        return self._combined(out[position], weights, x.dtype)  # back in (token, choice) order
+        return self._combined(out[position], weights, x.dtype, exact)  # back in (token, choice) order
 
     def _read_by_index(self, x: torch.Tensor, top_k: int) -> bool:
         """Whether one token's experts can be read in place by their indices: large bf16 or fp16 matrices on a CPU
@@ -384,9 +388,12 @@ class Experts(nn.Module):
         return math.prod(self.gate_up_proj.shape[-2:]) >= LARGE_EXPERT
 
     @staticmethod
-    def _combined(out: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _combined(out: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype, exact: bool = True) -> torch.Tensor:
         """Each token's k expert outputs (rows of `out` in (token, choice) order) weighted in fp32, summed in fp32 and
-        rounded once, as the reference's grouped path does."""
+        rounded once, as the reference's grouped path does (with exact=False on a CPU, in one pass:
+        `dgemma.fused_ops`)."""
+        if not exact and out.dtype == dtype and weights.dtype == torch.float32 and fused_ops_take(out):
+            return fused_weighted_sum(out, weights)
         tokens, top_k = weights.shape
         return (out.view(tokens, top_k, -1) * weights[..., None]).sum(dim=1).to(dtype)
 

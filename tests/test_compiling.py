@@ -8,12 +8,12 @@ import shutil
 
 import pytest
 
-from dgemma import avx2_rows, avx512_int4, fused_norms, one_query_attention
+from dgemma import avx2_rows, avx512_int4, fused_ops, one_query_attention
 from dgemma.compiling import AVX2_FLAGS, AVX512_FLAGS, built_library, library_loads
 
 KERNELS = [(avx512_int4.SOURCE, AVX512_FLAGS), (one_query_attention.SOURCE, AVX512_FLAGS),
            (one_query_attention.SOURCE, AVX2_FLAGS), (avx2_rows.SOURCE, AVX2_FLAGS),
-           (fused_norms.SOURCE, AVX2_FLAGS)]
+           (fused_ops.SOURCE, AVX2_FLAGS)]
 
 
 @pytest.mark.parametrize("source, flags", KERNELS, ids=lambda kernel: getattr(kernel, "stem", ""))
