@@ -43,6 +43,19 @@ def text_values(name: str) -> tuple[dict, bool]:
     return values, values.pop("tie_word_embeddings", True)
 
 
+def counted_calls(monkeypatch, module, names: list[str]) -> dict[str, int]:
+    """Each of `names`, functions of `module`, wrapped to count its calls (the counts, by name) and still run."""
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        original = getattr(module, name)
+
+        def counted(*args, _name=name, _original=original):
+            calls[_name] += 1
+            return _original(*args)
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
 def test_devices() -> list[str]:
     """Every device this machine has (DGEMMA_TEST_DEVICES=cuda,... picks some: scripts/device_check.sh does)."""
     if os.environ.get("DGEMMA_TEST_DEVICES"):

@@ -14,6 +14,7 @@ import dgemma
 import dgemma.model
 from dgemma import fused_ops
 from dgemma.cache import KVCache
+from conftest import counted_calls
 
 # Where the kernel should run: AVX2, compiling allowed, a C++ compiler.
 EXPECTED = (torch.cpu._is_avx2_supported() and os.environ.get("DGEMMA_COMPILE") != "0"
@@ -188,21 +189,14 @@ def test_a_forward_off_the_reference_path_takes_the_fused_ops_within_its_dtypes_
                                                                                          monkeypatch):
     """A tiny MoE model's prompt, token and canvas with exact=False: every norm in the kernel (a layer's eight and
     its router's, its v-norm; q and k with their RoPE; the stack's final norm), the router's choice and the experts'
-    sum, none with exact=True; in float32 the
-    hidden states are those of torch's norms to 1e-5 of their scale, and in bf16 within twice as far from the
-    float32 model's as torch's norms are: rounding once instead of after each operation moves a random network's
-    bf16 states about as much as it brings them closer (measured here, the largest differences from float32 0.098,
-    0.166, 0.077 against 0.061, 0.118, 0.071 for the prompt, the token and the canvas; on three other seeds the mean
-    differences 0.81 to 1.08 times torch's)."""
+    sum, none with exact=True; in float32 the hidden states are those of torch's operations to 1e-5 of their scale,
+    and in bf16 within twice as far from the float32 model's as torch's operations are: rounding once instead of
+    after each operation moves a random network's bf16 states about as much as it brings them closer (measured here,
+    the largest differences from float32 0.098, 0.166, 0.077 against 0.061, 0.118, 0.071 for the prompt, the token
+    and the canvas; on three other seeds the mean differences 0.81 to 1.08 times torch's)."""
     path = random_checkpoint("moe")
-    calls = {"fused_rms_norm": 0, "fused_rms_norm_rope": 0, "fused_route": 0, "fused_weighted_sum": 0}
-    for name in calls:
-        original = getattr(dgemma.model, name)
-
-        def counted(*args, _name=name, _original=original):
-            calls[_name] += 1
-            return _original(*args)
-        monkeypatch.setattr(dgemma.model, name, counted)
+    calls = counted_calls(monkeypatch, dgemma.model,
+                          ["fused_rms_norm", "fused_rms_norm_rope", "fused_route", "fused_weighted_sum"])
     results = {dtype: forwards(path, dtype) for dtype in (torch.float32, torch.bfloat16)}
     config = dgemma.load(path).config
     layers, experts = len(config.layers), config.has_experts

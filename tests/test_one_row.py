@@ -12,6 +12,7 @@ import dgemma
 from dgemma import avx2_rows, one_row
 from dgemma.cache import KVCache
 from dgemma.generation import autoregressive_steps
+from conftest import counted_calls
 
 needs_compiling = pytest.mark.skipif(os.environ.get("DGEMMA_COMPILE") == "0", reason="compiling turned off")
 
@@ -99,14 +100,7 @@ def test_a_lone_token_takes_the_one_row_kernels_off_the_reference_path_only(rand
     path = random_checkpoint("moe")
     model = dgemma.load(path, dtype=torch.bfloat16)
     monkeypatch.setattr(one_row, "MIN_VALUES", 0)
-    calls = {"row_product": 0, "expert_products": 0}
-    for name in calls:
-        original = getattr(dgemma.model, name)
-
-        def counted(*args, _name=name, _original=original):
-            calls[_name] += 1
-            return _original(*args)
-        monkeypatch.setattr(dgemma.model, name, counted)
+    calls = counted_calls(monkeypatch, dgemma.model, ["row_product", "expert_products"])
     prompt = torch.tensor([[2, 9, 14, 33, 5]])
     valid = torch.ones_like(prompt, dtype=torch.bool)
     token = torch.tensor([[21]])
