@@ -16,8 +16,9 @@ Design choices:
   fp32 router softmax, experts accumulated in expert order), so that fp32 logits agree to 1e-5 and bf16 ones
   to bf16 rounding. `exact=False` lets a forward pick kernels that are faster on its device but equal only up
   to float rounding (on a CPU the experts' padded batched matmul, or for large experts one matmul per expert and a
-  compiled weighted sum; for a single token, `dgemma.one_row`'s compiled products and a float32 attention);
-  sampling="fast" and autoregressive decoding run that way.
+  compiled weighted sum; for a single token, `dgemma.one_row`'s compiled products and a float32 attention; a
+  layer's norms, RoPE, router and experts' sum in one pass each, `dgemma.fused_ops`); sampling="fast" and
+  autoregressive decoding run that way.
 - This module is the network alone: generation, checkpoints and training build on it, never the reverse.
 """
 
