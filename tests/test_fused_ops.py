@@ -187,9 +187,9 @@ def forwards(path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 def test_a_forward_off_the_reference_path_takes_the_fused_ops_within_its_dtypes_rounding(random_checkpoint,
                                                                                          monkeypatch):
-    """A tiny MoE model's prompt, token and canvas with exact=False: every norm in the kernel (a layer's eight and
-    its router's, its v-norm; q and k with their RoPE; the stack's final norm), the router's choice and the experts'
-    sum, none with exact=True; in float32 the hidden states are those of torch's operations to 1e-5 of their scale,
+    """A tiny MoE model's prompt, token and canvas with exact=False: every norm in the kernel (a layer's seven, its
+    router's and its v-norm; q's and k's with their RoPE; the stack's final norm), the router's choice and the
+    experts' sum, none with exact=True; in float32 the hidden states are those of torch's operations to 1e-5 of their scale,
     and in bf16 within twice as far from the float32 model's as torch's operations are: rounding once instead of
     after each operation moves a random network's bf16 states about as much as it brings them closer (measured here,
     the largest differences from float32 0.098, 0.166, 0.077 against 0.061, 0.118, 0.071 for the prompt, the token
@@ -205,7 +205,7 @@ def test_a_forward_off_the_reference_path_takes_the_fused_ops_within_its_dtypes_
     assert calls == {"fused_rms_norm": 2 * 3 * (per_layer * layers + 1), "fused_rms_norm_rope": 2 * 3 * 2 * layers,
                      "fused_route": 2 * 3 * moe_layers, "fused_weighted_sum": 2 * 3 * moe_layers}
     monkeypatch.setattr(dgemma.model, "fused_ops_take", lambda *tensors: False)
-    torch_norms = {dtype: forwards(path, dtype) for dtype in (torch.float32, torch.bfloat16)}
+    torch_ops = {dtype: forwards(path, dtype) for dtype in (torch.float32, torch.bfloat16)}
     assert calls["fused_rms_norm"] == 2 * 3 * (per_layer * layers + 1)  # not called again
     model = dgemma.load(path, dtype=torch.bfloat16)
     monkeypatch.undo()  # the kernel available again: the reference path never calls it
@@ -217,8 +217,8 @@ def test_a_forward_off_the_reference_path_takes_the_fused_ops_within_its_dtypes_
         model.encode(prompt, cache.encoder_plan(model.rope, torch.ones_like(prompt, dtype=torch.bool)))
     assert reference_calls == []
     for name, fused in results[torch.float32].items():
-        reference = torch_norms[torch.float32][name]
+        reference = torch_ops[torch.float32][name]
         assert (fused - reference).abs().max() <= 1e-5 * reference.abs().max(), name
         fused_error = (results[torch.bfloat16][name] - fused).abs().max()
-        torch_error = (torch_norms[torch.bfloat16][name] - reference).abs().max()
+        torch_error = (torch_ops[torch.bfloat16][name] - reference).abs().max()
         assert fused_error <= 2 * torch_error, name
