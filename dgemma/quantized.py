@@ -61,7 +61,7 @@ from .avx512_int4 import grouped as avx512_int4_grouped, matmul as avx512_int4_m
 from .avx512_int4 import pack_scales as avx512_pack_scales
 from .compiling import SUM_CHUNK, compiled_under_own_name, compiling_allowed
 from .model import attached_weights, each_expert
-from .widening import widens
+from .widening import linear as widened_linear, mix as widened_mix, widens
 
 
 # eq=False: the fields are tensors, whose == is elementwise; identity is the only meaningful equality here.
@@ -94,30 +94,38 @@ class GroupQuantized:
                 f"{self.group}: codes {self.codes.dtype} {tuple(self.codes.shape)}, scale {tuple(self.scale.shape)}, "
                 f"offset {None if self.offset is None else tuple(self.offset.shape)}")
 
-    def dequantize(self, index: int | slice | torch.Tensor | None = None,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def dequantize(self, index: int | slice | torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
         """The values (of the leading-dimension entries `index` when given: an expert of [E, N, K], rows of [N, K]),
-        computed in float32 exactly as gguf.quants.dequantize does, then cast to dtype. (A large tile of one-byte
-        codes on the CPU cast to bf16 or fp16 takes one compiled pass, `_in_one_pass`, with the same bits.)"""
+        computed in float32 exactly as gguf.quants.dequantize does, then cast to dtype; or into `out`, a float32
+        tensor of their shape (a reused tile: `dgemma.widening`). (A large tile of one-byte codes on the CPU cast to
+        bf16 or fp16 takes one compiled pass, `_in_one_pass`, with the same bits.)"""
         codes, scale, offset = self.codes, self.scale, self.offset
         if index is not None:
             codes, scale = codes[index], scale[index]
             offset = None if offset is None else offset[index]
-        if (self.bits != 4 and dtype != torch.float32 and codes.device.type == "cpu"
+        if (self.bits != 4 and dtype != torch.float32 and out is None and codes.device.type == "cpu"
                 and scale.numel() * self.group >= COMPILED_TILE_VALUES and compiling_allowed()):
             _every_size_dynamic(codes, scale, offset)  # every tile shape, one graph
             return _one_pass_kernel(self.qtype, dtype)(codes, scale, offset, self.zero_code, self.group, dtype)
         if self.bits == 4:
             codes = torch.stack((codes & 0x0F, codes >> 4), dim=-1)
         # [..., K // group, group], so that each group's scale and offset broadcast over its values.
-        values = codes.reshape(*scale.shape, self.group).float()
-        # In place on the fresh float32 tensor (no temporaries), one op per step of gguf's formula, in its order.
+        codes = codes.reshape(*scale.shape, self.group)
+        if out is None:
+            values = codes.float()
+        else:
+            if out.dtype != torch.float32 or out.numel() != codes.numel():
+                raise ValueError(f"dequantize into {out.dtype} {tuple(out.shape)}: a float32 tensor of "
+                                 f"{codes.numel()} values is needed")
+            values = out.view(codes.shape).copy_(codes)
+        # In place on the float32 tensor (no temporaries), one op per step of gguf's formula, in its order.
         if self.zero_code:
             values.sub_(self.zero_code)
         values.mul_(scale.unsqueeze(-1))
         if offset is not None:
             values.add_(offset.unsqueeze(-1))
-        return values.reshape(*scale.shape[:-1], self.shape[-1]).to(dtype)
+        return out if out is not None else values.reshape(*scale.shape[:-1], self.shape[-1]).to(dtype)
 
     def nbytes(self) -> int:
         """bytes held (codes + scales + offsets)"""
@@ -332,6 +340,11 @@ QUANTIZED_TYPES = tuple(_LAYOUTS)  # the GGML types a model keeps quantised
 # Values dequantised at once: 32 MB in bf16, so that a released attention or MLP matrix is one tile and the vocabulary
 # matrix 44. Measured against 8 MB tiles (256 rows, Q8_0, weights from memory): the released attention q 6.0 against
 # 8.0 ms, the vocabulary matrix 460 against 492 ms (fewer, larger matmuls, no strided copies of column slices).
+# Where products are widened to float32 (`dgemma.widening`) the tiles are widening's instead: 4 MiB of float32 in one
+# reused buffer. Fresh 64 MB float32 tiles are mapped page by page at each allocation under glibc's defaults: a
+# 5,957 x 2,816 Q6_K tile took 44 ms dequantised into a fresh tensor against 13 ms into a reused one, and the
+# sampler's two vocabulary products of a Q4_K_M-like file's released shapes 12.7 to 14.1 s a step against 7.0 to
+# 9.0 s in tiles of 2^20 values (a 2-core Zen 3 EPYC, alternated in one process).
 TILE_VALUES = 1 << 24
 
 
@@ -490,7 +503,8 @@ def _plane_order(width: int, group: int) -> torch.Tensor:
 
 def _takes_nibble_planes(x: torch.Tensor, weight: GroupQuantized) -> bool:
     """Whether tiles of weight for x run in plane order: 4-bit codes of a large 2-D matrix computed in bf16 or fp16
-    on the CPU, compiling allowed (float32, the parity path, keeps the checkpoint's order and gguf's eager steps)."""
+    on the CPU, compiling allowed (float32, the parity path, keeps the checkpoint's order and gguf's eager steps).
+    Where the product is widened to float32 (`_widens`), `_linear` takes widening's tiles before asking."""
     return (weight.bits == 4 and len(weight.shape) == 2 and x.device.type == "cpu"
             and x.dtype in (torch.bfloat16, torch.float16)
             and min(weight.shape[0], _rows_per_tile(weight.shape[1])) * weight.shape[1] >= COMPILED_TILE_VALUES
@@ -501,49 +515,52 @@ def _linear(x: torch.Tensor, weight: GroupQuantized, bias: torch.Tensor | None =
             out: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ weight[N, K].T (+ bias) in x's dtype: a few rows in one compiled pass over the codes
     (`_takes_few_rows_kernel`), else a tile of weight rows at a time (4-bit ones in plane order where
-    `_takes_nibble_planes`), dequantised to x's dtype, or to float32 (x widened once, the result rounded once) where
-    the CPU has no native half-precision matmuls (`dgemma.widening`)."""
+    `_takes_nibble_planes`), dequantised to x's dtype; or where the CPU has no native half-precision matmuls, as
+    `dgemma.widening` multiplies: x widened once, float32 tiles of its size dequantised into one reused buffer, the
+    result rounded once."""
     if _takes_few_rows_kernel(x, weight):
         product = _few_rows_linear(x, weight)
         product = product if bias is None else product + bias
         return product if out is None else out.copy_(product)
+    if _widens(x):
+        return widened_linear(x, weight, bias, out)
     rows, width = weight.shape
     planes = _takes_nibble_planes(x, weight)
     if planes:
         x = x[..., _plane_order(width, weight.group).to(x.device)]
-    compute = torch.float32 if _widens(x) else x.dtype  # the tiles' dtype
-    rows_in = x.to(compute)
-    bias = None if bias is None else bias.to(compute)
+    bias = None if bias is None else bias.to(x.dtype)
 
     def tile_of(selected: slice) -> torch.Tensor:
-        return _plane_tile(weight, selected, compute) if planes else weight.dequantize(selected, compute)
+        return _plane_tile(weight, selected, x.dtype) if planes else weight.dequantize(selected, x.dtype)
     tile = _rows_per_tile(width)
     if rows <= tile and out is None:
-        return F.linear(rows_in, tile_of(slice(None)), bias).to(x.dtype)
+        return F.linear(x, tile_of(slice(None)), bias)
     out = x.new_empty(*x.shape[:-1], rows) if out is None else out
     for start in range(0, rows, tile):
         end = min(start + tile, rows)
-        out[..., start:end] = F.linear(rows_in, tile_of(slice(start, end)), None if bias is None else bias[start:end])
+        out[..., start:end] = F.linear(x, tile_of(slice(start, end)), None if bias is None else bias[start:end])
     return out
 
 
 def _widens(x: torch.Tensor) -> bool:
-    """Whether tiles for x are dequantised to float32: x has more than one row in bf16 or fp16 on a CPU without native
-    half-precision matmuls (`dgemma.widening.widens`; the tile stands for the weight)."""
+    """Whether x's products with quantised tiles run widened (`dgemma.widening`): x has more than one row in bf16 or
+    fp16 on a CPU without native half-precision matmuls (`dgemma.widening.widens`; x stands for the weight)."""
     return widens(x, x)
 
 
 def _mix(weights: torch.Tensor, matrix: GroupQuantized) -> torch.Tensor:
-    """weights [..., N] @ matrix[N, K] in weights' dtype, summed over tiles of matrix rows in fp32 and rounded once."""
+    """weights [..., N] @ matrix[N, K] in weights' dtype, summed over tiles of matrix rows in fp32 and rounded once
+    (widened where `_widens`, as `_linear`)."""
     rows, width = matrix.shape
+    if _widens(weights):
+        return widened_mix(weights.reshape(-1, rows), matrix).view(*weights.shape[:-1], width).to(weights.dtype)
     tile = _rows_per_tile(width)
-    compute = torch.float32 if _widens(weights) else weights.dtype  # the tiles' dtype, as in `_linear`
     if rows <= tile:
-        return (weights.to(compute) @ matrix.dequantize(None, compute)).to(weights.dtype)
+        return weights @ matrix.dequantize(None, weights.dtype)
     total = torch.zeros(*weights.shape[:-1], width, dtype=torch.float32, device=weights.device)
     for start in range(0, rows, tile):
         end = min(start + tile, rows)
-        total += (weights[..., start:end].to(compute) @ matrix.dequantize(slice(start, end), compute)).float()
+        total += (weights[..., start:end] @ matrix.dequantize(slice(start, end), weights.dtype)).float()
     return total.to(weights.dtype)
 
 

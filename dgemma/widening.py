@@ -43,10 +43,19 @@ def widens(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+def _widened_rows(tile: torch.Tensor, matrix, start: int, end: int) -> None:
+    """Rows start:end of a matrix into the float32 tile: copied from a tensor, dequantised there from a quantised
+    weight (`dgemma.quantized.GroupQuantized`, whose tiles are float32 on such CPUs)."""
+    if isinstance(matrix, torch.Tensor):
+        tile.copy_(matrix[start:end])
+    else:
+        matrix.dequantize(slice(start, end), out=tile)
+
+
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
            out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ weight[N, K].T (+ bias) in float32, a tile of weight rows widened at a time, rounded once to x's
-    dtype (into `out` [..., N] when given)."""
+    """x [..., K] @ weight[N, K].T (+ bias) in float32, a tile of weight rows widened (or dequantised) at a time,
+    rounded once to x's dtype (into `out` [..., N] when given)."""
     rows, width = weight.shape
     wide = x.reshape(-1, width).float()
     out = x.new_empty(*x.shape[:-1], rows) if out is None else out
@@ -60,7 +69,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     for start in range(0, rows, tile):
         end = min(start + tile, rows)
         part, part_product = widened[:end - start], product[:, :end - start]
-        part.copy_(weight[start:end])
+        _widened_rows(part, weight, start, end)
         if bias is None:
             torch.mm(wide, part.t(), out=part_product)
         else:
@@ -69,9 +78,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out
 
 
-def mix(weights: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """weights [R, N] (any float dtype) @ matrix[N, K] as float32 [R, K]: matrix widened a tile of rows at a time, the
-    tiles' products summed in float32 (the sampler's self-conditioning product, N the vocabulary)."""
+def mix(weights: torch.Tensor, matrix) -> torch.Tensor:
+    """weights [R, N] (any float dtype) @ matrix[N, K] as float32 [R, K]: matrix widened (or dequantised) a tile of
+    rows at a time, the tiles' products summed in float32 (the sampler's self-conditioning product, N the
+    vocabulary)."""
     rows, width = matrix.shape
     tile = min(rows, max(1, TILE_VALUES // width))
     total = torch.zeros(weights.shape[0], width, dtype=torch.float32, device=weights.device)
@@ -80,7 +90,7 @@ def mix(weights: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     for start in range(0, rows, tile):
         end = min(start + tile, rows)
         part, part_weights = widened[:end - start], mixing[:, :end - start]
-        part.copy_(matrix[start:end])
+        _widened_rows(part, matrix, start, end)
         part_weights.copy_(weights[:, start:end])
         total.addmm_(part_weights, part)
     return total

@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
 import dgemma.quantized
-from dgemma import amx_int4, avx512_int4
+from dgemma import amx_int4, avx512_int4, widening
 from dgemma.compiling import SUM_CHUNK
 from dgemma.gguf import quantize_blocks
 from dgemma.quantized import CpuInt4, GroupQuantized
@@ -76,6 +76,20 @@ def test_dequantize_index_selects_leading_entries(qtype: T) -> None:
         for index in indices:
             assert_bitwise_equal(quantized.dequantize(index), full[index])
         assert torch.equal(quantized.dequantize(1, dtype=torch.bfloat16), full[1].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_dequantize_into_a_float32_tile_gives_the_same_bits_and_refuses_any_other(qtype: T) -> None:
+    shape = SHAPES[0]
+    quantized, full = GroupQuantized.from_gguf(raw(qtype, shape), qtype, shape), oracle(qtype, shape)
+    buffer = torch.full((5, shape[1]), float("nan"))
+    tile = buffer[:3]  # the first rows of a reused buffer, as `dgemma.widening` passes them
+    assert quantized.dequantize(slice(2, 5), out=tile) is tile
+    assert_bitwise_equal(tile, full[2:5])
+    assert buffer[3:].isnan().all()  # nothing written past the tile
+    for wrong in (torch.empty(2, shape[1]), torch.empty(3, shape[1], dtype=torch.bfloat16)):
+        with pytest.raises(ValueError, match="float32 tensor of"):
+            quantized.dequantize(slice(2, 5), out=wrong)
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -243,7 +257,8 @@ def test_large_tiles_of_byte_codes_take_one_compiled_pass_with_the_eager_bits(qt
 
 @needs_compiling
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q4_K], ids=lambda t: t.name)  # zero code 8; offsets
-def test_large_4_bit_tiles_run_in_nibble_plane_order_with_the_eager_bits_and_the_same_product(qtype: T) -> None:
+def test_large_4_bit_tiles_run_in_nibble_plane_order_with_the_eager_bits_and_the_same_product(qtype: T,
+                                                                                               monkeypatch) -> None:
     shape = (1024, 1024)  # 2^20 values: the compiled tiles' threshold
     weight = GroupQuantized.from_gguf(raw(qtype, shape), qtype, shape)
     exact = oracle(qtype, shape)
@@ -259,7 +274,9 @@ def test_large_4_bit_tiles_run_in_nibble_plane_order_with_the_eager_bits_and_the
         assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code)) == 1
         x = torch.randn(2, 40, 1024, generator=torch.Generator().manual_seed(0)).to(dtype)
         assert dgemma.quantized._takes_nibble_planes(x, typed)
-        out, tiles = F.linear(x, typed).float(), F.linear(x, exact.to(dtype)).float()
+        with monkeypatch.context() as patch:  # where products widen to float32, tiles are widening's instead
+            patch.setattr(widening, "native_half_matmuls", lambda: True)
+            out, tiles = F.linear(x, typed).float(), F.linear(x, exact.to(dtype)).float()
         # the same products summed in another order: within one rounding of the largest to the dtype
         assert (out - tiles).abs().max() <= 2**-7 * tiles.abs().amax()
     takes = dgemma.quantized._takes_nibble_planes

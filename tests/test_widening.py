@@ -209,3 +209,34 @@ def test_quantised_tiles_widen_to_float32_and_land_closer_to_the_exact_product(m
     products = x.double().unsqueeze(1) * weight.dequantize().double()
     monkeypatch.setattr(widening, "native_half_matmuls", lambda: False)
     within_one_rounding(F.linear(x, weight), truth, products.abs().sum(-1), 64)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "Q6_K", "Q5_1"])  # zero codes 128, 8 + offsets, 32; an offset
+def test_quantised_tiles_widen_a_tile_of_widenings_size_at_a_time_into_one_reused_buffer(qtype, monkeypatch):
+    monkeypatch.setattr(widening, "native_half_matmuls", lambda: False)
+    monkeypatch.setattr(widening, "TILE_VALUES", 256 * 7)  # tiles of 7 weight rows: 40 rows in 6 tiles, the last short
+    generator = torch.Generator().manual_seed(7)
+    weight = GroupQuantized.quantize(torch.randn(40, 256, generator=generator), qtype)
+    exact = weight.dequantize().double()
+    tiles = []
+    dequantize = GroupQuantized.dequantize
+
+    def recorded(self, index=None, dtype=torch.float32, out=None):
+        tiles.append(None if out is None else (out.untyped_storage().data_ptr(), out.shape[0], out.dtype))
+        return dequantize(self, index, dtype, out)
+    monkeypatch.setattr(GroupQuantized, "dequantize", recorded)
+    x = torch.randn(9, 256, generator=generator).to(torch.bfloat16)
+    bias = torch.randn(40, generator=generator).to(torch.bfloat16)
+    out = F.linear(x, weight, bias)
+    assert out.dtype == torch.bfloat16 and out.shape == (9, 40)
+    assert [rows for _, rows, _ in tiles] == [7, 7, 7, 7, 7, 5]
+    assert len({(storage, dtype) for storage, _, dtype in tiles}) == 1 and tiles[0][2] == torch.float32
+    products = x.double().unsqueeze(1) * exact
+    within_one_rounding(out, products.sum(-1) + bias.double(), products.abs().sum(-1) + bias.double().abs(), 257)
+    tiles.clear()
+    weights = torch.rand(5, 40, generator=generator).to(torch.bfloat16)  # the sampler's self-conditioning mix
+    mixed = weights @ weight
+    assert mixed.dtype == torch.bfloat16 and mixed.shape == (5, 256)
+    assert [rows for _, rows, _ in tiles] == [7, 7, 7, 7, 7, 5] and len({storage for storage, _, _ in tiles}) == 1
+    products = weights.double().unsqueeze(-1) * exact
+    within_one_rounding(mixed, products.sum(1), products.abs().sum(1), 40)
