@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Check dgemma on one device (cuda, mps, cpu) with one command: the parity tests against transformers, the sampler's
 # statistical tests, the engine's batch-invariance tests and the quantised weights' tests, run on that device; then a
-# short bench, a training run (configs/quickstart.toml) and generation from an int4 GGUF of the bundled model there.
+# short bench, the serving bench (8 concurrent clients against the same 8 requests one after another, a real
+# `dgemma serve` on that device), a training run (configs/quickstart.toml) and generation from an int4 GGUF of the
+# bundled model there.
 # Prints one summary line at the end. Usage: scripts/device_check.sh cuda [OUT_DIR]
 set -uo pipefail
 DEVICE="${1:?usage: scripts/device_check.sh DEVICE [OUT_DIR]}"
@@ -28,6 +30,14 @@ print(f\"fast {s['dgemma-fast']['tokens_per_second']['median']:.1f} tok/s, trans
 {s['transformers']['tokens_per_second']['median']:.1f} tok/s, {r['ratios']['dgemma-fast / transformers']:.2f}x\")" \
     2>/dev/null || echo "bench failed (see $OUT/bench.log)")
 
+"$PYTHON" -m dgemma bench --serving --device "$DEVICE" --repeat 2 --clients 8 --max-new-tokens 64 \
+    --out "$OUT/serving.json" > "$OUT/serving.log" 2>&1
+serving_status=$?
+serving=$("$PYTHON" -c "import json; r = json.load(open('$OUT/serving.json')); s = r['summary']; \
+print(f\"one after another {s['sequential']['tokens_per_second']['median']:.1f} tok/s, all at once \
+{s['concurrent']['tokens_per_second']['median']:.1f} tok/s, {r['ratio']:.2f}x\")" \
+    2>/dev/null || echo "serving bench failed (see $OUT/serving.log)")
+
 "$PYTHON" -m dgemma train --config configs/quickstart.toml --device "$DEVICE" --overwrite > "$OUT/train.log" 2>&1
 train_status=$?
 cp runs/quickstart/log.jsonl "$OUT/train.jsonl" 2>/dev/null
@@ -43,5 +53,7 @@ quantized_status=$?
 rm -f "$OUT/bundled-int4.gguf"
 
 echo "device_check $DEVICE: tests [$tests_line] exit $tests_status; bench [$ratio] exit $bench_status;" \
-     "train [$trained] exit $train_status; int4 GGUF generate exit $quantized_status; $(( $(date +%s) - start )) s"
-[ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ] && [ "$train_status" -eq 0 ] && [ "$quantized_status" -eq 0 ]
+     "serving [$serving] exit $serving_status; train [$trained] exit $train_status;" \
+     "int4 GGUF generate exit $quantized_status; $(( $(date +%s) - start )) s"
+[ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ] && [ "$serving_status" -eq 0 ] \
+    && [ "$train_status" -eq 0 ] && [ "$quantized_status" -eq 0 ]
