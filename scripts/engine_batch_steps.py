@@ -1,6 +1,6 @@
 """How a denoising step of the engine grows with the number of canvases it carries: the median step time with one
-request and with N, on a checkpoint (default the bundled model), in process, and the share of each step spent in
-matrix products (torch's profiler over further steps). A tool behind docs/performance.md's serving arithmetic, not a
+request and with N, on a checkpoint (default the bundled model), in process, and the time in matrix products
+(`products_ms_*`: the median step times the share of products in further steps under torch's profiler). A tool behind docs/performance.md's serving arithmetic, not a
 benchmark (`dgemma bench --serving` measures the server from outside).
 
 With `--serving FILE` (a `dgemma bench --serving` report of the same model) it also prints the most that serving N
@@ -22,6 +22,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -79,8 +80,8 @@ def main() -> None:
               "ratio": round(many / one, 2), "products_ms_1": round(1000 * one * one_products, 2),
               f"products_ms_{args.rows}": round(1000 * many * many_products, 2)}
     if args.serving:
-        steps = json.loads(open(args.serving).read())["summary"]
-        sequential, concurrent = (steps[mode]["engine_steps"]["median"] for mode in ("sequential", "concurrent"))
+        summary = json.loads(Path(args.serving).read_text())["summary"]
+        sequential, concurrent = (summary[mode]["engine_steps"]["median"] for mode in ("sequential", "concurrent"))
         outside_products = one * (1 - one_products)
         bound = sequential * one / (sequential * many * many_products / args.rows + concurrent * outside_products)
         report.update(sequential_steps=sequential, concurrent_steps=concurrent, ratio_bound=round(bound, 2))
