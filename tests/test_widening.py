@@ -211,7 +211,7 @@ def test_quantised_tiles_widen_to_float32_and_land_closer_to_the_exact_product(m
     within_one_rounding(F.linear(x, weight), truth, products.abs().sum(-1), 64)
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "Q6_K", "Q5_1"])  # zero codes 128, 8 + offsets, 32; an offset
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "Q6_K", "Q5_1"])  # zero code 128; 4 bits, offsets; zero code 32
 def test_quantised_tiles_widen_a_tile_of_widenings_size_at_a_time_into_one_reused_buffer(qtype, monkeypatch):
     monkeypatch.setattr(widening, "native_half_matmuls", lambda: False)
     monkeypatch.setattr(widening, "TILE_VALUES", 256 * 7)  # tiles of 7 weight rows: 40 rows in 6 tiles, the last short
@@ -222,7 +222,8 @@ def test_quantised_tiles_widen_a_tile_of_widenings_size_at_a_time_into_one_reuse
     dequantize = GroupQuantized.dequantize
 
     def recorded(self, index=None, dtype=torch.float32, out=None):
-        tiles.append(None if out is None else (out.untyped_storage().data_ptr(), out.shape[0], out.dtype))
+        assert out is not None, "a quantised tile dequantised outside widening's buffer"
+        tiles.append((out.untyped_storage().data_ptr(), out.shape[0], out.dtype))
         return dequantize(self, index, dtype, out)
     monkeypatch.setattr(GroupQuantized, "dequantize", recorded)
     x = torch.randn(9, 256, generator=generator).to(torch.bfloat16)
