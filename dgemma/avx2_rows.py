@@ -1,7 +1,8 @@
 """A token's rows times large matrices on CPUs with AVX2 and no AVX-512: C++ kernels (dgemma/kernels/avx2_rows.cpp),
-built at first use with the machine's C++ compiler against the installed torch and loaded as three ops:
-`torch.ops.dgemma.avx2_half_rows` (bf16 and fp16 matrices), `avx2_byte_codes_rows` (one-byte codes: Q8_0, Q6_K,
-Q5_*) and `avx2_int4_rows` (4-bit codes in torch's int4 layout for the CPU).
+built at first use with the machine's C++ compiler against the installed torch and loaded as four ops:
+`torch.ops.dgemma.avx2_half_rows` (bf16 and fp16 matrices), `avx2_half_block` (a few rows sharing one bf16 or fp16
+matrix: an expert's rows in a denoising step), `avx2_byte_codes_rows` (one-byte codes: Q8_0, Q6_K, Q5_*) and
+`avx2_int4_rows` (4-bit codes in torch's int4 layout for the CPU).
 
 An autoregressive token is bound by reading the matrices it uses, and on such a CPU the loops it had were not: on a
 2-core AMD EPYC of family 25 (Zen 3), reading memory at 20 GB/s, torch's eager int4 kernel read a row's 4-bit matrix
@@ -37,6 +38,13 @@ def half_rows(rows: torch.Tensor, weight: torch.Tensor, index: torch.Tensor) -> 
     row m times weight[index[m]].T, summed in float32 and rounded once. No derivative: backward through it raises."""
     load_library(SOURCE, AVX2_FLAGS)
     return torch.ops.dgemma.avx2_half_rows(rows, weight, index)
+
+
+def half_block(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """rows [M, K] (float32, bf16 or fp16) @ weight[N, K].T, weight bf16 or fp16 -> [M, N] in rows' dtype: every row
+    times the one matrix, read and widened once for all of them, summed in float32 and rounded once. No derivative."""
+    load_library(SOURCE, AVX2_FLAGS)
+    return torch.ops.dgemma.avx2_half_block(rows, weight)
 
 
 def byte_codes_rows(rows: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
@@ -97,8 +105,9 @@ def _agrees(got: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, coded: 
 @functools.cache
 def available() -> bool:
     """Whether this process multiplies a token's rows in these kernels: AVX2 without AVX-512, compiling allowed, the
-    library builds and loads, and on small matrices (bf16 and fp16; one-byte codes in groups of 16 and 32, with and
-    without offsets; 4-bit codes packed by torch here) its products are the float64 ones within `error_bound`."""
+    library builds and loads, and on small matrices (bf16 and fp16, by index and as a block; one-byte codes in groups
+    of 16 and 32, with and without offsets; 4-bit codes packed by torch here) its products are the float64 ones
+    within `error_bound`."""
     if (not compiling_allowed() or not torch.cpu._is_avx2_supported() or torch.cpu._is_avx512_supported()
             or not library_loads(SOURCE, AVX2_FLAGS, "a token's rows run in torch's and Inductor's loops")):
         return False
@@ -110,6 +119,10 @@ def available() -> bool:
         got = half_rows(rows, weight, index)
         matrices = [weight[index[m]].double() for m in range(3)]
         if not all(_agrees(got[m:m + 1], rows[m:m + 1], matrices[m], matrices[m], None) for m in range(3)):
+            return False
+        block = weight[0, :, :251]  # a row length that is no multiple of 8
+        if not _agrees(half_block(rows[:, :251].contiguous(), block.contiguous()), rows[:, :251], block.double(),
+                       block.double(), None):
             return False
     for group, with_offset in ((32, False), (16, False), (32, True)):
         codes = torch.randint(0, 256, (40, 256), generator=generator, dtype=torch.uint8)

@@ -38,7 +38,7 @@ from .config import LayerSpec, ModelConfig
 from .fused_ops import rms_norm as fused_rms_norm, rms_norm_rope as fused_rms_norm_rope, route as fused_route
 from .fused_ops import takes as fused_ops_take, weighted_sum as fused_weighted_sum
 from .one_query_attention import one_query as kernel_one_query, takes as kernel_attention_takes
-from .one_row import expert_products, row_product, takes_experts, takes_row
+from .one_row import expert_products, row_product, rows_block_product, takes_experts, takes_row, takes_rows_block
 from .widening import bmm as widened_bmm, linear as widened_linear, widens
 
 # (layer index, new keys, new values) -> (all visible keys, all visible values), each [B, H_kv, S, D]
@@ -435,7 +435,8 @@ def grouped_linear(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor,
     layout (`CpuInt4`, `dgemma.onednn.ReorderedExperts`) runs its experts through its own `grouped_linear` when no
     gradient is recorded.
     `per_expert`: a float weight takes one matmul per expert instead of grouped_mm (on a CPU, faster for large
-    experts: see `LARGE_EXPERT`), widened to float32 where the CPU has no native half-precision matmuls."""
+    experts: see `LARGE_EXPERT`), widened to float32 where the CPU has no native half-precision matmuls, or for a few
+    rows there in dgemma's AVX2 kernel (`dgemma.one_row.takes_rows_block`)."""
     if isinstance(weight, torch.Tensor) and not per_expert:
         weight_t = weight.transpose(-2, -1)
         # grouped_mm (what the reference runs) needs every non-unit stride to be a multiple of 16 bytes.
@@ -448,6 +449,8 @@ def grouped_linear(rows: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor,
     # Odd sizes, quantised weights and `per_expert` take one matmul per expert.
     def product(group: torch.Tensor, expert: int) -> torch.Tensor:
         matrix = weight[expert]
+        if per_expert and takes_rows_block(group, matrix):
+            return rows_block_product(group, matrix)
         return widened_linear(group, matrix) if per_expert and widens(group, matrix) else F.linear(group, matrix)
     return each_expert(rows, ends.tolist(), weight.shape[1], product)
 

@@ -56,6 +56,38 @@ def test_half_rows_are_the_float64_products_summed_in_float32(dtype):
         assert torch.equal(avx2_rows.half_rows(rows[m:m + 1], weight, index[m:m + 1]), got[m:m + 1])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_block_of_rows_times_one_matrix_is_the_float64_products_summed_in_float32(dtype):
+    generator = seeded(12)
+    weight = torch.randn(70, 603, generator=generator).to(dtype)  # N not a multiple of 4, K of 8, K past two chunks
+    rows = torch.randn(7, 603, generator=generator).to(dtype).float()  # two blocks of three rows and one alone
+    got = avx2_rows.half_block(rows, weight)
+    assert got.shape == (7, 70) and got.dtype == torch.float32
+    within_bound(got, rows, weight.double(), weight.double(), None)
+    for m in range(7):  # a row alone, or in another block: the same bits
+        assert torch.equal(avx2_rows.half_block(rows[m:m + 1], weight), got[m:m + 1])
+    assert torch.equal(avx2_rows.half_block(rows[2:6], weight), got[2:6])
+    half = rows.to(dtype)
+    rounded = avx2_rows.half_block(half, weight)  # rows of the dtype in: the sums rounded once to it
+    assert rounded.dtype == dtype and torch.equal(rounded, avx2_rows.half_block(half.float(), weight).to(dtype))
+
+
+def test_an_experts_few_rows_in_a_step_take_the_block_kernel(monkeypatch):
+    rows = torch.randn(40, 256, generator=seeded(13)).to(torch.bfloat16)
+    weight = torch.randn(3, 96, 256, generator=seeded(14)).to(torch.bfloat16)
+    ends = torch.tensor([5, 5, 40])  # 5 rows, none, 35 rows: past BLOCK_ROWS, widened instead
+    calls = []
+    original = dgemma.one_row.avx2_half_block
+    monkeypatch.setattr(dgemma.one_row, "avx2_half_block", lambda *args: calls.append(args) or original(*args))
+    out = dgemma.model.grouped_linear(rows, weight, ends, per_expert=True)
+    assert [call[0].shape[0] for call in calls] == [5]
+    truth = torch.cat([rows[:5].double() @ weight[0].double().t(), rows[5:].double() @ weight[2].double().t()])
+    assert out.dtype == torch.bfloat16 and ((out.double() - truth).abs() <= 2**-8 * truth.abs() + 1e-5).all()
+    assert not dgemma.one_row.takes_rows_block(rows[:5].float(), weight[0].float())  # float32: torch's matmul
+    assert not dgemma.one_row.takes_rows_block(rows[:5], weight[0].half())
+    assert not dgemma.one_row.takes_rows_block(rows[:5].requires_grad_(), weight[0])
+
+
 @pytest.mark.parametrize("group, zero_code, with_offset", [(32, 128, False), (16, 32, False), (32, 0, True)],
                          ids=["Q8_0", "Q6_K", "Q5_1"])
 def test_byte_codes_rows_are_the_float64_products_within_the_stated_bound(group, zero_code, with_offset):
@@ -128,7 +160,8 @@ def test_the_same_bits_with_any_number_of_threads():
         for count in (1, 2, 3):
             torch.set_num_threads(count)
             results.append((avx2_rows.byte_codes_rows(rows, codes, scale, None, 128),
-                            avx2_rows.int4_rows(rows, packed, pairs, index), avx2_rows.half_rows(rows, weight, index)))
+                            avx2_rows.int4_rows(rows, packed, pairs, index), avx2_rows.half_rows(rows, weight, index),
+                            avx2_rows.half_block(rows, weight[0])))
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for result in results for a, b in zip(result, results[0]))
@@ -250,6 +283,12 @@ def test_bad_inputs_are_refused_by_name():
         avx2_rows.half_rows(rows, weight, torch.tensor([2]))
     with pytest.raises(RuntimeError, match="index must be a contiguous int64"):
         avx2_rows.half_rows(rows, weight, torch.zeros(2, dtype=torch.long))
+    with pytest.raises(RuntimeError, match=r"weight must be a contiguous bf16 or fp16 CPU matrix \[N, K\] with K = 64"):
+        avx2_rows.half_block(rows, weight)
+    with pytest.raises(RuntimeError, match="with K = 64, got BFloat16 \\[8, 32\\]"):
+        avx2_rows.half_block(rows, weight[0, :, :32].contiguous())
+    with pytest.raises(RuntimeError):  # no derivative
+        avx2_rows.half_block(torch.ones(1, 64).requires_grad_(), weight[0]).sum().backward()
     packed = torch.zeros(2, 32, 32, dtype=torch.uint8)
     pairs = torch.zeros(2, 2, 32, 2, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="N a multiple of 32"):
