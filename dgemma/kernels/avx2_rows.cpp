@@ -161,6 +161,14 @@ inline float widen_one(uint16_t value, bool bf16) {
   return _cvtsh_ss(value);
 }
 
+// A bf16 or fp16 weight of `dims` dimensions (`shape` names them) whose rows are K values long, contiguous on the CPU.
+void check_half_weight(const char* op, const at::Tensor& weight, int64_t dims, int64_t K, const char* shape) {
+  TORCH_CHECK(weight.dim() == dims && (weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kHalf) &&
+                  weight.is_contiguous() && weight.is_cpu() && weight.size(dims - 1) == K,
+              op, ": weight must be a contiguous bf16 or fp16 CPU ", shape, " with K = ", K, ", got ",
+              weight.scalar_type(), " ", weight.sizes());
+}
+
 template <bool Bf16>
 float half_dot(const float* x, const uint16_t* weight, int64_t K) {
   __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps(), c = _mm256_setzero_ps(), d = _mm256_setzero_ps();
@@ -184,10 +192,7 @@ constexpr int64_t HALF_BLOCK = 64;
 at::Tensor half_rows(const at::Tensor& rows, const at::Tensor& weight, const at::Tensor& index) {
   check_rows("avx2_half_rows", rows);
   const int64_t M = rows.size(0), K = rows.size(1);
-  TORCH_CHECK(weight.dim() == 3 && (weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kHalf) &&
-                  weight.is_contiguous() && weight.is_cpu() && weight.size(2) == K,
-              "avx2_half_rows: weight must be a contiguous bf16 or fp16 CPU stack [E, N, K] with K = ", K, ", got ",
-              weight.scalar_type(), " ", weight.sizes());
+  check_half_weight("avx2_half_rows", weight, 3, K, "stack [E, N, K]");
   TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong && index.is_contiguous() && index.is_cpu() &&
                   index.size(0) == M,
               "avx2_half_rows: index must be a contiguous int64 CPU vector of ", M, " entries, got ",
@@ -252,10 +257,7 @@ inline void rows_times_chunk(const float* x, int64_t K8, const float (*chunk)[BL
 at::Tensor half_block(const at::Tensor& rows, const at::Tensor& weight) {
   check_rows("avx2_half_block", rows);
   const int64_t M = rows.size(0), K = rows.size(1);
-  TORCH_CHECK(weight.dim() == 2 && (weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kHalf) &&
-                  weight.is_contiguous() && weight.is_cpu() && weight.size(1) == K,
-              "avx2_half_block: weight must be a contiguous bf16 or fp16 CPU matrix [N, K] with K = ", K, ", got ",
-              weight.scalar_type(), " ", weight.sizes());
+  check_half_weight("avx2_half_block", weight, 2, K, "matrix [N, K]");
   const int64_t N = weight.size(0), K8 = (K + 7) / 8 * 8;
   // The rows in float32, each padded with zeros to a multiple of 8 values (the chunk's padding is zero too).
   std::vector<float> x(M * K8, 0.0f);
