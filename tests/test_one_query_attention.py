@@ -39,9 +39,12 @@ def within_bf16_rounding(out: torch.Tensor, truth: torch.Tensor) -> bool:
 
 
 @pytest.mark.parametrize("heads, kv_heads, keys, dim", [(8, 8, 37, 64), (16, 8, 300, 256), (16, 2, 600, 512),
-                                                        (4, 1, 256, 32), (16, 1, 1, 16)])
+                                                        (4, 1, 256, 32), (16, 1, 1, 16), (6, 2, 259, 48),
+                                                        (10, 2, 70, 80)])
 def test_the_kernel_is_the_float64_attention_rounded_once(heads: int, kv_heads: int, keys: int, dim: int) -> None:
-    """Grouped query heads, several chunks of 256 keys and a partial one, keys read as views of a longer cache."""
+    """Grouped query heads (1 to 16 a key head: tiles of 4, 3, 2 and 1 heads), several chunks of 256 keys and a
+    partial one, key counts that leave some over after the tiles' groups of keys, head sizes that leave vectors over
+    after the tiles' groups of vectors, keys read as views of a longer cache."""
     q, k, v, mask = case(2, heads, kv_heads, keys, dim, capacity=keys + 40)
     for m in (mask, None):
         out = one_query_attention.one_query(q, k, v, m)
