@@ -48,6 +48,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -387,20 +388,24 @@ def floors(parts: dict, full, prompt: int, rates: dict, tokens: dict | None = No
 RATE_COPY_BYTES = 2**30  # copies past a server CPU's last-level cache (480 MiB on the AMX Xeon)
 
 
-def rates_here(threads: int, copy_bytes: int = RATE_COPY_BYTES) -> dict[str, float]:
-    """The floors' rates, measured now: bf16 matmul FLOP/s (a vocabulary-sized product) and copy bandwidth."""
-    here = measure_machine(threads, copy_bytes=copy_bytes)
+def rates_here(threads: int, copy_bytes: int = RATE_COPY_BYTES, repeat: int = 5) -> dict[str, float]:
+    """The floors' rates, measured now (the best of `repeat` tries): bf16 matmul FLOP/s (a vocabulary-sized product)
+    and copy bandwidth."""
+    here = measure_machine(threads, repeat=repeat, copy_bytes=copy_bytes)
     return {"matmul_flops": here["matmul_flops_vocab_shape"], "copy_bytes_per_second": here["copy_bytes_per_second"]}
 
 
 def worker_parts(path: Path, threads: int, prompt_length: int, repeat: int, ar_tokens: int, seed: int,
-                 decode: str = "diffusion", ar_context: int = 0, copy_bytes: int = RATE_COPY_BYTES) -> dict:
-    """`measure_parts` with the floors' rates measured just before and just after it in the same process, their
-    means as `matmul_flops` and `copy_bytes_per_second`: on a shared machine the rates at the start of a run can be
-    another minute's (the same `int4` token projected 0.227 to 0.331 s over one day's runs on a 2-core EPYC)."""
-    before = rates_here(threads, copy_bytes)
+                 decode: str = "diffusion", ar_context: int = 0,
+                 measure_rates: Callable[[], dict[str, float]] | None = None) -> dict:
+    """`measure_parts` with the floors' rates (`measure_rates`, default `rates_here(threads)`) measured just before
+    and just after it in the same process, their means as `matmul_flops` and `copy_bytes_per_second`: on a shared
+    machine the rates at the start of a run can be another minute's (the same `int4` token projected 0.227 to 0.331 s
+    over one day's runs on a 2-core EPYC)."""
+    measure_rates = measure_rates or (lambda: rates_here(threads))
+    before = measure_rates()
     parts = measure_parts(path, threads, prompt_length, repeat, ar_tokens, seed, decode, ar_context)
-    after = rates_here(threads, copy_bytes)
+    after = measure_rates()
     return {**parts, **{key: (before[key] + after[key]) / 2 for key in before}}
 
 

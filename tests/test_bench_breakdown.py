@@ -11,7 +11,7 @@ from gguf.quants import dequantize
 from dgemma.bench import build_checkpoint, named_config
 from dgemma.bench_breakdown import (FORMS, ONE_ROW_LAYOUT_FORMS, SCHEME_OF_FORM, floors, floors_beside, kv_bytes,
                                     measure_parts, median_of, one_row_layout_forms, project, random_blocks,
-                                    weights_file, worker_parts)
+                                    rates_here, weights_file, worker_parts)
 from dgemma.gguf import read_gguf
 from dgemma.quantized import CpuInt4, fast_int4_layout, quantized_weights
 
@@ -193,13 +193,16 @@ def test_rounds_merge_into_medians_of_numbers_and_lists_keeping_the_rest():
     assert median_of(rounds[:1]) == rounds[0]
 
 
-def test_a_worker_measures_the_floors_rates_beside_its_parts_and_their_floors_take_them(tmp_path):
-    """The rates the floors use, measured in the worker around its measurements (`worker_parts`), and floors at
-    them: a step's at its own worker's rates, a token's at the rates of the worker that timed it."""
+def test_a_worker_takes_the_floors_rates_around_its_parts_and_their_floors_take_them(tmp_path):
+    """The rates the floors use, read in the worker before and after its measurements (`worker_parts`: their means),
+    and floors at them: a step's at its own worker's rates, a token's at the rates of the worker that timed it."""
     checkpoint = build_checkpoint("tiny", None, 16, tmp_path / "tiny", layers=2)
+    readings = iter([{"matmul_flops": 1e11, "copy_bytes_per_second": 1e10},
+                     {"matmul_flops": 3e11, "copy_bytes_per_second": 3e10}])
     parts = worker_parts(weights_file(checkpoint, "int4"), threads=1, prompt_length=8, repeat=1, ar_tokens=2, seed=0,
-                         copy_bytes=2**22)
-    assert parts["matmul_flops"] > 0 and parts["copy_bytes_per_second"] > 0 and parts["decoder_seconds"] > 0
+                         measure_rates=lambda: next(readings))
+    assert parts["matmul_flops"] == 2e11 and parts["copy_bytes_per_second"] == 2e10 and parts["decoder_seconds"] > 0
+    assert next(readings, None) is None  # read twice: before and after
     full = named_config("release", 256)
     canvas = {"layer_types": [True, False], "held_bytes": {"rest": 100, "layer0": 30, "layer1": 40},
               "matmul_flops": 1e12, "copy_bytes_per_second": 1e10}
@@ -210,3 +213,8 @@ def test_a_worker_measures_the_floors_rates_beside_its_parts_and_their_floors_ta
     assert beside["ar_token_seconds"] == pytest.approx(at_canvas_rates["ar_token_seconds"] / 2)
     assert beside["token_rates"] == {"matmul_flops": 3e12, "copy_bytes_per_second": 2e10}
     assert floors_beside(canvas, full, 256)["ar_token_seconds"] == at_canvas_rates["ar_token_seconds"]
+
+
+def test_the_floors_rates_are_measured_here():
+    rates = rates_here(1, copy_bytes=2**22, repeat=1)
+    assert set(rates) == {"matmul_flops", "copy_bytes_per_second"} and all(value > 0 for value in rates.values())
