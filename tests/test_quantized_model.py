@@ -7,12 +7,14 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
 import dgemma
 import dgemma.amx_int4
 import dgemma.quantized
+from dgemma.bench_breakdown import random_blocks
 from dgemma.cache import KVCache
 from dgemma.checkpoints import CheckpointError, bundled_model_dir, checkpoint_name, to_checkpoint_names
 from dgemma.cli import build_parser, load_for_generation, main as cli_main
@@ -292,8 +294,11 @@ def test_resident_memory_of_a_kept_quantised_model_is_within_1_5x_its_file(tmp_p
     eight_bit = ("embed", "self_attn", "router") if scheme == "int4" else ("",)
     types = {name: ("Q8_0" if any(part in name for part in eight_bit) else "Q4_K")
              for name, t in tensors.items() if t.dim() > 1}
-    path = write_gguf(tmp_path / "m.gguf", config, tensors, types=types)
-    del tensors
+    # Random codes and scales (memory does not depend on the values; gguf's Q4_K search in numpy takes half a minute)
+    rng = np.random.default_rng(0)
+    blocks = {name: random_blocks(qtype, tuple(tensors[name].shape), 0.02, rng) for name, qtype in types.items()}
+    path = write_gguf(tmp_path / "m.gguf", config, tensors, types=types, blocks=blocks)
+    del tensors, blocks
     script = textwrap.dedent(f"""
         import json, torch, dgemma, dgemma.amx_int4
         from dgemma.quantized import quantized_weights
