@@ -133,7 +133,8 @@ struct TileShape {
 // values read for them stay within AVX2's 16 registers.
 constexpr TileShape kTile[kMaxTile + 1] = {{0, 0}, {4, 4}, {4, 4}, {2, 2}, {2, 2}};
 
-// Rows first, first + 1, .., first + count - 1 (D bf16 values each, stride apart) asked for ahead of their use.
+// Rows first, first + 1, .., first + count - 1 (D bf16 values each, stride apart) asked for ahead of their use (rows
+// past the chunk's end too: a prefetch of an address outside the tensor does not fault).
 constexpr int64_t kKeysAhead = 16;
 inline void rows_ahead(const uint16_t* rows, int64_t stride, int64_t first, int count, int64_t D) {
   for (int r = 0; r < count; ++r)
