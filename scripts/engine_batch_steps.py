@@ -1,7 +1,8 @@
 """How a denoising step of the engine grows with the number of canvases it carries: the median step time with one
 request and with N, on a checkpoint (default the bundled model), in process, and the time in matrix products
-(`products_ms_*`: the median step times the share of products in further steps under torch's profiler). A tool behind docs/performance.md's serving arithmetic, not a
-benchmark (`dgemma bench --serving` measures the server from outside).
+(`products_ms_*`: the median step times the share of products in further steps under torch's profiler). A tool
+behind docs/performance.md's serving arithmetic, not a benchmark (`dgemma bench --serving` measures the server from
+outside).
 
 With `--serving FILE` (a `dgemma bench --serving` report of the same model) it also prints the most that serving N
 requests at once can gain over serving them one after another on this machine: the one-by-one run takes S_seq
