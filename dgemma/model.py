@@ -39,20 +39,25 @@ from .fused_ops import rms_norm as fused_rms_norm, rms_norm_rope as fused_rms_no
 from .fused_ops import takes as fused_ops_take, weighted_sum as fused_weighted_sum
 from .one_query_attention import one_query as kernel_one_query, takes as kernel_attention_takes
 from .one_row import expert_products, row_product, rows_block_product, takes_experts, takes_row, takes_rows_block
+from .token_layer import for_token as token_layer_for, forget as forget_token_layers
 from .widening import bmm as widened_bmm, linear as widened_linear, widens
 
 # (layer index, new keys, new values) -> (all visible keys, all visible values), each [B, H_kv, S, D]
 KVJoin = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+def activation_kind(name: str) -> str:
+    """The activation a config names, as "gelu_tanh", "gelu", "silu" or "relu" (the names
+    dgemma/kernels/token_layer.cpp knows)."""
+    return {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu", "silu": "silu"}.get(name, "relu")
+
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu, "silu": F.silu, "relu": F.relu}
+
+
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    if name in ("gelu_pytorch_tanh", "gelu_new"):
-        return lambda x: F.gelu(x, approximate="tanh")
-    if name == "gelu":
-        return F.gelu
-    if name == "silu":
-        return F.silu
-    return F.relu
+    return _ACTIVATIONS[activation_kind(name)]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, exact: bool = True,
@@ -280,6 +285,7 @@ class MLP(nn.Module):
         self.gate_proj = Linear(hidden, intermediate, bias=False)
         self.up_proj = Linear(hidden, intermediate, bias=False)
         self.down_proj = Linear(intermediate, hidden, bias=False)
+        self.activation_kind = activation_kind(act)
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor, exact: bool = True) -> torch.Tensor:
@@ -488,6 +494,12 @@ class Block(nn.Module):
         self.register_buffer("layer_scalar", torch.ones(1))
 
     def forward(self, x: torch.Tensor, layer: int, plan: AttentionPlan, exact: bool = True) -> torch.Tensor:
+        if not exact and plan.rows is None and (token_layer := token_layer_for(self, x)) is not None:
+            # One token: the same operations in one C++ object (dgemma.token_layer), the attention between its calls.
+            kind = self.self_attn.spec.kind
+            q, k, v = token_layer.attention_inputs(x, *plan.rope[kind])
+            keys, values = plan.join(layer, k, v)
+            return token_layer.finish(x, attend(q, keys, values, plan.masks[kind], exact))
         attended = self.self_attn(self.input_layernorm(x, exact), layer, plan, exact)
         residual = self.post_attention_layernorm(attended, exact, residual=x)
         h = self.mlp(self.pre_feedforward_layernorm(residual, exact), exact)
@@ -610,6 +622,7 @@ class DiffusionGemma(nn.Module):
         # Weights held in oneDNN's layout (`dgemma.onednn.ReorderedExperts`, a CPU bf16 form) are parameters again
         # before a move or a cast, which then applies to them as to the rest.
         self._restore_parameters()
+        forget_token_layers(self.modules())
         # `model.to(device)` moves the RoPE buffers; a cast (`.to(torch.bfloat16)`) must not round them, so they
         # are rebuilt in fp32 where they landed. (Casting the reference's module does round its tables.)
         super()._apply(fn, recurse)

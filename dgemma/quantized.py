@@ -61,6 +61,7 @@ from .avx512_int4 import grouped as avx512_int4_grouped, matmul as avx512_int4_m
 from .avx512_int4 import pack_scales as avx512_pack_scales
 from .compiling import SUM_CHUNK, compiled_under_own_name, compiling_allowed
 from .model import attached_weights, each_expert
+from .token_layer import TokenProduct
 from .widening import linear as widened_linear, mix as widened_mix, widens
 
 
@@ -160,6 +161,14 @@ class GroupQuantized:
     def linear(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., K] @ self.T, into `out` when given (the sampler's preallocated logits)."""
         return _linear(x, self, None, out)
+
+    def token_product(self, row: torch.Tensor) -> TokenProduct | None:
+        """How a single row [1, K] is multiplied by this weight, for a token's layer in one object
+        (`dgemma.token_layer`): one-byte codes in dgemma's AVX2 kernel (`_few_rows_linear`), else None."""
+        if not (_takes_few_rows_kernel(row, self) and avx2_rows_available()):
+            return None
+        held = (self.codes, self.scale) + (() if self.offset is None else (self.offset,))
+        return TokenProduct("byte_codes", [t.contiguous() for t in held], zero_code=self.zero_code)
 
     def __rmatmul__(self, weights: torch.Tensor) -> torch.Tensor:
         """weights [..., N] @ self [N, K]: the self-conditioning mix of embeddings."""
@@ -804,9 +813,20 @@ class CpuInt4:
     def _avx2_product(self, flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Kernel rows [M, K'] (`_kernel_rows`) times matrix index[m] of this weight (a 2-D weight: its only matrix,
         index 0) in dgemma's AVX2 kernel: [M, N] in flat's dtype, the float32 sums rounded once."""
-        codes, pairs = (self.codes, self.scales_and_zeros) if len(self.shape) == 3 else (
-            self.codes.unsqueeze(0), self.scales_and_zeros.unsqueeze(0))
-        return avx2_int4_rows(flat, codes, pairs, index.contiguous())
+        return avx2_int4_rows(flat, *self._avx2_operands(), index.contiguous())
+
+    def _avx2_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """codes and scales and zeros as dgemma's AVX2 kernel takes them: [E, ...], a 2-D weight as its one entry."""
+        if len(self.shape) == 3:
+            return self.codes, self.scales_and_zeros
+        return self.codes.unsqueeze(0), self.scales_and_zeros.unsqueeze(0)
+
+    def token_product(self, row: torch.Tensor) -> TokenProduct | None:
+        """How a single row [1, K] is multiplied by this weight (by matrix index, for experts), for a token's layer in
+        one object (`dgemma.token_layer`): dgemma's AVX2 kernel where it takes the weight, else None."""
+        if not self.takes_avx2_rows or row.dtype != torch.bfloat16:
+            return None
+        return TokenProduct("int4_rows", list(self._avx2_operands()), twice=self.halves)
 
     def _kernel_rows(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] as the kernels take it: bf16 rows [M, K], contiguous, taken twice for `halves`."""

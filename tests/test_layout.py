@@ -65,11 +65,14 @@ def test_no_import_cycles_lazy_imports_included():
 
 def test_the_network_imports_nothing_built_on_it():
     assert graph()["dgemma.model"] <= {"dgemma.compiling", "dgemma.config", "dgemma.fused_ops",
-                                       "dgemma.one_query_attention", "dgemma.one_row", "dgemma.widening"}
+                                       "dgemma.one_query_attention", "dgemma.one_row", "dgemma.token_layer",
+                                       "dgemma.widening"}
     assert graph()["dgemma.one_row"] <= {"dgemma.avx2_rows", "dgemma.compiling"}  # kernels, below the network
     assert graph()["dgemma.one_query_attention"] <= {"dgemma.compiling"}
     assert graph()["dgemma.avx2_rows"] <= {"dgemma.compiling"}
     assert graph()["dgemma.fused_ops"] <= {"dgemma.compiling"}
+    assert graph()["dgemma.token_layer"] <= {"dgemma.avx2_rows", "dgemma.compiling", "dgemma.fused_ops",
+                                             "dgemma.one_row"}
     assert graph()["dgemma.widening"] == set()
     # whether to compile its kernels (an environment setting) and how to multiply in half precision is all it reads
     assert graph()["dgemma.sampling"] <= {"dgemma.compiling", "dgemma.widening"}, \

@@ -100,6 +100,8 @@ def test_a_lone_token_takes_the_one_row_kernels_off_the_reference_path_only(rand
     path = random_checkpoint("moe")
     model = dgemma.load(path, dtype=torch.bfloat16)
     monkeypatch.setattr(one_row, "MIN_VALUES", 0)
+    # The Python forward's choices (a token's layer in one C++ object makes the same: tests/test_token_layer.py)
+    monkeypatch.setattr(dgemma.model, "token_layer_for", lambda block, x: None)
     calls = counted_calls(monkeypatch, dgemma.model, ["row_product", "expert_products"])
     prompt = torch.tensor([[2, 9, 14, 33, 5]])
     valid = torch.ones_like(prompt, dtype=torch.bool)

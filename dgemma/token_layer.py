@@ -1,0 +1,177 @@
+"""One token's layer off the reference path (`exact=False`) in one C++ object: dgemma/kernels/token_layer.cpp, built at
+first use with the machine's C++ compiler against the installed torch and loaded as `torch.classes.dgemma.TokenLayer`.
+
+`dgemma.model.Block.forward` for a single row (an autoregressive token: batch 1, one position) runs a string of some
+forty operations, each behind module calls and the checks that choose its kernel. On a 2-core AMD EPYC of family 25
+(Zen 3) a released layer's token (2 of the model's 30 layers, weights of 4 bits, the kernels replaced by their cached
+results) spent 3 to 4 ms a layer outside the kernels, about as long as the kernels took to read its 80 MB. The
+object made here for a layer holds its weights and the kernel each product takes, chosen once by the same checks the
+forward makes (`TokenProduct`; a quantised weight answers for itself with its `token_product`), and runs the same ops
+in the same order: its result is the forward's bit for bit (tests/test_token_layer.py). The attention stays in
+Python between its two calls, where the KV cache appends the token's key and value.
+
+A layer gets one where every product has a kernel the object can call (torch's linear, or dgemma's AVX2 products:
+`dgemma.avx2_rows`) and the fused ops run (`dgemma.fused_ops`): on a CPU with AVX2 and no AVX-512 every form of the
+model; elsewhere float32 weights (bf16 tokens there take Inductor's compiled products, which stay in Python). Built
+for a layer at its first token and kept until one of the weights it holds is replaced (a cast, a load, a quantisation).
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .avx2_rows import available as avx2_rows_available
+from .compiling import AVX2_FLAGS, compiling_allowed, library_loads
+from .fused_ops import available as fused_ops_available, takes as fused_ops_take
+from .one_row import takes_experts, takes_row
+
+SOURCE = Path(__file__).parent / "kernels" / "token_layer.cpp"
+
+@dataclass
+class TokenProduct:
+    """How the object multiplies a row by one weight, as the forward would: `kind` "linear" (torch's, the weight
+    tensor), "half_rows" (bf16 or fp16 matrices [E, N, K]), "byte_codes" (codes, scale and offset of one-byte codes)
+    or "int4_rows" (codes and scales and zeros in torch's int4 layout, [E, ...]; `twice`: the row taken twice, for
+    8-bit codes held as two 4-bit halves); the tensors as dgemma's AVX2 op of that name takes them."""
+
+    kind: str
+    tensors: list[torch.Tensor]
+    zero_code: int = 0
+    twice: bool = False
+
+
+@dataclass(eq=False)
+class _Built:
+    """A layer's object and the weights it was built from (kept, so that none of them can be replaced unseen)."""
+
+    layer: object | None  # torch.classes.dgemma.TokenLayer, or None: the layer runs in Python
+    dtype: torch.dtype
+    sources: tuple[object, ...]
+
+
+_BUILT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Block -> _Built
+
+
+@functools.cache
+def available() -> bool:
+    """Whether layers may run a token here: compiling allowed, the fused ops available, and this library builds and
+    loads."""
+    return (compiling_allowed() and fused_ops_available()
+            and library_loads(SOURCE, AVX2_FLAGS, "a token's layer runs in Python"))
+
+
+def for_token(block, x: torch.Tensor):
+    """The object that runs `block` (a dgemma.model.Block) for x [1, 1, H], or None where the forward runs in Python:
+    x is not a single row, gradients are recorded, or some product or op of the layer has no kernel the object
+    calls."""
+    if x.shape[0] != 1 or x.shape[1] != 1 or torch.is_grad_enabled() or x.device.type != "cpu":
+        return None
+    built = _BUILT.get(block)
+    if built is None or built.dtype != x.dtype or not _unchanged(block, built.sources):
+        built = _build(block, x)
+        _BUILT[block] = built
+    return built.layer
+
+
+def forget(modules) -> None:
+    """Drop the objects built for these modules' blocks (a model's cast or move replaces every weight: the objects
+    would otherwise hold the old ones until each layer's next token)."""
+    for module in modules:
+        _BUILT.pop(module, None)
+
+
+def _sources(block) -> tuple[object, ...]:
+    """Every weight and tensor the object reads, as the block holds it now."""
+    attention, mlp = block.self_attn, block.mlp
+    held = [block.input_layernorm.weight, block.post_attention_layernorm.weight, block.pre_feedforward_layernorm.weight,
+            block.post_feedforward_layernorm.weight, block.layer_scalar, attention.q_norm.weight,
+            attention.k_norm.weight]
+    for linear in (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, mlp.gate_proj,
+                   mlp.up_proj, mlp.down_proj):
+        held += [None, None] if linear is None else [linear.weight, linear.bias]
+    if block.has_experts:
+        held += [block.router.proj.weight, block.router.scale, block.router.per_expert_scale,
+                 block.pre_feedforward_layernorm_2.weight, block.post_feedforward_layernorm_1.weight,
+                 block.post_feedforward_layernorm_2.weight, block.experts.gate_up_proj, block.experts.down_proj]
+    return tuple(held)
+
+
+def _unchanged(block, sources: tuple[object, ...]) -> bool:
+    return all(now is then for now, then in zip(_sources(block), sources, strict=True))
+
+
+def _build(block, x: torch.Tensor) -> _Built:
+    sources = _sources(block)
+    layer = _layer(block, x) if available() else None
+    return _Built(layer=layer, dtype=x.dtype, sources=sources)
+
+
+def _layer(block, x: torch.Tensor):
+    """The object for `block` and rows like x, or None where a product or an op of the layer has none here."""
+    attention, mlp = block.self_attn, block.mlp
+    norms = {"input_norm": block.input_layernorm, "q_norm": attention.q_norm, "k_norm": attention.k_norm,
+             "post_attention_norm": block.post_attention_layernorm,
+             "pre_feedforward_norm": block.pre_feedforward_layernorm,
+             "post_feedforward_norm": block.post_feedforward_layernorm}
+    products = {"q": attention.q_proj, "k": attention.k_proj, "v": attention.v_proj, "o": attention.o_proj,
+                "gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj}
+    if block.has_experts:
+        norms |= {"pre_feedforward_norm_2": block.pre_feedforward_layernorm_2,
+                  "post_feedforward_norm_1": block.post_feedforward_layernorm_1,
+                  "post_feedforward_norm_2": block.post_feedforward_layernorm_2}
+    tensors = {name: norm.weight for name, norm in norms.items()}
+    if block.has_experts:
+        tensors |= {"router_scale": block.router.scale, "per_expert_scale": block.router.per_expert_scale}
+    if not all(fused_ops_take(x, tensor) for tensor in tensors.values()):
+        return None
+    rows = {name: x.new_zeros(1, linear.weight.shape[-1]) for name, linear in products.items() if linear is not None}
+    chosen = {name: _product(rows[name], linear.weight, exact=False) for name, linear in products.items()
+              if linear is not None}
+    if block.has_experts:
+        experts, top_k = block.experts, block.router.top_k
+        row = x.new_zeros(1, x.shape[-1])
+        # The router's product is an exact one in the forward (its Linear is called without `exact`).
+        chosen |= {"router": _product(row, block.router.proj.weight, exact=True),
+                   "experts_gate_up": _expert_product(row, experts.gate_up_proj, top_k),
+                   "experts_down": _expert_product(x.new_zeros(1, experts.down_proj.shape[-1]), experts.down_proj,
+                                                   top_k)}
+    if any(product is None for product in chosen.values()):
+        return None
+    layer = torch.classes.dgemma.TokenLayer(block.input_layernorm.eps, attention.spec.head_dim,
+                                            block.router.top_k if block.has_experts else 0,
+                                            block.router.root_size if block.has_experts else 1.0,
+                                            block.mlp.activation_kind)
+    for name, tensor in (tensors | {"layer_scalar": block.layer_scalar}).items():
+        layer.set_tensor(name, tensor.detach())
+    for name, product in chosen.items():
+        linear = products.get(name)
+        bias = None if linear is None or linear.bias is None else linear.bias.detach()
+        layer.set_product(name, product.kind, product.tensors, bias, product.zero_code, product.twice)
+    return layer
+
+
+def _product(row: torch.Tensor, weight: object, exact: bool) -> TokenProduct | None:
+    """How `dgemma.model.linear(row, weight, exact=exact)` multiplies a single row, or None if not by a kernel the
+    object calls."""
+    if not isinstance(weight, torch.Tensor):
+        token_product = getattr(weight, "token_product", None)
+        return None if token_product is None else token_product(row)
+    if not exact and takes_row(row, weight):  # dgemma.one_row.row_product
+        return TokenProduct("half_rows", [weight.detach().unsqueeze(0)]) if avx2_rows_available() else None
+    return TokenProduct("linear", [weight.detach()])
+
+
+def _expert_product(row: torch.Tensor, weight: object, top_k: int) -> TokenProduct | None:
+    """How `dgemma.model.Experts` multiplies a token's rows by its chosen experts' matrices read by index, or None."""
+    if isinstance(weight, torch.Tensor):
+        if takes_experts(row, weight, top_k) and avx2_rows_available():  # dgemma.one_row.expert_products
+            return TokenProduct("half_rows", [weight.detach()])
+        return None
+    if not getattr(weight, "reads_by_index", False):
+        return None
+    return weight.token_product(row)

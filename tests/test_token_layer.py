@@ -1,0 +1,188 @@
+"""dgemma.token_layer: one token's layer in one C++ object (dgemma/kernels/token_layer.cpp) computes what the layer's
+Python forward (exact=False) computes, bit for bit, in every weight form, and the forward takes it only for one row
+with no gradient to record."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+import dgemma
+import dgemma.model
+from dgemma import one_row, token_layer
+from dgemma.cache import KVCache
+from dgemma.model import Block
+
+EXPECTED = (torch.cpu._is_avx2_supported() and os.environ.get("DGEMMA_COMPILE") != "0"
+            and shutil.which(os.environ.get("CXX", "c++")) is not None)
+pytestmark = pytest.mark.skipif(not EXPECTED, reason="no token layer expected here (no AVX2, compiling off, or no C++ "
+                                                     "compiler)")
+# dgemma's AVX2 products (and so the object for bf16 and quantised layers) run on CPUs with AVX2 and no AVX-512.
+AVX2_PRODUCTS = EXPECTED and not torch.cpu._is_avx512_supported()
+
+S, F = "sliding_attention", "full_attention"
+# Matrices the kernels take (rows multiples of 32, most of Q4_K's 256; the experts' down projection not, so that
+# q4_k_m gives it Q8_0, as the released model's 704; 32 experts, so that the router's matrix takes the kernels too):
+# sliding layers with v_proj and full ones without.
+CONFIG = {"model_type": "diffusion_gemma", "canvas_length": 16, "tie_word_embeddings": True,
+          "text_config": dict(vocab_size=512, hidden_size=256, intermediate_size=256, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=64, global_head_dim=128, num_global_key_value_heads=1,
+                              sliding_window=8, num_hidden_layers=2, layer_types=[S, F], num_experts=32,
+                              top_k_experts=2, moe_intermediate_size=224, pad_token_id=0, eos_token_id=1,
+                              bos_token_id=2)}
+
+
+def checkpoint(directory, **text) -> str:
+    config = dgemma.ModelConfig.from_dict(dict(CONFIG, text_config=dict(CONFIG["text_config"], **text)))
+    model = dgemma.DiffusionGemmaForBlockDiffusion(config)
+    model.init_weights(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(1)
+        for name, param in model.named_parameters():
+            # matrices large enough that predictions are peaked; norm weights, scales and biases off their defaults
+            scale = 1.0 / param.shape[-1] ** 0.5 if param.dim() >= 2 else 0.2
+            param.add_(torch.randn(param.shape, generator=generator) * scale)
+    path = directory / "model"
+    dgemma.save(model, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def random_path(tmp_path_factory) -> str:
+    return checkpoint(tmp_path_factory.mktemp("token-layer"))
+
+
+@pytest.fixture(scope="module")
+def dense_path(tmp_path_factory) -> str:
+    """Without experts: a float32 layer's token runs in the object on any CPU with AVX2 (float32 experts are not
+    read by index, see the last test)."""
+    return checkpoint(tmp_path_factory.mktemp("token-layer-dense"), num_experts=None, top_k_experts=None,
+                      moe_intermediate_size=None)
+
+
+def tokens_hidden(model, steps: int = 6) -> tuple[torch.Tensor, int]:
+    """A prompt, then `steps` tokens one at a time with exact=False: the tokens' hidden states, and how many of the
+    tokens' layer passes ran in the object."""
+    generator = torch.Generator().manual_seed(3)
+    prompt = torch.randint(3, model.config.vocab_size, (1, 11), generator=generator)
+    cache = KVCache(model.config, 1, model.dtype, capacity=32)
+    valid = torch.ones_like(prompt, dtype=torch.bool)
+    objects = 0
+    outs = []
+    with torch.no_grad():
+        model.encode(prompt, cache.encoder_plan(model.rope, valid), exact=False)
+        cache.commit(valid)
+        one = torch.ones(1, 1, dtype=torch.bool)
+        for step in range(steps):
+            token = torch.randint(3, model.config.vocab_size, (1, 1), generator=generator)
+            outs.append(model.encode(token, cache.encoder_plan(model.rope, one), exact=False))
+            cache.commit(one)
+            x = torch.zeros(1, 1, model.config.hidden_size, dtype=model.dtype)
+            objects += sum(token_layer.for_token(block, x) is not None for block in model.encoder.layers)
+    return torch.cat(outs, dim=1), objects
+
+
+def in_python(monkeypatch) -> None:
+    monkeypatch.setattr(dgemma.model, "token_layer_for", lambda block, x: None)
+
+
+FORMS = [("float32", None), ("bfloat16", None), ("bfloat16", "int8"), ("bfloat16", "int4"), ("bfloat16", "q4_k_m"),
+         ("bfloat16", "int4_experts")]
+
+
+@pytest.mark.parametrize("dtype, scheme", FORMS, ids=[scheme or dtype for dtype, scheme in FORMS])
+def test_a_tokens_layers_in_the_object_are_the_python_forward_bit_for_bit(random_path, dense_path, monkeypatch, dtype,
+                                                                          scheme):
+    """Each form's tokens, loaded for autoregressive decoding, through the object and through the Python forward:
+    identical hidden states, and every layer of every token ran in the object (bf16 and quantised weights where the
+    AVX2 products run; float32 ones, without experts, on any CPU with AVX2). The bf16 layers take the one-row products at these sizes
+    (their threshold lifted), so that every kind of product the object knows is exercised across the forms."""
+    if dtype == "bfloat16" and not AVX2_PRODUCTS:
+        pytest.skip("dgemma's AVX2 products run on CPUs with AVX2 and no AVX-512")
+    monkeypatch.setattr(one_row, "MIN_VALUES", 0)
+    path = dense_path if dtype == "float32" else random_path
+    kinds = []
+
+    def recorded(choose):
+        def chosen(*args, **kwargs):
+            product = choose(*args, **kwargs)
+            kinds.append((product.kind, product.twice))
+            return product
+        return chosen
+
+    for name in ("_product", "_expert_product"):
+        monkeypatch.setattr(token_layer, name, recorded(getattr(token_layer, name)))
+    model = dgemma.load(path, dtype=getattr(torch, dtype), quantize=scheme, decode="autoregressive")
+    fast, objects = tokens_hidden(model)
+    layers = len(model.config.layers)
+    assert objects == 6 * layers
+    in_python(monkeypatch)
+    python, _ = tokens_hidden(model)
+    assert torch.equal(fast, python)
+    expected = {None: {"linear"} if dtype == "float32" else {"half_rows", "linear"},
+                "int8": {"int4_rows", "byte_codes"}, "int4": {"int4_rows", "byte_codes"},
+                "q4_k_m": {"int4_rows", "byte_codes"}, "int4_experts": {"int4_rows", "half_rows", "linear"}}
+    assert {kind for kind, _ in kinds} == expected[scheme]  # "linear" in bf16: the router's, an exact product
+    # 8-bit codes as two 4-bit halves: int8's matrices, q4_k_m's experts' down projection (Q8_0)
+    assert any(twice for _, twice in kinds) == (scheme in ("int8", "q4_k_m"))
+
+def test_attention_biases_are_added_as_the_python_forward_adds_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(one_row, "MIN_VALUES", 0)
+    paths = {torch.float32: checkpoint(tmp_path / "dense", attention_bias=True, num_experts=None, top_k_experts=None,
+                                       moe_intermediate_size=None)}
+    if AVX2_PRODUCTS:
+        paths[torch.bfloat16] = checkpoint(tmp_path / "experts", attention_bias=True)
+    fast = {dtype: tokens_hidden(dgemma.load(path, dtype=dtype, decode="autoregressive"))
+            for dtype, path in paths.items()}
+    in_python(monkeypatch)
+    for dtype, path in paths.items():
+        hidden, objects = fast[dtype]
+        assert objects == 12
+        assert torch.equal(hidden, tokens_hidden(dgemma.load(path, dtype=dtype, decode="autoregressive"))[0])
+
+
+def test_the_forward_takes_the_object_only_for_one_row_with_no_gradient_to_record(dense_path):
+    model = dgemma.load(dense_path, dtype=torch.float32)
+    block: Block = model.encoder.layers[0]
+    x = torch.zeros(1, 1, model.config.hidden_size)
+    with torch.no_grad():
+        assert token_layer.for_token(block, x) is not None
+        assert token_layer.for_token(block, torch.zeros(1, 2, model.config.hidden_size)) is None  # two positions
+        assert token_layer.for_token(block, torch.zeros(2, 1, model.config.hidden_size)) is None  # two rows
+    assert token_layer.for_token(block, x) is None  # gradients recorded: the Python forward, which records them
+
+
+def test_a_replaced_weight_builds_the_object_again(dense_path, monkeypatch):
+    """The object holds the weights it was built from; a weight replaced on the module (a load, a cast, a
+    quantisation all replace them) is seen at the next token, and its result is the Python forward's again."""
+    model = dgemma.load(dense_path, dtype=torch.float32)
+    block: Block = model.encoder.layers[1]
+    x = torch.zeros(1, 1, model.config.hidden_size)
+    with torch.no_grad():
+        first = token_layer.for_token(block, x)
+        assert token_layer.for_token(block, x) is first  # kept while nothing changes
+        gate = block.mlp.gate_proj
+        gate.weight = torch.nn.Parameter(2 * gate.weight)
+        assert token_layer.for_token(block, x) is not first
+    fast, _ = tokens_hidden(model)
+    in_python(monkeypatch)
+    assert torch.equal(fast, tokens_hidden(model)[0])
+    with torch.no_grad():
+        assert token_layer.for_token(block, x) is not None
+    model.double()  # a cast: every layer's object is dropped at once, not held until its next token
+    assert block not in token_layer._BUILT
+
+
+def test_a_layer_whose_experts_are_not_read_by_index_stays_in_python(random_path):
+    """Experts the Python forward does not read by index for one token (float32 ones; bf16 ones under the one-row
+    products' size threshold) take its sort of the token's choices into groups by expert and a grouped matmul,
+    which the object does not do: those layers stay in Python."""
+    dtypes = [torch.float32] + ([torch.bfloat16] if AVX2_PRODUCTS else [])
+    for dtype in dtypes:
+        model = dgemma.load(random_path, dtype=dtype, decode="autoregressive")
+        x = torch.zeros(1, 1, model.config.hidden_size, dtype=dtype)
+        with torch.no_grad():
+            assert all(token_layer.for_token(block, x) is None for block in model.encoder.layers)
