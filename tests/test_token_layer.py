@@ -63,26 +63,34 @@ def dense_path(tmp_path_factory) -> str:
                       moe_intermediate_size=None)
 
 
-def tokens_hidden(model, steps: int = 6) -> tuple[torch.Tensor, int]:
-    """A prompt, then `steps` tokens one at a time with exact=False: the tokens' hidden states, and how many of the
-    tokens' layer passes ran in the object."""
+def tokens_hidden(model, steps: int = 6) -> torch.Tensor:
+    """A prompt, then `steps` tokens one at a time with exact=False: the tokens' hidden states."""
     generator = torch.Generator().manual_seed(3)
     prompt = torch.randint(3, model.config.vocab_size, (1, 11), generator=generator)
     cache = KVCache(model.config, 1, model.dtype, capacity=32)
     valid = torch.ones_like(prompt, dtype=torch.bool)
-    objects = 0
     outs = []
     with torch.no_grad():
         model.encode(prompt, cache.encoder_plan(model.rope, valid), exact=False)
         cache.commit(valid)
         one = torch.ones(1, 1, dtype=torch.bool)
-        for step in range(steps):
+        for _ in range(steps):
             token = torch.randint(3, model.config.vocab_size, (1, 1), generator=generator)
             outs.append(model.encode(token, cache.encoder_plan(model.rope, one), exact=False))
             cache.commit(one)
-            x = torch.zeros(1, 1, model.config.hidden_size, dtype=model.dtype)
-            objects += sum(token_layer.for_token(block, x) is not None for block in model.encoder.layers)
-    return torch.cat(outs, dim=1), objects
+    return torch.cat(outs, dim=1)
+
+
+def layers_in_object(monkeypatch) -> list[bool]:
+    """For every layer pass from now on, whether the forward ran it in the object."""
+    taken = []
+
+    def recorded(block, x):
+        layer = token_layer.for_token(block, x)
+        taken.append(layer is not None)
+        return layer
+    monkeypatch.setattr(dgemma.model, "token_layer_for", recorded)
+    return taken
 
 
 def in_python(monkeypatch) -> None:
@@ -98,8 +106,9 @@ def test_a_tokens_layers_in_the_object_are_the_python_forward_bit_for_bit(random
                                                                           scheme):
     """Each form's tokens, loaded for autoregressive decoding, through the object and through the Python forward:
     identical hidden states, and every layer of every token ran in the object (bf16 and quantised weights where the
-    AVX2 products run; float32 ones, without experts, on any CPU with AVX2). The bf16 layers take the one-row products at these sizes
-    (their threshold lifted), so that every kind of product the object knows is exercised across the forms."""
+    AVX2 products run; float32 ones, without experts, on any CPU with AVX2). The bf16 layers take the one-row
+    products at these sizes (their threshold lifted), so that every kind of product the object knows is exercised
+    across the forms."""
     if dtype == "bfloat16" and not AVX2_PRODUCTS:
         pytest.skip("dgemma's AVX2 products run on CPUs with AVX2 and no AVX-512")
     monkeypatch.setattr(one_row, "MIN_VALUES", 0)
@@ -116,12 +125,11 @@ def test_a_tokens_layers_in_the_object_are_the_python_forward_bit_for_bit(random
     for name in ("_product", "_expert_product"):
         monkeypatch.setattr(token_layer, name, recorded(getattr(token_layer, name)))
     model = dgemma.load(path, dtype=getattr(torch, dtype), quantize=scheme, decode="autoregressive")
-    fast, objects = tokens_hidden(model)
-    layers = len(model.config.layers)
-    assert objects == 6 * layers
+    taken = layers_in_object(monkeypatch)
+    fast = tokens_hidden(model)
+    assert sum(taken) == 6 * len(model.config.layers)  # every token's every layer (the prompt's none)
     in_python(monkeypatch)
-    python, _ = tokens_hidden(model)
-    assert torch.equal(fast, python)
+    assert torch.equal(fast, tokens_hidden(model))
     expected = {None: {"linear"} if dtype == "float32" else {"half_rows", "linear"},
                 "int8": {"int4_rows", "byte_codes"}, "int4": {"int4_rows", "byte_codes"},
                 "q4_k_m": {"int4_rows", "byte_codes"}, "int4_experts": {"int4_rows", "half_rows", "linear"}}
@@ -135,13 +143,13 @@ def test_attention_biases_are_added_as_the_python_forward_adds_them(tmp_path, mo
                                        moe_intermediate_size=None)}
     if AVX2_PRODUCTS:
         paths[torch.bfloat16] = checkpoint(tmp_path / "experts", attention_bias=True)
-    fast = {dtype: tokens_hidden(dgemma.load(path, dtype=dtype, decode="autoregressive"))
-            for dtype, path in paths.items()}
+    models = {dtype: dgemma.load(path, dtype=dtype, decode="autoregressive") for dtype, path in paths.items()}
+    taken = layers_in_object(monkeypatch)
+    fast = {dtype: tokens_hidden(model) for dtype, model in models.items()}
+    assert sum(taken) == 12 * len(models)
     in_python(monkeypatch)
-    for dtype, path in paths.items():
-        hidden, objects = fast[dtype]
-        assert objects == 12
-        assert torch.equal(hidden, tokens_hidden(dgemma.load(path, dtype=dtype, decode="autoregressive"))[0])
+    for dtype, model in models.items():
+        assert torch.equal(fast[dtype], tokens_hidden(model))
 
 
 def test_the_forward_takes_the_object_only_for_one_row_with_no_gradient_to_record(dense_path):
@@ -167,9 +175,11 @@ def test_a_replaced_weight_builds_the_object_again(dense_path, monkeypatch):
         gate = block.mlp.gate_proj
         gate.weight = torch.nn.Parameter(2 * gate.weight)
         assert token_layer.for_token(block, x) is not first
-    fast, _ = tokens_hidden(model)
+    taken = layers_in_object(monkeypatch)
+    fast = tokens_hidden(model)
+    assert sum(taken) == 12
     in_python(monkeypatch)
-    assert torch.equal(fast, tokens_hidden(model)[0])
+    assert torch.equal(fast, tokens_hidden(model))
     with torch.no_grad():
         assert token_layer.for_token(block, x) is not None
     model.double()  # a cast: every layer's object is dropped at once, not held until its next token
