@@ -17,8 +17,8 @@ Design choices:
   to bf16 rounding. `exact=False` lets a forward pick kernels that are faster on its device but equal only up
   to float rounding (on a CPU the experts' padded batched matmul, or for large experts one matmul per expert and a
   compiled weighted sum; for a single token, `dgemma.one_row`'s compiled products and a float32 attention; a
-  layer's norms, RoPE, router and experts' sum in one pass each, `dgemma.fused_ops`); sampling="fast" and
-  autoregressive decoding run that way.
+  layer's norms, RoPE, router and experts' sum in one pass each, `dgemma.fused_ops`; for a token, the layer's
+  same operations in one C++ object, `dgemma.token_layer`); sampling="fast" and autoregressive decoding run that way.
 - This module is the network alone: generation, checkpoints and training build on it, never the reverse.
 """
 

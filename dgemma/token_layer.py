@@ -3,17 +3,20 @@ first use with the machine's C++ compiler against the installed torch and loaded
 
 `dgemma.model.Block.forward` for a single row (an autoregressive token: batch 1, one position) runs a string of some
 forty operations, each behind module calls and the checks that choose its kernel. On a 2-core AMD EPYC of family 25
-(Zen 3) a released layer's token (2 of the model's 30 layers, weights of 4 bits, the kernels replaced by their cached
-results) spent 3 to 4 ms a layer outside the kernels, about as long as the kernels took to read its 80 MB. The
-object made here for a layer holds its weights and the kernel each product takes, chosen once by the same checks the
-forward makes (`TokenProduct`; a quantised weight answers for itself with its `token_product`), and runs the same ops
-in the same order: its result is the forward's bit for bit (tests/test_token_layer.py). The attention stays in
-Python between its two calls, where the KV cache appends the token's key and value.
+(Zen 3) a released layer's token (a 2-layer slice of the model, 4-bit weights, each kernel call timed) spent 3 to 4
+ms outside its kernels against 5 to 6 in them, reading its 80 MB of weights. The object made here for a layer holds
+its weights and the kernel each product takes, chosen once by the same checks the forward makes (`TokenProduct`; a
+quantised weight answers for itself with its `token_product`), and runs the same ops in the same order: its result
+is the forward's bit for bit (tests/test_token_layer.py), 1.5 to 1.8 ms a released layer sooner there
+(scripts/token_layer_speed.py, docs/cpu.md). The attention stays in Python between its two calls, where the KV
+cache appends the token's key and value.
 
-A layer gets one where every product has a kernel the object can call (torch's linear, or dgemma's AVX2 products:
-`dgemma.avx2_rows`) and the fused ops run (`dgemma.fused_ops`): on a CPU with AVX2 and no AVX-512 every form of the
-model; elsewhere float32 weights (bf16 tokens there take Inductor's compiled products, which stay in Python). Built
-for a layer at its first token and kept until one of the weights it holds is replaced (a cast, a load, a quantisation).
+A layer gets one where every product has a kernel the object can call (torch's linear and grouped matmul, or dgemma's
+AVX2 products: `dgemma.avx2_rows`) and the fused ops run (`dgemma.fused_ops`): on a CPU with AVX2 and no AVX-512
+the released model's layers in every form, and float32 ones (the bundled model's) on any CPU with AVX2. Layers with
+quantised experts the forward does not read by index stay in Python, as do products in Inductor's compiled loops
+or the AVX-512 and AMX kernels. Built for a layer at its first token and kept until a weight it reads is replaced
+(a cast, a load, a quantisation).
 """
 
 from __future__ import annotations
@@ -28,16 +31,17 @@ import torch
 from .avx2_rows import available as avx2_rows_available
 from .compiling import AVX2_FLAGS, compiling_allowed, library_loads
 from .fused_ops import available as fused_ops_available, takes as fused_ops_take
-from .one_row import takes_experts, takes_row
+from .one_row import takes_row
 
 SOURCE = Path(__file__).parent / "kernels" / "token_layer.cpp"
 
 @dataclass
 class TokenProduct:
     """How the object multiplies a row by one weight, as the forward would: `kind` "linear" (torch's, the weight
-    tensor), "half_rows" (bf16 or fp16 matrices [E, N, K]), "byte_codes" (codes, scale and offset of one-byte codes)
-    or "int4_rows" (codes and scales and zeros in torch's int4 layout, [E, ...]; `twice`: the row taken twice, for
-    8-bit codes held as two 4-bit halves); the tensors as dgemma's AVX2 op of that name takes them."""
+    tensor), "half_rows" (bf16 or fp16 matrices [E, N, K]), "byte_codes" (codes, scale and offset of one-byte codes),
+    "int4_rows" (codes and scales and zeros in torch's int4 layout, [E, ...]; `twice`: the row taken twice, for 8-bit
+    codes held as two 4-bit halves), the tensors as dgemma's AVX2 op of that name takes them; or for experts "grouped"
+    (a plain tensor [E, N, K]: the token's choices sorted into groups by expert, grouped matmuls)."""
 
     kind: str
     tensors: list[torch.Tensor]
@@ -148,10 +152,8 @@ def _layer(block, x: torch.Tensor):
         experts, top_k = block.experts, block.router.top_k
         row = x.new_zeros(1, x.shape[-1])
         # The router's product is an exact one in the forward (its Linear is called without `exact`).
-        chosen |= {"router": _product(row, block.router.proj.weight, exact=True),
-                   "experts_gate_up": _expert_product(row, experts.gate_up_proj, top_k),
-                   "experts_down": _expert_product(x.new_zeros(1, experts.down_proj.shape[-1]), experts.down_proj,
-                                                   top_k)}
+        chosen["router"] = _product(row, block.router.proj.weight, exact=True)
+        chosen["experts_gate_up"], chosen["experts_down"] = _expert_products(experts, row, top_k)
     if any(product is None for product in chosen.values()):
         return None
     layer = torch.classes.dgemma.TokenLayer(block.input_layernorm.eps, attention.spec.head_dim,
@@ -171,19 +173,31 @@ def _product(row: torch.Tensor, weight: object, exact: bool) -> TokenProduct | N
     """How `dgemma.model.linear(row, weight, exact=exact)` multiplies a single row, or None if not by a kernel the
     object calls."""
     if not isinstance(weight, torch.Tensor):
-        token_product = getattr(weight, "token_product", None)
-        return None if token_product is None else token_product(row)
+        return _answered(weight, row)
     if not exact and takes_row(row, weight):  # dgemma.one_row.row_product
         return TokenProduct("half_rows", [weight.detach().unsqueeze(0)]) if avx2_rows_available() else None
     return TokenProduct("linear", [weight.detach()])
 
 
-def _expert_product(row: torch.Tensor, weight: object, top_k: int) -> TokenProduct | None:
-    """How `dgemma.model.Experts` multiplies a token's rows by its chosen experts' matrices read by index, or None."""
-    if isinstance(weight, torch.Tensor):
-        if takes_experts(row, weight, top_k) and avx2_rows_available():  # dgemma.one_row.expert_products
-            return TokenProduct("half_rows", [weight.detach()])
-        return None
-    if not getattr(weight, "reads_by_index", False):
-        return None
-    return weight.token_product(row)
+def _expert_products(experts, row: torch.Tensor, top_k: int) -> tuple[TokenProduct | None, TokenProduct | None]:
+    """How `dgemma.model.Experts` (`experts`) multiplies a token's row by its gate/up and down matrices: read by the
+    chosen experts' indices where its own check says so (`Experts._read_by_index`), else, for plain tensors, its sort
+    into groups by expert and grouped matmuls; None for a product the object has no kernel for."""
+    weights = (experts.gate_up_proj, experts.down_proj)
+    if not experts._read_by_index(row, top_k):
+        return tuple(TokenProduct("grouped", [w.detach()]) if isinstance(w, torch.Tensor) else None for w in weights)
+    rows = (row, row.new_zeros(1, experts.down_proj.shape[-1]))  # the rows each product takes
+    return tuple(_by_index(weight, like) for weight, like in zip(weights, rows))
+
+
+def _by_index(weight: object, row: torch.Tensor) -> TokenProduct | None:
+    """How `dgemma.model.Experts._by_index` multiplies rows like `row` by matrices of `weight` read by index."""
+    if isinstance(weight, torch.Tensor):  # dgemma.one_row.expert_products
+        return TokenProduct("half_rows", [weight.detach()]) if avx2_rows_available() else None
+    return _answered(weight, row)
+
+
+def _answered(weight: object, row: torch.Tensor) -> TokenProduct | None:
+    """A weight held in a kernel's form answers for itself (`token_product`); None if it cannot."""
+    token_product = getattr(weight, "token_product", None)
+    return None if token_product is None else token_product(row)

@@ -1,10 +1,11 @@
 """A token's layers in one C++ object (`dgemma.token_layer`) against the Python forward, alternated token by token in
 one process, so that the machine's drift falls on both alike. Writes JSON and a plot and prints a table.
 
-    python scripts/token_layer_speed.py MODEL [MODEL ...] [--tokens 150] [--prompt-length 256] [--out FILE.json]
+    python scripts/token_layer_speed.py MODEL [MODEL ...] [--tokens 150] [--prompt-length 256] [--dtype bfloat16]
+        [--out FILE.json]
 
 Each MODEL (a checkpoint directory or a GGUF file, e.g. the breakdown's cached slices of the released model,
-/tmp/dgemma-breakdown-release-256-2l*) is loaded in bf16 for autoregressive decoding, a random prompt is encoded
+/tmp/dgemma-breakdown-release-256-2l*, or dgemma/bundled) is loaded in --dtype for autoregressive decoding, a random prompt is encoded
 into two caches, and then each token is encoded once on each cache, one with the object and one with the forward in
 Python (which goes first alternates): the encoder pass alone (its layers, the token's plan, embedding and final
 norm; no head), median milliseconds over the tokens after the first ten.
@@ -28,9 +29,9 @@ from dgemma import token_layer
 from dgemma.cache import KVCache
 
 
-def alternated(path: str, tokens: int, prompt_length: int) -> dict:
+def alternated(path: str, tokens: int, prompt_length: int, dtype: torch.dtype) -> dict:
     with torch.no_grad():
-        model = dgemma.load(path, dtype=torch.bfloat16, decode="autoregressive")
+        model = dgemma.load(path, dtype=dtype, decode="autoregressive")
         config = model.config
         prompt = torch.randint(3, config.vocab_size, (1, prompt_length), generator=torch.Generator().manual_seed(0))
         valid = torch.ones_like(prompt, dtype=torch.bool)
@@ -56,7 +57,7 @@ def alternated(path: str, tokens: int, prompt_length: int) -> dict:
                 print(f"  {Path(path).name}: {index + 1} of {tokens + 10} tokens", file=sys.stderr)
         dgemma.model.token_layer_for = token_layer.for_token
     medians = {way: statistics.median(times[10:]) for way, times in seconds.items()}
-    return {"model": path, "layers": len(config.layers), "layers_in_object": in_object,
+    return {"model": path, "dtype": str(dtype).removeprefix("torch."), "layers": len(config.layers), "layers_in_object": in_object,
             "object_ms": 1e3 * medians["object"], "python_ms": 1e3 * medians["python"],
             "saved_ms_per_layer": 1e3 * (medians["python"] - medians["object"]) / len(config.layers),
             "speedup": medians["python"] / medians["object"]}
@@ -84,13 +85,14 @@ def main() -> int:
     parser.add_argument("models", nargs="+")
     parser.add_argument("--tokens", type=int, default=150)
     parser.add_argument("--prompt-length", type=int, default=256)
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--out", type=Path, default=Path("token_layer_speed.json"))
     args = parser.parse_args()
     if not token_layer.available():
         print("error: the token layer's object is not available here (no AVX2, compiling off, or no C++ compiler)",
               file=sys.stderr)
         return 2
-    results = [alternated(path, args.tokens, args.prompt_length) for path in args.models]
+    results = [alternated(path, args.tokens, args.prompt_length, getattr(torch, args.dtype)) for path in args.models]
     report = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
               "tokens": args.tokens, "prompt_length": args.prompt_length, "results": results}
     args.out.write_text(json.dumps(report, indent=1))

@@ -15,6 +15,7 @@ import dgemma.model
 from dgemma import one_row, token_layer
 from dgemma.cache import KVCache
 from dgemma.model import Block
+from dgemma.quantized import GroupQuantized
 
 EXPECTED = (torch.cpu._is_avx2_supported() and os.environ.get("DGEMMA_COMPILE") != "0"
             and shutil.which(os.environ.get("CXX", "c++")) is not None)
@@ -57,8 +58,7 @@ def random_path(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def dense_path(tmp_path_factory) -> str:
-    """Without experts: a float32 layer's token runs in the object on any CPU with AVX2 (float32 experts are not
-    read by index, see the last test)."""
+    """The same model without experts (a layer's other path)."""
     return checkpoint(tmp_path_factory.mktemp("token-layer-dense"), num_experts=None, top_k_experts=None,
                       moe_intermediate_size=None)
 
@@ -97,32 +97,43 @@ def in_python(monkeypatch) -> None:
     monkeypatch.setattr(dgemma.model, "token_layer_for", lambda block, x: None)
 
 
-FORMS = [("float32", None), ("bfloat16", None), ("bfloat16", "int8"), ("bfloat16", "int4"), ("bfloat16", "q4_k_m"),
-         ("bfloat16", "int4_experts")]
+# (dtype, quantisation scheme, the one-row products' size threshold lifted, experts)
+FORMS = [("float32", None, False, False), ("float32", None, False, True), ("bfloat16", None, True, True),
+         ("bfloat16", None, False, True), ("bfloat16", "int8", True, True), ("bfloat16", "int4", True, True),
+         ("bfloat16", "q4_k_m", True, True), ("bfloat16", "int4_experts", True, True)]
+# The kinds of product each form's layers take ("linear" in bf16: the router's, an exact product)
+KINDS = {("float32", False): {"linear"}, ("float32", True): {"linear", "grouped"},
+         ("bfloat16", True): {"half_rows", "linear"}, ("bfloat16", False): {"linear", "grouped"},
+         ("int8", True): {"int4_rows", "byte_codes"}, ("int4", True): {"int4_rows", "byte_codes"},
+         ("q4_k_m", True): {"int4_rows", "byte_codes"}, ("int4_experts", True): {"int4_rows", "half_rows", "linear"}}
 
 
-@pytest.mark.parametrize("dtype, scheme", FORMS, ids=[scheme or dtype for dtype, scheme in FORMS])
+@pytest.mark.parametrize("dtype, scheme, lifted, experts", FORMS,
+                         ids=["float32-dense", "float32", "bf16", "bf16-grouped-experts", "int8", "int4", "q4_k_m",
+                              "int4_experts"])
 def test_a_tokens_layers_in_the_object_are_the_python_forward_bit_for_bit(random_path, dense_path, monkeypatch, dtype,
-                                                                          scheme):
+                                                                          scheme, lifted, experts):
     """Each form's tokens, loaded for autoregressive decoding, through the object and through the Python forward:
     identical hidden states, and every layer of every token ran in the object (bf16 and quantised weights where the
-    AVX2 products run; float32 ones, without experts, on any CPU with AVX2). The bf16 layers take the one-row
-    products at these sizes (their threshold lifted), so that every kind of product the object knows is exercised
-    across the forms."""
+    AVX2 products run; float32 ones on any CPU with AVX2). With the one-row products' size threshold lifted the bf16
+    matrices take them at these sizes; kept, bf16 and float32 experts take the forward's grouped path: every kind of
+    product the object knows is exercised across the forms."""
     if dtype == "bfloat16" and not AVX2_PRODUCTS:
         pytest.skip("dgemma's AVX2 products run on CPUs with AVX2 and no AVX-512")
-    monkeypatch.setattr(one_row, "MIN_VALUES", 0)
-    path = dense_path if dtype == "float32" else random_path
+    if lifted:
+        monkeypatch.setattr(one_row, "MIN_VALUES", 0)
+    path = random_path if experts else dense_path
     kinds = []
 
     def recorded(choose):
         def chosen(*args, **kwargs):
-            product = choose(*args, **kwargs)
-            kinds.append((product.kind, product.twice))
-            return product
+            products = choose(*args, **kwargs)
+            for product in products if isinstance(products, tuple) else (products,):
+                kinds.append((product.kind, product.twice))
+            return products
         return chosen
 
-    for name in ("_product", "_expert_product"):
+    for name in ("_product", "_by_index", "_expert_products"):
         monkeypatch.setattr(token_layer, name, recorded(getattr(token_layer, name)))
     model = dgemma.load(path, dtype=getattr(torch, dtype), quantize=scheme, decode="autoregressive")
     taken = layers_in_object(monkeypatch)
@@ -130,10 +141,7 @@ def test_a_tokens_layers_in_the_object_are_the_python_forward_bit_for_bit(random
     assert sum(taken) == 6 * len(model.config.layers)  # every token's every layer (the prompt's none)
     in_python(monkeypatch)
     assert torch.equal(fast, tokens_hidden(model))
-    expected = {None: {"linear"} if dtype == "float32" else {"half_rows", "linear"},
-                "int8": {"int4_rows", "byte_codes"}, "int4": {"int4_rows", "byte_codes"},
-                "q4_k_m": {"int4_rows", "byte_codes"}, "int4_experts": {"int4_rows", "half_rows", "linear"}}
-    assert {kind for kind, _ in kinds} == expected[scheme]  # "linear" in bf16: the router's, an exact product
+    assert {kind for kind, _ in kinds} == KINDS[scheme or dtype, lifted if dtype == "bfloat16" else experts]
     # 8-bit codes as two 4-bit halves: int8's matrices, q4_k_m's experts' down projection (Q8_0)
     assert any(twice for _, twice in kinds) == (scheme in ("int8", "q4_k_m"))
 
@@ -186,13 +194,13 @@ def test_a_replaced_weight_builds_the_object_again(dense_path, monkeypatch):
     assert block not in token_layer._BUILT
 
 
-def test_a_layer_whose_experts_are_not_read_by_index_stays_in_python(random_path):
-    """Experts the Python forward does not read by index for one token (float32 ones; bf16 ones under the one-row
-    products' size threshold) take its sort of the token's choices into groups by expert and a grouped matmul,
-    which the object does not do: those layers stay in Python."""
-    dtypes = [torch.float32] + ([torch.bfloat16] if AVX2_PRODUCTS else [])
-    for dtype in dtypes:
-        model = dgemma.load(random_path, dtype=dtype, decode="autoregressive")
-        x = torch.zeros(1, 1, model.config.hidden_size, dtype=dtype)
-        with torch.no_grad():
-            assert all(token_layer.for_token(block, x) is None for block in model.encoder.layers)
+def test_a_layer_with_quantised_experts_not_read_by_index_stays_in_python(random_path):
+    """4-bit experts in groups the AVX2 kernel does not read by index (a GroupQuantized weight: the forward
+    dequantises the chosen experts' tiles) have no product in the object: those layers stay in Python."""
+    model = dgemma.load(random_path, dtype=torch.float32)
+    experts = model.encoder.layers[0].experts
+    dgemma.model.attach(experts, "down_proj", GroupQuantized.quantize(experts.down_proj.detach(), "Q4_0"))
+    x = torch.zeros(1, 1, model.config.hidden_size)
+    with torch.no_grad():
+        assert token_layer.for_token(model.encoder.layers[0], x) is None
+        assert token_layer.for_token(model.encoder.layers[1], x) is not None

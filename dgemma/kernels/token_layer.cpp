@@ -12,14 +12,16 @@
 // - finish(x, attended [1, heads, 1, D]) -> the layer's output [1, 1, H]: the output projection, the norms and
 //   residuals, the dense MLP, and the router and the token's experts where the layer has them.
 //
-// Why: on a 2-core AMD EPYC of family 25 (Zen 3) a released layer's token spent about as long in the Python around
-// its kernels (some 400 Python calls and 240 torch calls) as in the kernels reading its 80 MB of 4-bit weights.
+// Why: on a 2-core AMD EPYC of family 25 (Zen 3) a released layer's token spent 3 to 4 ms in the Python around its
+// kernels (some 400 Python calls and 240 torch calls) against 5 to 6 in the kernels reading its 80 MB of 4-bit
+// weights; in this object, 1.5 to 1.8 ms a layer less (docs/cpu.md).
 //
 // Products (set_product's kind): "linear" (torch's linear, bias inside), "half_rows" (dgemma::avx2_half_rows over
 // [E, N, K] bf16 or fp16 matrices), "byte_codes" (dgemma::avx2_byte_codes_rows: codes, scale, offset), "int4_rows"
 // (dgemma::avx2_int4_rows: codes [E, N, K / 2], scales and zeros; `twice` takes the row twice, for 8-bit codes held
-// as two 4-bit halves). A layer's matrices are [N, K] (one entry, index 0); the experts' are read by the token's
-// expert indices.
+// as two 4-bit halves), and for experts "grouped" (plain tensors [E, N, K] the forward does not read by index: its
+// sort into groups and grouped matmul). A layer's matrices are [N, K] (one entry, index 0); the experts' are read by
+// the token's expert indices.
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -69,13 +71,14 @@ Tensor weighted_sum(const Tensor& rows, const Tensor& weights) {
   return op.call(rows.contiguous(), weights.contiguous());
 }
 
-enum class Kind { kLinear, kHalfRows, kByteCodes, kInt4Rows };
+enum class Kind { kLinear, kHalfRows, kByteCodes, kInt4Rows, kGrouped };
 
 Kind kind_named(const std::string& name) {
   if (name == "linear") return Kind::kLinear;
   if (name == "half_rows") return Kind::kHalfRows;
   if (name == "byte_codes") return Kind::kByteCodes;
   if (name == "int4_rows") return Kind::kInt4Rows;
+  if (name == "grouped") return Kind::kGrouped;
   TORCH_CHECK(false, "TokenLayer: unknown product kind '", name, "'");
 }
 
@@ -107,9 +110,32 @@ struct Product {
                        tensors.size() > 2 ? OptionalTensor(tensors[2]) : OptionalTensor(), zero_code);
       }
       case Kind::kLinear:
+      case Kind::kGrouped:
         break;
     }
-    TORCH_CHECK(false, "TokenLayer: a linear product has no index");
+    TORCH_CHECK(false, "TokenLayer: a linear or grouped product has no index");
+  }
+
+  // rows [S, K] grouped by expert (group e ends at ends[e]) times expert e's matrix of [E, N, K] -> [S, N], as
+  // dgemma.model.grouped_linear multiplies a plain tensor: one grouped matmul where every stride is a multiple of 16
+  // bytes (grouped_mm's need), else one linear per non-empty group.
+  Tensor grouped(const Tensor& rows, const Tensor& ends) const {
+    const Tensor& weight = tensors[0];
+    const Tensor weight_t = weight.transpose(-2, -1);
+    bool aligned = rows.scalar_type() == weight.scalar_type();
+    for (const auto& strides : {rows.strides(), weight_t.strides()}) {
+      for (const int64_t stride : strides) aligned = aligned && (stride == 1 || stride * rows.element_size() % 16 == 0);
+    }
+    if (aligned) return at::_grouped_mm(rows, weight_t, ends);
+    Tensor out = at::empty({rows.size(0), weight.size(1)}, rows.options());
+    const Tensor ends_on_host = ends.to(at::kLong).cpu();
+    const int64_t* end = ends_on_host.data_ptr<int64_t>();
+    for (int64_t expert = 0, begin = 0; expert < weight.size(0); begin = end[expert++]) {
+      if (end[expert] > begin) {
+        out.slice(0, begin, end[expert]).copy_(at::linear(rows.slice(0, begin, end[expert]), weight[expert]));
+      }
+    }
+    return out;
   }
 
   // x [..., K] (one row) @ weight.T (+ bias) -> [..., N], as dgemma.model.linear computes it for that weight.
@@ -162,10 +188,9 @@ class TokenLayer : public torch::CustomClassHolder {
       const Tensor flat = residual.reshape({-1, residual.size(-1)});
       const Tensor logits = router_(rms_norm(flat, router_scale_, eps_) * root_size_, first_matrix_);
       const auto [weights, index] = route(logits, top_k_, per_expert_scale_);
-      const Tensor choices = index[0].contiguous();
-      const Tensor rows = rms_norm(flat, pre_feedforward_norm_2_, eps_).expand({top_k_, -1}).contiguous();
-      const auto gate_up = experts_gate_up_.indexed(rows, choices).chunk(2, -1);
-      const Tensor out = experts_down_.indexed((activated(gate_up[0]) * gate_up[1]).contiguous(), choices);
+      const Tensor normed = rms_norm(flat, pre_feedforward_norm_2_, eps_);
+      const Tensor out = experts_gate_up_.kind == Kind::kGrouped ? grouped_experts(normed, index)
+                                                                  : experts_by_index(normed, index[0].contiguous());
       h = rms_norm(weighted_sum(out, weights).reshape(residual.sizes()), post_feedforward_norm_2_, eps_,
                    rms_norm(h, post_feedforward_norm_1_, eps_));
     }
@@ -173,6 +198,26 @@ class TokenLayer : public torch::CustomClassHolder {
   }
 
  private:
+  // The token's k experts' outputs [k, H] in choice order, each expert's matrices read by its index.
+  Tensor experts_by_index(const Tensor& normed, const Tensor& choices) const {
+    const Tensor rows = normed.expand({top_k_, -1}).contiguous();
+    const auto gate_up = experts_gate_up_.indexed(rows, choices).chunk(2, -1);
+    return experts_down_.indexed((activated(gate_up[0]) * gate_up[1]).contiguous(), choices);
+  }
+
+  // The same through Experts.forward's grouped path (plain tensors not read by index): the token's choices sorted
+  // into groups by expert, grouped products, the outputs taken back in choice order.
+  Tensor grouped_experts(const Tensor& normed, const Tensor& index) const {
+    const auto [expert_of, order] = at::sort(index.reshape({-1}));
+    Tensor position = at::empty_like(order);
+    position.index_put_({order}, at::arange(order.numel(), order.options()));
+    const Tensor rows = normed.index({at::div(order, top_k_, "floor")});
+    const Tensor counts = at::bincount(expert_of, {}, experts_gate_up_.tensors[0].size(0));
+    const Tensor ends = at::cumsum(counts, 0).to(at::kInt);
+    const auto gate_up = experts_gate_up_.grouped(rows, ends).chunk(2, -1);
+    return experts_down_.grouped(activated(gate_up[0]) * gate_up[1], ends).index({position});
+  }
+
   Tensor activated(const Tensor& x) const {
     if (activation_ == "gelu_tanh") return at::gelu(x, "tanh");
     if (activation_ == "gelu") return at::gelu(x);
