@@ -4,11 +4,11 @@ one process, so that the machine's drift falls on both alike. Writes JSON and a 
     python scripts/token_layer_speed.py MODEL [MODEL ...] [--tokens 150] [--prompt-length 256] [--dtype bfloat16]
         [--out FILE.json]
 
-Each MODEL (a checkpoint directory or a GGUF file, e.g. the breakdown's cached slices of the released model,
-/tmp/dgemma-breakdown-release-256-2l*, or dgemma/bundled) is loaded in --dtype for autoregressive decoding, a random prompt is encoded
-into two caches, and then each token is encoded once on each cache, one with the object and one with the forward in
-Python (which goes first alternates): the encoder pass alone (its layers, the token's plan, embedding and final
-norm; no head), median milliseconds over the tokens after the first ten.
+Each MODEL (a checkpoint directory or a GGUF file: e.g. the breakdown's cached slices of the released model,
+/tmp/dgemma-breakdown-release-256-2l*, or dgemma/bundled) is loaded in --dtype for autoregressive decoding, a random
+prompt is encoded into two caches, and then each token is encoded once on each cache, one with the object and one
+with the forward in Python (which goes first alternates): the encoder pass alone (its layers, the token's plan,
+embedding and final norm; no head), median milliseconds over the tokens after the first ten.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def alternated(path: str, tokens: int, prompt_length: int, dtype: torch.dtype) -
                 print(f"  {Path(path).name}: {index + 1} of {tokens + 10} tokens", file=sys.stderr)
         dgemma.model.token_layer_for = token_layer.for_token
     medians = {way: statistics.median(times[10:]) for way, times in seconds.items()}
-    return {"model": path, "dtype": str(dtype).removeprefix("torch."), "layers": len(config.layers), "layers_in_object": in_object,
+    return {"model": path, "dtype": str(dtype).removeprefix("torch."), "layers": len(config.layers),
+            "layers_in_object": in_object,
             "object_ms": 1e3 * medians["object"], "python_ms": 1e3 * medians["python"],
             "saved_ms_per_layer": 1e3 * (medians["python"] - medians["object"]) / len(config.layers),
             "speedup": medians["python"] / medians["object"]}

@@ -160,6 +160,17 @@ def test_attention_biases_are_added_as_the_python_forward_adds_them(tmp_path, mo
         assert torch.equal(fast[dtype], tokens_hidden(model))
 
 
+def test_experts_grouped_mm_cannot_take_get_one_product_per_expert_as_in_the_forward(tmp_path, monkeypatch):
+    """Rows of 250 float32 values (1,000 bytes, no multiple of the 16 grouped_mm needs): the forward multiplies each
+    expert's group on its own, and so does the object."""
+    model = dgemma.load(checkpoint(tmp_path, hidden_size=250), dtype=torch.float32, decode="autoregressive")
+    taken = layers_in_object(monkeypatch)
+    fast = tokens_hidden(model)
+    assert sum(taken) == 12
+    in_python(monkeypatch)
+    assert torch.equal(fast, tokens_hidden(model))
+
+
 def test_the_forward_takes_the_object_only_for_one_row_with_no_gradient_to_record(dense_path):
     model = dgemma.load(dense_path, dtype=torch.float32)
     block: Block = model.encoder.layers[0]
