@@ -32,7 +32,7 @@ CONFIG = {"model_type": "diffusion_gemma", "canvas_length": 16, "tie_word_embedd
           "text_config": dict(vocab_size=512, hidden_size=256, intermediate_size=256, num_attention_heads=4,
                               num_key_value_heads=2, head_dim=64, global_head_dim=128, num_global_key_value_heads=1,
                               sliding_window=8, num_hidden_layers=2, layer_types=[S, F], num_experts=32,
-                              top_k_experts=2, moe_intermediate_size=224, pad_token_id=0, eos_token_id=1,
+                              top_k_experts=2, moe_intermediate_size=96, pad_token_id=0, eos_token_id=1,
                               bos_token_id=2)}
 
 
