@@ -90,15 +90,33 @@ def forget(modules) -> None:
         _BUILT.pop(module, None)
 
 
-# What the object reads, as paths from a block: checked at every token, so that a replaced weight is never missed.
-_READ = ("input_layernorm.weight", "post_attention_layernorm.weight", "pre_feedforward_layernorm.weight",
-         "post_feedforward_layernorm.weight", "layer_scalar", "self_attn.q_norm.weight", "self_attn.k_norm.weight",
-         *(f"{linear}.{attr}" for linear in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                             "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-           for attr in ("weight", "bias")))
-_READ_WITH_EXPERTS = ("router.proj.weight", "router.scale", "router.per_expert_scale",
-                      "pre_feedforward_layernorm_2.weight", "post_feedforward_layernorm_1.weight",
-                      "post_feedforward_layernorm_2.weight", "experts.gate_up_proj", "experts.down_proj")
+# The object's slots (dgemma/kernels/token_layer.cpp) and the paths from a block to what fills them: norms (their
+# weights), products (their weights and biases), and with experts the router's scales and the experts' norms.
+_NORMS = {"input_norm": "input_layernorm", "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm",
+          "post_attention_norm": "post_attention_layernorm", "pre_feedforward_norm": "pre_feedforward_layernorm",
+          "post_feedforward_norm": "post_feedforward_layernorm"}
+_PRODUCTS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+_EXPERT_NORMS = {"pre_feedforward_norm_2": "pre_feedforward_layernorm_2",
+                 "post_feedforward_norm_1": "post_feedforward_layernorm_1",
+                 "post_feedforward_norm_2": "post_feedforward_layernorm_2"}
+_ROUTER_SCALES = {"router_scale": "router.scale", "per_expert_scale": "router.per_expert_scale"}
+_EXPERT_WEIGHTS = ("router.proj.weight", "experts.gate_up_proj", "experts.down_proj")
+
+
+def _at(block, path: str) -> object:
+    """What `block` holds at a dotted path (None past a missing v_proj)."""
+    return functools.reduce(lambda owner, name: None if owner is None else getattr(owner, name), path.split("."),
+                            block)
+
+
+def _read(block) -> list[str]:
+    """The paths of everything the object reads from `block`: checked at every token, so that a replaced weight is
+    never missed."""
+    norms = _NORMS | (_EXPERT_NORMS if block.has_experts else {})
+    paths = [f"{norm}.weight" for norm in norms.values()] + ["layer_scalar"]
+    paths += [f"{linear}.{attr}" for linear in _PRODUCTS.values() for attr in ("weight", "bias")]
+    return paths + ([*_ROUTER_SCALES.values(), *_EXPERT_WEIGHTS] if block.has_experts else [])
 
 
 def _holders(block) -> tuple[tuple[dict, str, object], ...]:
@@ -107,7 +125,7 @@ def _holders(block) -> tuple[tuple[dict, str, object], ...]:
     With these dict lookups `for_token` takes 10 us a layer on the Zen 3 EPYC; reading the paths through nn.Module's
     attribute lookup, 95 (2.6 ms more a 30-layer token)."""
     held: dict[tuple[int, str], tuple[dict, str, object]] = {}
-    for path in _READ + (_READ_WITH_EXPERTS if block.has_experts else ()):
+    for path in _read(block):
         owner = block
         for name in path.split("."):
             if owner is None:  # a layer without v_proj
@@ -130,20 +148,11 @@ def _build(block, x: torch.Tensor) -> _Built:
 
 def _layer(block, x: torch.Tensor):
     """The object for `block` and rows like x, or None where a product or an op of the layer has none here."""
-    attention, mlp = block.self_attn, block.mlp
-    norms = {"input_norm": block.input_layernorm, "q_norm": attention.q_norm, "k_norm": attention.k_norm,
-             "post_attention_norm": block.post_attention_layernorm,
-             "pre_feedforward_norm": block.pre_feedforward_layernorm,
-             "post_feedforward_norm": block.post_feedforward_layernorm}
-    products = {"q": attention.q_proj, "k": attention.k_proj, "v": attention.v_proj, "o": attention.o_proj,
-                "gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj}
+    norms = _NORMS | (_EXPERT_NORMS if block.has_experts else {})
+    tensors = {name: _at(block, f"{path}.weight") for name, path in norms.items()}
     if block.has_experts:
-        norms |= {"pre_feedforward_norm_2": block.pre_feedforward_layernorm_2,
-                  "post_feedforward_norm_1": block.post_feedforward_layernorm_1,
-                  "post_feedforward_norm_2": block.post_feedforward_layernorm_2}
-    tensors = {name: norm.weight for name, norm in norms.items()}
-    if block.has_experts:
-        tensors |= {"router_scale": block.router.scale, "per_expert_scale": block.router.per_expert_scale}
+        tensors |= {name: _at(block, path) for name, path in _ROUTER_SCALES.items()}
+    products = {name: _at(block, path) for name, path in _PRODUCTS.items()}
     if not all(fused_ops_take(x, tensor) for tensor in tensors.values()):
         return None
     rows = {name: x.new_zeros(1, linear.weight.shape[-1]) for name, linear in products.items() if linear is not None}
@@ -157,7 +166,7 @@ def _layer(block, x: torch.Tensor):
         chosen["experts_gate_up"], chosen["experts_down"] = _expert_products(experts, row, top_k)
     if any(product is None for product in chosen.values()):
         return None
-    layer = torch.classes.dgemma.TokenLayer(block.input_layernorm.eps, attention.spec.head_dim,
+    layer = torch.classes.dgemma.TokenLayer(block.input_layernorm.eps, block.self_attn.spec.head_dim,
                                             block.router.top_k if block.has_experts else 0,
                                             block.router.root_size if block.has_experts else 1.0,
                                             block.mlp.activation_kind)
