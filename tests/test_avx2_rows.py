@@ -109,6 +109,25 @@ def test_byte_codes_rows_are_the_float64_products_within_the_stated_bound(group,
                                       for i in range(count)]), got)
 
 
+@pytest.mark.parametrize("group, zero_code", [(32, 128), (16, 32), (32, 255)], ids=["Q8_0", "Q6_K", "largest"])
+def test_codes_at_their_zero_code_give_exactly_the_offsets_part(group, zero_code):
+    """The codes' sums are taken with the zero code left in and its part (zero x the row's integer sum) subtracted
+    after, in int32: codes at the zero code, whose sums with it are the largest there are, must still give 0 exactly
+    (and with offsets exactly the offsets' float32 part), over whole blocks of eight groups and the last few."""
+    generator = seeded(group + zero_code + 1)
+    n, k = 37, 19 * group  # two blocks of eight groups and three more
+    codes = torch.full((n, k), zero_code, dtype=torch.uint8)
+    scale = torch.rand(n, k // group, generator=generator) + 1
+    rows = torch.full((2, k), -1.0)
+    rows[1] = torch.randn(k, generator=generator)
+    assert torch.equal(avx2_rows.byte_codes_rows(rows, codes, scale, None, zero_code), torch.zeros(2, n))
+    offset = torch.ones(n, k // group)
+    sums = rows.view(2, -1, group).sum(-1)  # the kernel's float32 group sums, in the same order
+    got = avx2_rows.byte_codes_rows(rows, codes, scale, offset, zero_code)
+    bound = k * 2**-23 * rows.abs().sum(-1, keepdim=True)  # float32 sums of the groups' float32 sums
+    assert ((got.double() - sums.double().sum(-1, keepdim=True)).abs() <= bound).all()
+
+
 def test_sixteen_bit_rows_are_exact_within_2_to_the_7_of_their_groups_largest():
     """A bf16 row whose every group spans less than 2^7 in magnitude: the 16-bit row is the row itself, so the products
     are the float64 ones to float32's sums alone."""

@@ -301,27 +301,51 @@ at::Tensor half_block(const at::Tensor& rows, const at::Tensor& weight) {
 
 // ---- one-byte codes -------------------------------------------------------------------------------------------------
 
-// sum over one group of (code - zero_code) x integer, as eight int32 partial sums: exact.
+// sum over one group of code x integer (the zero code is taken out later, from the row's integer sums), as eight
+// int32 partial sums: exact (|code x integer| < 2^8 x 2^15, 32 of them).
 template <int Group>
-inline __m256i group_dot(const int16_t* x, const uint8_t* codes, __m256i zero_code) {
+inline __m256i group_dot(const int16_t* x, const uint8_t* codes) {
   static_assert(Group == 16 || Group == 32, "groups of 16 or 32 values");
-  const __m256i first = _mm256_sub_epi16(
-      _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes))), zero_code);
+  const __m256i first = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
   __m256i sum = _mm256_madd_epi16(first, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
   if constexpr (Group == 32) {
-    const __m256i second = _mm256_sub_epi16(
-        _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16))), zero_code);
+    const __m256i second = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16)));
     const __m256i next_x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16));
     sum = _mm256_add_epi32(sum, _mm256_madd_epi16(second, next_x));
   }
   return sum;
 }
 
+// Eight groups' partial sums (eight int32 each) -> their eight totals, group j in lane j.
+inline __m256i eight_totals(const __m256i* partial) {
+  const __m256i pairs01 = _mm256_hadd_epi32(partial[0], partial[1]);
+  const __m256i pairs23 = _mm256_hadd_epi32(partial[2], partial[3]);
+  const __m256i pairs45 = _mm256_hadd_epi32(partial[4], partial[5]);
+  const __m256i pairs67 = _mm256_hadd_epi32(partial[6], partial[7]);
+  // lanes 0-3: groups 0-3's sums over their partial sums 0-3; lanes 4-7: over 4-7 (and the same for groups 4-7)
+  const __m256i low = _mm256_hadd_epi32(pairs01, pairs23), high = _mm256_hadd_epi32(pairs45, pairs67);
+  return _mm256_add_epi32(_mm256_permute2x128_si256(low, high, 0x20), _mm256_permute2x128_si256(low, high, 0x31));
+}
+
+// The rows' part of the zero code, zero_code x each group's integer sum, an int32 [M, K / Group]: subtracted from the
+// codes' exact group sums (|code x integer sum| < 2^8 x 2^15 x 32, the difference too), so each group's sum is exact.
+std::vector<int32_t> zero_parts(const SixteenBitRows& x, int32_t zero_code) {
+  std::vector<int32_t> parts(x.integer_sums.size());
+  for (size_t g = 0; g < parts.size(); ++g) parts[g] = zero_code * x.integer_sums[g];
+  return parts;
+}
+
+// Eight groups at a time: their exact integer sums (eight vectors of partial sums reduced to one), less the zero
+// code's part, enter a vector of eight float32 totals times scale x unit. A group so costs a few vector instructions
+// and the totals' additions are one chain per eight groups, where a group at a time (a broadcast scale, a float32
+// total per group, a scalar offset) bound the loop from cache: on a Zen 3 a Q6_K matrix from L3 went from 19 to 31
+// GB/s, from memory about 5 % faster (the 262,144-row vocabulary matrix 10 % or more). The last groups (K / Group not
+// a multiple of 8) one at a time. Each output is one thread's sum in this fixed order.
 template <int Group>
 void multiply_codes(const SixteenBitRows& x, int64_t M, int64_t K, const uint8_t* codes, const float* scale,
                     const float* offset, int32_t zero_code, int64_t N, float* out) {
-  const int64_t groups = K / Group;
-  const __m256i zero = _mm256_set1_epi16(static_cast<int16_t>(zero_code));
+  const int64_t groups = K / Group, whole = groups / 8 * 8;
+  const std::vector<int32_t> zeros = zero_parts(x, zero_code);
   at::parallel_for(0, N, 16, [&](int64_t first, int64_t last) {
     for (int64_t n = first; n < last; ++n) {
       const uint8_t* row_codes = codes + n * K;
@@ -331,17 +355,32 @@ void multiply_codes(const SixteenBitRows& x, int64_t M, int64_t K, const uint8_t
         const int16_t* integers = x.integers.data() + m * K;
         const float* unit = x.unit.data() + m * groups;
         const float* sums = x.sums.data() + m * groups;
-        __m256 total = _mm256_setzero_ps();
-        float offsets = 0.0f;
-        for (int64_t g = 0; g < groups; ++g) {
-          // The codes eight groups ahead, non-temporal: each is read once (its row's other rows find it in L1), and
-          // the stream evicts less of what the token's next operations use (see int4_rows).
-          if (m == 0) _mm_prefetch(reinterpret_cast<const char*>(row_codes + (g + 8) * Group), _MM_HINT_NTA);
-          const __m256i dot = group_dot<Group>(integers + g * Group, row_codes + g * Group, zero);
-          total = _mm256_fmadd_ps(_mm256_set1_ps(row_scale[g] * unit[g]), _mm256_cvtepi32_ps(dot), total);
-          if (row_offset) offsets += row_offset[g] * sums[g];
+        const int32_t* zero = zeros.data() + m * groups;
+        __m256 total = _mm256_setzero_ps(), offsets = _mm256_setzero_ps();
+        for (int64_t g = 0; g < whole; g += 8) {
+          if (m == 0)  // the codes 16 groups ahead (a little faster from memory than the hardware's prefetch alone)
+            for (int64_t line = 0; line < 8 * Group; line += 64)
+              _mm_prefetch(reinterpret_cast<const char*>(row_codes + (g + 16) * Group + line), _MM_HINT_T0);
+          __m256i partial[8];
+          for (int j = 0; j < 8; ++j)
+            partial[j] = group_dot<Group>(integers + (g + j) * Group, row_codes + (g + j) * Group);
+          const __m256i exact = _mm256_sub_epi32(eight_totals(partial),
+                                                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(zero + g)));
+          const __m256 factor = _mm256_mul_ps(_mm256_loadu_ps(row_scale + g), _mm256_loadu_ps(unit + g));
+          total = _mm256_fmadd_ps(factor, _mm256_cvtepi32_ps(exact), total);
+          if (row_offset)
+            offsets = _mm256_fmadd_ps(_mm256_loadu_ps(row_offset + g), _mm256_loadu_ps(sums + g), offsets);
         }
-        out[m * N + n] = horizontal_sum(total) + offsets;
+        float rest = 0.0f;
+        for (int64_t g = whole; g < groups; ++g) {
+          const __m256i partial = group_dot<Group>(integers + g * Group, row_codes + g * Group);
+          __m128i half = _mm_add_epi32(_mm256_castsi256_si128(partial), _mm256_extracti128_si256(partial, 1));
+          half = _mm_hadd_epi32(half, half);
+          half = _mm_hadd_epi32(half, half);
+          rest += row_scale[g] * unit[g] * static_cast<float>(_mm_cvtsi128_si32(half) - zero[g]);
+          if (row_offset) rest += row_offset[g] * sums[g];
+        }
+        out[m * N + n] = horizontal_sum(total) + horizontal_sum(offsets) + rest;
       }
     }
   });
