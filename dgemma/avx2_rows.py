@@ -2,7 +2,8 @@
 built at first use with the machine's C++ compiler against the installed torch and loaded as four ops:
 `torch.ops.dgemma.avx2_half_rows` (bf16 and fp16 matrices), `avx2_half_block` (a few rows sharing one bf16 or fp16
 matrix: an expert's rows in a denoising step), `avx2_byte_codes_rows` (one-byte codes: Q8_0, Q6_K, Q5_*) and
-`avx2_int4_rows` (4-bit codes in torch's int4 layout for the CPU).
+`avx2_int4_rows` (4-bit codes in torch's int4 layout for the CPU, their scales and zeros in blocks of 32 output
+columns: `block_pairs`).
 
 An autoregressive token is bound by reading the matrices it uses, and on such a CPU the loops it had were not: on a
 2-core AMD EPYC of family 25 (Zen 3), reading memory at 20 GB/s, torch's eager int4 kernel read a row's 4-bit matrix
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .compiling import AVX2_FLAGS, compiling_allowed, library_loads, load_library
+from .compiling import AVX2_FLAGS, block_pairs, compiling_allowed, library_loads, load_library
 
 SOURCE = Path(__file__).parent / "kernels" / "avx2_rows.cpp"
 INT4_GROUP = 32  # torch's int4 kernel's group, the 4-bit op's
@@ -59,9 +60,10 @@ def byte_codes_rows(rows: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor
 def int4_rows(rows: torch.Tensor, codes: torch.Tensor, scales_and_zeros: torch.Tensor,
               index: torch.Tensor) -> torch.Tensor:
     """rows [M, K] (float32, bf16 or fp16), codes uint8 [E, N, K / 2] packed by
-    `torch._convert_weight_to_int4pack_for_cpu`, scales_and_zeros bf16 [E, K / 32, N, 2], index [M] int64 -> [M, N]
-    in rows' dtype (float32 sums rounded once): row m times matrix index[m], whose value is (code - 8) * scale + zero
-    per group of 32 (torch's int4 kernel's matrix); N a multiple of 32. No derivative."""
+    `torch._convert_weight_to_int4pack_for_cpu`, scales_and_zeros bf16 [E, N / 32, K / 32, 32, 2] (torch's [E, K / 32,
+    N, 2] through `block_pairs`), index [M] int64 -> [M, N] in rows' dtype (float32 sums rounded once): row m times
+    matrix index[m], whose value is (code - 8) * scale + zero per group of 32 (torch's int4 kernel's matrix); N a
+    multiple of 32. No derivative."""
     load_library(SOURCE, AVX2_FLAGS)
     return torch.ops.dgemma.avx2_int4_rows(rows, codes, scales_and_zeros, index)
 
@@ -78,8 +80,9 @@ def byte_code_values(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
 
 
 def int4_values(codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The matrix of 4-bit codes [N, K] (0..15, unpacked) and their bf16 scales_and_zeros [K / 32, N, 2] that
-    `int4_rows` multiplies, in float64, and its part from the codes ((code - 8) * scale): [N, K] each."""
+    """The matrix of 4-bit codes [N, K] (0..15, unpacked) and their bf16 scales_and_zeros [K / 32, N, 2] (torch's
+    layout; `int4_rows` takes them through `block_pairs`) that `int4_rows` multiplies, in float64, and its part from
+    the codes ((code - 8) * scale): [N, K] each."""
     pairs = scales_and_zeros.double().transpose(0, 1).repeat_interleave(INT4_GROUP, dim=1)  # [N, K, 2]
     coded = (codes.double() - 8) * pairs[..., 0]
     return coded + pairs[..., 1], coded
@@ -134,6 +137,6 @@ def available() -> bool:
     codes = torch.randint(0, 16, (2, 64, 256), generator=generator, dtype=torch.int32)
     pairs = (torch.rand(2, 256 // INT4_GROUP, 64, 2, generator=generator) - 0.5).to(torch.bfloat16)
     packed = torch.stack([torch._convert_weight_to_int4pack_for_cpu(matrix, 1) for matrix in codes])
-    got = int4_rows(rows, packed, pairs, index)
+    got = int4_rows(rows, packed, block_pairs(pairs), index)
     return all(_agrees(got[m:m + 1], rows[m:m + 1], *int4_values(codes[index[m]], pairs[index[m]]), INT4_GROUP)
                for m in range(3))

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .compiling import AVX512_FLAGS, agrees_with_torch_int4, compiling_allowed, library_loads, load_library
+from .compiling import block_pairs as pack_scales  # the kernel reads each block of 32 columns' pairs together
 
 BLOCK_N = 32  # output columns per block of the kernel's layout
 SOURCE = Path(__file__).parent / "kernels" / "avx512_int4.cpp"
@@ -44,15 +45,6 @@ def pack(codes: torch.Tensor) -> torch.Tensor:
     words = (values << shifts).sum((-2, -1)).transpose(1, 2)  # [blocks, runs, 32 columns], each below 2^32
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # the same 32 bits, as int32
     return words.contiguous().view(torch.uint8).view(n, k // 2)
-
-
-def pack_scales(scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    """bf16 scales and zeros in torch's int4 layout, [..., K // 32, N, 2], in the kernel's: [..., N // 32, K // 32, 32,
-    2], each block of 32 output columns' pairs together, group after group (dgemma/kernels/avx512_int4.cpp)."""
-    *lead, groups, n, _ = scales_and_zeros.shape
-    if n % BLOCK_N:
-        raise ValueError(f"the AVX-512 int4 layout needs rows in multiples of {BLOCK_N}, got scales and zeros for {n}")
-    return scales_and_zeros.reshape(*lead, groups, n // BLOCK_N, BLOCK_N, 2).transpose(-4, -3).contiguous()
 
 
 def grouped(rows: torch.Tensor, codes: torch.Tensor, scales_and_zeros: torch.Tensor, ends: list[int]) -> torch.Tensor:

@@ -72,6 +72,20 @@ def agrees_with_torch_int4(pack: Callable[[torch.Tensor], torch.Tensor], matmul:
     return True
 
 
+PAIR_BLOCK = 32  # output columns whose scale and zero pairs dgemma's int4 kernels read together
+
+
+def block_pairs(scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """bf16 scales and zeros in torch's int4 layout, [..., K // 32, N, 2], as dgemma's AVX-512 and AVX2 int4 kernels
+    read them: [..., N // 32, K // 32, 32, 2], each block of 32 output columns' pairs together, group after group, so
+    that a block's pairs are one stream beside its codes (in torch's layout a group's pairs lie N x 4 bytes apart)."""
+    *lead, groups, n, _ = scales_and_zeros.shape
+    if n % PAIR_BLOCK:
+        raise ValueError(f"the int4 kernels' blocked pairs need rows in multiples of {PAIR_BLOCK}, got scales and "
+                         f"zeros for {n}")
+    return scales_and_zeros.reshape(*lead, groups, n // PAIR_BLOCK, PAIR_BLOCK, 2).transpose(-4, -3).contiguous()
+
+
 # How dgemma's C++ kernels (dgemma/kernels/*.cpp) are compiled: the AVX-512 ones with AVX-512 BF16 instructions, the
 # AVX2 one with AVX2, FMA and F16C (every AVX2 CPU has them); torch's OpenMP.
 AVX512_FLAGS = ("-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp",

@@ -58,8 +58,7 @@ from .avx2_rows import INT4_BLOCK as AVX2_INT4_BLOCK, available as avx2_rows_ava
 from .avx2_rows import byte_codes_rows as avx2_byte_codes_rows, int4_rows as avx2_int4_rows
 from .avx512_int4 import BLOCK_N as AVX512_BLOCK_N, available as avx512_int4_available
 from .avx512_int4 import grouped as avx512_int4_grouped, matmul as avx512_int4_matmul, pack as avx512_pack
-from .avx512_int4 import pack_scales as avx512_pack_scales
-from .compiling import SUM_CHUNK, compiled_under_own_name, compiling_allowed
+from .compiling import SUM_CHUNK, block_pairs, compiled_under_own_name, compiling_allowed
 from .model import attached_weights, each_expert
 from .token_layer import TokenProduct
 from .widening import linear as widened_linear, mix as widened_mix, widens
@@ -607,9 +606,10 @@ def cpu_int4_layout(name: str, weight: GroupQuantized, device: torch.device | st
     tiles. It needs 4-bit codes in groups of 32 (Q4_0, Q4_1, Q4_K) and a matrix the network reaches only through
     F.linear (`linear_only`: an nn.Linear's weight, not the head the sampler reads; experts always). With a fast
     kernel (`fast_int4_layout`: AMX, or AVX-512 BF16) every such matrix whose rows are a multiple of 32: faster than
-    tiles at any number of rows. Without one, experts with rows a multiple of 16, in torch's eager kernel: faster
-    than tiles at an expert's few rows, slower at a canvas's 256 (docs/quantization.md); and the other matrices with
-    such rows in the eager kernel's layout for single rows, their tiles kept for more rows (`keeps_tiles`).
+    tiles at any number of rows. Without one, experts with rows a multiple of 16, in torch's eager kernel's layout
+    for the codes (`eager_int4_layout`: read by dgemma's AVX2 kernel where it takes them): faster than tiles at an
+    expert's few rows, slower at a canvas's 256 (docs/quantization.md); and the other matrices with such rows in
+    that layout for single rows, their tiles kept for more rows (`keeps_tiles`).
 
     Q8_0 experts also take a layout, as two 4-bit halves (`CpuInt4`, `halves`): twice the 4-bit work, which at an
     expert's 16 rows on the AMX kernel still takes 0.63 to 0.71 of the time of its tiles, and at one row in the eager
@@ -635,12 +635,23 @@ def cpu_int4_layout(name: str, weight: GroupQuantized, device: torch.device | st
     if fast and (rows % {"amx": AMX_BLOCK_N, "avx512": AVX512_BLOCK_N}[fast]
                  or (one_row and fast == "amx" and is_expert(name))):  # at one row torch's eager kernel is faster
         fast = None
-    eager = "int4pack" if rows % 16 == 0 else None
+    eager = eager_int4_layout(rows)
     if weight.bits == 8:
         if not is_expert(name) and not (one_row and fast == "avx512"):  # tiles, and for one row the byte pass
             return None
         return fast or (eager if one_row else None)
     return fast or eager
+
+
+def eager_int4_layout(rows: int) -> str | None:
+    """The int4 layout of a matrix of `rows` rows without a fast kernel: "avx2" where dgemma's AVX2 kernel takes it
+    (`avx2_rows.available()`, rows in 32s): torch's eager layout for the codes, the pairs in blocks of 32 columns,
+    which that kernel alone reads (one stream beside the codes: a released expert from memory 7 to 17 % faster than
+    with the pairs where torch's kernel reads them; docs/cpu.md). Else "int4pack", torch's eager kernel's (rows in
+    16s), else None."""
+    if rows % AVX2_INT4_BLOCK == 0 and avx2_rows_available():
+        return "avx2"
+    return "int4pack" if rows % 16 == 0 else None
 
 
 def keeps_one_row_copy(name: str, layout: str | None) -> bool:
@@ -660,17 +671,21 @@ def keeps_tiles(name: str, layout: str | None, one_row: bool) -> bool:
     weights; attention is 8-bit there), under `q4_k_m` also attention's q, k and o (5 %): the second copy cost 0.32
     GiB of the released `int4` form's 15.9.
     Loaded for autoregressive decoding, they keep the eager layout alone."""
-    return layout == "int4pack" and not is_expert(name) and not one_row
+    return layout in EAGER_CODES and not is_expert(name) and not one_row
+
+
+def _torch_int4_pack(codes: torch.Tensor) -> torch.Tensor:
+    return torch._convert_weight_to_int4pack_for_cpu(codes, 1)
 
 
 # How each layout packs a matrix's 4-bit codes [N, K] (int32, 0..15) into uint8 [N, K // 2].
 PACKERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "amx": block_codes, "avx512": avx512_pack,
-    "int4pack": lambda codes: torch._convert_weight_to_int4pack_for_cpu(codes, 1)}
+    "amx": block_codes, "avx512": avx512_pack, "int4pack": _torch_int4_pack, "avx2": _torch_int4_pack}
+EAGER_CODES = ("int4pack", "avx2")  # the layouts whose codes are torch's eager kernel's
 # How a layout holds a matrix's bf16 scales and zeros, given in torch's int4 layout [K // 32, N, 2]: as given, but for
-# the AVX-512 kernel, which reads each block of 32 output columns' pairs together ([N // 32, K // 32, 32, 2]).
+# dgemma's AVX-512 and AVX2 kernels, which read each block of 32 output columns' pairs together (`block_pairs`).
 SCALE_PACKERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "amx": lambda pairs: pairs, "avx512": avx512_pack_scales, "int4pack": lambda pairs: pairs}
+    "amx": lambda pairs: pairs, "avx512": block_pairs, "int4pack": lambda pairs: pairs, "avx2": block_pairs}
 
 
 @dataclass(eq=False)
@@ -681,12 +696,14 @@ class CpuInt4:
     in float32 and rounded once to bf16: the one rounding of the repack (relative 2^-9 of the scale and of the zero,
     about 1/64 of a quantisation step for Q4_K's zero). Computes in bf16.
 
-    Three kernels, three layouts (`cpu_int4_layout` chooses; `PACKERS`): "amx", Inductor's AMX template
-    (dgemma.amx_int4), "avx512", dgemma's AVX-512 BF16 kernel (dgemma.avx512_int4), and "int4pack", torch's eager
-    kernel, packed by `torch._convert_weight_to_int4pack_for_cpu`. Beside the amx layout the codes may also be kept
-    in the int4pack one (`one_row_codes`): a single row then takes the eager kernel, faster for one row (the two
-    kernels share the scales and zeros). Beside the int4pack layout the GroupQuantized
-    weight it came from may be kept (`tiles`): more than one row then takes its dequantised tiles (`keeps_tiles`).
+    Four kernels, four layouts (`cpu_int4_layout` chooses; `PACKERS`, `SCALE_PACKERS`): "amx", Inductor's AMX
+    template (dgemma.amx_int4), "avx512", dgemma's AVX-512 BF16 kernel (dgemma.avx512_int4), "int4pack", torch's
+    eager kernel, packed by `torch._convert_weight_to_int4pack_for_cpu`, and "avx2", dgemma's AVX2 kernel
+    (dgemma.avx2_rows), which reads the eager kernel's codes with the pairs in blocks of 32 columns. Beside the amx
+    layout the codes may also be kept in the int4pack one (`one_row_codes`): a single row then takes the eager
+    kernel, faster for one row (the two kernels share the scales and zeros). Beside the int4pack and avx2 layouts the
+    GroupQuantized weight it came from may be kept (`tiles`): more than one row then takes its dequantised tiles
+    (`keeps_tiles`).
 
     8-bit codes (Q8_0) are held as two 4-bit halves (`halves`), a 4-bit matrix [..., N, 2K] whose first K columns
     are the codes' high nibbles and last K their low ones, times the input taken twice, [x, x]: code - zero_code =
@@ -698,9 +715,9 @@ class CpuInt4:
     scales_and_zeros: torch.Tensor  # bf16 [..., K // 32, N, 2] (of 2K with `halves`), as `SCALE_PACKERS` holds them
     shape: tuple[int, ...]
     qtype: str
-    layout: str  # "amx", "avx512" or "int4pack"
+    layout: str  # "amx", "avx512", "int4pack" or "avx2"
     one_row_codes: torch.Tensor | None = None  # uint8 [..., N, K // 2] in the int4pack layout, beside amx codes
-    tiles: GroupQuantized | None = None  # the weight as it came, for more than one row, beside int4pack codes
+    tiles: GroupQuantized | None = None  # the weight as it came, for more than one row, beside eager codes
     halves: bool = False  # 8-bit codes as two 4-bit halves: codes [..., N, K], scales and zeros for 2K columns
 
     GROUP = 32
@@ -709,16 +726,16 @@ class CpuInt4:
     def from_grouped(cls, weight: GroupQuantized, layout: str, one_row_copy: bool = False,
                      keep_tiles: bool = False) -> CpuInt4:
         """The same codes repacked (one leading entry, e.g. one expert, at a time: the kernels pack 2-D weights),
-        in `layout` ("amx", "avx512" or "int4pack", as `cpu_int4_layout` chooses), and with `one_row_copy` (amx
-        only) also in the int4pack layout for single rows (`keeps_one_row_copy`); with `keep_tiles` (int4pack,
-        4-bit only) `weight` itself is kept for more than one row (`keeps_tiles`)."""
+        in `layout` ("amx", "avx512", "int4pack" or "avx2", as `cpu_int4_layout` chooses), and with `one_row_copy`
+        (amx only) also in the int4pack layout for single rows (`keeps_one_row_copy`); with `keep_tiles` (int4pack or
+        avx2, 4-bit only) `weight` itself is kept for more than one row (`keeps_tiles`)."""
         *lead, n, k = weight.shape
         if layout not in PACKERS:
             raise ValueError(f"layout must be one of {', '.join(map(repr, PACKERS))}, not {layout!r}")
         if one_row_copy and layout != "amx":
             raise ValueError("a copy for single rows is kept beside the amx layout only (int4pack is that copy)")
-        if keep_tiles and (layout != "int4pack" or weight.bits != 4):
-            raise ValueError("tiles for many rows are kept beside 4-bit codes in the int4pack layout only")
+        if keep_tiles and (layout not in EAGER_CODES or weight.bits != 4):
+            raise ValueError("tiles for many rows are kept beside 4-bit codes in the int4pack or avx2 layout only")
         if weight.bits not in (4, 8) or weight.group != cls.GROUP:
             raise ValueError(f"a CPU int4 layout takes 4- or 8-bit codes in groups of {cls.GROUP}, not "
                              f"{weight.qtype}'s {weight.bits}-bit codes in groups of {weight.group}")
@@ -793,10 +810,11 @@ class CpuInt4:
 
     @property
     def takes_avx2_rows(self) -> bool:
-        """Whether products run in dgemma's AVX2 kernel (`dgemma.avx2_rows`) instead of torch's eager one, whose layout
-        it reads: on a CPU with AVX2 and no AVX-512 it is 1.4 to 2 times as fast at any number of rows (a released
-        expert, 1 to 64 rows, a 2-core AMD EPYC of family 25; docs/cpu.md). It takes matrices of 32 rows and more."""
-        return self.layout == "int4pack" and self.shape[-2] % AVX2_INT4_BLOCK == 0 and avx2_rows_available()
+        """Whether products run in dgemma's AVX2 kernel (`dgemma.avx2_rows`): the avx2 layout's, chosen where that
+        kernel takes the matrix (`eager_int4_layout`). On a CPU with AVX2 and no AVX-512 it is 1.4 to 2 times as fast
+        as torch's eager kernel at any number of rows (a released expert, 1 to 64 rows, a 2-core AMD EPYC of family
+        25; docs/cpu.md)."""
+        return self.layout == "avx2"
 
     @property
     def reads_by_index(self) -> bool:

@@ -147,15 +147,15 @@ def packed_int4(generator: torch.Generator, experts: int, n: int, k: int) -> tup
     codes = torch.randint(0, 16, (experts, n, k), generator=generator, dtype=torch.int32)
     pairs = (torch.rand(experts, k // 32, n, 2, generator=generator) - 0.5).to(torch.bfloat16)
     packed = torch.stack([torch._convert_weight_to_int4pack_for_cpu(matrix, 1) for matrix in codes])
-    return codes, pairs, packed
+    return codes, pairs, packed, avx2_rows.block_pairs(pairs)  # pairs in torch's layout and as the kernel takes them
 
 
 def test_int4_rows_are_the_float64_products_of_torchs_packed_codes_within_the_stated_bound():
     generator = seeded(6)
-    codes, pairs, packed = packed_int4(generator, 3, 96, 7 * 32)
+    codes, pairs, packed, blocked = packed_int4(generator, 3, 96, 7 * 32)
     rows = torch.randn(5, 7 * 32, generator=generator).to(torch.bfloat16).float()
     index = torch.tensor([1, 1, 0, 2, 1])
-    got = avx2_rows.int4_rows(rows, packed, pairs, index)
+    got = avx2_rows.int4_rows(rows, packed, blocked, index)
     assert got.shape == (5, 96) and got.dtype == torch.float32
     for m in range(5):
         within_bound(got[m:m + 1], rows[m:m + 1], *avx2_rows.int4_values(codes[index[m]], pairs[index[m]]), 32)
@@ -169,7 +169,7 @@ def test_the_same_bits_with_any_number_of_threads():
     generator = seeded(3)
     codes = torch.randint(0, 256, (333, 512), generator=generator, dtype=torch.uint8)
     scale = torch.rand(333, 16, generator=generator)
-    _, pairs, packed = packed_int4(generator, 2, 320, 512)
+    _, _, packed, pairs = packed_int4(generator, 2, 320, 512)
     weight = torch.randn(2, 333, 512, generator=generator).to(torch.bfloat16)
     rows = torch.randn(2, 512, generator=generator)
     index = torch.tensor([1, 0])
@@ -194,7 +194,7 @@ def test_half_precision_rows_give_their_float32_rows_sums_rounded_once(dtype):
     rows = torch.randn(3, 512, generator=generator).to(dtype)
     codes = torch.randint(0, 256, (96, 512), generator=generator, dtype=torch.uint8)
     scale = torch.rand(96, 16, generator=generator) / 64
-    _, pairs, packed = packed_int4(generator, 3, 96, 512)
+    _, _, packed, pairs = packed_int4(generator, 3, 96, 512)
     weight = torch.randn(3, 96, 512, generator=generator).to(torch.bfloat16)
     for index in (torch.tensor([2, 0, 1]), torch.tensor([1, 1, 0])):
         for op, arguments in ((avx2_rows.byte_codes_rows, (codes, scale, None, 128)),
@@ -220,12 +220,14 @@ def test_a_tokens_row_times_a_byte_code_matrix_takes_the_kernel(qtype, monkeypat
 
 
 @pytest.mark.parametrize("rows", [1, 3])
-def test_a_4bit_matrix_in_torchs_layout_and_its_experts_take_the_kernel(rows, monkeypatch):
-    """F.linear on a matrix and grouped_linear on experts, both in torch's eager layout: dgemma's kernel, once a
-    call, with what torch's eager kernel gives to bf16 rounding."""
+def test_a_4bit_matrix_in_the_avx2_layout_and_its_experts_take_the_kernel(rows, monkeypatch):
+    """F.linear on a matrix and grouped_linear on experts in the avx2 layout (torch's eager codes, the pairs in
+    blocks): dgemma's kernel, once a call, with what torch's eager kernel gives on the same codes to bf16 rounding."""
     experts = GroupQuantized.from_gguf(raw(T.Q4_K, (4, 64, 256)), T.Q4_K, (4, 64, 256)).to(dtype=torch.bfloat16)
-    weight = CpuInt4.from_grouped(experts, "int4pack")
-    assert weight.takes_avx2_rows
+    assert dgemma.quantized.eager_int4_layout(64) == "avx2" and dgemma.quantized.eager_int4_layout(48) == "int4pack"
+    weight, torchs = CpuInt4.from_grouped(experts, "avx2"), CpuInt4.from_grouped(experts, "int4pack")
+    assert weight.takes_avx2_rows and not torchs.takes_avx2_rows and torch.equal(weight.codes, torchs.codes)
+    assert torch.equal(weight.scales_and_zeros, avx2_rows.block_pairs(torchs.scales_and_zeros))
     calls = []
     original = dgemma.quantized.avx2_int4_rows
     monkeypatch.setattr(dgemma.quantized, "avx2_int4_rows", lambda *args: calls.append(args) or original(*args))
@@ -234,7 +236,7 @@ def test_a_4bit_matrix_in_torchs_layout_and_its_experts_take_the_kernel(rows, mo
     grouped = weight.grouped_linear(x, [0, rows, rows, 2 * rows])  # expert 1 and expert 3, rows each
     assert len(calls) == 2 and single.dtype == grouped.dtype == torch.bfloat16
     for out, pick, matrix in ((single, x[:rows], 2), (grouped[:rows], x[:rows], 1), (grouped[rows:], x[rows:], 3)):
-        eager = torch._weight_int4pack_mm_for_cpu(pick, weight.codes[matrix], 32, weight.scales_and_zeros[matrix])
+        eager = torch._weight_int4pack_mm_for_cpu(pick, torchs.codes[matrix], 32, torchs.scales_and_zeros[matrix])
         assert ((out.float() - eager.float()).abs() <= 2**-7 * eager.float().abs().amax()).all()
 
 
@@ -249,7 +251,7 @@ def test_a_tokens_4bit_experts_are_read_by_index_with_the_bits_of_the_grouped_pa
     for name in ("gate_up_proj", "down_proj"):
         stack = torch.randn(getattr(experts, name).shape, generator=generator)
         grouped = GroupQuantized.quantize(stack, "Q4_0").to(dtype=torch.bfloat16)
-        dgemma.model.attach(experts, name, CpuInt4.from_grouped(grouped, "int4pack"))
+        dgemma.model.attach(experts, name, CpuInt4.from_grouped(grouped, "avx2"))
     assert experts.gate_up_proj.reads_by_index and experts.down_proj.reads_by_index
     x = torch.randn(1, 64, generator=generator).to(torch.bfloat16)
     index, weights = torch.tensor([[4, 1]]), torch.tensor([[0.7, 0.3]])
@@ -309,11 +311,13 @@ def test_bad_inputs_are_refused_by_name():
     with pytest.raises(RuntimeError):  # no derivative
         avx2_rows.half_block(torch.ones(1, 64).requires_grad_(), weight[0]).sum().backward()
     packed = torch.zeros(2, 32, 32, dtype=torch.uint8)
-    pairs = torch.zeros(2, 2, 32, 2, dtype=torch.bfloat16)
+    pairs = torch.zeros(2, 1, 2, 32, 2, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="N a multiple of 32"):
         avx2_rows.int4_rows(rows, packed[:, :16].contiguous(), pairs, torch.zeros(1, dtype=torch.long))
-    with pytest.raises(RuntimeError, match=r"scales_and_zeros must be contiguous bf16 \[2, 2, 32, 2\]"):
+    with pytest.raises(RuntimeError, match=r"scales_and_zeros must be contiguous bf16 \[2, 1, 2, 32, 2\]"):
         avx2_rows.int4_rows(rows, packed, pairs.float(), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(RuntimeError, match=r"got BFloat16 \[2, 2, 32, 2\]"):  # torch's layout, not blocked
+        avx2_rows.int4_rows(rows, packed, pairs[:, 0].contiguous(), torch.zeros(1, dtype=torch.long))
     with pytest.raises(RuntimeError, match="index -1 out of range"):
         avx2_rows.int4_rows(rows, packed, pairs, torch.tensor([-1]))
     with pytest.raises(RuntimeError):  # no derivative

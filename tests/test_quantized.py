@@ -194,7 +194,10 @@ needs_amx = pytest.mark.skipif(not torch.cpu._is_amx_tile_supported() or os.envi
 needs_compiling = pytest.mark.skipif(os.environ.get("DGEMMA_COMPILE") == "0", reason="compiling turned off")
 needs_avx512 = pytest.mark.skipif(not avx512_int4.available(),
                                   reason="no AVX-512 BF16 kernel here (no such CPU, AMX instead, or compiling off)")
-LAYOUTS = ["int4pack", pytest.param("amx", marks=needs_amx), pytest.param("avx512", marks=needs_avx512)]
+needs_avx2 = pytest.mark.skipif(not dgemma.quantized.avx2_rows_available(),
+                                reason="no AVX2 kernel here (AVX-512 instead, no AVX2, or compiling off)")
+LAYOUTS = ["int4pack", pytest.param("amx", marks=needs_amx), pytest.param("avx512", marks=needs_avx512),
+           pytest.param("avx2", marks=needs_avx2)]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -348,9 +351,12 @@ def test_cpu_int4_layout_takes_the_fast_kernel_where_it_applies_and_otherwise_to
     layout = dgemma.quantized.cpu_int4_layout
     expert, linear = "decoder.layers.0.experts.down_proj", "decoder.layers.0.mlp.up_proj.weight"
     monkeypatch.setattr(dgemma.quantized, "fast_int4_layout", lambda: fast)
+    # Without a fast kernel, rows in 32s take torch's codes with blocked pairs where dgemma's AVX2 kernel runs
+    eager = dgemma.quantized.eager_int4_layout(64)
+    assert eager == ("avx2" if dgemma.quantized.avx2_rows_available() else "int4pack")
     # Loaded for diffusion: the other matrices in torch's kernel keep their tiles for many rows (keeps_tiles)
-    assert layout(expert, q4(64), "cpu", linear_only=False) == (fast or "int4pack")
-    assert layout(linear, q4(64), "cpu", linear_only=True) == (fast or "int4pack")
+    assert layout(expert, q4(64), "cpu", linear_only=False) == (fast or eager)
+    assert layout(linear, q4(64), "cpu", linear_only=True) == (fast or eager)
     for name, linear_only in ((expert, False), (linear, True)):
         assert layout(name, q4(48), "cpu", linear_only=linear_only) == "int4pack"  # rows not in 32s
         assert layout(name, q4(40), "cpu", linear_only=linear_only) is None  # rows not in 16s
@@ -361,8 +367,8 @@ def test_cpu_int4_layout_takes_the_fast_kernel_where_it_applies_and_otherwise_to
     # row to two), in the AVX-512 kernel where that is the fast one; the other matrices in the fast kernel (on AMX
     # with a copy for single rows), else in torch's kernel, never tiles.
     assert layout(expert, q4(64), "cpu", linear_only=False, one_row=True) == ("avx512" if fast == "avx512"
-                                                                             else "int4pack")
-    assert layout(linear, q4(64), "cpu", linear_only=True, one_row=True) == (fast or "int4pack")
+                                                                             else eager)
+    assert layout(linear, q4(64), "cpu", linear_only=True, one_row=True) == (fast or eager)
     for name, linear_only in ((expert, False), (linear, True)):
         assert layout(name, q4(48), "cpu", linear_only=linear_only, one_row=True) == "int4pack"
         assert layout(name, q4(40), "cpu", linear_only=linear_only, one_row=True) is None  # rows not in 16s
@@ -377,7 +383,7 @@ def test_cpu_int4_layout_takes_the_fast_kernel_where_it_applies_and_otherwise_to
     def q8(rows: int) -> GroupQuantized:
         return GroupQuantized.quantize(torch.randn(rows, 256), "Q8_0").to(dtype=torch.bfloat16)
 
-    one_row_halves = "avx512" if fast == "avx512" else "int4pack"
+    one_row_halves = "avx512" if fast == "avx512" else eager
     assert layout(expert, q8(64), "cpu", linear_only=False) == fast
     assert layout(expert, q8(64), "cpu", linear_only=False, one_row=True) == one_row_halves
     assert layout(expert, q8(48), "cpu", linear_only=False) is None  # rows not in 32s
@@ -410,12 +416,12 @@ def test_cpu_int4_layouts_refuse_what_they_cannot_hold() -> None:
     assert not dgemma.quantized.keeps_one_row_copy(linear, None)
     # Tiles for many rows: beside torch's layout, for the matrices other than experts loaded for diffusion
     keeps_tiles = dgemma.quantized.keeps_tiles
-    assert keeps_tiles(linear, "int4pack", one_row=False)
+    assert keeps_tiles(linear, "int4pack", one_row=False) and keeps_tiles(linear, "avx2", one_row=False)
     assert not keeps_tiles(linear, "int4pack", one_row=True)  # loaded for one row at a time
     assert not keeps_tiles(expert, "int4pack", one_row=False)
     assert not keeps_tiles(linear, "amx", one_row=False) and not keeps_tiles(linear, None, one_row=False)
     assert not keeps_tiles(linear, "avx512", one_row=False)
-    with pytest.raises(ValueError, match="layout must be one of 'amx', 'avx512', 'int4pack', not 'vnni'"):
+    with pytest.raises(ValueError, match="layout must be one of 'amx', 'avx512', 'int4pack', 'avx2', not 'vnni'"):
         CpuInt4.from_grouped(GroupQuantized.quantize(torch.randn(32, 256), "Q4_0").to(dtype=torch.bfloat16), "vnni")
 
 
@@ -474,11 +480,12 @@ def test_a_copy_for_single_rows_gives_one_row_the_eager_kernels_product_and_more
         CpuInt4.from_grouped(weight, "int4pack", one_row_copy=True)
 
 
-def test_tiles_kept_beside_torchs_layout_take_more_than_one_row_and_one_row_takes_torchs_kernel() -> None:
+@pytest.mark.parametrize("layout", ["int4pack", pytest.param("avx2", marks=needs_avx2)])
+def test_tiles_kept_beside_torchs_codes_take_more_than_one_row_and_one_row_takes_the_int4_kernel(layout: str) -> None:
     shape = (2, 64, 256)  # two entries' worth, to slice
     weight = GroupQuantized.from_gguf(raw(T.Q4_K, shape), T.Q4_K, shape).to(dtype=torch.bfloat16)
-    eager = CpuInt4.from_grouped(weight, "int4pack")
-    both = CpuInt4.from_grouped(weight, "int4pack", keep_tiles=True)
+    eager = CpuInt4.from_grouped(weight, layout)
+    both = CpuInt4.from_grouped(weight, layout, keep_tiles=True)
     assert eager.tiles is None and both.tiles is weight and torch.equal(both.codes, eager.codes)
     assert both.nbytes() == eager.nbytes() + weight.nbytes()
     for entry in range(shape[0]):
@@ -487,10 +494,10 @@ def test_tiles_kept_beside_torchs_layout_take_more_than_one_row_and_one_row_take
             x = torch.randn(*leading, 256, generator=torch.Generator().manual_seed(len(leading))).to(torch.bfloat16)
             # the same computation on the same codes: bitwise the same product
             assert torch.equal(F.linear(x, both[entry]), F.linear(x, same_as))
-    with pytest.raises(ValueError, match="beside 4-bit codes in the int4pack layout only"):
+    with pytest.raises(ValueError, match="beside 4-bit codes in the int4pack or avx2 layout only"):
         CpuInt4.from_grouped(weight, "amx", keep_tiles=True)
     q8 = GroupQuantized.quantize(torch.randn(64, 256), "Q8_0").to(dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="beside 4-bit codes in the int4pack layout only"):
+    with pytest.raises(ValueError, match="beside 4-bit codes in the int4pack or avx2 layout only"):
         CpuInt4.from_grouped(q8, "int4pack", keep_tiles=True)
     with pytest.raises(ValueError, match="keep no second copy"):
         both.grouped_linear(torch.randn(4, 256).to(torch.bfloat16), [2, 4])

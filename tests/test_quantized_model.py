@@ -185,13 +185,14 @@ def test_a_four_bit_embedding_stays_tiles_while_the_linear_matrices_take_a_cpu_i
     fast = dgemma.quantized.fast_int4_layout()
     for name, weight in weights.items():
         # experts always; every other matrix whose rows are in 16s (not the router's 2): in the fast kernel (AMX or
-        # AVX-512 BF16) where they fill its 32-column blocks, else in torch's kernel with its tiles kept for a
-        # canvas's rows
+        # AVX-512 BF16) where they fill its 32-column blocks, else in torch's codes layout (read by dgemma's AVX2
+        # kernel where it runs) with its tiles kept for a canvas's rows
         rows, expert = weight.shape[-2], ".experts." in name
         assert type(weight).__name__ == ("CpuInt4" if expert or rows % 16 == 0 else "GroupQuantized"), name
         if not expert and rows % 16 == 0:
             on_fast = fast and rows % 32 == 0
-            assert (weight.layout, weight.tiles is not None) == ((fast, False) if on_fast else ("int4pack", True))
+            eager = dgemma.quantized.eager_int4_layout(rows)
+            assert (weight.layout, weight.tiles is not None) == ((fast, False) if on_fast else (eager, True))
     assert any(".mlp." in name and type(w).__name__ == "CpuInt4" for name, w in weights.items())
     out = model.generate(torch.tensor([[2, 5, 6, 7]]), max_new_tokens=16, max_denoising_steps=4,
                          generator=torch.Generator().manual_seed(0))
@@ -241,9 +242,10 @@ def test_bf16_logits_on_the_cpu_int4_kernels_stay_as_close_to_fp32_as_plain_bf16
     assert [(name, getattr(w, "layout", None)) for name, w in quantized_weights(served)] == \
         [(name, getattr(w, "layout", None)) for name, w in quantized_weights(one_row)]
     del served
-    one_row_experts = "avx512" if fast == "avx512" else "int4pack"
-    for model, experts in ((kernels, fast or "int4pack"), (one_row, one_row_experts)):
+    one_row_experts = "avx512" if fast == "avx512" else None
+    for model, experts in ((kernels, fast), (one_row, one_row_experts)):
         for name, weight in quantized_weights(model):
+            eager = dgemma.quantized.eager_int4_layout(weight.shape[-2])  # without a fast kernel
             eight_bit_linear = "self_attn" in name or "router" in name
             if eight_bit_linear and model is one_row and fast == "avx512" and weight.shape[-2] % 32 == 0:
                 assert (type(weight).__name__, weight.layout, weight.halves) == ("CpuInt4", "avx512", True), name
@@ -252,10 +254,10 @@ def test_bf16_logits_on_the_cpu_int4_kernels_stay_as_close_to_fp32_as_plain_bf16
             elif ".experts.down_proj" in name and model is kernels and not fast:
                 assert type(weight).__name__ == "GroupQuantized", name
             elif ".experts." in name:
-                assert (weight.layout, weight.one_row_codes) == (experts, None), name
+                assert (weight.layout, weight.one_row_codes) == (experts or eager, None), name
                 assert weight.halves == ("down_proj" in name), name
             else:  # without a fast kernel, loaded for diffusion: torch's kernel for one row, tiles for more
-                assert weight.layout == (fast or "int4pack"), name
+                assert weight.layout == (fast or eager), name
                 assert (weight.one_row_codes is not None) == (fast == "amx"), name
                 assert (weight.tiles is not None) == (model is kernels and not fast), name
     if fast == "avx512":

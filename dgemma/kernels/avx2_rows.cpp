@@ -12,8 +12,10 @@
 //   with the scale and offset of k's group of G = K / scale.size(1) values (16 or 32): the one-byte types of
 //   `dgemma.quantized.GroupQuantized` (Q8_0, Q6_K, Q5_0, Q5_1, Q5_K).
 // - dgemma::avx2_int4_rows(rows [M, K], codes [E, N, K / 2] uint8 in torch's int4 layout for this CPU,
-//   scales_and_zeros [E, K / 32, N, 2] bf16, index [M] int64): value = (code - 8) * scale + zero per group of 32,
-//   what torch._weight_int4pack_mm_for_cpu computes, row m times matrix index[m].
+//   scales_and_zeros [E, N / 32, K / 32, 32, 2] bf16: each block of 32 output columns' (scale, zero) pairs group
+//   after group, index [M] int64): value = (code - 8) * scale + zero per group of 32, what
+//   torch._weight_int4pack_mm_for_cpu computes with the pairs in its layout [K / 32, N, 2], row m times matrix
+//   index[m].
 //
 // The quantised ops take each group of the row at 16 bits: the group's values times a power of two (exact) that puts
 // its largest magnitude in [2^14, 2^15), rounded to integers. A bf16 value within 2^7 of the group's largest is exact;
@@ -435,10 +437,11 @@ inline __m256 add_group(__m256 total, __m256i dot, const uint16_t* pairs_low, co
   return _mm256_fmadd_ps(_mm256_mul_ps(scale, _mm256_set1_ps(unit)), _mm256_cvtepi32_ps(dot), total);
 }
 
-// One row times one block's 32 columns: out[32] float32. Hint: how the codes and pairs are prefetched (see int4_rows).
+// One row times one block's 32 columns: out[32] float32, the block's codes and its pairs (group after group) each
+// one stream. Hint: how they are prefetched (see int4_rows).
 template <_mm_hint Hint>
 void int4_block(const int16_t* x, const float* unit, const float* sums, const int32_t* integer_sums,
-                const uint8_t* codes, const uint16_t* pairs, int64_t N, int64_t K, float* out) {
+                const uint8_t* codes, const uint16_t* pairs, int64_t K, float* out) {
   const __m256i low_nibble = _mm256_set1_epi16(0x0F);
   __m256 totals[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   for (int64_t g = 0; g < K / INT4_GROUP; ++g) {
@@ -462,11 +465,9 @@ void int4_block(const int16_t* x, const float* unit, const float* sums, const in
     }
     // codes less 8: take 8 x the group's integers from every column's sum
     const __m256i eights = _mm256_set1_epi32(8 * integer_sums[g]);
-    const uint16_t* group_pairs = pairs + g * N * 2;  // this block's first column's pair in group g
-    // The next block's pairs in this group: a group's pairs lie N x 4 bytes apart, too many streams for the hardware
-    // prefetcher (on the Zen 3 a released expert read from memory took 1.2 times as long without this).
-    _mm_prefetch(reinterpret_cast<const char*>(group_pairs + 2 * INT4_BLOCK), Hint);
-    _mm_prefetch(reinterpret_cast<const char*>(group_pairs + 3 * INT4_BLOCK), Hint);
+    const uint16_t* group_pairs = pairs + g * INT4_BLOCK * 2;  // this block's 32 pairs in group g
+    _mm_prefetch(reinterpret_cast<const char*>(group_pairs + 4 * INT4_BLOCK * 2), Hint);  // four groups ahead
+    _mm_prefetch(reinterpret_cast<const char*>(group_pairs + 4 * INT4_BLOCK * 2 + 32), Hint);
     totals[0] = add_group(totals[0], _mm256_sub_epi32(sums0, eights), group_pairs, group_pairs + 16, unit[g], sums[g]);
     totals[1] = add_group(totals[1], _mm256_sub_epi32(sums1, eights), group_pairs + 8, group_pairs + 24, unit[g],
                           sums[g]);
@@ -494,9 +495,10 @@ at::Tensor int4_rows(const at::Tensor& rows, const at::Tensor& codes, const at::
   const int64_t E = codes.size(0), N = codes.size(1);
   TORCH_CHECK(scales_and_zeros.scalar_type() == at::kBFloat16 && scales_and_zeros.is_contiguous() &&
                   scales_and_zeros.is_cpu() &&
-                  scales_and_zeros.sizes() == at::IntArrayRef({E, K / INT4_GROUP, N, 2}),
-              "avx2_int4_rows: scales_and_zeros must be contiguous bf16 [", E, ", ", K / INT4_GROUP, ", ", N,
-              ", 2], got ", scales_and_zeros.scalar_type(), " ", scales_and_zeros.sizes());
+                  scales_and_zeros.sizes() == at::IntArrayRef({E, N / INT4_BLOCK, K / INT4_GROUP, INT4_BLOCK, 2}),
+              "avx2_int4_rows: scales_and_zeros must be contiguous bf16 [", E, ", ", N / INT4_BLOCK, ", ",
+              K / INT4_GROUP, ", ", INT4_BLOCK, ", 2], got ", scales_and_zeros.scalar_type(), " ",
+              scales_and_zeros.sizes());
   TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong && index.is_contiguous() && index.is_cpu() &&
                   index.size(0) == M,
               "avx2_int4_rows: index must be a contiguous int64 CPU vector of ", M, " entries, got ",
@@ -523,7 +525,7 @@ at::Tensor int4_rows(const at::Tensor& rows, const at::Tensor& codes, const at::
       const int64_t m = item / blocks, block = item % blocks, matrix = chosen[m];
       block_product(x.integers.data() + m * K, x.unit.data() + m * groups, x.sums.data() + m * groups,
                  x.integer_sums.data() + m * groups, all_codes + (matrix * N + block * INT4_BLOCK) * (K / 2),
-                 all_pairs + (matrix * groups * N + block * INT4_BLOCK) * 2, N, K,
+                 all_pairs + (matrix * blocks + block) * groups * INT4_BLOCK * 2, K,
                  result + m * N + block * INT4_BLOCK);
     }
   });
