@@ -646,9 +646,9 @@ def cpu_int4_layout(name: str, weight: GroupQuantized, device: torch.device | st
 def eager_int4_layout(rows: int) -> str | None:
     """The int4 layout of a matrix of `rows` rows without a fast kernel: "avx2" where dgemma's AVX2 kernel takes it
     (`avx2_rows.available()`, rows in 32s): torch's eager layout for the codes, the pairs in blocks of 32 columns,
-    which that kernel alone reads (one stream beside the codes: a released expert from memory 7 to 17 % faster than
-    with the pairs where torch's kernel reads them; docs/cpu.md). Else "int4pack", torch's eager kernel's (rows in
-    16s), else None."""
+    which that kernel alone reads (one stream beside the codes: a released layer's 4-bit matrices from memory in 0.90
+    to 0.92 of the time they took with the pairs where torch's kernel reads them; docs/cpu.md). Else "int4pack",
+    torch's eager kernel's (rows in 16s), else None."""
     if rows % AVX2_INT4_BLOCK == 0 and avx2_rows_available():
         return "avx2"
     return "int4pack" if rows % 16 == 0 else None
