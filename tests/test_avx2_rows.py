@@ -165,6 +165,20 @@ def test_int4_rows_are_the_float64_products_of_torchs_packed_codes_within_the_st
         assert ((got[m:m + 1] - eager.float()).abs() <= 2**-7 * eager.float().abs() + 1e-3).all()
 
 
+def test_int4_rows_reading_one_matrix_two_at_a_time_give_each_rows_own_bits():
+    """Consecutive rows of one matrix share the unpacking of its codes, two at a time (a step's rows of an expert):
+    every row's result is the one it gets alone, bit for bit, in runs of one, two and three rows."""
+    generator = seeded(12)
+    codes, pairs, packed, blocked = packed_int4(generator, 3, 64, 5 * 32)
+    rows = torch.randn(7, 5 * 32, generator=generator).to(torch.bfloat16).float()
+    index = torch.tensor([2, 2, 2, 0, 1, 1, 2])
+    together = avx2_rows.int4_rows(rows, packed, blocked, index)
+    alone = torch.cat([avx2_rows.int4_rows(rows[m:m + 1], packed, blocked, index[m:m + 1]) for m in range(7)])
+    assert torch.equal(together, alone)
+    for m in range(7):
+        within_bound(together[m:m + 1], rows[m:m + 1], *avx2_rows.int4_values(codes[index[m]], pairs[index[m]]), 32)
+
+
 def test_the_same_bits_with_any_number_of_threads():
     generator = seeded(3)
     codes = torch.randint(0, 256, (333, 512), generator=generator, dtype=torch.uint8)
