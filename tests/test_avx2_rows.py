@@ -194,7 +194,8 @@ def test_the_same_bits_with_any_number_of_threads():
             torch.set_num_threads(count)
             results.append((avx2_rows.byte_codes_rows(rows, codes, scale, None, 128),
                             avx2_rows.int4_rows(rows, packed, pairs, index), avx2_rows.half_rows(rows, weight, index),
-                            avx2_rows.half_block(rows, weight[0])))
+                            avx2_rows.half_block(rows, weight[0]),
+                            avx2_rows.int4_rows(rows, packed, pairs, torch.tensor([1, 1]))))  # a pair of rows
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for result in results for a, b in zip(result, results[0]))
