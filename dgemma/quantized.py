@@ -399,7 +399,7 @@ def _rows_per_tile(width: int) -> int:
     return max(1, TILE_VALUES // width)
 
 
-# ---- a few rows (here one) times a matrix of one-byte codes: one compiled reduction over the codes -----------------
+# ---- a few rows times a matrix of one-byte codes: one compiled reduction over the codes, or dgemma's AVX2 kernel ----
 # An autoregressive token multiplies one row by every matrix it uses. Tiles would dequantise the whole matrix into
 # memory and read it back for a matmul that has almost nothing to compute; one compiled loop that dequantises each code
 # in registers and accumulates it straight into the product reads the codes once. Measured on this project's 2-core
@@ -410,6 +410,14 @@ def _rows_per_tile(width: int) -> int:
 # per byte) measured slower than tiles this way (Inductor does not vectorise the nibble unpacking), and on AMX they
 # have their own kernel anyway.
 FEW_ROWS = 1
+# dgemma's AVX2 kernel (`dgemma.avx2_rows`, on CPUs with AVX2 and no AVX-512) dequantises nothing: each row's integers
+# multiply the codes straight from L1, so a row costs its products alone. Against tiles (dequantised, then widened
+# to float32 products: `dgemma.widening`) on a 2-core AMD EPYC (Zen 3), weights from memory, an expert's Q8_0 gate/up
+# (1,408 x 2,816) took 0.48 / 1.98 / 3.86 / 7.49 ms at 2 / 16 / 32 / 64 rows against 2.81 / 3.68 / 5.44 / 7.59, its
+# down (2,816 x 704) 1.42 and 2.73 ms at 16 and 32 rows against 2.75 and 3.32 (6.19 against 5.70 at 48), attention's
+# q (4,096 x 2,816) 5.41 and 10.83 at 16 and 32 against 11.08 and 14.42. A denoising step sends each expert about 16
+# of a canvas's rows, a batch of autoregressive requests one row each.
+AVX2_FEW_ROWS = 32
 
 
 def _few_rows_product(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
@@ -442,9 +450,10 @@ def _takes_few_rows_kernel(x: torch.Tensor, weight: GroupQuantized) -> bool:
     """Whether x [..., K] @ weight.T runs as the compiled few-row product: a large matrix of one-byte codes on the CPU,
     computed in bf16 or fp16 (float32 keeps the exact dequantised tiles), at most FEW_ROWS rows, and no gradient to
     record (the kernel has no backward). Where dgemma's AVX2 kernel stands for the compiled loop, which costs no
-    compile, small matrices too (a released router's token: 0.45 ms in tiles)."""
+    compile, small matrices too (a released router's token: 0.45 ms in tiles), and up to AVX2_FEW_ROWS rows."""
+    few = AVX2_FEW_ROWS if avx2_rows_available() else FEW_ROWS
     return (weight.bits != 4 and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
-            and x.numel() <= FEW_ROWS * x.shape[-1] and x.numel() > 0 and len(weight.shape) == 2
+            and x.numel() <= few * x.shape[-1] and x.numel() > 0 and len(weight.shape) == 2
             and (weight.shape[0] * weight.shape[1] >= COMPILED_TILE_VALUES or avx2_rows_available())
             and not (x.requires_grad and torch.is_grad_enabled()) and compiling_allowed())
 

@@ -234,6 +234,28 @@ def test_a_tokens_row_times_a_byte_code_matrix_takes_the_kernel(qtype, monkeypat
     assert ((out.float() - truth).abs() <= 2**-8 * truth.abs() + 2**-8 * 2**-8 * truth.abs().amax()).all()
 
 
+def test_an_experts_few_rows_in_a_step_take_the_byte_code_kernel_and_more_take_tiles(monkeypatch):
+    # Q8_0 experts as a denoising step multiplies them (dgemma.model.grouped_linear: one product an expert)
+    shape = (3, 96, 256)
+    weight = GroupQuantized.from_gguf(raw(T.Q8_0, shape), T.Q8_0, shape).to(dtype=torch.bfloat16)
+    few = dgemma.quantized.AVX2_FEW_ROWS
+    ends = torch.tensor([5, 5 + few + 1, 5 + 2 * few + 1])  # 5 rows, one past AVX2_FEW_ROWS, AVX2_FEW_ROWS
+    rows = torch.randn(int(ends[-1]), shape[2], generator=seeded(15)).to(torch.bfloat16)
+    calls = []
+    original = dgemma.quantized.avx2_byte_codes_rows
+    monkeypatch.setattr(dgemma.quantized, "avx2_byte_codes_rows", lambda *args: calls.append(args) or original(*args))
+    out = dgemma.model.grouped_linear(rows, weight, ends, per_expert=True)
+    assert [call[0].shape[0] for call in calls] == [5, few]
+    values = oracle(T.Q8_0, shape).double()
+    starts = [0, *ends[:-1].tolist()]
+    truth = torch.cat([rows[a:b].double() @ values[e].t() for e, (a, b) in enumerate(zip(starts, ends.tolist()))])
+    # the kernel's float32 sums and the tiles' bf16 products, each rounded to bf16 once
+    assert out.dtype == torch.bfloat16 and ((out.double() - truth).abs() <= 2**-7 * truth.abs() + 1e-3).all()
+    # each row's product is its own: the same bits as the row alone in the kernel
+    alone = F.linear(rows[:1], weight[0])
+    assert torch.equal(out[:1], alone)
+
+
 @pytest.mark.parametrize("rows", [1, 3])
 def test_a_4bit_matrix_in_the_avx2_layout_and_its_experts_take_the_kernel(rows, monkeypatch):
     """F.linear on a matrix and grouped_linear on experts in the avx2 layout (torch's eager codes, the pairs in

@@ -331,8 +331,11 @@ def test_the_few_row_kernel_takes_only_what_it_computes_faster_and_without_a_bac
     assert takes(row, q8) == (os.environ.get("DGEMMA_COMPILE") != "0")
     if not takes(row, q8):
         return
-    many = torch.randn(dgemma.quantized.FEW_ROWS + 1, 1024).to(torch.bfloat16)
-    assert not takes(many, q8)  # past FEW_ROWS the dequantisation, redone per row, costs more than tiles
+    # past FEW_ROWS the compiled loop's dequantisation, redone per row, costs more than tiles; dgemma's AVX2 kernel
+    # dequantises nothing and takes up to AVX2_FEW_ROWS
+    few = dgemma.quantized.AVX2_FEW_ROWS if dgemma.quantized.avx2_rows_available() else dgemma.quantized.FEW_ROWS
+    assert takes(torch.randn(few, 1024).to(torch.bfloat16), q8)
+    assert not takes(torch.randn(few + 1, 1024).to(torch.bfloat16), q8)
     assert not takes(row.float(), q8)  # float32: the exact dequantised tiles (the parity path)
     assert not takes(row.requires_grad_(), q8)  # a gradient to record: tiles, which have a backward
     assert not takes(row[:0], q8)
