@@ -625,10 +625,12 @@ def cpu_int4_layout(name: str, weight: GroupQuantized, device: torch.device | st
     kernel 0.47 to 0.56 of the time of the one-row pass over its bytes (`scripts/quantized_matmul.py`). At a
     canvas's 256 rows tiles are faster (the kernel dequantises twice the codes per block of rows), so Q8_0 matrices
     other than experts stay tiles; so do Q8_0 experts loaded for diffusion without a fast kernel (the eager kernel
-    at 16 rows: 1.1 to 1.2 times the tiles' time). Loaded for one row on the AVX-512 kernel, the other Q8_0 matrices
-    reached through F.linear (attention and the router under `int4`) take it as halves too: one row through
-    attention's q in 0.23 against 0.33 ms for the one-row pass over its bytes (a 2-core AMD EPYC, Zen 5;
-    docs/amd/quantized_matmul-avx512-int4.json), for 1.25 against 1.125 bytes a value.
+    at 16 rows: 1.1 to 1.2 times the tiles' time; where dgemma's AVX2 kernel for one-byte codes takes up to
+    `AVX2_FEW_ROWS` rows, 16 rows times an expert's gate/up took 1.98 ms there against 3.19 as halves on a 2-core
+    Zen 3). Loaded for one row on the AVX-512 kernel, the other Q8_0 matrices reached through F.linear (attention and
+    the router under `int4`) take it as halves too: one row through attention's q in 0.23 against 0.33 ms for the
+    one-row pass over its bytes (a 2-core AMD EPYC, Zen 5; docs/amd/quantized_matmul-avx512-int4.json), for 1.25
+    against 1.125 bytes a value.
 
     `one_row`: the model is loaded for autoregressive decoding, where all but the prompt's products are one token's
     row. On AMX experts then take torch's eager kernel: at one row it is 2.3 to 3.9 times faster than the AMX kernel

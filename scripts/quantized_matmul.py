@@ -15,7 +15,8 @@ the CLI uses (`dgemma.allocator`). Methods, each on the same random Q4_K / Q8_0 
   without an int4 kernel; Q8_0 tiles take its one compiled pass).
 - `q8`, `q6k`: F.linear on the Q8_0 and Q6_K `GroupQuantized` itself, as the network calls it: tiles, or at up to
   `FEW_ROWS` rows the compiled few-row product over the codes (on AVX2 without AVX-512, dgemma's AVX2 kernel for
-  it; `q6k` is Q8_0 where rows are not a multiple of Q6_K's 256, as under dgemma's q4_k_m scheme).
+  it, up to `AVX2_FEW_ROWS` rows; `q6k` is Q8_0 where rows are not a multiple of Q6_K's 256, as under dgemma's
+  q4_k_m scheme).
 - `int4pack`: `dgemma.quantized.CpuInt4` (`torch._weight_int4pack_mm_for_cpu` on the same 4-bit codes repacked with
   bf16 scales and zeros, or on a CPU with AVX2 and no AVX-512 dgemma's AVX2 kernel over those codes, the pairs in
   blocks of 32 columns: the layout `dgemma.quantized.eager_int4_layout` gives, what dgemma
