@@ -227,11 +227,10 @@ def test_quantised_tiles_widen_a_tile_of_widenings_size_at_a_time_into_one_reuse
         return dequantize(self, index, dtype, out)
     monkeypatch.setattr(GroupQuantized, "dequantize", recorded)
     # more rows than dgemma's AVX2 kernel for one-byte codes takes (AVX2_FEW_ROWS), which builds no tiles
-    rows = dgemma.quantized.AVX2_FEW_ROWS + 1
-    x = torch.randn(rows, 256, generator=generator).to(torch.bfloat16)
+    x = torch.randn(dgemma.quantized.AVX2_FEW_ROWS + 1, 256, generator=generator).to(torch.bfloat16)
     bias = torch.randn(40, generator=generator).to(torch.bfloat16)
     out = F.linear(x, weight, bias)
-    assert out.dtype == torch.bfloat16 and out.shape == (rows, 40)
+    assert out.dtype == torch.bfloat16 and out.shape == (x.shape[0], 40)
     assert [rows for _, rows, _ in tiles] == [7, 7, 7, 7, 7, 5]
     assert len({(storage, dtype) for storage, _, dtype in tiles}) == 1 and tiles[0][2] == torch.float32
     products = x.double().unsqueeze(1) * exact
