@@ -2,8 +2,8 @@
 built at first use with the machine's C++ compiler against the installed torch and loaded as four ops:
 `torch.ops.dgemma.avx2_half_rows` (bf16 and fp16 matrices), `avx2_half_block` (a few rows sharing one bf16 or fp16
 matrix: an expert's rows in a denoising step), `avx2_byte_codes_rows` (one-byte codes: Q8_0, Q6_K, Q5_*) and
-`avx2_int4_rows` (4-bit codes in torch's int4 layout for the CPU, their scales and zeros in blocks of 32 output
-columns: `block_pairs`).
+`avx2_int4_rows` (4-bit codes in its own layout, `pack`, their scales and zeros in blocks of 32 output columns:
+`block_pairs`).
 
 An autoregressive token is bound by reading the matrices it uses, and on such a CPU the loops it had were not: on a
 2-core AMD EPYC of family 25 (Zen 3), reading memory at 20 GB/s, torch's eager int4 kernel read a row's 4-bit matrix
@@ -17,7 +17,7 @@ number of threads, and a row's result does not depend on the other rows.
 
 `available()` says whether this process uses them: the CPU has AVX2 and no AVX-512, compiling is allowed
 (DGEMMA_COMPILE is not 0), the build and load work, and on small matrices each op's products are the float64 ones
-within `error_bound` (the 4-bit one on codes packed by torch in this process: its layout is torch's, checked here).
+within `error_bound`.
 """
 
 from __future__ import annotations
@@ -59,13 +59,26 @@ def byte_codes_rows(rows: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor
 
 def int4_rows(rows: torch.Tensor, codes: torch.Tensor, scales_and_zeros: torch.Tensor,
               index: torch.Tensor) -> torch.Tensor:
-    """rows [M, K] (float32, bf16 or fp16), codes uint8 [E, N, K / 2] packed by
-    `torch._convert_weight_to_int4pack_for_cpu`, scales_and_zeros bf16 [E, N / 32, K / 32, 32, 2] (torch's [E, K / 32,
-    N, 2] through `block_pairs`), index [M] int64 -> [M, N] in rows' dtype (float32 sums rounded once): row m times
-    matrix index[m], whose value is (code - 8) * scale + zero per group of 32 (torch's int4 kernel's matrix); N a
-    multiple of 32. No derivative."""
+    """rows [M, K] (float32, bf16 or fp16), codes uint8 [E, N, K / 2] (each matrix laid out by `pack`),
+    scales_and_zeros bf16 [E, N / 32, K / 32, 32, 2] (torch's [E, K / 32, N, 2] through `block_pairs`), index [M]
+    int64 -> [M, N] in rows' dtype (float32 sums rounded once): row m times matrix index[m], whose value is (code - 8)
+    * scale + zero per group of 32 (torch's int4 kernel's matrix); N a multiple of 32. No derivative."""
     load_library(SOURCE, AVX2_FLAGS)
     return torch.ops.dgemma.avx2_int4_rows(rows, codes, scales_and_zeros, index)
+
+
+def pack(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes [N, K] (integers 0..15; N a multiple of 32, K of 2) in `int4_rows`' layout, uint8 [N, K // 2]:
+    blocks of 32 output columns, each K // 2 runs of 32 bytes for the depths (k, k + 1), k even, read as sixteen
+    16-bit lanes: lane 2i + s holds depth k + s of columns i, 8 + i, 16 + i and 24 + i in its four nibbles, lowest
+    first (dgemma/kernels/avx2_rows.cpp says why)."""
+    n, k = codes.shape
+    if n % INT4_BLOCK or k % 2:
+        raise ValueError(f"the AVX2 int4 layout needs rows in multiples of {INT4_BLOCK} and an even number of "
+                         f"columns, got a weight of {n} x {k}")
+    # columns as (byte of the lane, nibble of the byte, i), depths as (pair, s) -> [blocks, pairs, i, s, byte, nibble]
+    values = codes.to(torch.uint8).view(n // INT4_BLOCK, 2, 2, 8, k // 2, 2).permute(0, 4, 3, 5, 1, 2)
+    return (values[..., 0] | values[..., 1] << 4).contiguous().view(n, k // 2)
 
 
 def byte_code_values(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
@@ -109,8 +122,7 @@ def _agrees(got: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, coded: 
 def available() -> bool:
     """Whether this process multiplies a token's rows in these kernels: AVX2 without AVX-512, compiling allowed, the
     library builds and loads, and on small matrices (bf16 and fp16, by index and as a block; one-byte codes in groups
-    of 16 and 32, with and without offsets; 4-bit codes packed by torch here) its products are the float64 ones
-    within `error_bound`."""
+    of 16 and 32, with and without offsets; 4-bit codes) its products are the float64 ones within `error_bound`."""
     if (not compiling_allowed() or not torch.cpu._is_avx2_supported() or torch.cpu._is_avx512_supported()
             or not library_loads(SOURCE, AVX2_FLAGS, "a token's rows run in torch's and Inductor's loops")):
         return False
@@ -136,7 +148,6 @@ def available() -> bool:
             return False
     codes = torch.randint(0, 16, (2, 64, 256), generator=generator, dtype=torch.int32)
     pairs = (torch.rand(2, 256 // INT4_GROUP, 64, 2, generator=generator) - 0.5).to(torch.bfloat16)
-    packed = torch.stack([torch._convert_weight_to_int4pack_for_cpu(matrix, 1) for matrix in codes])
-    got = int4_rows(rows, packed, block_pairs(pairs), index)
+    got = int4_rows(rows, torch.stack([pack(matrix) for matrix in codes]), block_pairs(pairs), index)
     return all(_agrees(got[m:m + 1], rows[m:m + 1], *int4_values(codes[index[m]], pairs[index[m]]), INT4_GROUP)
                for m in range(3))

@@ -371,7 +371,7 @@ def floors(parts: dict, full, prompt: int, rates: dict, tokens: dict | None = No
     """A step's floor (its FLOPs or its weights' bytes, whichever takes longer) and a token's (the bytes it reads),
     at `rates`. A token's bytes are counted in the layout its time is measured in: `tokens`, the parts measured
     loaded for autoregressive decoding, where given (a load for diffusion may hold second copies a token never
-    reads: the tiles kept beside torch's int4 layout). Where tokens were timed at a longer context, a token's floor
+    reads: the tiles kept beside a 4-bit layout). Where tokens were timed at a longer context, a token's floor
     there adds the keys and values it reads (`kv_bytes`)."""
     cost, token_bytes = step_cost(full, prompt), ar_bytes(tokens or parts, full)
     step = max(cost["flops"] / rates["matmul_flops"], cost["weight_bytes"] / rates["copy_bytes_per_second"])

@@ -55,7 +55,7 @@ from torch import nn
 from .amx_int4 import BLOCK_N as AMX_BLOCK_N, available as amx_int4_available, block_codes
 from .amx_int4 import calls as amx_int4_calls, matmul as amx_int4_matmul, product as amx_int4_product
 from .avx2_rows import INT4_BLOCK as AVX2_INT4_BLOCK, available as avx2_rows_available
-from .avx2_rows import byte_codes_rows as avx2_byte_codes_rows, int4_rows as avx2_int4_rows
+from .avx2_rows import byte_codes_rows as avx2_byte_codes_rows, int4_rows as avx2_int4_rows, pack as avx2_pack
 from .avx512_int4 import BLOCK_N as AVX512_BLOCK_N, available as avx512_int4_available
 from .avx512_int4 import grouped as avx512_int4_grouped, matmul as avx512_int4_matmul, pack as avx512_pack
 from .compiling import SUM_CHUNK, block_pairs, compiled_under_own_name, compiling_allowed
@@ -593,8 +593,8 @@ def _mix(weights: torch.Tensor, matrix: GroupQuantized) -> torch.Tensor:
 # a released expert at 16 rows 1.6 to 1.8 times as fast as bf16 and 2.4 times torch's eager kernel, one row as fast
 # as the eager kernel or up to 1.5 times faster, a canvas's 256 rows as fast as bf16 and 1.5 to 1.9 times tiles (a
 # 2-core AMD EPYC, Zen 5; docs/amd/quantized_matmul-avx512-int4.json). So every 4-bit matrix takes the fast kernel
-# where there is one, and elsewhere only experts take the eager one's layout, which on a CPU with AVX2 and no AVX-512
-# dgemma's AVX2 kernel reads instead (`CpuInt4.takes_avx2_rows`).
+# where there is one, and elsewhere only experts take the eager one's layout, or on a CPU with AVX2 and no AVX-512
+# dgemma's AVX2 kernel's (`CpuInt4.takes_avx2_rows`).
 
 def is_expert(name: str) -> bool:
     """Whether a tensor (by checkpoint or module name) is one of the experts' stacked matrices."""
@@ -616,7 +616,7 @@ def cpu_int4_layout(name: str, weight: GroupQuantized, device: torch.device | st
     F.linear (`linear_only`: an nn.Linear's weight, not the head the sampler reads; experts always). With a fast
     kernel (`fast_int4_layout`: AMX, or AVX-512 BF16) every such matrix whose rows are a multiple of 32: faster than
     tiles at any number of rows. Without one, experts with rows a multiple of 16, in torch's eager kernel's layout
-    for the codes (`eager_int4_layout`: read by dgemma's AVX2 kernel where it takes them): faster than tiles at an
+    or dgemma's AVX2 kernel's where that kernel takes them (`int4_layout_without_fast_kernel`): faster than tiles at an
     expert's few rows, slower at a canvas's 256 (docs/quantization.md); and the other matrices with such rows in
     that layout for single rows, their tiles kept for more rows (`keeps_tiles`).
 
@@ -646,7 +646,7 @@ def cpu_int4_layout(name: str, weight: GroupQuantized, device: torch.device | st
     if fast and (rows % {"amx": AMX_BLOCK_N, "avx512": AVX512_BLOCK_N}[fast]
                  or (one_row and fast == "amx" and is_expert(name))):  # at one row torch's eager kernel is faster
         fast = None
-    eager = eager_int4_layout(rows)
+    eager = int4_layout_without_fast_kernel(rows)
     if weight.bits == 8:
         if not is_expert(name) and not (one_row and fast == "avx512"):  # tiles, and for one row the byte pass
             return None
@@ -654,12 +654,12 @@ def cpu_int4_layout(name: str, weight: GroupQuantized, device: torch.device | st
     return fast or eager
 
 
-def eager_int4_layout(rows: int) -> str | None:
+def int4_layout_without_fast_kernel(rows: int) -> str | None:
     """The int4 layout of a matrix of `rows` rows without a fast kernel: "avx2" where dgemma's AVX2 kernel takes it
-    (`avx2_rows.available()`, rows in 32s): torch's eager layout for the codes, the pairs in blocks of 32 columns,
-    which that kernel alone reads (one stream beside the codes: a released layer's 4-bit matrices from memory in 0.90
-    to 0.92 of the time they took with the pairs where torch's kernel reads them; docs/cpu.md). Else "int4pack",
-    torch's eager kernel's (rows in 16s), else None."""
+    (`avx2_rows.available()`, rows in 32s): its own layout for the codes (`dgemma.avx2_rows.pack`: no unpacking in
+    its loop), the pairs in blocks of 32 columns (one stream beside the codes: a released layer's 4-bit matrices from
+    memory in 0.90 to 0.92 of the time they took with the pairs where torch's kernel reads them; docs/cpu.md). Else
+    "int4pack", torch's eager kernel's (rows in 16s), else None."""
     if rows % AVX2_INT4_BLOCK == 0 and avx2_rows_available():
         return "avx2"
     return "int4pack" if rows % 16 == 0 else None
@@ -674,15 +674,16 @@ def keeps_one_row_copy(name: str, layout: str | None) -> bool:
 
 
 def keeps_tiles(name: str, layout: str | None, one_row: bool) -> bool:
-    """Whether a 4-bit matrix in torch's eager int4 layout also keeps its codes as they came (GroupQuantized), for more
-    than one row: the matrices other than experts without a fast kernel (`fast_int4_layout`), loaded for diffusion.
-    A canvas's 256 rows are faster in dequantised tiles than in the eager kernel, one token's row 19 to 30 times
+    """Whether a 4-bit matrix in a layout without a fast kernel (torch's eager one or dgemma's AVX2 one) also keeps its
+    codes as they came (GroupQuantized), for more than one row: the matrices other than experts without a fast kernel
+    (`fast_int4_layout`), loaded for diffusion. A canvas's 256 rows are faster in dequantised tiles than in the eager
+    kernel, one token's row 19 to 30 times
     slower (a released layer's token, `int4` loaded for diffusion: 14 / 15 ms with tiles alone, docs/cpu.md). Under
     `int4` these are the dense MLP and the self-conditioning block (the dense MLP is 2 % of a released layer's
     weights; attention is 8-bit there), under `q4_k_m` also attention's q, k and o (5 %): the second copy cost 0.32
     GiB of the released `int4` form's 15.9.
-    Loaded for autoregressive decoding, they keep the eager layout alone."""
-    return layout in EAGER_CODES and not is_expert(name) and not one_row
+    Loaded for autoregressive decoding, they keep that layout alone."""
+    return layout in WITHOUT_FAST_KERNEL and not is_expert(name) and not one_row
 
 
 def _torch_int4_pack(codes: torch.Tensor) -> torch.Tensor:
@@ -691,8 +692,8 @@ def _torch_int4_pack(codes: torch.Tensor) -> torch.Tensor:
 
 # How each layout packs a matrix's 4-bit codes [N, K] (int32, 0..15) into uint8 [N, K // 2].
 PACKERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "amx": block_codes, "avx512": avx512_pack, "int4pack": _torch_int4_pack, "avx2": _torch_int4_pack}
-EAGER_CODES = ("int4pack", "avx2")  # the layouts whose codes are torch's eager kernel's
+    "amx": block_codes, "avx512": avx512_pack, "int4pack": _torch_int4_pack, "avx2": avx2_pack}
+WITHOUT_FAST_KERNEL = ("int4pack", "avx2")  # the layouts of CPUs without a fast int4 kernel (`fast_int4_layout`)
 # How a layout holds a matrix's bf16 scales and zeros, given in torch's int4 layout [K // 32, N, 2]: as given, but for
 # dgemma's AVX-512 and AVX2 kernels, which read each block of 32 output columns' pairs together (`block_pairs`).
 SCALE_PACKERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -710,7 +711,7 @@ class CpuInt4:
     Four kernels, four layouts (`cpu_int4_layout` chooses; `PACKERS`, `SCALE_PACKERS`): "amx", Inductor's AMX
     template (dgemma.amx_int4), "avx512", dgemma's AVX-512 BF16 kernel (dgemma.avx512_int4), "int4pack", torch's
     eager kernel, packed by `torch._convert_weight_to_int4pack_for_cpu`, and "avx2", dgemma's AVX2 kernel
-    (dgemma.avx2_rows), which reads the eager kernel's codes with the pairs in blocks of 32 columns. Beside the amx
+    (dgemma.avx2_rows), its codes laid out by `dgemma.avx2_rows.pack`, the pairs in blocks of 32 columns. Beside the amx
     layout the codes may also be kept in the int4pack one (`one_row_codes`): a single row then takes the eager
     kernel, faster for one row (the two kernels share the scales and zeros). Beside the int4pack and avx2 layouts the
     GroupQuantized weight it came from may be kept (`tiles`): more than one row then takes its dequantised tiles
@@ -728,7 +729,7 @@ class CpuInt4:
     qtype: str
     layout: str  # "amx", "avx512", "int4pack" or "avx2"
     one_row_codes: torch.Tensor | None = None  # uint8 [..., N, K // 2] in the int4pack layout, beside amx codes
-    tiles: GroupQuantized | None = None  # the weight as it came, for more than one row, beside eager codes
+    tiles: GroupQuantized | None = None  # the weight as it came, for more than one row, beside int4pack or avx2 codes
     halves: bool = False  # 8-bit codes as two 4-bit halves: codes [..., N, K], scales and zeros for 2K columns
 
     GROUP = 32
@@ -745,7 +746,7 @@ class CpuInt4:
             raise ValueError(f"layout must be one of {', '.join(map(repr, PACKERS))}, not {layout!r}")
         if one_row_copy and layout != "amx":
             raise ValueError("a copy for single rows is kept beside the amx layout only (int4pack is that copy)")
-        if keep_tiles and (layout not in EAGER_CODES or weight.bits != 4):
+        if keep_tiles and (layout not in WITHOUT_FAST_KERNEL or weight.bits != 4):
             raise ValueError("tiles for many rows are kept beside 4-bit codes in the int4pack or avx2 layout only")
         if weight.bits not in (4, 8) or weight.group != cls.GROUP:
             raise ValueError(f"a CPU int4 layout takes 4- or 8-bit codes in groups of {cls.GROUP}, not "
@@ -822,9 +823,9 @@ class CpuInt4:
     @property
     def takes_avx2_rows(self) -> bool:
         """Whether products run in dgemma's AVX2 kernel (`dgemma.avx2_rows`): the avx2 layout's, chosen where that
-        kernel takes the matrix (`eager_int4_layout`). On a CPU with AVX2 and no AVX-512 it is 1.4 to 2 times as fast
-        as torch's eager kernel at any number of rows (a released expert, 1 to 64 rows, a 2-core AMD EPYC of family
-        25; docs/cpu.md)."""
+        kernel takes the matrix (`int4_layout_without_fast_kernel`). On a CPU with AVX2 and no AVX-512 it is 1.4 to 2
+        times as fast as torch's eager kernel at any number of rows (a released expert, 1 to 64 rows, a 2-core AMD EPYC
+        of family 25; docs/cpu.md)."""
         return self.layout == "avx2"
 
     @property

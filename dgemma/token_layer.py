@@ -40,7 +40,7 @@ SOURCE = Path(__file__).parent / "kernels" / "token_layer.cpp"
 class TokenProduct:
     """How the object multiplies a row by one weight, as the forward would: `kind` "linear" (torch's, the weight
     tensor), "half_rows" (bf16 or fp16 matrices [E, N, K]), "byte_codes" (codes, scale and offset of one-byte codes),
-    "int4_rows" (codes in torch's int4 layout, scales and zeros in blocks of 32 columns, [E, ...]; `twice`: the row
+    "int4_rows" (codes in the AVX2 kernel's layout, scales and zeros in blocks of 32 columns, [E, ...]; `twice`: the row
     taken twice, for 8-bit codes held as two 4-bit halves), the tensors as dgemma's AVX2 op of that name takes them;
     or for experts "grouped" (a plain tensor [E, N, K]: the token's choices sorted into groups by expert, grouped
     matmuls)."""

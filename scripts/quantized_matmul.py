@@ -18,8 +18,8 @@ the CLI uses (`dgemma.allocator`). Methods, each on the same random Q4_K / Q8_0 
   it, up to `AVX2_FEW_ROWS` rows; `q6k` is Q8_0 where rows are not a multiple of Q6_K's 256, as under dgemma's
   q4_k_m scheme).
 - `int4pack`: `dgemma.quantized.CpuInt4` (`torch._weight_int4pack_mm_for_cpu` on the same 4-bit codes repacked with
-  bf16 scales and zeros, or on a CPU with AVX2 and no AVX-512 dgemma's AVX2 kernel over those codes, the pairs in
-  blocks of 32 columns: the layout `dgemma.quantized.eager_int4_layout` gives, what dgemma
+  bf16 scales and zeros, or on a CPU with AVX2 and no AVX-512 dgemma's AVX2 kernel over the codes in its own layout,
+  the pairs in blocks of 32 columns: the layout `dgemma.quantized.int4_layout_without_fast_kernel` gives, what dgemma
   runs experts with in bf16 on a CPU without AVX-512 BF16); the relative RMS error of the
   repacked values against the exact ones is reported. (The expert down matrix, rows of 704, is Q4_0 under dgemma's int4
   scheme: Q4_K needs rows of 256.)
@@ -51,7 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dgemma.allocator import tune_allocator  # noqa: E402
 from dgemma.one_row import row_product  # noqa: E402
-from dgemma.quantized import CpuInt4, GroupQuantized, eager_int4_layout, fast_int4_layout  # noqa: E402
+from dgemma.quantized import (CpuInt4, GroupQuantized, fast_int4_layout,  # noqa: E402
+                               int4_layout_without_fast_kernel)
 
 # (name, N out, K in) of the released model's matrices: an expert's gate+up and down, attention q, the dense MLP's up
 SHAPES = [("expert gate_up", 1408, 2816), ("expert down", 2816, 704),
@@ -108,7 +109,7 @@ def main() -> int:
         dense = copies_of(q4k.dequantize(dtype=torch.bfloat16), count)
         tiles_q4k, tiles_q8 = copies_of(q4k.to(dtype=torch.bfloat16), count), copies_of(q8, count)
         sixes = copies_of(q6k, count)
-        eager = eager_int4_layout(n)  # torch's eager kernel's codes ("int4pack"), read by dgemma's AVX2 kernel ("avx2")
+        eager = int4_layout_without_fast_kernel(n)  # torch's eager kernel's ("int4pack") or dgemma's AVX2 one's
         int4 = CpuInt4.from_grouped(q4k.to(dtype=torch.bfloat16), eager)
         packed, halves = copies_of(int4, count), copies_of(CpuInt4.from_grouped(q8, eager), count)
         if fast:

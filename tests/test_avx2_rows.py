@@ -146,11 +146,29 @@ def test_sixteen_bit_rows_are_exact_within_2_to_the_7_of_their_groups_largest():
 def packed_int4(generator: torch.Generator, experts: int, n: int, k: int) -> tuple[torch.Tensor, ...]:
     codes = torch.randint(0, 16, (experts, n, k), generator=generator, dtype=torch.int32)
     pairs = (torch.rand(experts, k // 32, n, 2, generator=generator) - 0.5).to(torch.bfloat16)
-    packed = torch.stack([torch._convert_weight_to_int4pack_for_cpu(matrix, 1) for matrix in codes])
+    packed = torch.stack([avx2_rows.pack(matrix) for matrix in codes])
     return codes, pairs, packed, avx2_rows.block_pairs(pairs)  # pairs in torch's layout and as the kernel takes them
 
 
-def test_int4_rows_are_the_float64_products_of_torchs_packed_codes_within_the_stated_bound():
+def test_the_avx2_int4_layout_puts_each_code_where_the_kernel_reads_it():
+    """`pack`'s bytes, read back as the kernel's comment describes them: blocks of 32 columns, 32 bytes a pair of
+    depths (k, k + 1), 16-bit lane 2i + s holding depth k + s of columns i, 8 + i, 16 + i, 24 + i, lowest nibble
+    first."""
+    codes = torch.randint(0, 16, (64, 6), generator=seeded(13), dtype=torch.int32)
+    lanes = avx2_rows.pack(codes).view(2, 3, 32).to(torch.int32)  # [block, pair of depths, byte]
+    lanes = lanes[..., 0::2] | lanes[..., 1::2] << 8  # [block, pair, lane]: little-endian 16-bit words
+    for block in range(2):
+        for pair in range(3):
+            for lane in range(16):
+                i, s = divmod(lane, 2)
+                for nibble in range(4):
+                    column, depth = 32 * block + 8 * nibble + i, 2 * pair + s
+                    assert (lanes[block, pair, lane] >> 4 * nibble) & 0xF == codes[column, depth]
+    with pytest.raises(ValueError, match="rows in multiples of 32 and an even number of columns, got a weight of 48"):
+        avx2_rows.pack(codes[:48])
+
+
+def test_int4_rows_are_the_float64_products_of_their_codes_within_the_stated_bound_as_torchs_kernel_gives():
     generator = seeded(6)
     codes, pairs, packed, blocked = packed_int4(generator, 3, 96, 7 * 32)
     rows = torch.randn(5, 7 * 32, generator=generator).to(torch.bfloat16).float()
@@ -159,9 +177,10 @@ def test_int4_rows_are_the_float64_products_of_torchs_packed_codes_within_the_st
     assert got.shape == (5, 96) and got.dtype == torch.float32
     for m in range(5):
         within_bound(got[m:m + 1], rows[m:m + 1], *avx2_rows.int4_values(codes[index[m]], pairs[index[m]]), 32)
-    # torch's own kernel on the same codes, to bf16 rounding of its output
+    # torch's own kernel on the same codes (in its layout), to bf16 rounding of its output
     for m in range(5):
-        eager = torch._weight_int4pack_mm_for_cpu(rows[m:m + 1].bfloat16(), packed[index[m]], 32, pairs[index[m]])
+        torchs = torch._convert_weight_to_int4pack_for_cpu(codes[index[m]], 1)
+        eager = torch._weight_int4pack_mm_for_cpu(rows[m:m + 1].bfloat16(), torchs, 32, pairs[index[m]])
         assert ((got[m:m + 1] - eager.float()).abs() <= 2**-7 * eager.float().abs() + 1e-3).all()
 
 
@@ -260,12 +279,13 @@ def test_an_experts_few_rows_in_a_step_take_the_byte_code_kernel_and_more_take_t
 
 @pytest.mark.parametrize("rows", [1, 3])
 def test_a_4bit_matrix_in_the_avx2_layout_and_its_experts_take_the_kernel(rows, monkeypatch):
-    """F.linear on a matrix and grouped_linear on experts in the avx2 layout (torch's eager codes, the pairs in
+    """F.linear on a matrix and grouped_linear on experts in the avx2 layout (the kernel's codes, the pairs in
     blocks): dgemma's kernel, once a call, with what torch's eager kernel gives on the same codes to bf16 rounding."""
     experts = GroupQuantized.from_gguf(raw(T.Q4_K, (4, 64, 256)), T.Q4_K, (4, 64, 256)).to(dtype=torch.bfloat16)
-    assert dgemma.quantized.eager_int4_layout(64) == "avx2" and dgemma.quantized.eager_int4_layout(48) == "int4pack"
+    layout_of = dgemma.quantized.int4_layout_without_fast_kernel
+    assert layout_of(64) == "avx2" and layout_of(48) == "int4pack"
     weight, torchs = CpuInt4.from_grouped(experts, "avx2"), CpuInt4.from_grouped(experts, "int4pack")
-    assert weight.takes_avx2_rows and not torchs.takes_avx2_rows and torch.equal(weight.codes, torchs.codes)
+    assert weight.takes_avx2_rows and not torchs.takes_avx2_rows
     assert torch.equal(weight.scales_and_zeros, avx2_rows.block_pairs(torchs.scales_and_zeros))
     calls = []
     original = dgemma.quantized.avx2_int4_rows
@@ -280,7 +300,7 @@ def test_a_4bit_matrix_in_the_avx2_layout_and_its_experts_take_the_kernel(rows, 
 
 
 def test_a_tokens_4bit_experts_are_read_by_index_with_the_bits_of_the_grouped_path(monkeypatch):
-    """One token's experts in torch's int4 layout skip the sort into groups by expert: gate/up and down in one kernel
+    """One token's experts in the avx2 int4 layout skip the sort into groups by expert: gate/up and down in one kernel
     call each, by the token's expert indices; each row's result is independent of the others, so the same bits."""
     values, _ = text_values("moe")
     values.update(hidden_size=64, moe_intermediate_size=32, num_experts=6)  # rows of a multiple of 32 for int4

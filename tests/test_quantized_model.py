@@ -191,7 +191,7 @@ def test_a_four_bit_embedding_stays_tiles_while_the_linear_matrices_take_a_cpu_i
         assert type(weight).__name__ == ("CpuInt4" if expert or rows % 16 == 0 else "GroupQuantized"), name
         if not expert and rows % 16 == 0:
             on_fast = fast and rows % 32 == 0
-            eager = dgemma.quantized.eager_int4_layout(rows)
+            eager = dgemma.quantized.int4_layout_without_fast_kernel(rows)
             assert (weight.layout, weight.tiles is not None) == ((fast, False) if on_fast else (eager, True))
     assert any(".mlp." in name and type(w).__name__ == "CpuInt4" for name, w in weights.items())
     out = model.generate(torch.tensor([[2, 5, 6, 7]]), max_new_tokens=16, max_denoising_steps=4,
@@ -245,7 +245,7 @@ def test_bf16_logits_on_the_cpu_int4_kernels_stay_as_close_to_fp32_as_plain_bf16
     one_row_experts = "avx512" if fast == "avx512" else None
     for model, experts in ((kernels, fast), (one_row, one_row_experts)):
         for name, weight in quantized_weights(model):
-            eager = dgemma.quantized.eager_int4_layout(weight.shape[-2])  # without a fast kernel
+            eager = dgemma.quantized.int4_layout_without_fast_kernel(weight.shape[-2])  # without a fast kernel
             eight_bit_linear = "self_attn" in name or "router" in name
             if eight_bit_linear and model is one_row and fast == "avx512" and weight.shape[-2] % 32 == 0:
                 assert (type(weight).__name__, weight.layout, weight.halves) == ("CpuInt4", "avx512", True), name

@@ -11,7 +11,7 @@
 //   [N, K / G] float32 or None, zero_code int): the matrix's value at (n, k) is (code - zero_code) * scale + offset
 //   with the scale and offset of k's group of G = K / scale.size(1) values (16 or 32): the one-byte types of
 //   `dgemma.quantized.GroupQuantized` (Q8_0, Q6_K, Q5_0, Q5_1, Q5_K).
-// - dgemma::avx2_int4_rows(rows [M, K], codes [E, N, K / 2] uint8 in torch's int4 layout for this CPU,
+// - dgemma::avx2_int4_rows(rows [M, K], codes [E, N, K / 2] uint8 in this kernel's layout (`dgemma.avx2_rows.pack`),
 //   scales_and_zeros [E, N / 32, K / 32, 32, 2] bf16: each block of 32 output columns' (scale, zero) pairs group
 //   after group, index [M] int64): value = (code - 8) * scale + zero per group of 32, what
 //   torch._weight_int4pack_mm_for_cpu computes with the pairs in its layout [K / 32, N, 2], row m times matrix
@@ -63,7 +63,24 @@ void check_rows(const char* op, const at::Tensor& rows) {
               rows.sizes());
 }
 
-// The rows as float32: their own data, or a widened (exact) copy of bf16 or fp16 rows.
+template <bool Bf16>
+inline __m256 widen(const uint16_t* values) {
+  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(values));
+  if constexpr (Bf16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+  return _mm256_cvtph_ps(half);
+}
+
+inline float widen_one(uint16_t value, bool bf16) {
+  if (bf16) {
+    const uint32_t bits = static_cast<uint32_t>(value) << 16;
+    float out;
+    std::memcpy(&out, &bits, sizeof(out));
+    return out;
+  }
+  return _cvtsh_ss(value);
+}
+
+// The rows as float32: their own data, or a widened (exact) copy of bf16 or fp16 rows, eight values an instruction.
 struct FloatRows {
   std::vector<float> widened;
   const float* data;
@@ -73,11 +90,14 @@ struct FloatRows {
       data = rows.data_ptr<float>();
       return;
     }
-    widened.resize(rows.numel());
-    AT_DISPATCH_REDUCED_FLOATING_TYPES(rows.scalar_type(), "widen rows", [&] {
-      const scalar_t* in = rows.data_ptr<scalar_t>();
-      for (int64_t i = 0; i < rows.numel(); ++i) widened[i] = static_cast<float>(in[i]);
-    });
+    const int64_t count = rows.numel();
+    widened.resize(count);
+    const auto* in = reinterpret_cast<const uint16_t*>(rows.data_ptr());
+    const bool bf16 = rows.scalar_type() == at::kBFloat16;
+    int64_t i = 0;
+    for (; i + 8 <= count; i += 8)
+      _mm256_storeu_ps(widened.data() + i, bf16 ? widen<true>(in + i) : widen<false>(in + i));
+    for (; i < count; ++i) widened[i] = widen_one(in[i], bf16);
     data = widened.data();
   }
 };
@@ -110,8 +130,11 @@ struct Sums {
 // ---- rows at 16 bits a group ---------------------------------------------------------------------------------------
 
 // The rows [M, K] as integers, group by group: value = integer * unit[group], unit a power of two; also each group's
-// float32 sum of the row (for offsets and zeros) and sum of its integers (for a zero code taken out of the codes'
-// sums).
+// float32 sum of the row (for offsets and zeros; eight partial sums added in a fixed order) and sum of its integers
+// (for a zero code taken out of the codes' sums). Groups of 16 or 32, eight values an instruction, and a row equal to
+// the one before it (a token's row, once for each of its experts) copied, not converted again: every product of a
+// token pays for it. On a 2-core Zen 3, 8 equal rows of 2,816 times a 32 x 2,816 4-bit matrix took 96 us a call
+// converted one value at a time, 56 us so; one row 19 and 18 us.
 struct SixteenBitRows {
   std::vector<int16_t> integers;  // [M, K]
   std::vector<float> unit, sums;  // [M, K / group]
@@ -119,49 +142,60 @@ struct SixteenBitRows {
 
   SixteenBitRows(const float* x, int64_t M, int64_t K, int64_t group)
       : integers(M * K), unit(M * K / group), sums(M * K / group), integer_sums(M * K / group) {
-    for (int64_t g = 0; g < M * K / group; ++g) {
-      const float* values = x + g * group;
-      float largest = 0.0f, sum = 0.0f;
-      for (int64_t k = 0; k < group; ++k) {
-        largest = std::max(largest, std::fabs(values[k]));
-        sum += values[k];
+    TORCH_CHECK(group % 8 == 0, "SixteenBitRows: groups of a multiple of 8 values, got ", group);
+    const int64_t groups = K / group;
+    for (int64_t m = 0; m < M; ++m) {
+      if (m > 0 && std::memcmp(x + m * K, x + (m - 1) * K, K * sizeof(float)) == 0) {
+        std::memcpy(integers.data() + m * K, integers.data() + (m - 1) * K, K * sizeof(int16_t));
+        for (auto* column : {&unit, &sums})
+          std::memcpy(column->data() + m * groups, column->data() + (m - 1) * groups, groups * sizeof(float));
+        std::memcpy(integer_sums.data() + m * groups, integer_sums.data() + (m - 1) * groups,
+                    groups * sizeof(int32_t));
+        continue;
       }
-      int exponent = 0;
-      std::frexp(largest, &exponent);  // largest < 2^exponent
-      const float scale_up = largest > 0.0f ? std::ldexp(1.0f, 15 - exponent) : 0.0f;
-      int32_t integer_sum = 0;
-      for (int64_t k = 0; k < group; ++k) {
-        // |value| * scale_up < 2^15; rounding may reach 2^15 only from a float32 value within 2^-16 of it
-        const float scaled = std::nearbyint(values[k] * scale_up);
-        const int16_t integer = static_cast<int16_t>(std::clamp(scaled, -32767.0f, 32767.0f));
-        integers[g * group + k] = integer;
-        integer_sum += integer;
-      }
-      unit[g] = largest > 0.0f ? std::ldexp(1.0f, exponent - 15) : 0.0f;
-      sums[g] = sum;
-      integer_sums[g] = integer_sum;
+      for (int64_t g = m * groups; g < (m + 1) * groups; ++g) convert(x + g * group, group, g);
     }
+  }
+
+ private:
+  void convert(const float* values, int64_t group, int64_t g) {
+    const __m256 magnitude_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256 largest8 = _mm256_setzero_ps(), sum8 = _mm256_setzero_ps();
+    for (int64_t k = 0; k < group; k += 8) {
+      const __m256 v = _mm256_loadu_ps(values + k);
+      largest8 = _mm256_max_ps(largest8, _mm256_and_ps(v, magnitude_mask));
+      sum8 = _mm256_add_ps(sum8, v);
+    }
+    __m128 half = _mm_max_ps(_mm256_castps256_ps128(largest8), _mm256_extractf128_ps(largest8, 1));
+    half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+    const float largest = _mm_cvtss_f32(_mm_max_ss(half, _mm_movehdup_ps(half)));
+    int exponent = 0;
+    std::frexp(largest, &exponent);  // largest < 2^exponent
+    // Scaled up by 2^(15 - exponent) in two exact steps (one could pass float32's range for tiny values).
+    const int up = largest > 0.0f ? 15 - exponent : 0;
+    const __m256 first = _mm256_set1_ps(std::ldexp(1.0f, up / 2));
+    const __m256 second = _mm256_set1_ps(std::ldexp(1.0f, up - up / 2));
+    const __m256i high = _mm256_set1_epi32(32767), low = _mm256_set1_epi32(-32767);
+    __m256i integer_sum8 = _mm256_setzero_si256();
+    for (int64_t k = 0; k < group; k += 8) {
+      // |value| * 2^up < 2^15; rounding (to nearest even) may reach 2^15 only from within 2^-16 of it
+      const __m256 scaled = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(values + k), first), second);
+      const __m256i rounded = _mm256_max_epi32(_mm256_min_epi32(_mm256_cvtps_epi32(scaled), high), low);
+      integer_sum8 = _mm256_add_epi32(integer_sum8, rounded);
+      const __m128i packed = _mm_packs_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(integers.data() + g * group + k), packed);
+    }
+    __m128i integer_half =
+        _mm_add_epi32(_mm256_castsi256_si128(integer_sum8), _mm256_extracti128_si256(integer_sum8, 1));
+    integer_half = _mm_hadd_epi32(integer_half, integer_half);
+    integer_half = _mm_hadd_epi32(integer_half, integer_half);
+    unit[g] = largest > 0.0f ? std::ldexp(1.0f, exponent - 15) : 0.0f;
+    sums[g] = horizontal_sum(sum8);
+    integer_sums[g] = _mm_cvtsi128_si32(integer_half);
   }
 };
 
 // ---- bf16 and fp16 matrices ----------------------------------------------------------------------------------------
-
-template <bool Bf16>
-inline __m256 widen(const uint16_t* values) {
-  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(values));
-  if constexpr (Bf16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
-  return _mm256_cvtph_ps(half);
-}
-
-inline float widen_one(uint16_t value, bool bf16) {
-  if (bf16) {
-    const uint32_t bits = static_cast<uint32_t>(value) << 16;
-    float out;
-    std::memcpy(&out, &bits, sizeof(out));
-    return out;
-  }
-  return _cvtsh_ss(value);
-}
 
 // A bf16 or fp16 weight of `dims` dimensions (`shape` names them) whose rows are K values long, contiguous on the CPU.
 void check_half_weight(const char* op, const at::Tensor& weight, int64_t dims, int64_t K, const char* shape) {
@@ -419,30 +453,32 @@ at::Tensor byte_codes_rows(const at::Tensor& rows, const at::Tensor& codes, cons
   return sums.rounded();
 }
 
-// ---- 4-bit codes in torch's int4 layout ---------------------------------------------------------------------------
-// torch._convert_weight_to_int4pack_for_cpu on an AVX2 CPU packs [N, K] codes in blocks of 32 output columns: block
-// b holds K x 16 bytes, byte (k, j) carrying column 32b + j's code at k in its low nibble and column 32b + 16 + j's in
-// its high one (dgemma.avx2_rows checks this against torch's kernel before using it).
+// ---- 4-bit codes in dgemma's AVX2 layout ---------------------------------------------------------------------------
+// `dgemma.avx2_rows.pack` lays a matrix's [N, K] codes out in blocks of 32 output columns, block b K x 16 bytes: for
+// each pair of depths (k, k + 1), k even, 32 bytes read as sixteen 16-bit lanes, lane 2i + s holding depth k + s of
+// column i, 8 + i, 16 + i and 24 + i in its four nibbles, lowest first. A lane's four nibbles taken out by a mask and
+// shifts are then four vectors, each holding depths (k, k + 1) of eight columns side by side: what vpmaddwd
+// multiplies by the row's two values at (k, k + 1). torch's eager layout (a depth's 16 bytes, column j's code in the
+// low nibble of byte j, column 16 + j's in its high one) needs four unpacks and two widenings more per pair of depths
+// to put them so; on a 2-core Zen 3 the loop then read a matrix from cache at 10 GB/s a core, in this layout at 21.
 constexpr int64_t INT4_BLOCK = 32, INT4_GROUP = 32;
 
-// Four float32 totals [8 columns] of one block, in the order the sums come out: columns c, c+1, c+2, c+3, c+8, .., c+11
-// for c = 0, 4, 16, 20. Adds a group's exact sums times scale x unit, and zero x the row's sum there.
-inline __m256 add_group(__m256 total, __m256i dot, const uint16_t* pairs_low, const uint16_t* pairs_high, float unit,
-                        float row_sum) {
-  // four (scale, zero) bf16 pairs from each: as int32, scale in the low half, zero in the high one
-  const __m256i pairs = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(pairs_high),
-                                            reinterpret_cast<const __m128i*>(pairs_low));
-  const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
-  const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000))));
+// A float32 total [8 columns] of one block plus one group: its exact sums times scale x unit, and zero x the row's sum
+// there. `pairs`: the eight columns' (scale, zero) bf16 pairs in this group.
+inline __m256 add_group(__m256 total, __m256i dot, const uint16_t* pairs, float unit, float row_sum) {
+  // as int32: scale in the low half, zero in the high one
+  const __m256i both = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pairs));
+  const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(both, 16));
+  const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(both, _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000))));
   total = _mm256_fmadd_ps(zero, _mm256_set1_ps(row_sum), total);
   return _mm256_fmadd_ps(_mm256_mul_ps(scale, _mm256_set1_ps(unit)), _mm256_cvtepi32_ps(dot), total);
 }
 
 // Rows (one or two: consecutive rows that read the same matrix) times one block's 32 columns: out[32] float32 for
 // each row, N apart, the block's codes and its pairs (group after group) each one stream. Two rows share each
-// unpacking of the codes (the loop's larger part): a denoising step sends each expert about 16 rows. Each row's sums
-// and their float32 order are those of the row alone, so the bits do not depend on the pairing. Hint: how the codes
-// and pairs are prefetched (see int4_rows).
+// unpacking of the codes: a denoising step sends each expert about 16 rows. Each row's sums and their float32 order
+// are those of the row alone, so the bits do not depend on the pairing. Hint: how the codes and pairs are prefetched
+// (see int4_rows).
 template <_mm_hint Hint, int Rows>
 void int4_block(const SixteenBitRows& x, int64_t m, const uint8_t* codes, const uint16_t* pairs, int64_t K, int64_t N,
                 float* out) {
@@ -457,8 +493,8 @@ void int4_block(const SixteenBitRows& x, int64_t m, const uint8_t* codes, const 
     row_sums[r] = x.sums.data() + (m + r) * groups;
     integer_sums[r] = x.integer_sums.data() + (m + r) * groups;
   }
-  const __m256i low_nibble = _mm256_set1_epi16(0x0F);
-  __m256 totals[Rows][4];
+  const __m256i nibble = _mm256_set1_epi16(0x0F);
+  __m256 totals[Rows][4];  // columns 0-7, 8-15, 16-23, 24-31
   for (int r = 0; r < Rows; ++r)
     for (int i = 0; i < 4; ++i) totals[r][i] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
@@ -468,14 +504,9 @@ void int4_block(const SixteenBitRows& x, int64_t m, const uint8_t* codes, const 
     for (int line = 0; line < 8; ++line)  // the codes four groups ahead
       _mm_prefetch(reinterpret_cast<const char*>(codes + (g + 4) * INT4_GROUP * 16 + 64 * line), Hint);
     for (int64_t k = g * INT4_GROUP; k < (g + 1) * INT4_GROUP; k += 2) {
-      const __m256i here = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k * 16)));
-      const __m256i next =
-          _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + (k + 1) * 16)));
-      const __m256i low_here = _mm256_and_si256(here, low_nibble), low_next = _mm256_and_si256(next, low_nibble);
-      const __m256i high_here = _mm256_srli_epi16(here, 4), high_next = _mm256_srli_epi16(next, 4);
-      const __m256i codes_of[4] = {_mm256_unpacklo_epi16(low_here, low_next), _mm256_unpackhi_epi16(low_here, low_next),
-                                   _mm256_unpacklo_epi16(high_here, high_next),
-                                   _mm256_unpackhi_epi16(high_here, high_next)};
+      const __m256i both = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + k * 16));
+      const __m256i codes_of[4] = {_mm256_and_si256(both, nibble), _mm256_and_si256(_mm256_srli_epi16(both, 4), nibble),
+                                   _mm256_and_si256(_mm256_srli_epi16(both, 8), nibble), _mm256_srli_epi16(both, 12)};
       for (int r = 0; r < Rows; ++r) {
         int32_t pair;
         std::memcpy(&pair, integers[r] + k, sizeof(pair));  // (x[k], x[k + 1])
@@ -489,25 +520,13 @@ void int4_block(const SixteenBitRows& x, int64_t m, const uint8_t* codes, const 
     for (int r = 0; r < Rows; ++r) {
       // codes less 8: take 8 x the group's integers from every column's sum
       const __m256i eights = _mm256_set1_epi32(8 * integer_sums[r][g]);
-      const float u = unit[r][g], sum = row_sums[r][g];
-      totals[r][0] = add_group(totals[r][0], _mm256_sub_epi32(sums[r][0], eights), group_pairs, group_pairs + 16, u,
-                               sum);
-      totals[r][1] = add_group(totals[r][1], _mm256_sub_epi32(sums[r][1], eights), group_pairs + 8, group_pairs + 24,
-                               u, sum);
-      totals[r][2] = add_group(totals[r][2], _mm256_sub_epi32(sums[r][2], eights), group_pairs + 32,
-                               group_pairs + 48, u, sum);
-      totals[r][3] = add_group(totals[r][3], _mm256_sub_epi32(sums[r][3], eights), group_pairs + 40,
-                               group_pairs + 56, u, sum);
+      for (int i = 0; i < 4; ++i)
+        totals[r][i] = add_group(totals[r][i], _mm256_sub_epi32(sums[r][i], eights), group_pairs + 16 * i,
+                                 unit[r][g], row_sums[r][g]);
     }
   }
-  // back in column order: totals[0] holds columns 0-3 | 8-11, totals[1] 4-7 | 12-15, [2] and [3] the same plus 16
-  for (int r = 0; r < Rows; ++r) {
-    float* row_out = out + r * N;
-    _mm256_storeu_ps(row_out, _mm256_permute2f128_ps(totals[r][0], totals[r][1], 0x20));
-    _mm256_storeu_ps(row_out + 8, _mm256_permute2f128_ps(totals[r][0], totals[r][1], 0x31));
-    _mm256_storeu_ps(row_out + 16, _mm256_permute2f128_ps(totals[r][2], totals[r][3], 0x20));
-    _mm256_storeu_ps(row_out + 24, _mm256_permute2f128_ps(totals[r][2], totals[r][3], 0x31));
-  }
+  for (int r = 0; r < Rows; ++r)
+    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + r * N + 8 * i, totals[r][i]);
 }
 
 at::Tensor int4_rows(const at::Tensor& rows, const at::Tensor& codes, const at::Tensor& scales_and_zeros,
