@@ -354,7 +354,7 @@ def test_cpu_int4_layout_takes_the_fast_kernel_where_it_applies_and_otherwise_to
     layout = dgemma.quantized.cpu_int4_layout
     expert, linear = "decoder.layers.0.experts.down_proj", "decoder.layers.0.mlp.up_proj.weight"
     monkeypatch.setattr(dgemma.quantized, "fast_int4_layout", lambda: fast)
-    # Without a fast kernel, rows in 32s take torch's codes with blocked pairs where dgemma's AVX2 kernel runs
+    # Without a fast kernel, rows in 32s take the AVX2 kernel's layout where it runs
     eager = dgemma.quantized.int4_layout_without_fast_kernel(64)
     assert eager == ("avx2" if dgemma.quantized.avx2_rows_available() else "int4pack")
     # Loaded for diffusion: the other matrices in torch's kernel keep their tiles for many rows (keeps_tiles)
