@@ -677,11 +677,10 @@ def keeps_tiles(name: str, layout: str | None, one_row: bool) -> bool:
     """Whether a 4-bit matrix in a layout without a fast kernel (torch's eager one or dgemma's AVX2 one) also keeps its
     codes as they came (GroupQuantized), for more than one row: the matrices other than experts without a fast kernel
     (`fast_int4_layout`), loaded for diffusion. A canvas's 256 rows are faster in dequantised tiles than in the eager
-    kernel, one token's row 19 to 30 times
-    slower (a released layer's token, `int4` loaded for diffusion: 14 / 15 ms with tiles alone, docs/cpu.md). Under
-    `int4` these are the dense MLP and the self-conditioning block (the dense MLP is 2 % of a released layer's
-    weights; attention is 8-bit there), under `q4_k_m` also attention's q, k and o (5 %): the second copy cost 0.32
-    GiB of the released `int4` form's 15.9.
+    kernel, one token's row 19 to 30 times slower (a released layer's token, `int4` loaded for diffusion: 14 / 15 ms
+    with tiles alone, docs/cpu.md). Under `int4` these are the dense MLP and the self-conditioning block (the dense MLP
+    is 2 % of a released layer's weights; attention is 8-bit there), under `q4_k_m` also attention's q, k and o (5 %):
+    the second copy cost 0.32 GiB of the released `int4` form's 15.9.
     Loaded for autoregressive decoding, they keep that layout alone."""
     return layout in WITHOUT_FAST_KERNEL and not is_expert(name) and not one_row
 
